@@ -1,0 +1,210 @@
+//! The admin HTTP API (hyper): health, readiness, metrics and the status reads.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use base64::Engine as _;
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::header::{AUTHORIZATION, CONTENT_TYPE, ETAG, WWW_AUTHENTICATE};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::app::State;
+
+type Reply = Response<Full<Bytes>>;
+
+/// Serves the admin API on `listener` until `stop` is cancelled.
+pub async fn serve(listener: TcpListener, state: Arc<State>, stop: CancellationToken) {
+    loop {
+        let stream = tokio::select! {
+            () = stop.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    tracing::debug!(error = %e, "admin accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let state = state.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req| {
+                let state = state.clone();
+                async move { Ok::<_, Infallible>(route(&state, &req)) }
+            });
+            if let Err(e) = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await
+            {
+                tracing::debug!(error = %e, "admin connection ended with an error");
+            }
+        });
+    }
+}
+
+fn route(state: &State, req: &Request<Incoming>) -> Reply {
+    let path = req.uri().path();
+    let open = matches!(path, "/healthz" | "/readyz" | "/metrics");
+    if !open && !authorized(state, req) {
+        let mut reply = error(
+            StatusCode::UNAUTHORIZED,
+            "missing or wrong token: send Authorization: Bearer <token> (admin.token_file)",
+        );
+        reply.headers_mut().insert(
+            WWW_AUTHENTICATE,
+            "Basic realm=\"raftlb\"".parse().expect("static header"),
+        );
+        return reply;
+    }
+    match (req.method(), path) {
+        (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
+        (&Method::GET, "/readyz") => {
+            if state.is_ready() {
+                text(StatusCode::OK, "ready\n")
+            } else {
+                text(StatusCode::SERVICE_UNAVAILABLE, "not serving\n")
+            }
+        }
+        (&Method::GET, "/metrics") => {
+            let mut reply = Response::new(Full::new(Bytes::from(state.metrics.render())));
+            reply.headers_mut().insert(
+                CONTENT_TYPE,
+                "text/plain; version=0.0.4; charset=utf-8"
+                    .parse()
+                    .expect("static header"),
+            );
+            reply
+        }
+        (&Method::GET, "/api/v1/status") => versioned(state, status(state)),
+        (&Method::GET, "/api/v1/backends") => versioned(state, backends(state)),
+        (_, "/healthz" | "/readyz" | "/metrics" | "/api/v1/status" | "/api/v1/backends") => error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            &format!("{} is not allowed on {path}: use GET", req.method()),
+        ),
+        _ => error(StatusCode::NOT_FOUND, &format!("no such endpoint: {path}")),
+    }
+}
+
+fn authorized(state: &State, req: &Request<Incoming>) -> bool {
+    let Some(token) = state.token() else {
+        return true;
+    };
+    let Some(header) = req
+        .headers()
+        .get(AUTHORIZATION)
+        .and_then(|h| h.to_str().ok())
+    else {
+        return false;
+    };
+    let presented = if let Some(bearer) = header.strip_prefix("Bearer ") {
+        bearer.trim().as_bytes().to_vec()
+    } else if let Some(basic) = header.strip_prefix("Basic ") {
+        // A browser sends user:password; the token is the password, any user name.
+        match base64::engine::general_purpose::STANDARD.decode(basic.trim()) {
+            Ok(pair) => pair
+                .splitn(2, |&b| b == b':')
+                .nth(1)
+                .unwrap_or_default()
+                .to_vec(),
+            Err(_) => return false,
+        }
+    } else {
+        return false;
+    };
+    constant_time_eq(&presented, token.as_bytes())
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    let mut diff = a.len() ^ b.len();
+    for (i, &x) in a.iter().enumerate() {
+        diff |= usize::from(x ^ b.get(i % b.len().max(1)).copied().unwrap_or(0));
+    }
+    diff == 0
+}
+
+fn status(state: &State) -> Value {
+    json!({
+        "node": {"name": state.node_name, "id": Value::Null, "version": env!("CARGO_PKG_VERSION")},
+        "role": if state.is_ready() { "active" } else { "standby" },
+        "config_version": state.config_version(),
+        "cluster": Value::Null,
+        "lease": Value::Null,
+    })
+}
+
+fn backends(state: &State) -> Value {
+    let snapshot = state.balancer.snapshot();
+    let mut pools: Vec<_> = snapshot.pools.values().collect();
+    pools.sort_by(|a, b| a.name.cmp(&b.name));
+    let pools: Vec<Value> = pools
+        .iter()
+        .map(|p| {
+            let backends: Vec<Value> = p
+                .backends
+                .iter()
+                .map(|b| {
+                    json!({
+                        "name": &*b.name,
+                        "address": b.address.to_string(),
+                        "weight": b.weight,
+                        "health": b.state.health().as_str(),
+                        "drained": b.drained,
+                        "active_connections": b.active(),
+                        "last_check": Value::Null,
+                    })
+                })
+                .collect();
+            json!({"name": &*p.name, "balance": p.balance, "backends": backends})
+        })
+        .collect();
+    json!({"config_version": snapshot.version, "pools": pools})
+}
+
+fn versioned(state: &State, body: Value) -> Reply {
+    let mut reply = json_reply(StatusCode::OK, &body);
+    if let Ok(etag) = format!("\"{}\"", state.config_version()).parse() {
+        reply.headers_mut().insert(ETAG, etag);
+    }
+    reply
+}
+
+fn json_reply(status: StatusCode, body: &Value) -> Reply {
+    let mut reply = Response::new(Full::new(Bytes::from(format!("{body}\n"))));
+    *reply.status_mut() = status;
+    reply.headers_mut().insert(
+        CONTENT_TYPE,
+        "application/json".parse().expect("static header"),
+    );
+    reply
+}
+
+fn error(status: StatusCode, message: &str) -> Reply {
+    json_reply(status, &json!({ "error": message }))
+}
+
+fn text(status: StatusCode, body: &'static str) -> Reply {
+    let mut reply = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    *reply.status_mut() = status;
+    reply
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_comparison() {
+        assert!(constant_time_eq(b"s3cret", b"s3cret"));
+        assert!(!constant_time_eq(b"s3cre", b"s3cret"));
+        assert!(!constant_time_eq(b"s3creT", b"s3cret"));
+        assert!(!constant_time_eq(b"", b"s3cret"));
+    }
+}

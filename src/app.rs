@@ -1,0 +1,390 @@
+//! `raftlb run`: load the config, bind the listeners and the admin API, serve until
+//! a signal, reload on SIGHUP, drain on SIGTERM.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use arc_swap::ArcSwapOption;
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::balancer::Balancer;
+use crate::cli::{LogFormat, RunArgs};
+use crate::config::schema::{OnDown, ProxyProtocol, TlsMode};
+use crate::config::{self, Config, Loaded};
+use crate::metrics as m;
+use crate::proxy::listener::{self, Listener, Settings, Shared};
+
+/// Exit codes (SPEC.md): 0 ok, 1 runtime failure, 2 usage or invalid config.
+pub const EXIT_RUNTIME: u8 = 1;
+pub const EXIT_CONFIG: u8 = 2;
+
+/// What the admin API reads.
+pub struct State {
+    pub node_name: String,
+    pub balancer: Arc<Balancer>,
+    pub metrics: PrometheusHandle,
+    ready: AtomicBool,
+    token: ArcSwapOption<String>,
+}
+
+impl State {
+    /// Serving traffic on the listeners (standalone: the config is loaded and bound).
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed)
+    }
+
+    pub fn token(&self) -> Option<Arc<String>> {
+        self.token.load_full()
+    }
+
+    pub fn config_version(&self) -> u64 {
+        self.balancer.snapshot().version
+    }
+}
+
+/// Entry point of `raftlb run`.
+pub fn run(args: RunArgs) -> ExitCode {
+    if let Err(e) = init_logging(&args.log_level, args.log_format) {
+        eprintln!("error: --log-level {:?}: {e}", args.log_level);
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    let open_files = raise_open_files_limit();
+    let loaded = match config::load(&args.config, open_files) {
+        Ok(loaded) => loaded,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    for w in loaded.warning_lines() {
+        tracing::warn!("{w}");
+    }
+    if let Err(e) = supported(&loaded.config) {
+        eprintln!("error: {}: {e}", args.config.display());
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    let token = match read_token(&loaded.config) {
+        Ok(token) => token,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let threads = loaded
+        .config
+        .runtime
+        .worker_threads
+        .as_ref()
+        .map_or(1, |t| t.value);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::from(EXIT_RUNTIME);
+        }
+    };
+    let code = runtime.block_on(Server::start(loaded, open_files, token));
+    // Connection tasks still draining at a forced exit are dropped, not awaited.
+    runtime.shutdown_timeout(Duration::from_millis(100));
+    code
+}
+
+fn init_logging(level: &str, format: LogFormat) -> Result<(), String> {
+    let filter = tracing_subscriber::EnvFilter::try_new(level).map_err(|e| e.to_string())?;
+    use std::io::IsTerminal as _;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr);
+    let result = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+    result.map_err(|e| e.to_string())
+}
+
+/// Raises the open-files soft limit to the hard limit; returns the limit in force.
+fn raise_open_files_limit() -> u64 {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => {
+            tracing::info!(
+                open_files = limit,
+                "open-files limit raised to the hard limit"
+            );
+            limit
+        }
+        Err(e) => {
+            let soft = rlimit::getrlimit(rlimit::Resource::NOFILE).map_or(1024, |(soft, _)| soft);
+            tracing::warn!(error = %e, open_files = soft, "cannot raise the open-files limit");
+            soft
+        }
+    }
+}
+
+/// The parts of the schema this build parses and validates but does not run yet.
+pub fn supported(config: &Config) -> Result<(), String> {
+    let mut missing = Vec::new();
+    if config.cluster.is_some() {
+        missing
+            .push("cluster mode (the cluster: section); remove it to run standalone".to_string());
+    }
+    if config.admin.tls.is_some() {
+        missing.push("admin.tls".to_string());
+    }
+    for (name, l) in &config.listeners {
+        if l.tls.value == TlsMode::Terminate {
+            missing.push(format!("listeners.{name}.tls: terminate"));
+        }
+        if l.proxy_protocol.value != ProxyProtocol::Off {
+            missing.push(format!("listeners.{name}.proxy_protocol"));
+        }
+    }
+    for (name, p) in &config.pools {
+        if p.health_check.is_some() {
+            missing.push(format!("pools.{name}.health_check"));
+        }
+        if p.backend_tls.is_some() {
+            missing.push(format!("pools.{name}.backend_tls"));
+        }
+        if p.on_down == OnDown::Close {
+            missing.push(format!("pools.{name}.on_down: close"));
+        }
+    }
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(format!(
+            "not supported by this build yet: {}",
+            missing.join("; ")
+        ))
+    }
+}
+
+fn read_token(config: &Config) -> Result<Option<Arc<String>>, String> {
+    let Some(path) = &config.admin.token_file else {
+        return Ok(None);
+    };
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("admin.token_file {}: cannot read it: {e}", path.display()))?;
+    let token = text.trim();
+    if token.is_empty() {
+        return Err(format!(
+            "admin.token_file {}: the file is empty: write the token into it",
+            path.display()
+        ));
+    }
+    Ok(Some(Arc::new(token.to_string())))
+}
+
+/// A running standalone replica.
+struct Server {
+    file: PathBuf,
+    open_files: u64,
+    config: Config,
+    state: Arc<State>,
+    shared: Shared,
+    listeners: BTreeMap<String, (SocketAddr, Listener)>,
+    stop_admin: CancellationToken,
+}
+
+impl Server {
+    async fn start(loaded: Loaded, open_files: u64, token: Option<Arc<String>>) -> ExitCode {
+        let metrics = m::install();
+        let balancer = Arc::new(Balancer::new());
+        balancer.apply(1, &loaded.config.pools).await;
+        let state = Arc::new(State {
+            node_name: loaded
+                .config
+                .node
+                .name
+                .clone()
+                .unwrap_or_else(config::hostname),
+            balancer: balancer.clone(),
+            metrics,
+            ready: AtomicBool::new(false),
+            token: ArcSwapOption::new(token),
+        });
+        let admin_bind = loaded.config.admin.bind.0;
+        let admin = match listener::bind(admin_bind) {
+            Ok(socket) => socket,
+            Err(e) => {
+                tracing::error!("admin.bind {admin_bind}: cannot listen: {e}");
+                return ExitCode::from(EXIT_RUNTIME);
+            }
+        };
+        let stop_admin = CancellationToken::new();
+        tokio::spawn(crate::admin::serve(
+            admin,
+            state.clone(),
+            stop_admin.clone(),
+        ));
+        tracing::info!(bind = %admin_bind, "admin API listening");
+
+        let mut server = Server {
+            file: loaded.file,
+            open_files,
+            config: loaded.config,
+            state,
+            shared: Shared {
+                balancer,
+                connections: TaskTracker::new(),
+                hard_stop: CancellationToken::new(),
+            },
+            listeners: BTreeMap::new(),
+            stop_admin,
+        };
+        let listeners = server.config.listeners.clone();
+        for (name, l) in &listeners {
+            if let Err(e) = server.start_listener(name, l) {
+                tracing::error!("{e}");
+                return ExitCode::from(EXIT_RUNTIME);
+            }
+        }
+        server.state.ready.store(true, Ordering::Relaxed);
+        tracing::info!(node = %server.state.node_name, "raftlb is serving (standalone)");
+        server.serve_until_signal().await
+    }
+
+    fn start_listener(&mut self, name: &str, l: &config::schema::Listener) -> Result<(), String> {
+        let socket = listener::bind(l.bind.0)
+            .map_err(|e| format!("listeners.{name}.bind {}: cannot listen: {e}", l.bind))?;
+        let running = listener::spawn(name, socket, Settings::from_config(l), self.shared.clone())
+            .map_err(|e| format!("listeners.{name}: {e}"))?;
+        tracing::info!(listener = name, bind = %running.bind, pool = %l.pool.value, "listening");
+        if let Some((_, old)) = self.listeners.insert(name.to_string(), (l.bind.0, running)) {
+            old.stop();
+        }
+        Ok(())
+    }
+
+    async fn serve_until_signal(mut self) -> ExitCode {
+        let signals = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::hangup()),
+        );
+        let (Ok(mut term), Ok(mut int), Ok(mut hup)) = signals else {
+            tracing::error!("cannot install signal handlers");
+            return ExitCode::from(EXIT_RUNTIME);
+        };
+        loop {
+            tokio::select! {
+                _ = term.recv() => break,
+                _ = int.recv() => break,
+                _ = hup.recv() => self.reload().await,
+            }
+        }
+        self.shutdown(&mut term, &mut int).await
+    }
+
+    /// SIGTERM/SIGINT: stop accepting, drain up to shutdown_grace, exit 0; a second signal exits at once.
+    async fn shutdown(
+        self,
+        term: &mut tokio::signal::unix::Signal,
+        int: &mut tokio::signal::unix::Signal,
+    ) -> ExitCode {
+        self.state.ready.store(false, Ordering::Relaxed);
+        for (_, l) in self.listeners.values() {
+            l.stop();
+        }
+        let connections = self.shared.connections.clone();
+        connections.close();
+        let grace = self.config.runtime.shutdown_grace.get();
+        tracing::info!(
+            open = connections.len(),
+            ?grace,
+            "shutting down: no new connections; draining the open ones"
+        );
+        tokio::select! {
+            () = connections.wait() => tracing::info!("all connections closed"),
+            () = tokio::time::sleep(grace) => {
+                tracing::warn!(open = connections.len(), "shutdown_grace is over; closing the remaining connections");
+                self.shared.hard_stop.cancel();
+            }
+            _ = term.recv() => tracing::warn!("second signal: exiting now"),
+            _ = int.recv() => tracing::warn!("second signal: exiting now"),
+        }
+        self.stop_admin.cancel();
+        ExitCode::SUCCESS
+    }
+
+    /// SIGHUP: re-read the file and apply it without dropping connections; an invalid
+    /// file is logged and the running config kept.
+    async fn reload(&mut self) {
+        let loaded = config::load(&self.file, self.open_files);
+        let loaded = match loaded
+            .map_err(|e| e.to_string())
+            .and_then(|l| supported(&l.config).map(|()| l))
+        {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!("reload: the file is invalid; keeping the running config:\n{e}");
+                metrics::counter!(m::CONFIG_RELOADS_TOTAL, "result" => "invalid").increment(1);
+                return;
+            }
+        };
+        let token = match read_token(&loaded.config) {
+            Ok(token) => token,
+            Err(e) => {
+                tracing::error!("reload: {e}; keeping the running config");
+                metrics::counter!(m::CONFIG_RELOADS_TOTAL, "result" => "invalid").increment(1);
+                return;
+            }
+        };
+        for w in loaded.warning_lines() {
+            tracing::warn!("{w}");
+        }
+        let new = loaded.config;
+        let version = self.state.config_version() + 1;
+        self.state.balancer.apply(version, &new.pools).await;
+        self.state.token.store(token);
+
+        for (name, l) in &new.listeners {
+            match self.listeners.get(name) {
+                Some((bind, running)) if *bind == l.bind.0 => {
+                    running.update(Settings::from_config(l))
+                }
+                _ => {
+                    if let Err(e) = self.start_listener(name, l) {
+                        tracing::error!(
+                            "reload: {e}; the listener keeps its previous address, if any"
+                        );
+                    }
+                }
+            }
+        }
+        self.listeners.retain(|name, (_, running)| {
+            let keep = new.listeners.contains_key(name);
+            if !keep {
+                running.stop();
+                tracing::info!(listener = %name, "listener removed; its open connections carry on");
+            }
+            keep
+        });
+        if new.admin.bind != self.config.admin.bind {
+            tracing::warn!("reload: admin.bind changed; it takes effect at the next restart");
+        }
+        if new.runtime.worker_threads.as_ref().map(|t| t.value)
+            != self.config.runtime.worker_threads.as_ref().map(|t| t.value)
+        {
+            tracing::warn!(
+                "reload: runtime.worker_threads changed; it takes effect at the next restart"
+            );
+        }
+        self.config = new;
+        metrics::counter!(m::CONFIG_RELOADS_TOTAL, "result" => "ok").increment(1);
+        tracing::info!(config_version = version, "reloaded the config");
+    }
+}

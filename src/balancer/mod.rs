@@ -1,0 +1,331 @@
+//! The pools the proxy routes to. A config becomes an immutable [`Snapshot`] that
+//! is swapped atomically (`ArcSwap`), so the data path never locks. Runtime state
+//! that must outlive a swap (health, active connections, resolved addresses) lives
+//! in [`BackendState`], shared between the snapshots that name the same backend.
+
+pub mod policy;
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::schema::{self, Balance};
+use crate::config::types::HostPort;
+use crate::metrics as m;
+
+/// A backend's health as this replica sees it (never replicated).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Health {
+    Up = 0,
+    Down = 1,
+    /// Probes are configured and none has passed `rise` times yet: routed as down.
+    Unknown = 2,
+}
+
+impl Health {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Health::Up => "up",
+            Health::Down => "down",
+            Health::Unknown => "unknown",
+        }
+    }
+}
+
+/// Per-backend state that survives config swaps.
+#[derive(Debug)]
+pub struct BackendState {
+    pub active: AtomicU64,
+    health: AtomicU8,
+    /// The backend's addresses; re-resolved every `resolve_interval` for hostnames.
+    addrs: ArcSwap<Vec<SocketAddr>>,
+}
+
+impl BackendState {
+    fn new(health: Health) -> Self {
+        BackendState {
+            active: AtomicU64::new(0),
+            health: AtomicU8::new(health as u8),
+            addrs: ArcSwap::from_pointee(Vec::new()),
+        }
+    }
+
+    pub fn health(&self) -> Health {
+        match self.health.load(Ordering::Relaxed) {
+            0 => Health::Up,
+            1 => Health::Down,
+            _ => Health::Unknown,
+        }
+    }
+
+    pub fn set_health(&self, health: Health) {
+        self.health.store(health as u8, Ordering::Relaxed);
+    }
+
+    pub fn addrs(&self) -> Arc<Vec<SocketAddr>> {
+        self.addrs.load_full()
+    }
+}
+
+/// One backend in a snapshot: its config plus a handle to its runtime state.
+#[derive(Debug)]
+pub struct Backend {
+    pub name: Arc<str>,
+    pub address: HostPort,
+    pub weight: u32,
+    pub drained: bool,
+    pub state: Arc<BackendState>,
+}
+
+impl Backend {
+    pub fn takes_new_connections(&self) -> bool {
+        !self.drained && self.state.health() == Health::Up && !self.state.addrs.load().is_empty()
+    }
+
+    pub fn active(&self) -> u64 {
+        self.state.active.load(Ordering::Relaxed)
+    }
+
+    /// The address to connect to: the first resolved one.
+    pub fn connect_addr(&self) -> Option<SocketAddr> {
+        self.state.addrs.load().first().copied()
+    }
+}
+
+/// One pool in a snapshot.
+pub struct Pool {
+    pub name: Arc<str>,
+    pub balance: Balance,
+    pub connect_timeout: Duration,
+    pub retries: u32,
+    pub backends: Vec<Backend>,
+    policy: Box<dyn policy::Policy>,
+}
+
+impl Pool {
+    /// A backend for a new connection from `client`, other than those in `tried`.
+    pub fn pick(&self, client: IpAddr, tried: &[usize]) -> Option<usize> {
+        self.policy.pick(&self.backends, client, tried)
+    }
+}
+
+/// Everything the proxy routes by, at one config version.
+#[derive(Default)]
+pub struct Snapshot {
+    pub version: u64,
+    pub pools: HashMap<String, Arc<Pool>>,
+}
+
+/// Owns the current snapshot and the state registry behind it.
+pub struct Balancer {
+    current: ArcSwap<Snapshot>,
+    /// Keyed by (pool, backend, address): a backend whose address changes starts afresh.
+    states: Mutex<HashMap<(String, String, String), Arc<BackendState>>>,
+    resolvers: Mutex<Option<CancellationToken>>,
+}
+
+impl Default for Balancer {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Balancer {
+    pub fn new() -> Self {
+        Balancer {
+            current: ArcSwap::from_pointee(Snapshot::default()),
+            states: Mutex::new(HashMap::new()),
+            resolvers: Mutex::new(None),
+        }
+    }
+
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.current.load_full()
+    }
+
+    /// Builds a snapshot from `pools` and swaps it in. Hostnames are resolved first
+    /// (a name that does not resolve has no address until it does); connections
+    /// already established are not touched.
+    pub async fn apply(&self, version: u64, pools: &BTreeMap<String, schema::Pool>) {
+        let mut snapshot = Snapshot {
+            version,
+            pools: HashMap::new(),
+        };
+        let mut keep = HashMap::new();
+        let mut to_resolve = Vec::new();
+        for (pool_name, pool) in pools {
+            let mut backends = Vec::with_capacity(pool.backends.value.len());
+            for b in &pool.backends.value {
+                let key = (
+                    pool_name.clone(),
+                    b.name.value.clone(),
+                    b.address.to_string(),
+                );
+                let state = self.state_for(&key, pool.health_check.is_some());
+                keep.insert(key, state.clone());
+                match &b.address {
+                    HostPort::Ip(addr) => state.addrs.store(Arc::new(vec![*addr])),
+                    HostPort::Name(..) => to_resolve.push((
+                        b.address.clone(),
+                        state.clone(),
+                        pool.resolve_interval.value.get(),
+                    )),
+                }
+                backends.push(Backend {
+                    name: b.name.value.as_str().into(),
+                    address: b.address.clone(),
+                    weight: b.weight.value,
+                    drained: b.drained,
+                    state,
+                });
+            }
+            let policy = policy::for_balance(pool.balance, &backends);
+            snapshot.pools.insert(
+                pool_name.clone(),
+                Arc::new(Pool {
+                    name: pool_name.as_str().into(),
+                    balance: pool.balance,
+                    connect_timeout: pool.connect_timeout.value.get(),
+                    retries: pool.retries,
+                    backends,
+                    policy,
+                }),
+            );
+        }
+        for (address, state, _) in &to_resolve {
+            resolve_into(address, state).await;
+        }
+        self.start_resolvers(to_resolve);
+        publish_backend_gauges(&self.current.load(), &snapshot);
+        self.current.store(Arc::new(snapshot));
+        if let Ok(mut states) = self.states.lock() {
+            *states = keep;
+        }
+        metrics::gauge!(m::CONFIG_VERSION).set(version as f64);
+    }
+
+    fn state_for(&self, key: &(String, String, String), probed: bool) -> Arc<BackendState> {
+        let existing = self.states.lock().ok().and_then(|s| s.get(key).cloned());
+        existing.unwrap_or_else(|| {
+            Arc::new(BackendState::new(if probed {
+                Health::Unknown
+            } else {
+                Health::Up
+            }))
+        })
+    }
+
+    /// One task re-resolves the hostname backends of the current snapshot.
+    fn start_resolvers(&self, backends: Vec<(HostPort, Arc<BackendState>, Duration)>) {
+        let Ok(mut slot) = self.resolvers.lock() else {
+            return;
+        };
+        if let Some(old) = slot.take() {
+            old.cancel();
+        }
+        if backends.is_empty() {
+            return;
+        }
+        let stop = CancellationToken::new();
+        *slot = Some(stop.clone());
+        tokio::spawn(async move {
+            let tick = backends
+                .iter()
+                .map(|(_, _, every)| *every)
+                .min()
+                .unwrap_or(Duration::from_secs(30));
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(tick) => {}
+                }
+                for (address, state, _) in &backends {
+                    resolve_into(address, state).await;
+                }
+            }
+        });
+    }
+}
+
+/// Resolves `address`; on failure the backend keeps its last addresses (logged).
+async fn resolve_into(address: &HostPort, state: &BackendState) {
+    let HostPort::Name(host, port) = address else {
+        return;
+    };
+    let lookup = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio::net::lookup_host((host.as_str(), *port)),
+    )
+    .await;
+    match lookup {
+        Ok(Ok(found)) => {
+            let mut addrs: Vec<SocketAddr> = found.collect();
+            addrs.sort();
+            addrs.dedup();
+            if addrs.is_empty() {
+                tracing::warn!(backend = %address, "hostname resolved to no address; keeping the last ones");
+            } else if **state.addrs.load() != addrs {
+                tracing::info!(backend = %address, ?addrs, "hostname resolved");
+                state.addrs.store(Arc::new(addrs));
+            }
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(backend = %address, error = %e, "hostname does not resolve; keeping the last addresses")
+        }
+        Err(_) => {
+            tracing::warn!(backend = %address, "hostname lookup timed out; keeping the last addresses")
+        }
+    }
+}
+
+/// `backend_up` and `backend_drained` for every backend; series of removed backends go to 0.
+fn publish_backend_gauges(old: &Snapshot, new: &Snapshot) {
+    for (pool, p) in &old.pools {
+        for b in &p.backends {
+            let gone = new
+                .pools
+                .get(pool)
+                .is_none_or(|np| np.backends.iter().all(|nb| nb.name != b.name));
+            if gone {
+                let labels = [("pool", pool.clone()), ("backend", b.name.to_string())];
+                metrics::gauge!(m::BACKEND_UP, &labels).set(0.0);
+                metrics::gauge!(m::BACKEND_DRAINED, &labels).set(0.0);
+            }
+        }
+    }
+    for (pool, p) in &new.pools {
+        for b in &p.backends {
+            let labels = [("pool", pool.clone()), ("backend", b.name.to_string())];
+            let up = b.state.health() == Health::Up;
+            metrics::gauge!(m::BACKEND_UP, &labels).set(if up { 1.0 } else { 0.0 });
+            metrics::gauge!(m::BACKEND_DRAINED, &labels).set(if b.drained { 1.0 } else { 0.0 });
+        }
+    }
+}
+
+/// Backends with the given weights, all up, on made-up addresses (unit tests).
+#[cfg(test)]
+pub fn test_backends(weights: &[u32]) -> Vec<Backend> {
+    weights
+        .iter()
+        .enumerate()
+        .map(|(i, &weight)| {
+            let addr = SocketAddr::from(([10, 0, 0, i as u8 + 1], 6443));
+            let state = Arc::new(BackendState::new(Health::Up));
+            state.addrs.store(Arc::new(vec![addr]));
+            Backend {
+                name: format!("b{i}").into(),
+                address: HostPort::Ip(addr),
+                weight,
+                drained: false,
+                state,
+            }
+        })
+        .collect()
+}

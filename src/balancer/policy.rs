@@ -1,0 +1,266 @@
+//! Backend selection policies: small types behind one trait. Every policy honours
+//! `weight`, skips backends that cannot take new connections, and skips the ones
+//! already tried for this client connection (retries go to a different backend).
+
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use super::Backend;
+use crate::config::schema::Balance;
+
+pub trait Policy: Send + Sync {
+    /// The index in `backends` of the backend for a new connection from `client`.
+    fn pick(&self, backends: &[Backend], client: IpAddr, tried: &[usize]) -> Option<usize>;
+}
+
+pub fn for_balance(balance: Balance, backends: &[Backend]) -> Box<dyn Policy> {
+    match balance {
+        Balance::RoundRobin => Box::new(RoundRobin::new(backends)),
+        Balance::LeastConnections => Box::new(LeastConnections::default()),
+        Balance::RandomTwo => Box::new(RandomTwo),
+        Balance::SourceHash => Box::new(SourceHash),
+    }
+}
+
+fn candidate(backends: &[Backend], i: usize, tried: &[usize]) -> bool {
+    backends[i].takes_new_connections() && !tried.contains(&i)
+}
+
+/// Weighted round robin: a smooth interleaved schedule (nginx's algorithm) computed
+/// once per snapshot, walked by one atomic counter, so picking never locks.
+pub struct RoundRobin {
+    schedule: Vec<usize>,
+    next: AtomicUsize,
+}
+
+impl RoundRobin {
+    pub fn new(backends: &[Backend]) -> Self {
+        let total: i64 = backends.iter().map(|b| i64::from(b.weight)).sum();
+        let mut current = vec![0i64; backends.len()];
+        let mut schedule = Vec::with_capacity(usize::try_from(total).unwrap_or(0));
+        for _ in 0..total {
+            for (c, b) in current.iter_mut().zip(backends) {
+                *c += i64::from(b.weight);
+            }
+            let Some((best, _)) = current
+                .iter()
+                .enumerate()
+                .max_by_key(|&(i, c)| (*c, std::cmp::Reverse(i)))
+            else {
+                break;
+            };
+            current[best] -= total;
+            schedule.push(best);
+        }
+        RoundRobin {
+            schedule,
+            next: AtomicUsize::new(0),
+        }
+    }
+}
+
+impl Policy for RoundRobin {
+    fn pick(&self, backends: &[Backend], _client: IpAddr, tried: &[usize]) -> Option<usize> {
+        let len = self.schedule.len();
+        if len == 0 {
+            return None;
+        }
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        (0..len)
+            .map(|k| self.schedule[(start + k) % len])
+            .find(|&i| candidate(backends, i, tried))
+    }
+}
+
+/// Fewest active connections per unit of weight; ties rotate so equal backends share.
+#[derive(Default)]
+pub struct LeastConnections {
+    next: AtomicUsize,
+}
+
+impl Policy for LeastConnections {
+    fn pick(&self, backends: &[Backend], _client: IpAddr, tried: &[usize]) -> Option<usize> {
+        let n = backends.len();
+        if n == 0 {
+            return None;
+        }
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let mut best: Option<usize> = None;
+        for k in 0..n {
+            let i = (start + k) % n;
+            if candidate(backends, i, tried)
+                && best.is_none_or(|b| lighter(&backends[i], &backends[b]))
+            {
+                best = Some(i);
+            }
+        }
+        best
+    }
+}
+
+/// `a` has fewer active connections per weight than `b` (compared without division).
+fn lighter(a: &Backend, b: &Backend) -> bool {
+    u128::from(a.active()) * u128::from(b.weight) < u128::from(b.active()) * u128::from(a.weight)
+}
+
+/// Power of two choices: two weighted random candidates, the lighter one wins.
+pub struct RandomTwo;
+
+impl Policy for RandomTwo {
+    fn pick(&self, backends: &[Backend], _client: IpAddr, tried: &[usize]) -> Option<usize> {
+        let a = weighted_random(backends, tried)?;
+        let b = weighted_random(backends, tried)?;
+        Some(if lighter(&backends[b], &backends[a]) {
+            b
+        } else {
+            a
+        })
+    }
+}
+
+fn weighted_random(backends: &[Backend], tried: &[usize]) -> Option<usize> {
+    let total: u64 = (0..backends.len())
+        .filter(|&i| candidate(backends, i, tried))
+        .map(|i| u64::from(backends[i].weight))
+        .sum();
+    if total == 0 {
+        return None;
+    }
+    let mut ticket = fastrand::u64(0..total);
+    for i in (0..backends.len()).filter(|&i| candidate(backends, i, tried)) {
+        let w = u64::from(backends[i].weight);
+        if ticket < w {
+            return Some(i);
+        }
+        ticket -= w;
+    }
+    None
+}
+
+/// Weighted rendezvous hashing of the client address: a client keeps its backend
+/// while that backend is up, and only the clients of a backend that leaves move.
+/// The hash is fixed, so every replica maps a client to the same backend.
+pub struct SourceHash;
+
+impl Policy for SourceHash {
+    fn pick(&self, backends: &[Backend], client: IpAddr, tried: &[usize]) -> Option<usize> {
+        let key = match client {
+            IpAddr::V4(v4) => u128::from(v4.to_bits()),
+            IpAddr::V6(v6) => v6.to_bits(),
+        };
+        let mut best: Option<(usize, f64)> = None;
+        for i in (0..backends.len()).filter(|&i| candidate(backends, i, tried)) {
+            let h = mix(key, &backends[i].name);
+            // Uniform in (0, 1); the score -w / ln(u) gives each backend a share proportional to w.
+            let u = ((h >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
+            let score = -f64::from(backends[i].weight) / u.ln();
+            if best.is_none_or(|(_, s)| score > s) {
+                best = Some((i, score));
+            }
+        }
+        best.map(|(i, _)| i)
+    }
+}
+
+/// FNV-1a over the key and the name, then a splitmix64 finaliser.
+fn mix(key: u128, name: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in key.to_le_bytes().iter().chain(name.as_bytes()) {
+        h ^= u64::from(*byte);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h ^= h >> 30;
+    h = h.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    h ^= h >> 27;
+    h = h.wrapping_mul(0x94d0_49bb_1331_11eb);
+    h ^ (h >> 31)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::balancer::test_backends;
+
+    fn counts(p: &dyn Policy, backends: &[Backend], n: usize) -> Vec<usize> {
+        let mut c = vec![0; backends.len()];
+        for k in 0..n {
+            let client = IpAddr::from([10, 0, (k / 256) as u8, (k % 256) as u8]);
+            c[p.pick(backends, client, &[]).expect("a backend")] += 1;
+        }
+        c
+    }
+
+    #[test]
+    fn round_robin_schedule_is_interleaved_and_weighted() {
+        let b = test_backends(&[5, 1, 1]);
+        let rr = RoundRobin::new(&b);
+        assert_eq!(rr.schedule, vec![0, 0, 1, 0, 2, 0, 0]);
+        assert_eq!(counts(&rr, &b, 700), vec![500, 100, 100]);
+    }
+
+    #[test]
+    fn policies_skip_tried_and_unavailable_backends() {
+        let mut b = test_backends(&[1, 1, 1]);
+        b[1].drained = true;
+        let ip = IpAddr::from([127, 0, 0, 1]);
+        for balance in [
+            Balance::RoundRobin,
+            Balance::LeastConnections,
+            Balance::RandomTwo,
+            Balance::SourceHash,
+        ] {
+            let p = for_balance(balance, &b);
+            for _ in 0..20 {
+                let i = p.pick(&b, ip, &[0]).expect("backend 2 is left");
+                assert_eq!(i, 2, "{balance:?}");
+            }
+            assert_eq!(p.pick(&b, ip, &[0, 2]), None, "{balance:?}");
+        }
+    }
+
+    #[test]
+    fn least_connections_prefers_fewer_per_weight() {
+        let b = test_backends(&[1, 2]);
+        b[0].state.active.store(3, Ordering::Relaxed);
+        b[1].state.active.store(5, Ordering::Relaxed);
+        // 3/1 > 5/2, so the weight-2 backend is lighter.
+        assert_eq!(
+            LeastConnections::default().pick(&b, IpAddr::from([127, 0, 0, 1]), &[]),
+            Some(1)
+        );
+    }
+
+    #[test]
+    fn random_and_hash_follow_weights() {
+        let b = test_backends(&[3, 1]);
+        for p in [&RandomTwo as &dyn Policy, &SourceHash] {
+            let c = counts(p, &b, 4000);
+            let share = c[0] as f64 / 4000.0;
+            assert!((0.65..0.85).contains(&share), "share {share} of weight 3/4");
+        }
+    }
+
+    #[test]
+    fn source_hash_is_sticky_and_moves_only_the_lost_backends_clients() {
+        let mut b = test_backends(&[1, 1, 1]);
+        let clients: Vec<IpAddr> = (0..300u32)
+            .map(|i| IpAddr::from((0x0a00_0000 + i).to_be_bytes()))
+            .collect();
+        let before: Vec<usize> = clients
+            .iter()
+            .map(|&c| SourceHash.pick(&b, c, &[]).expect("up"))
+            .collect();
+        let again: Vec<usize> = clients
+            .iter()
+            .map(|&c| SourceHash.pick(&b, c, &[]).expect("up"))
+            .collect();
+        assert_eq!(before, again);
+        b[2].drained = true;
+        for (c, was) in clients.iter().zip(&before) {
+            let now = SourceHash.pick(&b, *c, &[]).expect("up");
+            if *was != 2 {
+                assert_eq!(now, *was, "a client of a remaining backend moved");
+            }
+        }
+    }
+}

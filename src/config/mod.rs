@@ -1,0 +1,190 @@
+//! Reading the config file: YAML (serde-saphyr) into the schema, then the semantic
+//! pass. Every error names the file, line and column, the field and the fix.
+
+pub mod schema;
+pub mod types;
+pub mod validate;
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+pub use schema::Config;
+pub use validate::{Findings, default_max_connections};
+
+/// Where in the file a problem is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Place {
+    At { line: u64, column: u64 },
+    Unknown,
+}
+
+/// One problem found in a config: an error or a warning.
+#[derive(Clone, Debug)]
+pub struct Issue {
+    pub at: Place,
+    /// The field, e.g. `leader_election.renew_deadline`.
+    pub path: String,
+    pub message: String,
+}
+
+impl Issue {
+    /// `file:line:column: field: message`.
+    pub fn render(&self, file: &str) -> String {
+        match self.at {
+            Place::At { line, column } => {
+                format!("{file}:{line}:{column}: {}: {}", self.path, self.message)
+            }
+            Place::Unknown => format!("{file}: {}: {}", self.path, self.message),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{file}: cannot read the config file: {source}")]
+    Read {
+        file: String,
+        source: std::io::Error,
+    },
+    #[error("{}", .issue.render(.file))]
+    Yaml { file: String, issue: Issue },
+    #[error("{}", render_all(.file, .errors))]
+    Invalid { file: String, errors: Vec<Issue> },
+}
+
+fn render_all(file: &str, issues: &[Issue]) -> String {
+    issues
+        .iter()
+        .map(|i| i.render(file))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// A config that passed validation, with its defaults filled in.
+#[derive(Clone, Debug)]
+pub struct Loaded {
+    pub file: PathBuf,
+    pub config: Config,
+    pub warnings: Vec<Issue>,
+}
+
+impl Loaded {
+    pub fn warning_lines(&self) -> Vec<String> {
+        let file = self.file.display().to_string();
+        self.warnings.iter().map(|w| w.render(&file)).collect()
+    }
+}
+
+/// Reads, parses and validates `file`; `open_files` is the limit the process runs with.
+pub fn load(file: &Path, open_files: u64) -> Result<Loaded, ConfigError> {
+    let label = file.display().to_string();
+    let text = std::fs::read_to_string(file).map_err(|source| ConfigError::Read {
+        file: label.clone(),
+        source,
+    })?;
+    let config = parse(&text, &label, open_files)?;
+    let warnings = validate::validate(&config, open_files).warnings;
+    Ok(Loaded {
+        file: file.to_path_buf(),
+        config,
+        warnings,
+    })
+}
+
+/// Parses and validates YAML text; `file` only labels the messages.
+pub fn parse(text: &str, file: &str, open_files: u64) -> Result<Config, ConfigError> {
+    let mut config: Config = serde_saphyr::from_str(text).map_err(|e| ConfigError::Yaml {
+        file: file.to_string(),
+        issue: yaml_issue(&e, text),
+    })?;
+    let findings = validate::validate(&config, open_files);
+    if !findings.errors.is_empty() {
+        return Err(ConfigError::Invalid {
+            file: file.to_string(),
+            errors: findings.errors,
+        });
+    }
+    fill_defaults(&mut config, open_files);
+    Ok(config)
+}
+
+fn yaml_issue(e: &serde_saphyr::Error, text: &str) -> Issue {
+    let at = e.location().map_or(Place::Unknown, Place::of);
+    let rendered = e.without_snippet().to_string();
+    let mut message = rendered.lines().next().unwrap_or("invalid YAML").trim();
+    // The reader ends its message with the location, which we print in front instead.
+    if let Some(i) = message.rfind(" at line ") {
+        message = &message[..i];
+    }
+    let message = message.replace(", set DuplicateKeyPolicy in Options if acceptable", "");
+    let path = match at {
+        Place::At { line, column } => key_before(text, line, column),
+        Place::Unknown => None,
+    };
+    Issue {
+        at,
+        path: path.unwrap_or_else(|| "yaml".into()),
+        message,
+    }
+}
+
+/// The mapping key written before `line:column`, to name the field of a bad value.
+/// Only a label for the message: the YAML itself was read by serde-saphyr.
+fn key_before(text: &str, line: u64, column: u64) -> Option<String> {
+    let src = text
+        .lines()
+        .nth(usize::try_from(line).ok()?.checked_sub(1)?)?;
+    let upto: String = src
+        .chars()
+        .take(usize::try_from(column).ok()?.saturating_sub(1))
+        .collect();
+    let before_colon = upto.trim_end().strip_suffix(':')?;
+    let key: String = before_colon
+        .chars()
+        .rev()
+        .take_while(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .collect();
+    (!key.is_empty()).then_some(key)
+}
+
+/// Defaults that depend on the machine: node name, worker threads, max_connections.
+fn fill_defaults(config: &mut Config, open_files: u64) {
+    if config.node.name.is_none() {
+        config.node.name = Some(hostname());
+    }
+    if config.runtime.worker_threads.is_none() {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        config.runtime.worker_threads = Some(schema::unplaced(cores));
+    }
+    let max = u32::try_from(default_max_connections(open_files)).unwrap_or(u32::MAX);
+    for listener in config.listeners.values_mut() {
+        listener
+            .max_connections
+            .get_or_insert_with(|| schema::unplaced(max));
+    }
+}
+
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "raftlb".to_string())
+}
+
+/// The effective config as YAML, as `raftlb check` prints it.
+pub fn to_yaml(config: &Config) -> String {
+    serde_saphyr::to_string(config).unwrap_or_else(|e| format!("# cannot print the config: {e}\n"))
+}
+
+impl fmt::Display for Place {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Place::At { line, column } => write!(f, "{line}:{column}"),
+            Place::Unknown => f.write_str("?"),
+        }
+    }
+}

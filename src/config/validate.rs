@@ -1,0 +1,527 @@
+//! The semantic pass that runs after the YAML reader: rules that span fields
+//! (renew_deadline < lease_duration, every listener's pool exists, ...) and the
+//! warnings SPEC.md asks for. It reads the config and never changes it.
+
+use std::collections::{BTreeSet, HashSet};
+use std::net::IpAddr;
+use std::time::Duration;
+
+use serde_saphyr::{Location, Spanned};
+
+use super::schema::{Config, InitialState, StoreKind, TlsMode};
+use super::types::Dur;
+use super::{Issue, Place};
+
+/// Errors and warnings found in one config.
+#[derive(Debug, Default)]
+pub struct Findings {
+    pub errors: Vec<Issue>,
+    pub warnings: Vec<Issue>,
+}
+
+impl Findings {
+    fn error(&mut self, at: Place, path: impl Into<String>, message: impl Into<String>) {
+        self.errors.push(Issue {
+            at,
+            path: path.into(),
+            message: message.into(),
+        });
+    }
+    fn warn(&mut self, at: Place, path: impl Into<String>, message: impl Into<String>) {
+        self.warnings.push(Issue {
+            at,
+            path: path.into(),
+            message: message.into(),
+        });
+    }
+}
+
+fn at<T>(s: &Spanned<T>) -> Place {
+    Place::of(s.referenced)
+}
+
+/// Names become metric labels and URL path segments: keep them plain.
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 63
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+const NAME_RULE: &str = "use 1-63 characters from A-Z a-z 0-9 - _ .";
+const MAX_WEIGHT: u32 = 256;
+
+/// Checks `config`; `open_files` is the open-files limit the process will run with.
+pub fn validate(config: &Config, open_files: u64) -> Findings {
+    let mut f = Findings::default();
+    let existing = config
+        .cluster
+        .as_ref()
+        .is_some_and(|c| c.initial_state == InitialState::Existing);
+
+    if let Some(name) = &config.node.name
+        && name.trim().is_empty()
+    {
+        f.error(
+            Place::Unknown,
+            "node.name",
+            "must not be empty; remove it to use the hostname",
+        );
+    }
+    if let Some(threads) = &config.runtime.worker_threads
+        && !(1..=1024).contains(&threads.value)
+    {
+        f.error(
+            at(threads),
+            "runtime.worker_threads",
+            format!("{} is out of range: use 1 to 1024", threads.value),
+        );
+    }
+    if config.admin.token_file.is_some()
+        && config.admin.tls.is_none()
+        && !config.admin.bind.0.ip().is_loopback()
+    {
+        f.warn(
+            Place::Unknown,
+            "admin.token_file",
+            format!(
+                "the admin token travels in clear text to {}: set admin.tls or bind to loopback",
+                config.admin.bind
+            ),
+        );
+    }
+
+    validate_cluster(config, &mut f);
+    validate_leader_election(config, &mut f);
+    validate_listeners(config, existing, open_files, &mut f);
+    validate_pools(config, existing, &mut f);
+    f
+}
+
+fn validate_cluster(config: &Config, f: &mut Findings) {
+    let Some(c) = &config.cluster else { return };
+    if !valid_name(&c.cluster_id.value) {
+        f.error(
+            at(&c.cluster_id),
+            "cluster.cluster_id",
+            format!("{:?} is not a valid id: {NAME_RULE}", c.cluster_id.value),
+        );
+    }
+    if c.node_id.value == 0 {
+        f.error(
+            at(&c.node_id),
+            "cluster.node_id",
+            "0 is not a valid node id: use 1 or more",
+        );
+    }
+    let peers = &c.peers.value;
+    if c.initial_state == InitialState::New {
+        if peers.is_empty() {
+            f.error(
+                at(&c.peers),
+                "cluster.peers",
+                "no peers: list every initial replica as `ID: host:port`, this one included",
+            );
+        } else if !peers.contains_key(&c.node_id.value) {
+            let ids: Vec<String> = peers.keys().map(u64::to_string).collect();
+            f.error(
+                at(&c.node_id),
+                "cluster.node_id",
+                format!(
+                    "node_id {} is not in cluster.peers (ids: {}): add it to peers, or use initial_state: existing to join a running cluster",
+                    c.node_id.value,
+                    ids.join(", ")
+                ),
+            );
+        }
+    }
+    if peers.contains_key(&0) {
+        f.error(
+            at(&c.peers),
+            "cluster.peers",
+            "peer id 0 is not valid: ids start at 1",
+        );
+    }
+    let n = peers.len();
+    if n > 0 && n % 2 == 0 {
+        let quorum = n / 2 + 1;
+        f.warn(
+            at(&c.peers),
+            "cluster.peers",
+            format!(
+                "{n} peers: quorum is {quorum} and fault tolerance {}, the same as with {} peers; use an odd number",
+                n - quorum,
+                n - 1
+            ),
+        );
+    }
+    let (hb, et) = (
+        c.heartbeat_interval.value.get(),
+        c.election_timeout.value.get(),
+    );
+    if hb.is_zero() {
+        f.error(
+            at(&c.heartbeat_interval),
+            "cluster.heartbeat_interval",
+            "must be more than 0",
+        );
+    }
+    if hb >= et {
+        f.error(
+            at(&c.election_timeout),
+            "cluster.election_timeout",
+            format!(
+                "{} must be longer than heartbeat_interval ({}); 5x is usual",
+                c.election_timeout.value, c.heartbeat_interval.value
+            ),
+        );
+    }
+    if c.tls.is_none() && !c.bind.value.0.ip().is_loopback() {
+        f.warn(
+            at(&c.bind),
+            "cluster.bind",
+            format!(
+                "peer port {} is not loopback and cluster.tls is not set: the peer port carries forwarded writes, so anyone who reaches it can change the config; set cluster.tls",
+                c.bind.value
+            ),
+        );
+    }
+    match c.store.value {
+        StoreKind::Etcd if c.etcd_servers.is_empty() => {
+            f.error(
+                at(&c.store),
+                "cluster.etcd_servers",
+                "store: etcd needs etcd_servers: list the etcd client URLs",
+            );
+        }
+        StoreKind::Embedded if !c.etcd_servers.is_empty() => {
+            f.error(
+                at(&c.store),
+                "cluster.etcd_servers",
+                "etcd_servers is only used with store: etcd",
+            );
+        }
+        _ => {}
+    }
+}
+
+fn validate_leader_election(config: &Config, f: &mut Findings) {
+    let Some(le) = &config.leader_election else {
+        return;
+    };
+    let (lease, renew, retry) = (
+        le.lease_duration.value.get(),
+        le.renew_deadline.value.get(),
+        le.retry_period.value.get(),
+    );
+    if config.cluster.is_none() {
+        f.warn(
+            Place::Unknown,
+            "leader_election",
+            "ignored in standalone mode (no cluster section): this replica is always active",
+        );
+    }
+    if retry.is_zero() {
+        f.error(
+            at(&le.retry_period),
+            "leader_election.retry_period",
+            "must be more than 0",
+        );
+    }
+    if renew >= lease {
+        f.error(
+            at(&le.renew_deadline),
+            "leader_election.renew_deadline",
+            format!(
+                "renew_deadline ({}) must be less than lease_duration ({}): the active replica must stop before a standby may take over",
+                le.renew_deadline.value, le.lease_duration.value
+            ),
+        );
+    } else if (lease - renew) * 5 < lease {
+        f.warn(
+            at(&le.renew_deadline),
+            "leader_election.renew_deadline",
+            format!(
+                "lease margin lease_duration - renew_deadline = {} is under 20% of the lease: it must cover clock drift and the time to stop accepting",
+                Dur(lease - renew)
+            ),
+        );
+    }
+    if retry >= renew {
+        f.error(
+            at(&le.retry_period),
+            "leader_election.retry_period",
+            format!(
+                "retry_period ({}) must be less than renew_deadline ({})",
+                le.retry_period.value, le.renew_deadline.value
+            ),
+        );
+    }
+    if let Some(c) = &config.cluster {
+        let outage = c.election_timeout.value.get() * 2 + retry * 2;
+        if le.enabled && renew < outage {
+            f.warn(
+                at(&le.renew_deadline),
+                "leader_election.renew_deadline",
+                format!(
+                    "renew_deadline ({}) is under 2 x election_timeout + 2 x retry_period ({}): a Raft election after a replica dies could make a healthy active step down",
+                    le.renew_deadline.value,
+                    Dur(outage)
+                ),
+            );
+        }
+    }
+    if let Some(vip) = &le.vip {
+        let ok = vip
+            .address
+            .value
+            .split_once('/')
+            .is_some_and(|(ip, prefix)| match ip.parse::<IpAddr>() {
+                Ok(IpAddr::V4(_)) => prefix.parse::<u8>().is_ok_and(|p| p <= 32),
+                Ok(IpAddr::V6(_)) => prefix.parse::<u8>().is_ok_and(|p| p <= 128),
+                Err(_) => false,
+            });
+        if !ok {
+            f.error(
+                at(&vip.address),
+                "leader_election.vip.address",
+                format!(
+                    "{:?} is not IP/prefix, e.g. 10.0.0.100/24",
+                    vip.address.value
+                ),
+            );
+        }
+        if vip.interface.trim().is_empty() {
+            f.error(
+                at(&vip.address),
+                "leader_election.vip.interface",
+                "must name a network interface, e.g. eth0",
+            );
+        }
+    }
+}
+
+fn validate_listeners(config: &Config, existing: bool, open_files: u64, f: &mut Findings) {
+    let mut binds = HashSet::new();
+    let mut total_max: u64 = 0;
+    for (name, l) in &config.listeners {
+        let path = format!("listeners.{name}");
+        if !valid_name(name) {
+            f.error(
+                at(&l.pool),
+                &path,
+                format!("listener name {name:?} is not valid: {NAME_RULE}"),
+            );
+        }
+        if !binds.insert(l.bind) {
+            f.error(
+                at(&l.pool),
+                format!("{path}.bind"),
+                format!(
+                    "{} is used by another listener: each listener needs its own address",
+                    l.bind
+                ),
+            );
+        }
+        if !existing && !config.pools.contains_key(&l.pool.value) {
+            let known: Vec<&str> = config.pools.keys().map(String::as_str).collect();
+            f.error(
+                at(&l.pool),
+                format!("{path}.pool"),
+                format!(
+                    "pool {:?} does not exist (pools: {})",
+                    l.pool.value,
+                    if known.is_empty() {
+                        "none".into()
+                    } else {
+                        known.join(", ")
+                    }
+                ),
+            );
+        }
+        match (l.tls.value, &l.terminate) {
+            (TlsMode::Passthrough, Some(t)) => f.error(
+                at(t),
+                format!("{path}.terminate"),
+                "terminate: is only allowed with tls: terminate; remove it or set tls: terminate",
+            ),
+            (TlsMode::Terminate, None) => f.error(
+                at(&l.tls),
+                format!("{path}.terminate"),
+                "tls: terminate needs terminate: {cert, key} (and optionally client_ca)",
+            ),
+            _ => {}
+        }
+        if let Some(pool) = config.pools.get(&l.pool.value)
+            && let Some(btls) = &pool.backend_tls
+            && l.tls.value != TlsMode::Terminate
+        {
+            f.error(
+                at(btls),
+                format!("pools.{}.backend_tls", l.pool.value),
+                format!("backend_tls re-encrypts towards backends, so it needs tls: terminate on every listener of the pool, and listener {name} passes TLS through"),
+            );
+        }
+        if let Some(max) = &l.max_connections {
+            if max.value == 0 {
+                f.error(
+                    at(max),
+                    format!("{path}.max_connections"),
+                    "must be 1 or more",
+                );
+            }
+            total_max += u64::from(max.value);
+        } else {
+            total_max += default_max_connections(open_files);
+        }
+        if l.idle_timeout.value.get().is_zero() {
+            f.error(
+                at(&l.idle_timeout),
+                format!("{path}.idle_timeout"),
+                "must be more than 0",
+            );
+        }
+    }
+    let need = total_max * 2 + RESERVED_FILES;
+    if need > open_files {
+        f.warn(
+            Place::Unknown,
+            "listeners.*.max_connections",
+            format!(
+                "the listeners allow {total_max} connections, which need {need} open files with the reserve, above the limit of {open_files}: lower max_connections or raise LimitNOFILE"
+            ),
+        );
+    }
+}
+
+/// Open files kept for everything that is not a proxied connection.
+pub const RESERVED_FILES: u64 = 256;
+
+/// SPEC.md: (open-files limit - 256) / 2, since each proxied connection holds two descriptors.
+pub fn default_max_connections(open_files: u64) -> u64 {
+    (open_files.saturating_sub(RESERVED_FILES) / 2).clamp(1, u64::from(u32::MAX))
+}
+
+fn validate_pools(config: &Config, existing: bool, f: &mut Findings) {
+    if config.pools.is_empty() && !existing {
+        f.error(
+            Place::Unknown,
+            "pools",
+            "no pools: define at least one pool with backends",
+        );
+    }
+    for (name, p) in &config.pools {
+        let path = format!("pools.{name}");
+        if !valid_name(name) {
+            f.error(
+                at(&p.backends),
+                &path,
+                format!("pool name {name:?} is not valid: {NAME_RULE}"),
+            );
+        }
+        if p.backends.value.is_empty() {
+            f.error(
+                at(&p.backends),
+                format!("{path}.backends"),
+                "pool has no backends: list at least one",
+            );
+        }
+        positive(f, &p.connect_timeout, &format!("{path}.connect_timeout"));
+        positive(f, &p.resolve_interval, &format!("{path}.resolve_interval"));
+        positive(f, &p.passive_hold, &format!("{path}.passive_hold"));
+        if let Some(tls) = &p.backend_tls {
+            cert_pair(
+                f,
+                at(tls),
+                &format!("{path}.backend_tls"),
+                tls.value.cert.is_some(),
+                tls.value.key.is_some(),
+            );
+        }
+        if let Some(hc) = &p.health_check {
+            let hp = format!("{path}.health_check");
+            let hc_v = &hc.value;
+            positive(f, &hc_v.interval, &format!("{hp}.interval"));
+            positive(f, &hc_v.timeout, &format!("{hp}.timeout"));
+            for (field, v) in [("rise", &hc_v.rise), ("fall", &hc_v.fall)] {
+                if !(1..=100).contains(&v.value) {
+                    f.error(
+                        at(v),
+                        format!("{hp}.{field}"),
+                        format!("{} is out of range: use 1 to 100", v.value),
+                    );
+                }
+            }
+            if !hc_v.path.value.starts_with('/') {
+                f.error(
+                    at(&hc_v.path),
+                    format!("{hp}.path"),
+                    format!("{:?} must start with /, e.g. /readyz", hc_v.path.value),
+                );
+            }
+            if let Some(tls) = &hc_v.tls {
+                cert_pair(
+                    f,
+                    at(hc),
+                    &format!("{hp}.tls"),
+                    tls.cert.is_some(),
+                    tls.key.is_some(),
+                );
+            }
+        }
+        let mut seen = BTreeSet::new();
+        for (i, b) in p.backends.value.iter().enumerate() {
+            let bp = format!("{path}.backends[{i}]");
+            if !valid_name(&b.name.value) {
+                f.error(
+                    at(&b.name),
+                    format!("{bp}.name"),
+                    format!("backend name {:?} is not valid: {NAME_RULE}", b.name.value),
+                );
+            }
+            if !seen.insert(b.name.value.as_str()) {
+                f.error(
+                    at(&b.name),
+                    format!("{bp}.name"),
+                    format!(
+                        "backend name {:?} appears twice in pool {name}: names must be unique",
+                        b.name.value
+                    ),
+                );
+            }
+            if !(1..=MAX_WEIGHT).contains(&b.weight.value) {
+                f.error(
+                    at(&b.weight),
+                    format!("{bp}.weight"),
+                    format!("{} is out of range: use 1 to {MAX_WEIGHT} (drain a backend to stop new connections)", b.weight.value),
+                );
+            }
+        }
+    }
+}
+
+fn positive(f: &mut Findings, d: &Spanned<Dur>, path: &str) {
+    if d.value.get() == Duration::ZERO {
+        f.error(at(d), path, "must be more than 0");
+    }
+}
+
+fn cert_pair(f: &mut Findings, place: Place, path: &str, cert: bool, key: bool) {
+    if cert != key {
+        f.error(place, path, "cert and key go together: set both or neither");
+    }
+}
+
+impl Place {
+    pub fn of(loc: Location) -> Place {
+        if loc == Location::UNKNOWN {
+            Place::Unknown
+        } else {
+            Place::At {
+                line: loc.line(),
+                column: loc.column(),
+            }
+        }
+    }
+}

@@ -1,0 +1,77 @@
+//! Every metric's name, HELP text and buckets in one place (SPEC.md, "Metrics").
+
+use std::sync::OnceLock;
+
+use metrics::{describe_counter, describe_gauge, describe_histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+pub const CONNECTIONS_TOTAL: &str = "raftlb_connections_total";
+pub const ACTIVE_CONNECTIONS: &str = "raftlb_active_connections";
+pub const BYTES_TOTAL: &str = "raftlb_bytes_total";
+pub const CONNECT_DURATION: &str = "raftlb_connect_duration_seconds";
+pub const BACKEND_UP: &str = "raftlb_backend_up";
+pub const BACKEND_DRAINED: &str = "raftlb_backend_drained";
+pub const CONFIG_VERSION: &str = "raftlb_config_version";
+pub const CONFIG_RELOADS_TOTAL: &str = "raftlb_config_reloads_total";
+
+/// `connect_duration_seconds` buckets: 0.5 ms .. 2.5 s.
+const CONNECT_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+];
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the process-wide recorder once and returns the handle that renders it.
+pub fn install() -> PrometheusHandle {
+    HANDLE
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Full(CONNECT_DURATION.into()), CONNECT_BUCKETS)
+                .map(PrometheusBuilder::build_recorder);
+            let handle = match recorder {
+                Ok(recorder) => {
+                    let handle = recorder.handle();
+                    if metrics::set_global_recorder(recorder).is_err() {
+                        tracing::warn!(
+                            "a metrics recorder was already installed; /metrics may be empty"
+                        );
+                    }
+                    handle
+                }
+                // Only reachable with an empty bucket list, which is a constant above.
+                Err(e) => panic!("metrics buckets are invalid: {e}"),
+            };
+            describe();
+            handle
+        })
+        .clone()
+}
+
+fn describe() {
+    describe_counter!(
+        CONNECTIONS_TOTAL,
+        "Client connections by outcome: ok, connect_failed (one per failed backend attempt), no_backend, rejected (max_connections)."
+    );
+    describe_gauge!(ACTIVE_CONNECTIONS, "Proxied connections open now.");
+    describe_counter!(
+        BYTES_TOTAL,
+        "Bytes relayed, by direction: to_backend or to_client."
+    );
+    describe_histogram!(
+        CONNECT_DURATION,
+        "Time to connect to a backend, in seconds."
+    );
+    describe_gauge!(
+        BACKEND_UP,
+        "1 when the backend takes new connections by health, 0 when down or not yet probed."
+    );
+    describe_gauge!(
+        BACKEND_DRAINED,
+        "1 when the backend is drained by an operator."
+    );
+    describe_gauge!(CONFIG_VERSION, "Version of the config this replica serves.");
+    describe_counter!(
+        CONFIG_RELOADS_TOTAL,
+        "Config reloads (SIGHUP) by result: ok or invalid."
+    );
+}

@@ -1,0 +1,402 @@
+//! A listener: the accept loop and what happens to each client connection.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use metrics::{Counter, Gauge, Histogram};
+use socket2::{Domain, Protocol, SockRef, Socket, TcpKeepalive, Type};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::relay::{self, Meters, RelayEnd};
+use crate::balancer::{Backend, Balancer, Pool};
+use crate::config::schema;
+use crate::metrics as m;
+
+/// Kernel accept backlog; new connections are accepted at once, even past max_connections.
+const BACKLOG: i32 = 4096;
+
+/// A listener's settings that a reload may change without rebinding.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Settings {
+    pub pool: String,
+    pub max_connections: u32,
+    pub idle_timeout: Duration,
+}
+
+impl Settings {
+    pub fn from_config(l: &schema::Listener) -> Self {
+        Settings {
+            pool: l.pool.value.clone(),
+            // Filled in by config loading; the fallback is never used.
+            max_connections: l.max_connections.as_ref().map_or(u32::MAX, |m| m.value),
+            idle_timeout: l.idle_timeout.value.get(),
+        }
+    }
+}
+
+/// What every listener shares: the pools, the connection tracker, the hard stop.
+#[derive(Clone)]
+pub struct Shared {
+    pub balancer: Arc<Balancer>,
+    /// Every connection task, so shutdown can wait for them to drain.
+    pub connections: TaskTracker,
+    /// Cancelled when the shutdown grace is over: open relays end.
+    pub hard_stop: CancellationToken,
+}
+
+/// A running listener.
+pub struct Listener {
+    pub name: Arc<str>,
+    pub bind: SocketAddr,
+    settings: Arc<ArcSwap<Settings>>,
+    stop_accepting: CancellationToken,
+}
+
+impl Listener {
+    pub fn update(&self, settings: Settings) {
+        self.settings.store(Arc::new(settings));
+    }
+
+    /// Closes the listening socket; established connections carry on.
+    pub fn stop(&self) {
+        self.stop_accepting.cancel();
+    }
+}
+
+/// Binds a listening socket: SO_REUSEADDR, and IP_FREEBIND so a bind on a virtual IP
+/// works before the IP is assigned.
+pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+        socket.set_freebind_v6(true)?;
+    } else {
+        socket.set_freebind_v4(true)?;
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(BACKLOG)?;
+    TcpListener::from_std(socket.into())
+}
+
+/// Starts accepting on `socket` for the listener `name`.
+pub fn spawn(
+    name: &str,
+    socket: TcpListener,
+    settings: Settings,
+    shared: Shared,
+) -> io::Result<Listener> {
+    let bind = socket.local_addr()?;
+    let listener = Listener {
+        name: name.into(),
+        bind,
+        settings: Arc::new(ArcSwap::from_pointee(settings)),
+        stop_accepting: CancellationToken::new(),
+    };
+    let accept = AcceptLoop {
+        name: listener.name.clone(),
+        socket,
+        settings: listener.settings.clone(),
+        stop: listener.stop_accepting.clone(),
+        active: Arc::new(AtomicU32::new(0)),
+        meters: Arc::new(MeterCache::default()),
+        shared,
+    };
+    tokio::spawn(accept.run());
+    Ok(listener)
+}
+
+struct AcceptLoop {
+    name: Arc<str>,
+    socket: TcpListener,
+    settings: Arc<ArcSwap<Settings>>,
+    stop: CancellationToken,
+    active: Arc<AtomicU32>,
+    meters: Arc<MeterCache>,
+    shared: Shared,
+}
+
+impl AcceptLoop {
+    async fn run(self) {
+        let mut backoff = Duration::ZERO;
+        loop {
+            let accepted = tokio::select! {
+                () = self.stop.cancelled() => break,
+                accepted = self.socket.accept() => accepted,
+            };
+            match accepted {
+                Ok((client, peer)) => {
+                    backoff = Duration::ZERO;
+                    self.admit(client, peer);
+                }
+                Err(e) if out_of_resources(&e) => {
+                    // Back off instead of spinning: the pending connection stays in the backlog.
+                    backoff =
+                        (backoff * 2).clamp(Duration::from_millis(10), Duration::from_secs(1));
+                    tracing::warn!(listener = %self.name, error = %e, ?backoff, "accept failed: out of file descriptors or memory; backing off");
+                    tokio::select! {
+                        () = self.stop.cancelled() => break,
+                        () = tokio::time::sleep(backoff) => {}
+                    }
+                }
+                // ECONNABORTED and the like concern one connection only.
+                Err(e) => tracing::debug!(listener = %self.name, error = %e, "accept failed"),
+            }
+        }
+        tracing::info!(listener = %self.name, "stopped accepting");
+    }
+
+    fn admit(&self, client: TcpStream, peer: SocketAddr) {
+        let settings = self.settings.load_full();
+        let active = self.active.fetch_add(1, Ordering::Relaxed);
+        if active >= settings.max_connections {
+            self.active.fetch_sub(1, Ordering::Relaxed);
+            self.meters
+                .none(&self.name, &settings.pool, "rejected")
+                .increment(1);
+            tracing::debug!(listener = %self.name, %peer, max = settings.max_connections, "max_connections reached; closing the new connection");
+            drop(client);
+            return;
+        }
+        let conn = Connection {
+            listener: self.name.clone(),
+            settings,
+            meters: self.meters.clone(),
+            shared: self.shared.clone(),
+            _slot: Slot(self.active.clone()),
+        };
+        self.shared.connections.spawn(conn.serve(client, peer));
+    }
+}
+
+fn out_of_resources(e: &io::Error) -> bool {
+    const EMFILE: i32 = 24;
+    const ENFILE: i32 = 23;
+    const ENOBUFS: i32 = 105;
+    const ENOMEM: i32 = 12;
+    matches!(e.raw_os_error(), Some(EMFILE | ENFILE | ENOBUFS | ENOMEM))
+}
+
+/// Holds one of the listener's max_connections slots until dropped.
+struct Slot(Arc<AtomicU32>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Holds one of a backend's active connections (for least_connections) until dropped.
+struct BackendSlot<'a>(&'a Backend);
+
+impl<'a> BackendSlot<'a> {
+    fn take(backend: &'a Backend) -> Self {
+        backend.state.active.fetch_add(1, Ordering::Relaxed);
+        BackendSlot(backend)
+    }
+}
+
+impl Drop for BackendSlot<'_> {
+    fn drop(&mut self) {
+        self.0.state.active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+struct Connection {
+    listener: Arc<str>,
+    settings: Arc<Settings>,
+    meters: Arc<MeterCache>,
+    shared: Shared,
+    _slot: Slot,
+}
+
+impl Connection {
+    async fn serve(self, mut client: TcpStream, peer: SocketAddr) {
+        tune(&client);
+        let snapshot = self.shared.balancer.snapshot();
+        let Some(pool) = snapshot.pools.get(&self.settings.pool) else {
+            self.meters
+                .none(&self.listener, &self.settings.pool, "no_backend")
+                .increment(1);
+            tracing::warn!(listener = %self.listener, pool = %self.settings.pool, "pool does not exist; closing the connection");
+            return;
+        };
+        let Some((backend, mut upstream, meters)) = self.connect(pool, peer).await else {
+            return;
+        };
+        let _slot = backend;
+        meters.active.increment(1.0);
+        let end = relay::relay(
+            &mut client,
+            &mut upstream,
+            self.settings.idle_timeout,
+            &self.shared.hard_stop,
+            Meters {
+                to_backend: &meters.to_backend,
+                to_client: &meters.to_client,
+            },
+        )
+        .await;
+        meters.active.decrement(1.0);
+        match end {
+            RelayEnd::Closed => {}
+            RelayEnd::Idle => {
+                tracing::debug!(listener = %self.listener, %peer, "idle_timeout: closing")
+            }
+            RelayEnd::Stopped => {
+                tracing::debug!(listener = %self.listener, %peer, "closed by shutdown")
+            }
+            RelayEnd::Error(e) => {
+                tracing::debug!(listener = %self.listener, %peer, error = %e, "connection ended")
+            }
+        }
+    }
+
+    /// Connects to a backend, retrying connect failures on other backends.
+    async fn connect<'p>(
+        &self,
+        pool: &'p Pool,
+        peer: SocketAddr,
+    ) -> Option<(BackendSlot<'p>, TcpStream, Arc<ConnMeters>)> {
+        let mut tried = Vec::new();
+        while tried.len() <= pool.retries as usize {
+            let Some(i) = pool.pick(peer.ip(), &tried) else {
+                break;
+            };
+            tried.push(i);
+            let backend = &pool.backends[i];
+            let slot = BackendSlot::take(backend);
+            let meters = self.meters.get(&self.listener, &pool.name, &backend.name);
+            let started = Instant::now();
+            match connect_backend(backend, pool.connect_timeout).await {
+                Ok(upstream) => {
+                    meters
+                        .connect_duration
+                        .record(started.elapsed().as_secs_f64());
+                    meters.ok.increment(1);
+                    return Some((slot, upstream, meters));
+                }
+                Err(e) => {
+                    meters.connect_failed.increment(1);
+                    tracing::warn!(listener = %self.listener, pool = %pool.name, backend = %backend.name, error = %e, "connect to backend failed");
+                }
+            }
+        }
+        if tried.is_empty() {
+            self.meters
+                .none(&self.listener, &pool.name, "no_backend")
+                .increment(1);
+            tracing::warn!(listener = %self.listener, pool = %pool.name, "no backend is up; closing the connection");
+        }
+        None
+    }
+}
+
+async fn connect_backend(backend: &Backend, timeout: Duration) -> io::Result<TcpStream> {
+    let addr = backend.connect_addr().ok_or_else(|| {
+        io::Error::new(io::ErrorKind::NotFound, "backend has no resolved address")
+    })?;
+    let stream = tokio::time::timeout(timeout, TcpStream::connect(addr))
+        .await
+        .map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("connect to {addr} timed out after {timeout:?}"),
+            )
+        })??;
+    tune(&stream);
+    Ok(stream)
+}
+
+/// TCP_NODELAY and keepalive on both sides of every proxied connection.
+fn tune(stream: &TcpStream) {
+    let _ = stream.set_nodelay(true);
+    let keepalive = TcpKeepalive::new()
+        .with_time(Duration::from_secs(60))
+        .with_interval(Duration::from_secs(10))
+        .with_retries(6);
+    let _ = SockRef::from(stream).set_tcp_keepalive(&keepalive);
+}
+
+/// The metric handles of one (listener, pool, backend), resolved once and reused.
+struct ConnMeters {
+    ok: Counter,
+    connect_failed: Counter,
+    active: Gauge,
+    to_backend: Counter,
+    to_client: Counter,
+    connect_duration: Histogram,
+}
+
+#[derive(Default)]
+struct MeterCache {
+    by_backend: Mutex<HashMap<(Arc<str>, Arc<str>), Arc<ConnMeters>>>,
+}
+
+impl MeterCache {
+    fn get(&self, listener: &str, pool: &Arc<str>, backend: &Arc<str>) -> Arc<ConnMeters> {
+        let key = (pool.clone(), backend.clone());
+        if let Some(found) = self
+            .by_backend
+            .lock()
+            .ok()
+            .and_then(|c| c.get(&key).cloned())
+        {
+            return found;
+        }
+        let labels = |extra: Option<(&'static str, &'static str)>| {
+            let mut l = vec![
+                ("listener", listener.to_string()),
+                ("pool", pool.to_string()),
+                ("backend", backend.to_string()),
+            ];
+            if let Some((k, v)) = extra {
+                l.push((k, v.to_string()));
+            }
+            l
+        };
+        let meters = Arc::new(ConnMeters {
+            ok: metrics::counter!(m::CONNECTIONS_TOTAL, &labels(Some(("result", "ok")))),
+            connect_failed: metrics::counter!(
+                m::CONNECTIONS_TOTAL,
+                &labels(Some(("result", "connect_failed")))
+            ),
+            active: metrics::gauge!(m::ACTIVE_CONNECTIONS, &labels(None)),
+            to_backend: metrics::counter!(
+                m::BYTES_TOTAL,
+                &labels(Some(("direction", "to_backend")))
+            ),
+            to_client: metrics::counter!(m::BYTES_TOTAL, &labels(Some(("direction", "to_client")))),
+            connect_duration: metrics::histogram!(
+                m::CONNECT_DURATION,
+                &[("pool", pool.to_string()), ("backend", backend.to_string())]
+            ),
+        });
+        if let Ok(mut cache) = self.by_backend.lock() {
+            cache.insert(key, meters.clone());
+        }
+        meters
+    }
+
+    /// `connections_total{backend="none"}` for connections that reached no backend.
+    fn none(&self, listener: &str, pool: &str, result: &'static str) -> Counter {
+        metrics::counter!(
+            m::CONNECTIONS_TOTAL,
+            &[
+                ("listener", listener.to_string()),
+                ("pool", pool.to_string()),
+                ("backend", "none".to_string()),
+                ("result", result.to_string()),
+            ]
+        )
+    }
+}

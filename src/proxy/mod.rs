@@ -1,0 +1,4 @@
+//! The data path: listeners accept, pick a backend, and relay bytes untouched.
+
+pub mod listener;
+pub mod relay;

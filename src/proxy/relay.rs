@@ -1,0 +1,133 @@
+//! Copies bytes between client and backend, untouched, both ways at once.
+//!
+//! No buffer is held while a connection is idle: each direction waits for
+//! readability, then borrows a bounded buffer for as long as data flows. A FIN is
+//! passed on as a half-close of the other side's write direction.
+
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use metrics::Counter;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::net::tcp::{ReadHalf, WriteHalf};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+/// Upper bound of data held per direction.
+pub const BUFFER_SIZE: usize = 32 * 1024;
+
+/// Why a relay ended.
+#[derive(Debug)]
+pub enum RelayEnd {
+    /// Both sides closed their write direction.
+    Closed,
+    /// No byte moved either way for `idle_timeout`.
+    Idle,
+    /// The process is stopping and the grace period is over, or the backend was dropped.
+    Stopped,
+    Error(io::Error),
+}
+
+/// Byte counters for the two directions.
+pub struct Meters<'a> {
+    pub to_backend: &'a Counter,
+    pub to_client: &'a Counter,
+}
+
+pub async fn relay(
+    client: &mut TcpStream,
+    backend: &mut TcpStream,
+    idle_timeout: Duration,
+    stop: &CancellationToken,
+    meters: Meters<'_>,
+) -> RelayEnd {
+    let last_activity = Activity::new();
+    let (client_read, client_write) = client.split();
+    let (backend_read, backend_write) = backend.split();
+    let both = async {
+        tokio::try_join!(
+            pump(
+                client_read,
+                backend_write,
+                &last_activity,
+                meters.to_backend
+            ),
+            pump(backend_read, client_write, &last_activity, meters.to_client),
+        )
+    };
+    tokio::select! {
+        result = both => match result {
+            Ok(_) => RelayEnd::Closed,
+            Err(e) => RelayEnd::Error(e),
+        },
+        () = idle(&last_activity, idle_timeout) => RelayEnd::Idle,
+        () = stop.cancelled() => RelayEnd::Stopped,
+    }
+}
+
+/// One direction: read until EOF, write everything, then half-close the writer.
+async fn pump(
+    from: ReadHalf<'_>,
+    mut to: WriteHalf<'_>,
+    last_activity: &Activity,
+    bytes: &Counter,
+) -> io::Result<()> {
+    loop {
+        from.readable().await?;
+        let mut buf = Vec::with_capacity(BUFFER_SIZE);
+        loop {
+            buf.clear();
+            match from.try_read_buf(&mut buf) {
+                Ok(0) => {
+                    to.shutdown().await?;
+                    return Ok(());
+                }
+                Ok(n) => {
+                    last_activity.touch();
+                    to.write_all(&buf).await?;
+                    bytes.increment(n as u64);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+/// Resolves once no byte has moved for `timeout`.
+async fn idle(last_activity: &Activity, timeout: Duration) {
+    loop {
+        let deadline = last_activity.last() + timeout;
+        if Instant::now() >= deadline {
+            return;
+        }
+        tokio::time::sleep_until(deadline).await;
+    }
+}
+
+/// When a byte last moved, in milliseconds since the relay started. Both directions
+/// run in one task, so the atomic is never contended; it only makes the future `Send`.
+struct Activity {
+    start: Instant,
+    last_ms: AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Activity {
+            start: Instant::now(),
+            last_ms: AtomicU64::new(0),
+        }
+    }
+
+    fn touch(&self) {
+        let ms = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_ms.store(ms, Ordering::Relaxed);
+    }
+
+    fn last(&self) -> Instant {
+        self.start + Duration::from_millis(self.last_ms.load(Ordering::Relaxed))
+    }
+}

@@ -1,0 +1,275 @@
+//! Test fixtures: real `raftlb` processes on loopback, real backends, tiny HTTP reads.
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener as StdListener, TcpStream as StdStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_raftlb");
+
+/// Raises the open-files soft limit to the hard limit (the tests open many sockets).
+pub fn raise_nofile() {
+    let _ = rlimit::increase_nofile_limit(u64::MAX);
+}
+
+/// A loopback port that was free a moment ago.
+pub fn free_port() -> u16 {
+    StdListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("bind 127.0.0.1:0")
+}
+
+/// A running `raftlb run` process; killed when dropped.
+pub struct Raftlb {
+    pub child: Child,
+    pub admin: SocketAddr,
+    pub dir: tempfile::TempDir,
+    pub config: PathBuf,
+}
+
+impl Raftlb {
+    /// Writes `yaml` (which must bind the admin API to `admin`) and starts raftlb on it,
+    /// then waits until `/readyz` answers 200.
+    pub fn start(yaml: &str, admin: SocketAddr) -> Raftlb {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = dir.path().join("raftlb.yaml");
+        std::fs::write(&config, yaml).expect("write config");
+        let log = std::fs::File::create(dir.path().join("raftlb.log")).expect("log file");
+        let child = Command::new(BIN)
+            .args(["run", "--config"])
+            .arg(&config)
+            .args(["--log-level", "debug"])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn raftlb");
+        let mut lb = Raftlb {
+            child,
+            admin,
+            dir,
+            config,
+        };
+        lb.wait_ready();
+        lb
+    }
+
+    /// A standalone config with one listener in front of `backends` (name, address).
+    pub fn standalone_yaml(
+        admin: SocketAddr,
+        listen: SocketAddr,
+        pool_extra: &str,
+        listener_extra: &str,
+        backends: &[(&str, SocketAddr)],
+    ) -> String {
+        let mut y = format!(
+            "admin:\n  bind: {admin}\nruntime:\n  worker_threads: 2\n  shutdown_grace: 10s\nlisteners:\n  front:\n    bind: {listen}\n    pool: web\n{listener_extra}pools:\n  web:\n{pool_extra}    backends:\n"
+        );
+        for (name, addr) in backends {
+            y.push_str(&format!(
+                "      - {{ name: {name}, address: \"{addr}\" }}\n"
+            ));
+        }
+        y
+    }
+
+    pub fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!(
+                    "raftlb exited with {status} before it was ready:\n{}",
+                    self.log()
+                );
+            }
+            if http_get(self.admin, "/readyz").is_ok_and(|(code, _)| code == 200) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("raftlb did not become ready in 20s:\n{}", self.log());
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("raftlb.log")).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends a signal by name (`HUP`, `TERM`, `INT`, `KILL`).
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.pid().to_string())
+            .status()
+            .expect("kill");
+        assert!(ok.success(), "kill -{sig} failed");
+    }
+
+    /// Waits for the process to exit, up to `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    /// Replaces the config file (for SIGHUP tests).
+    pub fn rewrite_config(&self, yaml: &str) {
+        std::fs::write(&self.config, yaml).expect("rewrite config");
+    }
+
+    pub fn metrics(&self) -> String {
+        let (code, body) = http_get(self.admin, "/metrics").expect("GET /metrics");
+        assert_eq!(code, 200);
+        body
+    }
+
+    /// The value of one metric series, e.g. `raftlb_connections_total{...}`; 0 if absent.
+    pub fn metric(&self, series_prefix: &str) -> f64 {
+        self.metrics()
+            .lines()
+            .filter(|l| l.starts_with(series_prefix))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+}
+
+impl Drop for Raftlb {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `GET path` over plain HTTP/1.1: (status code, body).
+pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    http_request(addr, "GET", path, &[], "")
+}
+
+/// A tiny HTTP/1.1 request with `Connection: close` for the admin API.
+pub fn http_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> std::io::Result<(u16, String)> {
+    let mut s = StdStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    req.push_str(body);
+    s.write_all(req.as_bytes())?;
+    let mut raw = String::new();
+    s.read_to_string(&mut raw)?;
+    let code = raw
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("not an HTTP response: {raw:?}")))?;
+    let body = raw
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Ok((code, body))
+}
+
+/// An echo server on loopback; runs until the test's runtime ends.
+pub async fn echo_backend() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind echo");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = w.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+/// A server that writes `name` and a newline to every connection, then closes it.
+pub async fn named_backend(name: &str) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind named");
+    let addr = listener.local_addr().expect("addr");
+    let reply = format!("{name}\n");
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let reply = reply.clone();
+            tokio::spawn(async move {
+                let _ = s.write_all(reply.as_bytes()).await;
+                let _ = s.shutdown().await;
+                // Drain until the client closes, so the client never sees a reset.
+                let mut sink = [0u8; 64];
+                while matches!(s.read(&mut sink).await, Ok(n) if n > 0) {}
+            });
+        }
+    });
+    addr
+}
+
+/// Connects through the proxy at `addr` (from `source` if given) and reads the backend's name.
+pub async fn which_backend(
+    addr: SocketAddr,
+    source: Option<std::net::IpAddr>,
+) -> std::io::Result<String> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    if let Some(ip) = source {
+        socket.bind(SocketAddr::new(ip, 0))?;
+    }
+    let mut s = tokio::time::timeout(Duration::from_secs(5), socket.connect(addr))
+        .await
+        .map_err(|_| std::io::Error::other("connect timed out"))??;
+    let mut out = String::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut out))
+        .await
+        .map_err(|_| std::io::Error::other("read timed out"))??;
+    Ok(out.trim().to_string())
+}
+
+/// Runs `raftlb` with `args` to completion: (exit code, stdout, stderr).
+pub fn raftlb_cmd(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(BIN).args(args).output().expect("run raftlb");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `raftlb check --config path`.
+pub fn check(path: &Path) -> (i32, String, String) {
+    raftlb_cmd(&["check", "--config", path.to_str().expect("utf-8 path")])
+}
+
+/// Polls `f` until it returns true or `timeout` passes.
+pub fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    f()
+}

@@ -17,7 +17,6 @@ use tokio_util::task::TaskTracker;
 
 use crate::balancer::Balancer;
 use crate::cli::{LogFormat, RunArgs};
-use crate::config::schema::{OnDown, ProxyProtocol, TlsMode};
 use crate::config::{self, Config, Loaded};
 use crate::metrics as m;
 use crate::proxy::listener::{self, Listener, Settings, Shared};
@@ -143,25 +142,6 @@ pub fn supported(config: &Config) -> Result<(), String> {
     if config.admin.tls.is_some() {
         missing.push("admin.tls".to_string());
     }
-    for (name, l) in &config.listeners {
-        if l.tls.value == TlsMode::Terminate {
-            missing.push(format!("listeners.{name}.tls: terminate"));
-        }
-        if l.proxy_protocol.value != ProxyProtocol::Off {
-            missing.push(format!("listeners.{name}.proxy_protocol"));
-        }
-    }
-    for (name, p) in &config.pools {
-        if p.health_check.is_some() {
-            missing.push(format!("pools.{name}.health_check"));
-        }
-        if p.backend_tls.is_some() {
-            missing.push(format!("pools.{name}.backend_tls"));
-        }
-        if p.on_down == OnDown::Close {
-            missing.push(format!("pools.{name}.on_down: close"));
-        }
-    }
     if missing.is_empty() {
         Ok(())
     } else {
@@ -188,6 +168,34 @@ fn read_token(config: &Config) -> Result<Option<Arc<String>>, String> {
     Ok(Some(Arc::new(token.to_string())))
 }
 
+fn reload_failed(e: &str) {
+    tracing::error!("reload: {e}; keeping the running config");
+    metrics::counter!(m::CONFIG_RELOADS_TOTAL, "result" => "invalid").increment(1);
+}
+
+/// Why a listener did not start: its config (exit 2) or the system (exit 1).
+enum StartError {
+    Config(String),
+    Runtime(String),
+}
+
+impl StartError {
+    fn exit_code(&self) -> u8 {
+        match self {
+            StartError::Config(_) => EXIT_CONFIG,
+            StartError::Runtime(_) => EXIT_RUNTIME,
+        }
+    }
+}
+
+impl std::fmt::Display for StartError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StartError::Config(e) | StartError::Runtime(e) => f.write_str(e),
+        }
+    }
+}
+
 /// A running standalone replica.
 struct Server {
     file: PathBuf,
@@ -203,7 +211,10 @@ impl Server {
     async fn start(loaded: Loaded, open_files: u64, token: Option<Arc<String>>) -> ExitCode {
         let metrics = m::install();
         let balancer = Arc::new(Balancer::new());
-        balancer.apply(1, &loaded.config.pools).await;
+        if let Err(e) = balancer.apply(1, &loaded.config.pools).await {
+            eprintln!("error: {}: {e}", loaded.file.display());
+            return ExitCode::from(EXIT_CONFIG);
+        }
         let state = Arc::new(State {
             node_name: loaded
                 .config
@@ -249,7 +260,7 @@ impl Server {
         for (name, l) in &listeners {
             if let Err(e) = server.start_listener(name, l) {
                 tracing::error!("{e}");
-                return ExitCode::from(EXIT_RUNTIME);
+                return ExitCode::from(e.exit_code());
             }
         }
         server.state.ready.store(true, Ordering::Relaxed);
@@ -257,11 +268,20 @@ impl Server {
         server.serve_until_signal().await
     }
 
-    fn start_listener(&mut self, name: &str, l: &config::schema::Listener) -> Result<(), String> {
-        let socket = listener::bind(l.bind.0)
-            .map_err(|e| format!("listeners.{name}.bind {}: cannot listen: {e}", l.bind))?;
-        let running = listener::spawn(name, socket, Settings::from_config(l), self.shared.clone())
-            .map_err(|e| format!("listeners.{name}: {e}"))?;
+    fn start_listener(
+        &mut self,
+        name: &str,
+        l: &config::schema::Listener,
+    ) -> Result<(), StartError> {
+        let settings = Settings::from_config(name, l).map_err(StartError::Config)?;
+        let socket = listener::bind(l.bind.0).map_err(|e| {
+            StartError::Runtime(format!(
+                "listeners.{name}.bind {}: cannot listen: {e}",
+                l.bind
+            ))
+        })?;
+        let running = listener::spawn(name, socket, settings, self.shared.clone())
+            .map_err(|e| StartError::Runtime(format!("listeners.{name}: {e}")))?;
         tracing::info!(listener = name, bind = %running.bind, pool = %l.pool.value, "listening");
         if let Some((_, old)) = self.listeners.insert(name.to_string(), (l.bind.0, running)) {
             old.stop();
@@ -329,33 +349,41 @@ impl Server {
             .and_then(|l| supported(&l.config).map(|()| l))
         {
             Ok(l) => l,
-            Err(e) => {
-                tracing::error!("reload: the file is invalid; keeping the running config:\n{e}");
-                metrics::counter!(m::CONFIG_RELOADS_TOTAL, "result" => "invalid").increment(1);
-                return;
-            }
+            Err(e) => return reload_failed(&format!("the file is invalid:\n{e}")),
         };
         let token = match read_token(&loaded.config) {
             Ok(token) => token,
-            Err(e) => {
-                tracing::error!("reload: {e}; keeping the running config");
-                metrics::counter!(m::CONFIG_RELOADS_TOTAL, "result" => "invalid").increment(1);
-                return;
-            }
+            Err(e) => return reload_failed(&e),
         };
         for w in loaded.warning_lines() {
             tracing::warn!("{w}");
         }
         let new = loaded.config;
+        // Listener TLS first: a certificate that does not load rejects the whole reload.
+        let mut updates = Vec::new();
+        for (name, l) in &new.listeners {
+            if let Some((bind, _)) = self.listeners.get(name)
+                && *bind == l.bind.0
+            {
+                match Settings::from_config(name, l) {
+                    Ok(settings) => updates.push((name.clone(), settings)),
+                    Err(e) => return reload_failed(&e),
+                }
+            }
+        }
         let version = self.state.config_version() + 1;
-        self.state.balancer.apply(version, &new.pools).await;
+        if let Err(e) = self.state.balancer.apply(version, &new.pools).await {
+            return reload_failed(&e);
+        }
         self.state.token.store(token);
-
+        for (name, settings) in updates {
+            if let Some((_, running)) = self.listeners.get(&name) {
+                running.update(settings);
+            }
+        }
         for (name, l) in &new.listeners {
             match self.listeners.get(name) {
-                Some((bind, running)) if *bind == l.bind.0 => {
-                    running.update(Settings::from_config(l))
-                }
+                Some((bind, _)) if *bind == l.bind.0 => {}
                 _ => {
                     if let Err(e) = self.start_listener(name, l) {
                         tracing::error!(

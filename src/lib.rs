@@ -7,8 +7,10 @@ pub mod balancer;
 pub mod cli;
 pub mod config;
 pub mod demo;
+pub mod health;
 pub mod metrics;
 pub mod proxy;
+pub mod tls;
 
 use std::process::ExitCode;
 

@@ -11,6 +11,7 @@ pub const BYTES_TOTAL: &str = "raftlb_bytes_total";
 pub const CONNECT_DURATION: &str = "raftlb_connect_duration_seconds";
 pub const BACKEND_UP: &str = "raftlb_backend_up";
 pub const BACKEND_DRAINED: &str = "raftlb_backend_drained";
+pub const HEALTH_CHECKS_TOTAL: &str = "raftlb_health_checks_total";
 pub const CONFIG_VERSION: &str = "raftlb_config_version";
 pub const CONFIG_RELOADS_TOTAL: &str = "raftlb_config_reloads_total";
 

@@ -14,29 +14,13 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::schema::{self, Balance};
+use crate::config::schema::{self, BackendTls, Balance, HealthCheck, OnDown};
 use crate::config::types::HostPort;
+pub use crate::health::Health;
+use crate::health::{self, Detail};
 use crate::metrics as m;
-
-/// A backend's health as this replica sees it (never replicated).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[repr(u8)]
-pub enum Health {
-    Up = 0,
-    Down = 1,
-    /// Probes are configured and none has passed `rise` times yet: routed as down.
-    Unknown = 2,
-}
-
-impl Health {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Health::Up => "up",
-            Health::Down => "down",
-            Health::Unknown => "unknown",
-        }
-    }
-}
+use crate::tls::{self, Reloading};
+use tokio_rustls::rustls::ClientConfig;
 
 /// Per-backend state that survives config swaps.
 #[derive(Debug)]
@@ -45,6 +29,10 @@ pub struct BackendState {
     health: AtomicU8,
     /// The backend's addresses; re-resolved every `resolve_interval` for hostnames.
     addrs: ArcSwap<Vec<SocketAddr>>,
+    /// Probe counters, last check and last flip, for status.
+    pub detail: Mutex<Detail>,
+    /// Cancelled when the backend goes down in a pool with `on_down: close`.
+    down: ArcSwap<CancellationToken>,
 }
 
 impl BackendState {
@@ -53,7 +41,19 @@ impl BackendState {
             active: AtomicU64::new(0),
             health: AtomicU8::new(health as u8),
             addrs: ArcSwap::from_pointee(Vec::new()),
+            detail: Mutex::new(Detail::default()),
+            down: ArcSwap::from_pointee(CancellationToken::new()),
         }
+    }
+
+    /// A token cancelled if this backend goes down with `on_down: close`.
+    pub fn down_token(&self) -> CancellationToken {
+        (**self.down.load()).clone()
+    }
+
+    /// Closes every connection established to this backend so far.
+    pub fn close_connections(&self) {
+        self.down.swap(Arc::new(CancellationToken::new())).cancel();
     }
 
     pub fn health(&self) -> Health {
@@ -104,8 +104,21 @@ pub struct Pool {
     pub balance: Balance,
     pub connect_timeout: Duration,
     pub retries: u32,
+    pub on_down: OnDown,
+    pub passive_hold: Duration,
+    pub health_check: Option<HealthCheck>,
+    /// Client TLS for `tls` and `https` probes.
+    pub probe_tls: Option<Arc<Reloading<ClientConfig>>>,
+    /// Re-encryption towards backends (`backend_tls`).
+    pub backend_tls: Option<BackendTlsContext>,
     pub backends: Vec<Backend>,
     policy: Box<dyn policy::Policy>,
+}
+
+/// A pool's `backend_tls`: the settings and the client config built from them.
+pub struct BackendTlsContext {
+    pub settings: BackendTls,
+    pub config: Arc<Reloading<ClientConfig>>,
 }
 
 impl Pool {
@@ -128,6 +141,7 @@ pub struct Balancer {
     /// Keyed by (pool, backend, address): a backend whose address changes starts afresh.
     states: Mutex<HashMap<(String, String, String), Arc<BackendState>>>,
     resolvers: Mutex<Option<CancellationToken>>,
+    probes: Mutex<Option<CancellationToken>>,
 }
 
 impl Default for Balancer {
@@ -142,6 +156,7 @@ impl Balancer {
             current: ArcSwap::from_pointee(Snapshot::default()),
             states: Mutex::new(HashMap::new()),
             resolvers: Mutex::new(None),
+            probes: Mutex::new(None),
         }
     }
 
@@ -149,10 +164,15 @@ impl Balancer {
         self.current.load_full()
     }
 
-    /// Builds a snapshot from `pools` and swaps it in. Hostnames are resolved first
-    /// (a name that does not resolve has no address until it does); connections
-    /// already established are not touched.
-    pub async fn apply(&self, version: u64, pools: &BTreeMap<String, schema::Pool>) {
+    /// Builds a snapshot from `pools` and swaps it in, all or nothing: a certificate
+    /// file that does not load leaves the running snapshot as it was. Hostnames are
+    /// resolved first (a name that does not resolve has no address until it does);
+    /// connections already established are not touched.
+    pub async fn apply(
+        &self,
+        version: u64,
+        pools: &BTreeMap<String, schema::Pool>,
+    ) -> Result<(), String> {
         let mut snapshot = Snapshot {
             version,
             pools: HashMap::new(),
@@ -186,6 +206,7 @@ impl Balancer {
                 });
             }
             let policy = policy::for_balance(pool.balance, &backends);
+            let health_check = pool.health_check.as_ref().map(|c| c.value.clone());
             snapshot.pools.insert(
                 pool_name.clone(),
                 Arc::new(Pool {
@@ -193,6 +214,11 @@ impl Balancer {
                     balance: pool.balance,
                     connect_timeout: pool.connect_timeout.value.get(),
                     retries: pool.retries,
+                    on_down: pool.on_down,
+                    passive_hold: pool.passive_hold.value.get(),
+                    probe_tls: probe_tls(pool_name, health_check.as_ref())?,
+                    backend_tls: backend_tls(pool_name, pool)?,
+                    health_check,
                     backends,
                     policy,
                 }),
@@ -203,11 +229,20 @@ impl Balancer {
         }
         self.start_resolvers(to_resolve);
         publish_backend_gauges(&self.current.load(), &snapshot);
+        let pools: Vec<Arc<Pool>> = snapshot.pools.values().cloned().collect();
         self.current.store(Arc::new(snapshot));
         if let Ok(mut states) = self.states.lock() {
             *states = keep;
         }
+        if let Ok(mut probes) = self.probes.lock() {
+            let stop = CancellationToken::new();
+            if let Some(old) = probes.replace(stop.clone()) {
+                old.cancel();
+            }
+            health::start_probes(&pools, &stop);
+        }
         metrics::gauge!(m::CONFIG_VERSION).set(version as f64);
+        Ok(())
     }
 
     fn state_for(&self, key: &(String, String, String), probed: bool) -> Arc<BackendState> {
@@ -251,6 +286,42 @@ impl Balancer {
             }
         });
     }
+}
+
+fn probe_tls(
+    pool: &str,
+    check: Option<&HealthCheck>,
+) -> Result<Option<Arc<Reloading<ClientConfig>>>, String> {
+    let Some(check) = check.filter(|c| c.kind != schema::CheckKind::Tcp) else {
+        return Ok(None);
+    };
+    let settings = check.tls.clone();
+    let files = settings
+        .as_ref()
+        .map(tls::files_of_backend)
+        .unwrap_or_default();
+    let build = move || tls::client_config(settings.as_ref(), false);
+    Reloading::new(format!("pools.{pool}.health_check.tls"), files, build)
+        .map(|r| Some(Arc::new(r)))
+        .map_err(|e| format!("pools.{pool}.health_check.tls: {e}"))
+}
+
+fn backend_tls(pool_name: &str, pool: &schema::Pool) -> Result<Option<BackendTlsContext>, String> {
+    let Some(settings) = pool.backend_tls.as_ref().map(|t| t.value.clone()) else {
+        return Ok(None);
+    };
+    let for_build = settings.clone();
+    let build = move || tls::client_config(Some(&for_build), true);
+    let config = Reloading::new(
+        format!("pools.{pool_name}.backend_tls"),
+        tls::files_of_backend(&settings),
+        build,
+    )
+    .map_err(|e| format!("pools.{pool_name}.backend_tls: {e}"))?;
+    Ok(Some(BackendTlsContext {
+        settings,
+        config: Arc::new(config),
+    }))
 }
 
 /// Resolves `address`; on failure the backend keeps its last addresses (logged).

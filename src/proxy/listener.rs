@@ -15,30 +15,58 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio_rustls::client::TlsStream as ClientTlsStream;
+use tokio_rustls::rustls::ServerConfig;
+use tokio_rustls::rustls::server::Acceptor;
+use tokio_rustls::server::TlsStream as ServerTlsStream;
+use tokio_rustls::{LazyConfigAcceptor, TlsConnector};
+
+use super::proxy_protocol;
 use super::relay::{self, Meters, RelayEnd};
 use crate::balancer::{Backend, Balancer, Pool};
-use crate::config::schema;
+use crate::config::schema::{self, ProxyProtocol, TlsMode};
+use crate::config::types::HostPort;
+use crate::health;
 use crate::metrics as m;
+use crate::tls::{self, Reloading};
 
 /// Kernel accept backlog; new connections are accepted at once, even past max_connections.
 const BACKLOG: i32 = 4096;
 
 /// A listener's settings that a reload may change without rebinding.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone)]
 pub struct Settings {
     pub pool: String,
     pub max_connections: u32,
     pub idle_timeout: Duration,
+    pub proxy_protocol: ProxyProtocol,
+    /// `tls: terminate`: the server config, reloaded when its files change.
+    pub terminate: Option<Arc<Reloading<ServerConfig>>>,
 }
 
 impl Settings {
-    pub fn from_config(l: &schema::Listener) -> Self {
-        Settings {
+    /// Fails when `terminate:` names certificate files that do not load.
+    pub fn from_config(name: &str, l: &schema::Listener) -> Result<Self, String> {
+        let terminate = match (&l.tls.value, &l.terminate) {
+            (TlsMode::Terminate, Some(t)) => {
+                let t = t.value.clone();
+                let files = tls::files_of_terminate(&t);
+                let build = move || tls::server_config(&t, &[]);
+                let reloading = Reloading::new(format!("listeners.{name}.terminate"), files, build)
+                    .map_err(|e| format!("listeners.{name}.terminate: {e}"))?;
+                Some(Arc::new(reloading))
+            }
+            _ => None,
+        };
+        Ok(Settings {
             pool: l.pool.value.clone(),
             // Filled in by config loading; the fallback is never used.
             max_connections: l.max_connections.as_ref().map_or(u32::MAX, |m| m.value),
             idle_timeout: l.idle_timeout.value.get(),
-        }
+            proxy_protocol: l.proxy_protocol.value,
+            terminate,
+        })
     }
 }
 
@@ -219,8 +247,26 @@ struct Connection {
     _slot: Slot,
 }
 
+/// The backend side of a proxied connection.
+enum Upstream {
+    Plain(TcpStream),
+    Tls(Box<ClientTlsStream<TcpStream>>),
+}
+
+/// A connected backend: its slot (for least_connections), stream and meters.
+struct Connected<'p> {
+    pool: &'p Pool,
+    index: usize,
+    _slot: BackendSlot<'p>,
+    upstream: Upstream,
+    meters: Arc<ConnMeters>,
+}
+
+/// Time allowed for a client's TLS handshake on a terminating listener.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
 impl Connection {
-    async fn serve(self, mut client: TcpStream, peer: SocketAddr) {
+    async fn serve(self, client: TcpStream, peer: SocketAddr) {
         tune(&client);
         let snapshot = self.shared.balancer.snapshot();
         let Some(pool) = snapshot.pools.get(&self.settings.pool) else {
@@ -230,30 +276,28 @@ impl Connection {
             tracing::warn!(listener = %self.listener, pool = %self.settings.pool, "pool does not exist; closing the connection");
             return;
         };
-        let Some((backend, mut upstream, meters)) = self.connect(pool, peer).await else {
-            return;
-        };
-        let _slot = backend;
-        meters.active.increment(1.0);
-        let end = relay::relay(
-            &mut client,
-            &mut upstream,
-            self.settings.idle_timeout,
-            &self.shared.hard_stop,
-            Meters {
-                to_backend: &meters.to_backend,
-                to_client: &meters.to_client,
+        let local = client.local_addr().unwrap_or(peer);
+        let end = match &self.settings.terminate {
+            None => match self.connect(pool, peer, local, &[]).await {
+                Some(conn) => self.relay(client, conn).await,
+                None => return,
             },
-        )
-        .await;
-        meters.active.decrement(1.0);
+            Some(server) => match self.terminate(client, pool, peer, local, server).await {
+                Ok(Some(end)) => end,
+                Ok(None) => return,
+                Err(e) => {
+                    tracing::debug!(listener = %self.listener, %peer, error = %e, "client TLS handshake failed");
+                    return;
+                }
+            },
+        };
         match end {
             RelayEnd::Closed => {}
             RelayEnd::Idle => {
                 tracing::debug!(listener = %self.listener, %peer, "idle_timeout: closing")
             }
             RelayEnd::Stopped => {
-                tracing::debug!(listener = %self.listener, %peer, "closed by shutdown")
+                tracing::debug!(listener = %self.listener, %peer, "closed by shutdown or on_down: close")
             }
             RelayEnd::Error(e) => {
                 tracing::debug!(listener = %self.listener, %peer, error = %e, "connection ended")
@@ -261,33 +305,119 @@ impl Connection {
         }
     }
 
+    /// `tls: terminate`: read the ClientHello, connect to a backend offering the
+    /// client's ALPN protocols (when re-encrypting), then finish the client's handshake
+    /// with the protocol the backend chose, so h2 stays h2 end to end.
+    async fn terminate(
+        &self,
+        client: TcpStream,
+        pool: &Pool,
+        peer: SocketAddr,
+        local: SocketAddr,
+        server: &Reloading<ServerConfig>,
+    ) -> io::Result<Option<RelayEnd>> {
+        let accept = LazyConfigAcceptor::new(Acceptor::default(), client);
+        let start = tokio::time::timeout(HANDSHAKE_TIMEOUT, accept)
+            .await
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out"))??;
+        let offered: Vec<Vec<u8>> = start
+            .client_hello()
+            .alpn()
+            .map(|it| it.map(<[u8]>::to_vec).collect())
+            .unwrap_or_default();
+        let Some(conn) = self.connect(pool, peer, local, &offered).await else {
+            return Ok(None);
+        };
+        let mut config = (*server.get()).clone();
+        config.alpn_protocols = match &conn.upstream {
+            Upstream::Tls(tls) => tls
+                .get_ref()
+                .1
+                .alpn_protocol()
+                .map(|p| vec![p.to_vec()])
+                .unwrap_or_default(),
+            Upstream::Plain(_) => Vec::new(),
+        };
+        let client = tokio::time::timeout(HANDSHAKE_TIMEOUT, start.into_stream(Arc::new(config)))
+            .await
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out"))??;
+        Ok(Some(self.relay(client, conn).await))
+    }
+
+    async fn relay<C>(&self, client: C, conn: Connected<'_>) -> RelayEnd
+    where
+        C: ClientSide,
+    {
+        let backend = &conn.pool.backends[conn.index];
+        let down = backend.state.down_token();
+        let meters = &conn.meters;
+        meters.active.increment(1.0);
+        let io = Meters {
+            to_backend: &meters.to_backend,
+            to_client: &meters.to_client,
+        };
+        let idle = self.settings.idle_timeout;
+        let stop = &self.shared.hard_stop;
+        let relayed = async {
+            match conn.upstream {
+                Upstream::Plain(upstream) => client.relay_to(upstream, idle, stop, io).await,
+                Upstream::Tls(upstream) => relay::relay_io(client, *upstream, idle, stop, io).await,
+            }
+        };
+        let end = tokio::select! {
+            end = relayed => end,
+            () = down.cancelled() => RelayEnd::Stopped,
+        };
+        meters.active.decrement(1.0);
+        end
+    }
+
     /// Connects to a backend, retrying connect failures on other backends.
     async fn connect<'p>(
         &self,
         pool: &'p Pool,
         peer: SocketAddr,
-    ) -> Option<(BackendSlot<'p>, TcpStream, Arc<ConnMeters>)> {
+        local: SocketAddr,
+        alpn: &[Vec<u8>],
+    ) -> Option<Connected<'p>> {
         let mut tried = Vec::new();
         while tried.len() <= pool.retries as usize {
-            let Some(i) = pool.pick(peer.ip(), &tried) else {
+            let Some(index) = pool.pick(peer.ip(), &tried) else {
                 break;
             };
-            tried.push(i);
-            let backend = &pool.backends[i];
+            tried.push(index);
+            let backend = &pool.backends[index];
             let slot = BackendSlot::take(backend);
             let meters = self.meters.get(&self.listener, &pool.name, &backend.name);
             let started = Instant::now();
-            match connect_backend(backend, pool.connect_timeout).await {
+            match connect_backend(
+                pool,
+                backend,
+                self.settings.proxy_protocol,
+                peer,
+                local,
+                alpn,
+            )
+            .await
+            {
                 Ok(upstream) => {
                     meters
                         .connect_duration
                         .record(started.elapsed().as_secs_f64());
                     meters.ok.increment(1);
-                    return Some((slot, upstream, meters));
+                    health::passive_success(backend);
+                    return Some(Connected {
+                        pool,
+                        index,
+                        _slot: slot,
+                        upstream,
+                        meters,
+                    });
                 }
                 Err(e) => {
                     meters.connect_failed.increment(1);
                     tracing::warn!(listener = %self.listener, pool = %pool.name, backend = %backend.name, error = %e, "connect to backend failed");
+                    health::passive_failure(pool, index);
                 }
             }
         }
@@ -295,26 +425,88 @@ impl Connection {
             self.meters
                 .none(&self.listener, &pool.name, "no_backend")
                 .increment(1);
-            tracing::warn!(listener = %self.listener, pool = %pool.name, "no backend is up; closing the connection");
+            tracing::debug!(listener = %self.listener, pool = %pool.name, "no backend is up; closing the connection");
         }
         None
     }
 }
 
-async fn connect_backend(backend: &Backend, timeout: Duration) -> io::Result<TcpStream> {
+/// The client side of a relay: plain TCP gets the buffer-free relay, TLS the generic one.
+trait ClientSide: AsyncRead + AsyncWrite + Unpin + Send {
+    async fn relay_to(
+        self,
+        upstream: TcpStream,
+        idle: Duration,
+        stop: &CancellationToken,
+        meters: Meters<'_>,
+    ) -> RelayEnd;
+}
+
+impl ClientSide for TcpStream {
+    async fn relay_to(
+        mut self,
+        mut upstream: TcpStream,
+        idle: Duration,
+        stop: &CancellationToken,
+        meters: Meters<'_>,
+    ) -> RelayEnd {
+        relay::relay(&mut self, &mut upstream, idle, stop, meters).await
+    }
+}
+
+impl ClientSide for ServerTlsStream<TcpStream> {
+    async fn relay_to(
+        self,
+        upstream: TcpStream,
+        idle: Duration,
+        stop: &CancellationToken,
+        meters: Meters<'_>,
+    ) -> RelayEnd {
+        relay::relay_io(self, upstream, idle, stop, meters).await
+    }
+}
+
+/// TCP connect within the pool's connect_timeout, the PROXY header, then TLS when
+/// the pool re-encrypts. Any failure counts as a connect failure (and is retried).
+async fn connect_backend(
+    pool: &Pool,
+    backend: &Backend,
+    proxy_protocol: ProxyProtocol,
+    peer: SocketAddr,
+    local: SocketAddr,
+    alpn: &[Vec<u8>],
+) -> io::Result<Upstream> {
     let addr = backend.connect_addr().ok_or_else(|| {
         io::Error::new(io::ErrorKind::NotFound, "backend has no resolved address")
     })?;
-    let stream = tokio::time::timeout(timeout, TcpStream::connect(addr))
-        .await
-        .map_err(|_| {
-            io::Error::new(
-                io::ErrorKind::TimedOut,
-                format!("connect to {addr} timed out after {timeout:?}"),
-            )
-        })??;
-    tune(&stream);
-    Ok(stream)
+    let timeout = pool.connect_timeout;
+    let connect = async {
+        let mut stream = TcpStream::connect(addr).await?;
+        tune(&stream);
+        if let Some(header) = proxy_protocol::header(proxy_protocol, peer, local)? {
+            stream.write_all(&header).await?;
+        }
+        let Some(tls) = &pool.backend_tls else {
+            return Ok(Upstream::Plain(stream));
+        };
+        let host = match &backend.address {
+            HostPort::Ip(a) => a.ip().to_string(),
+            HostPort::Name(h, _) => h.clone(),
+        };
+        let name = crate::tls::server_name(Some(&tls.settings), &host).map_err(io::Error::other)?;
+        let mut config = (*tls.config.get()).clone();
+        config.alpn_protocols = alpn.to_vec();
+        let stream = TlsConnector::from(Arc::new(config))
+            .connect(name, stream)
+            .await?;
+        Ok(Upstream::Tls(Box::new(stream)))
+    };
+    tokio::time::timeout(timeout, connect).await.map_err(|_| {
+        io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("connect to {addr} timed out after {timeout:?}"),
+        )
+    })?
 }
 
 /// TCP_NODELAY and keepalive on both sides of every proxied connection.
@@ -337,9 +529,12 @@ struct ConnMeters {
     connect_duration: Histogram,
 }
 
+/// (pool, backend).
+type PoolBackend = (Arc<str>, Arc<str>);
+
 #[derive(Default)]
 struct MeterCache {
-    by_backend: Mutex<HashMap<(Arc<str>, Arc<str>), Arc<ConnMeters>>>,
+    by_backend: Mutex<HashMap<PoolBackend, Arc<ConnMeters>>>,
 }
 
 impl MeterCache {

@@ -1,4 +1,5 @@
 //! The data path: listeners accept, pick a backend, and relay bytes untouched.
 
 pub mod listener;
+pub mod proxy_protocol;
 pub mod relay;

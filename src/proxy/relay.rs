@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use metrics::Counter;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{ReadHalf, WriteHalf};
 use tokio::time::Instant;
@@ -64,6 +64,67 @@ pub async fn relay(
         },
         () = idle(&last_activity, idle_timeout) => RelayEnd::Idle,
         () = stop.cancelled() => RelayEnd::Stopped,
+    }
+}
+
+/// The same for streams that are not plain TCP (TLS on either side): each direction
+/// owns a buffer, since TLS keeps its own record buffers anyway.
+pub async fn relay_io<A, B>(
+    client: A,
+    backend: B,
+    idle_timeout: Duration,
+    stop: &CancellationToken,
+    meters: Meters<'_>,
+) -> RelayEnd
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    let last_activity = Activity::new();
+    let (client_read, client_write) = tokio::io::split(client);
+    let (backend_read, backend_write) = tokio::io::split(backend);
+    let both = async {
+        tokio::try_join!(
+            pump_io(
+                client_read,
+                backend_write,
+                &last_activity,
+                meters.to_backend
+            ),
+            pump_io(backend_read, client_write, &last_activity, meters.to_client),
+        )
+    };
+    tokio::select! {
+        result = both => match result {
+            Ok(_) => RelayEnd::Closed,
+            Err(e) => RelayEnd::Error(e),
+        },
+        () = idle(&last_activity, idle_timeout) => RelayEnd::Idle,
+        () = stop.cancelled() => RelayEnd::Stopped,
+    }
+}
+
+async fn pump_io<R, W>(
+    mut from: R,
+    mut to: W,
+    last_activity: &Activity,
+    bytes: &Counter,
+) -> io::Result<()>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut buf = vec![0u8; BUFFER_SIZE / 2];
+    loop {
+        let n = from.read(&mut buf).await?;
+        if n == 0 {
+            to.shutdown().await?;
+            return Ok(());
+        }
+        last_activity.touch();
+        to.write_all(&buf[..n]).await?;
+        to.flush().await?;
+        bytes.increment(n as u64);
     }
 }
 

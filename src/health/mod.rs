@@ -1,0 +1,206 @@
+//! Health checking: active probes (tcp, tls, https) per backend with rise/fall
+//! hysteresis, and passive checks from connect failures on the data path.
+//! A flip is logged once, published as `backend_up`, and takes effect at once:
+//! the proxy reads health from the backend's state on every pick.
+
+pub mod probe;
+pub mod state;
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+pub use state::{CheckRecord, Detail, Health, Hysteresis};
+
+use crate::balancer::{Backend, Pool};
+use crate::config::schema::OnDown;
+use crate::metrics as m;
+use probe::Outcome;
+
+/// Consecutive data-path connect failures that mark a backend down when the pool has no `fall`.
+pub const DEFAULT_FALL: u32 = 3;
+
+/// Starts one probe task per backend of every pool that has `health_check`;
+/// they stop when `stop` is cancelled (the next config replaces them).
+pub fn start_probes(pools: &[Arc<Pool>], stop: &CancellationToken) {
+    for pool in pools {
+        if pool.health_check.is_none() {
+            continue;
+        }
+        for index in 0..pool.backends.len() {
+            tokio::spawn(probe_loop(pool.clone(), index, stop.clone()));
+        }
+    }
+}
+
+async fn probe_loop(pool: Arc<Pool>, index: usize, stop: CancellationToken) {
+    let Some(check) = pool.health_check.clone() else {
+        return;
+    };
+    let interval = check.interval.value.get();
+    // Spread the first probes over one interval so replicas and backends do not probe in lockstep.
+    let mut wait = interval.mul_f64(fastrand::f64());
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(wait) => {}
+        }
+        let backend = &pool.backends[index];
+        let started = Instant::now();
+        let outcome = probe::run(&pool, backend, &check).await;
+        record_probe(&pool, index, outcome, started.elapsed());
+        // ±10% jitter keeps the probes apart over time.
+        wait = interval.mul_f64(0.9 + 0.2 * fastrand::f64());
+    }
+}
+
+/// Applies one probe result: counters, last check, and a flip when rise/fall is reached.
+pub fn record_probe(pool: &Pool, index: usize, outcome: Outcome, latency: Duration) {
+    let backend = &pool.backends[index];
+    let Some(check) = &pool.health_check else {
+        return;
+    };
+    let result = match outcome {
+        Outcome::Ok => "ok",
+        Outcome::Fail(_) => "fail",
+        Outcome::Timeout => "timeout",
+    };
+    metrics::counter!(m::HEALTH_CHECKS_TOTAL, "pool" => pool.name.to_string(), "backend" => backend.name.to_string(), "result" => result)
+        .increment(1);
+    let ok = matches!(outcome, Outcome::Ok);
+    let flip = {
+        let Ok(mut detail) = backend.state.detail.lock() else {
+            return;
+        };
+        detail.last_check = Some(CheckRecord {
+            ok,
+            latency,
+            at: SystemTime::now(),
+            error: match &outcome {
+                Outcome::Ok => None,
+                Outcome::Fail(why) => Some(why.clone()),
+                Outcome::Timeout => Some(format!("no answer within {}", check.timeout.value)),
+            },
+        });
+        detail.probes.record(
+            backend.state.health(),
+            ok,
+            check.rise.value,
+            check.fall.value,
+        )
+    };
+    if let Some(to) = flip {
+        let why = match &outcome {
+            Outcome::Ok => format!("{} consecutive probes passed", check.rise.value),
+            Outcome::Fail(e) => {
+                format!("{} consecutive probes failed, last: {e}", check.fall.value)
+            }
+            Outcome::Timeout => format!(
+                "{} consecutive probes failed, last: timeout",
+                check.fall.value
+            ),
+        };
+        set_health(pool, index, to, &why);
+    }
+}
+
+/// A connect failure on the data path: `fall` in a row mark the backend down at once.
+pub fn passive_failure(pool: &Pool, index: usize) {
+    let backend = &pool.backends[index];
+    let fall = pool
+        .health_check
+        .as_ref()
+        .map_or(DEFAULT_FALL, |c| c.fall.value);
+    let failures = match backend.state.detail.lock() {
+        Ok(mut detail) => {
+            detail.passive_failures = detail.passive_failures.saturating_add(1);
+            detail.passive_failures
+        }
+        Err(_) => return,
+    };
+    if failures >= fall && backend.state.health() != Health::Down {
+        set_health(
+            pool,
+            index,
+            Health::Down,
+            &format!("{failures} consecutive connect failures on the data path"),
+        );
+    }
+}
+
+/// A successful connect on the data path.
+pub fn passive_success(backend: &Backend) {
+    if let Ok(mut detail) = backend.state.detail.lock() {
+        detail.passive_failures = 0;
+    }
+}
+
+/// Flips a backend's health: logged once, metric updated, and the consequences:
+/// `on_down: close` closes its connections, and without probes a backend marked
+/// down by passive checks is tried again after `passive_hold`.
+pub fn set_health(pool: &Pool, index: usize, to: Health, why: &str) {
+    let backend = &pool.backends[index];
+    let from = backend.state.health();
+    if from == to {
+        return;
+    }
+    let generation = match backend.state.detail.lock() {
+        Ok(mut detail) => {
+            detail.flips += 1;
+            detail.last_flip = Some(SystemTime::now());
+            detail.passive_failures = 0;
+            if to == Health::Down {
+                detail.probes.ok_run = 0;
+            }
+            detail.flips
+        }
+        Err(_) => return,
+    };
+    backend.state.set_health(to);
+    metrics::gauge!(m::BACKEND_UP, "pool" => pool.name.to_string(), "backend" => backend.name.to_string())
+        .set(if to == Health::Up { 1.0 } else { 0.0 });
+    match to {
+        Health::Up => {
+            tracing::info!(pool = %pool.name, backend = %backend.name, from = from.as_str(), "backend is up: {why}")
+        }
+        _ => {
+            tracing::warn!(pool = %pool.name, backend = %backend.name, from = from.as_str(), to = to.as_str(), "backend is down: {why}")
+        }
+    }
+    if to != Health::Up {
+        if pool.on_down == OnDown::Close {
+            backend.state.close_connections();
+        }
+        if !pool.backends.iter().any(Backend::takes_new_connections) {
+            tracing::warn!(pool = %pool.name, "no backend of the pool is up: new connections are closed at once");
+        }
+        if pool.health_check.is_none() {
+            retry_after_hold(pool, index, generation);
+        }
+    }
+}
+
+/// Without probes, nothing else would bring a passively failed backend back.
+fn retry_after_hold(pool: &Pool, index: usize, generation: u64) {
+    let state = pool.backends[index].state.clone();
+    let (hold, pool_name, backend) = (
+        pool.passive_hold,
+        pool.name.clone(),
+        pool.backends[index].name.clone(),
+    );
+    tokio::spawn(async move {
+        tokio::time::sleep(hold).await;
+        let unchanged = state.detail.lock().is_ok_and(|d| d.flips == generation);
+        if unchanged && state.health() == Health::Down {
+            state.set_health(Health::Up);
+            if let Ok(mut d) = state.detail.lock() {
+                d.flips += 1;
+                d.last_flip = Some(SystemTime::now());
+            }
+            metrics::gauge!(m::BACKEND_UP, "pool" => pool_name.to_string(), "backend" => backend.to_string()).set(1.0);
+            tracing::info!(pool = %pool_name, %backend, "passive_hold is over: the backend takes new connections again");
+        }
+    });
+}

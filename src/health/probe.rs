@@ -1,0 +1,110 @@
+//! One probe of one backend: TCP connect, TLS handshake, or HTTPS GET (2xx only).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::Empty;
+use hyper::Request;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
+
+use crate::balancer::{Backend, Pool};
+use crate::config::schema::{CheckKind, HealthCheck};
+use crate::config::types::HostPort;
+
+#[derive(Debug)]
+pub enum Outcome {
+    Ok,
+    Fail(String),
+    Timeout,
+}
+
+/// Runs one probe within the check's `timeout`.
+pub async fn run(pool: &Pool, backend: &Backend, check: &HealthCheck) -> Outcome {
+    let Some(addr) = backend.connect_addr() else {
+        return Outcome::Fail("no resolved address".into());
+    };
+    match tokio::time::timeout(check.timeout.value.get(), probe(pool, backend, addr, check)).await {
+        Ok(Ok(())) => Outcome::Ok,
+        Ok(Err(e)) => Outcome::Fail(e),
+        Err(_) => Outcome::Timeout,
+    }
+}
+
+async fn probe(
+    pool: &Pool,
+    backend: &Backend,
+    addr: SocketAddr,
+    check: &HealthCheck,
+) -> Result<(), String> {
+    let tcp = TcpStream::connect(addr)
+        .await
+        .map_err(|e| format!("connect {addr}: {e}"))?;
+    let _ = tcp.set_nodelay(true);
+    match check.kind {
+        CheckKind::Tcp => Ok(()),
+        CheckKind::Tls => handshake(pool, backend, tcp).await.map(drop),
+        CheckKind::Https => {
+            let tls = handshake(pool, backend, tcp).await?;
+            get(tls, &check.path.value, &host_header(check, backend)).await
+        }
+    }
+}
+
+async fn handshake(
+    pool: &Pool,
+    backend: &Backend,
+    tcp: TcpStream,
+) -> Result<TlsStream<TcpStream>, String> {
+    let Some(config) = &pool.probe_tls else {
+        return Err("no TLS config for probes".into());
+    };
+    let host = match &backend.address {
+        HostPort::Ip(a) => a.ip().to_string(),
+        HostPort::Name(h, _) => h.clone(),
+    };
+    let tls_settings = pool.health_check.as_ref().and_then(|c| c.tls.as_ref());
+    let name = crate::tls::server_name(tls_settings, &host)?;
+    TlsConnector::from(Arc::clone(&config.get()))
+        .connect(name, tcp)
+        .await
+        .map_err(|e| format!("TLS handshake: {e}"))
+}
+
+fn host_header(check: &HealthCheck, backend: &Backend) -> String {
+    check
+        .tls
+        .as_ref()
+        .and_then(|t| t.server_name.clone())
+        .unwrap_or_else(|| backend.address.to_string())
+}
+
+/// `GET path`; healthy on 2xx only (kube-apiserver answers /readyz with 500 while it shuts down).
+async fn get(stream: TlsStream<TcpStream>, path: &str, host: &str) -> Result<(), String> {
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(TokioIo::new(stream))
+            .await
+            .map_err(|e| format!("HTTP: {e}"))?;
+    let driver = tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let request = Request::get(path)
+        .header(hyper::header::HOST, host)
+        .header(
+            hyper::header::USER_AGENT,
+            concat!("raftlb/", env!("CARGO_PKG_VERSION")),
+        )
+        .body(Empty::new())
+        .map_err(|e| format!("bad probe request: {e}"))?;
+    let result = sender.send_request(request).await;
+    driver.abort();
+    let status = result.map_err(|e| format!("HTTP: {e}"))?.status();
+    if status.is_success() {
+        Ok(())
+    } else {
+        Err(format!("GET {path}: HTTP {}", status.as_u16()))
+    }
+}

@@ -14,3 +14,14 @@ async fn proxies_to_a_backend() {
     );
     assert_eq!(which_backend(listen, None).await.unwrap(), "one");
 }
+
+#[test]
+fn test_pki_issues_usable_certificates() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = common::pki::Pki::new(dir.path(), "smoke");
+    let server = ca.server("server", &["kubernetes"]);
+    let client = ca.client("admin");
+    let _ = ca.server_config(&server, true, &[b"h2"]);
+    let _ = ca.client_config(Some(&client), &[b"h2"]);
+    assert!(std::fs::read_to_string(&server.cert).unwrap().contains("BEGIN CERTIFICATE"));
+}

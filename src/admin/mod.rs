@@ -17,6 +17,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::app::State;
+use crate::balancer::Backend;
 
 type Reply = Response<Full<Bytes>>;
 
@@ -150,22 +151,38 @@ fn backends(state: &State) -> Value {
             let backends: Vec<Value> = p
                 .backends
                 .iter()
-                .map(|b| {
-                    json!({
-                        "name": &*b.name,
-                        "address": b.address.to_string(),
-                        "weight": b.weight,
-                        "health": b.state.health().as_str(),
-                        "drained": b.drained,
-                        "active_connections": b.active(),
-                        "last_check": Value::Null,
-                    })
-                })
+                .map(backend_json)
                 .collect();
             json!({"name": &*p.name, "balance": p.balance, "backends": backends})
         })
         .collect();
     json!({"config_version": snapshot.version, "pools": pools})
+}
+
+fn backend_json(b: &Backend) -> Value {
+    let detail = b.state.detail.lock().map(|d| d.clone()).unwrap_or_default();
+    let last_check = detail.last_check.map(|c| {
+        json!({
+            "ok": c.ok,
+            "latency_ms": (c.latency.as_secs_f64() * 1e4).round() / 10.0,
+            "at": humantime::format_rfc3339_millis(c.at).to_string(),
+            "error": c.error,
+        })
+    });
+    json!({
+        "name": &*b.name,
+        "address": b.address.to_string(),
+        "resolved": b.state.addrs().iter().map(ToString::to_string).collect::<Vec<_>>(),
+        "weight": b.weight,
+        "health": b.state.health().as_str(),
+        "drained": b.drained,
+        "active_connections": b.active(),
+        "last_check": last_check,
+        "consecutive_ok": detail.probes.ok_run,
+        "consecutive_fail": detail.probes.fail_run,
+        "passive_failures": detail.passive_failures,
+        "last_flip": detail.last_flip.map(|t| humantime::format_rfc3339_millis(t).to_string()),
+    })
 }
 
 fn versioned(state: &State, body: Value) -> Reply {

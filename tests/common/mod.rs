@@ -1,6 +1,8 @@
 //! Test fixtures: real `raftlb` processes on loopback, real backends, tiny HTTP reads.
 #![allow(dead_code)]
 
+pub mod pki;
+
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener as StdListener, TcpStream as StdStream};
 use std::path::{Path, PathBuf};
@@ -67,12 +69,29 @@ impl Raftlb {
         listener_extra: &str,
         backends: &[(&str, SocketAddr)],
     ) -> String {
+        let weighted: Vec<(&str, SocketAddr, u32)> =
+            backends.iter().map(|&(name, addr)| (name, addr, 1)).collect();
+        Self::standalone_yaml_weighted(admin, listen, pool_extra, listener_extra, &weighted)
+    }
+
+    /// The same with a weight per backend (name, address, weight); weight 1 is left implicit.
+    pub fn standalone_yaml_weighted(
+        admin: SocketAddr,
+        listen: SocketAddr,
+        pool_extra: &str,
+        listener_extra: &str,
+        backends: &[(&str, SocketAddr, u32)],
+    ) -> String {
         let mut y = format!(
             "admin:\n  bind: {admin}\nruntime:\n  worker_threads: 2\n  shutdown_grace: 10s\nlisteners:\n  front:\n    bind: {listen}\n    pool: web\n{listener_extra}pools:\n  web:\n{pool_extra}    backends:\n"
         );
-        for (name, addr) in backends {
+        for (name, addr, weight) in backends {
+            let weight = match weight {
+                1 => String::new(),
+                w => format!(", weight: {w}"),
+            };
             y.push_str(&format!(
-                "      - {{ name: {name}, address: \"{addr}\" }}\n"
+                "      - {{ name: {name}, address: \"{addr}\"{weight} }}\n"
             ));
         }
         y

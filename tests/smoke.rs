@@ -23,5 +23,9 @@ fn test_pki_issues_usable_certificates() {
     let client = ca.client("admin");
     let _ = ca.server_config(&server, true, &[b"h2"]);
     let _ = ca.client_config(Some(&client), &[b"h2"]);
-    assert!(std::fs::read_to_string(&server.cert).unwrap().contains("BEGIN CERTIFICATE"));
+    assert!(
+        std::fs::read_to_string(&server.cert)
+            .unwrap()
+            .contains("BEGIN CERTIFICATE")
+    );
 }

@@ -148,11 +148,7 @@ fn backends(state: &State) -> Value {
     let pools: Vec<Value> = pools
         .iter()
         .map(|p| {
-            let backends: Vec<Value> = p
-                .backends
-                .iter()
-                .map(backend_json)
-                .collect();
+            let backends: Vec<Value> = p.backends.iter().map(backend_json).collect();
             json!({"name": &*p.name, "balance": p.balance, "backends": backends})
         })
         .collect();

@@ -69,8 +69,10 @@ impl Raftlb {
         listener_extra: &str,
         backends: &[(&str, SocketAddr)],
     ) -> String {
-        let weighted: Vec<(&str, SocketAddr, u32)> =
-            backends.iter().map(|&(name, addr)| (name, addr, 1)).collect();
+        let weighted: Vec<(&str, SocketAddr, u32)> = backends
+            .iter()
+            .map(|&(name, addr)| (name, addr, 1))
+            .collect();
         Self::standalone_yaml_weighted(admin, listen, pool_extra, listener_extra, &weighted)
     }
 

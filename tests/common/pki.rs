@@ -5,7 +5,10 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, SanType};
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    SanType,
+};
 use tokio_rustls::rustls::pki_types::pem::PemObject;
 use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio_rustls::rustls::server::WebPkiClientVerifier;
@@ -33,12 +36,18 @@ impl Pki {
     pub fn new(dir: &Path, name: &str) -> Pki {
         let mut params = CertificateParams::new(Vec::<String>::new()).expect("ca params");
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.distinguished_name.push(DnType::CommonName, format!("{name} test CA"));
+        params
+            .distinguished_name
+            .push(DnType::CommonName, format!("{name} test CA"));
         let key = KeyPair::generate().expect("ca key");
         let cert = params.self_signed(&key).expect("ca cert");
         let ca = dir.join(format!("{name}-ca.crt"));
         std::fs::write(&ca, cert.pem()).expect("write ca");
-        Pki { dir: dir.to_path_buf(), ca, issuer: Issuer::new(params, key) }
+        Pki {
+            dir: dir.to_path_buf(),
+            ca,
+            issuer: Issuer::new(params, key),
+        }
     }
 
     /// A server certificate for `localhost`, `127.0.0.1` and any extra DNS names.
@@ -46,8 +55,12 @@ impl Pki {
         let mut names = vec!["localhost".to_string()];
         names.extend(extra_names.iter().map(|n| n.to_string()));
         let mut params = CertificateParams::new(names).expect("server params");
-        params.subject_alt_names.push(SanType::IpAddress([127, 0, 0, 1].into()));
-        params.distinguished_name.push(DnType::CommonName, file_stem);
+        params
+            .subject_alt_names
+            .push(SanType::IpAddress([127, 0, 0, 1].into()));
+        params
+            .distinguished_name
+            .push(DnType::CommonName, file_stem);
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         self.issue(file_stem, params)
     }
@@ -55,7 +68,9 @@ impl Pki {
     /// A client certificate whose subject CN is `common_name`.
     pub fn client(&self, common_name: &str) -> CertFiles {
         let mut params = CertificateParams::new(Vec::<String>::new()).expect("client params");
-        params.distinguished_name.push(DnType::CommonName, common_name);
+        params
+            .distinguished_name
+            .push(DnType::CommonName, common_name);
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         self.issue(common_name, params)
     }
@@ -63,7 +78,10 @@ impl Pki {
     fn issue(&self, stem: &str, params: CertificateParams) -> CertFiles {
         let key = KeyPair::generate().expect("key");
         let cert = params.signed_by(&key, &self.issuer).expect("sign");
-        let files = CertFiles { cert: self.dir.join(format!("{stem}.crt")), key: self.dir.join(format!("{stem}.key")) };
+        let files = CertFiles {
+            cert: self.dir.join(format!("{stem}.crt")),
+            key: self.dir.join(format!("{stem}.key")),
+        };
         std::fs::write(&files.cert, cert.pem()).expect("write cert");
         std::fs::write(&files.key, key.serialize_pem()).expect("write key");
         files
@@ -78,15 +96,27 @@ impl Pki {
     }
 
     /// A server config; with `require_client_cert`, clients must present a cert from this CA.
-    pub fn server_config(&self, files: &CertFiles, require_client_cert: bool, alpn: &[&[u8]]) -> Arc<ServerConfig> {
-        let builder = ServerConfig::builder_with_provider(provider()).with_safe_default_protocol_versions().expect("versions");
+    pub fn server_config(
+        &self,
+        files: &CertFiles,
+        require_client_cert: bool,
+        alpn: &[&[u8]],
+    ) -> Arc<ServerConfig> {
+        let builder = ServerConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .expect("versions");
         let builder = if require_client_cert {
-            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(self.roots()), provider()).build().expect("verifier");
+            let verifier =
+                WebPkiClientVerifier::builder_with_provider(Arc::new(self.roots()), provider())
+                    .build()
+                    .expect("verifier");
             builder.with_client_cert_verifier(verifier)
         } else {
             builder.with_no_client_auth()
         };
-        let mut config = builder.with_single_cert(certs(&files.cert), key(&files.key)).expect("server cert");
+        let mut config = builder
+            .with_single_cert(certs(&files.cert), key(&files.key))
+            .expect("server cert");
         config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
         Arc::new(config)
     }
@@ -98,7 +128,9 @@ impl Pki {
             .expect("versions")
             .with_root_certificates(self.roots());
         let mut config = match client {
-            Some(c) => builder.with_client_auth_cert(certs(&c.cert), key(&c.key)).expect("client cert"),
+            Some(c) => builder
+                .with_client_auth_cert(certs(&c.cert), key(&c.key))
+                .expect("client cert"),
             None => builder.with_no_client_auth(),
         };
         config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
@@ -107,7 +139,10 @@ impl Pki {
 }
 
 pub fn certs(path: &Path) -> Vec<CertificateDer<'static>> {
-    CertificateDer::pem_file_iter(path).expect("read certs").collect::<Result<Vec<_>, _>>().expect("parse certs")
+    CertificateDer::pem_file_iter(path)
+        .expect("read certs")
+        .collect::<Result<Vec<_>, _>>()
+        .expect("parse certs")
 }
 
 pub fn key(path: &Path) -> PrivateKeyDer<'static> {

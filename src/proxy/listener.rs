@@ -282,7 +282,9 @@ impl Connection {
                 Some(conn) => self.relay(client, conn).await,
                 None => return,
             },
-            Some(server) => match self.terminate(client, pool, peer, local, server).await {
+            // Boxed: the TLS state is large, and plain connections should not carry its size.
+            Some(server) => match Box::pin(self.terminate(client, pool, peer, local, server)).await
+            {
                 Ok(Some(end)) => end,
                 Ok(None) => return,
                 Err(e) => {
@@ -361,7 +363,9 @@ impl Connection {
         let relayed = async {
             match conn.upstream {
                 Upstream::Plain(upstream) => client.relay_to(upstream, idle, stop, io).await,
-                Upstream::Tls(upstream) => relay::relay_io(client, *upstream, idle, stop, io).await,
+                Upstream::Tls(upstream) => {
+                    Box::pin(relay::relay_io(client, *upstream, idle, stop, io)).await
+                }
             }
         };
         let end = tokio::select! {
@@ -462,7 +466,7 @@ impl ClientSide for ServerTlsStream<TcpStream> {
         stop: &CancellationToken,
         meters: Meters<'_>,
     ) -> RelayEnd {
-        relay::relay_io(self, upstream, idle, stop, meters).await
+        Box::pin(relay::relay_io(self, upstream, idle, stop, meters)).await
     }
 }
 

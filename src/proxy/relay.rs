@@ -129,8 +129,9 @@ where
 }
 
 /// One direction: read until EOF, write everything, then half-close the writer.
+/// The buffer exists only between a wake-up and the next wait.
 async fn pump(
-    from: ReadHalf<'_>,
+    mut from: ReadHalf<'_>,
     mut to: WriteHalf<'_>,
     last_activity: &Activity,
     bytes: &Counter,
@@ -138,22 +139,16 @@ async fn pump(
     loop {
         from.readable().await?;
         let mut buf = Vec::with_capacity(BUFFER_SIZE);
-        loop {
-            buf.clear();
-            match from.try_read_buf(&mut buf) {
-                Ok(0) => {
-                    to.shutdown().await?;
-                    return Ok(());
-                }
-                Ok(n) => {
-                    last_activity.touch();
-                    to.write_all(&buf).await?;
-                    bytes.increment(n as u64);
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) => return Err(e),
-            }
+        // `read_buf` (unlike `try_read`) clears readiness after a short read, which
+        // saves the read() that would only return EAGAIN.
+        let n = from.read_buf(&mut buf).await?;
+        if n == 0 {
+            to.shutdown().await?;
+            return Ok(());
         }
+        last_activity.touch();
+        to.write_all(&buf).await?;
+        bytes.increment(n as u64);
     }
 }
 

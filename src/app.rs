@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
 use metrics_exporter_prometheus::PrometheusHandle;
-use tokio::signal::unix::{SignalKind, signal};
+use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -263,9 +263,20 @@ impl Server {
                 return ExitCode::from(e.exit_code());
             }
         }
+        // Handlers first: a SIGHUP or SIGTERM sent as soon as /readyz says 200 must not
+        // meet the default action, which kills the process.
+        let signals = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::hangup()),
+        );
+        let (Ok(term), Ok(int), Ok(hup)) = signals else {
+            tracing::error!("cannot install signal handlers");
+            return ExitCode::from(EXIT_RUNTIME);
+        };
         server.state.ready.store(true, Ordering::Relaxed);
         tracing::info!(node = %server.state.node_name, "raftlb is serving (standalone)");
-        server.serve_until_signal().await
+        server.serve_until_signal(term, int, hup).await
     }
 
     fn start_listener(
@@ -289,16 +300,12 @@ impl Server {
         Ok(())
     }
 
-    async fn serve_until_signal(mut self) -> ExitCode {
-        let signals = (
-            signal(SignalKind::terminate()),
-            signal(SignalKind::interrupt()),
-            signal(SignalKind::hangup()),
-        );
-        let (Ok(mut term), Ok(mut int), Ok(mut hup)) = signals else {
-            tracing::error!("cannot install signal handlers");
-            return ExitCode::from(EXIT_RUNTIME);
-        };
+    async fn serve_until_signal(
+        mut self,
+        mut term: Signal,
+        mut int: Signal,
+        mut hup: Signal,
+    ) -> ExitCode {
         loop {
             tokio::select! {
                 _ = term.recv() => break,
@@ -310,11 +317,7 @@ impl Server {
     }
 
     /// SIGTERM/SIGINT: stop accepting, drain up to shutdown_grace, exit 0; a second signal exits at once.
-    async fn shutdown(
-        self,
-        term: &mut tokio::signal::unix::Signal,
-        int: &mut tokio::signal::unix::Signal,
-    ) -> ExitCode {
+    async fn shutdown(self, term: &mut Signal, int: &mut Signal) -> ExitCode {
         self.state.ready.store(false, Ordering::Relaxed);
         for (_, l) in self.listeners.values() {
             l.stop();

@@ -70,6 +70,10 @@ fn describe() {
         BACKEND_DRAINED,
         "1 when the backend is drained by an operator."
     );
+    describe_counter!(
+        HEALTH_CHECKS_TOTAL,
+        "Active health probes by result: ok, fail or timeout."
+    );
     describe_gauge!(CONFIG_VERSION, "Version of the config this replica serves.");
     describe_counter!(
         CONFIG_RELOADS_TOTAL,

@@ -1,0 +1,455 @@
+//! The admin HTTP API (SPEC.md "Admin HTTP API", "Metrics"): endpoints, JSON shapes,
+//! ETag, token auth, and a `/metrics` text that `promtool check metrics` accepts.
+
+mod common;
+
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use base64::Engine as _;
+use common::*;
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::timeout;
+
+/// Runs a blocking fixture call without starving the worker that serves the backends.
+fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    tokio::task::block_in_place(f)
+}
+
+fn loopback() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], free_port()))
+}
+
+fn start(yaml: &str, admin: SocketAddr) -> Raftlb {
+    blocking(|| Raftlb::start(yaml, admin))
+}
+
+fn get(lb: &Raftlb, path: &str, headers: &[(&str, &str)]) -> HttpResponse {
+    blocking(|| http_response(lb.admin, "GET", path, headers, ""))
+        .unwrap_or_else(|e| panic!("GET {path}: {e}"))
+}
+
+fn json(response: &HttpResponse, what: &str) -> Value {
+    serde_json::from_str(&response.body)
+        .unwrap_or_else(|e| panic!("{what}: not JSON ({e}): {:?}", response.body))
+}
+
+fn keys(v: &Value) -> Vec<&str> {
+    let mut keys: Vec<&str> = v
+        .as_object()
+        .unwrap_or_else(|| panic!("not an object: {v}"))
+        .keys()
+        .map(String::as_str)
+        .collect();
+    keys.sort_unstable();
+    keys
+}
+
+/// Asserts `v` is an object holding at least `required` (fields may be added, never renamed).
+fn assert_has_keys(v: &Value, required: &[&str], what: &str) {
+    let present = keys(v);
+    for key in required {
+        assert!(
+            present.contains(key),
+            "{what}: no {key:?} in {present:?}: {v}"
+        );
+    }
+}
+
+async fn connect(addr: SocketAddr) -> TcpStream {
+    timeout(Duration::from_secs(5), TcpStream::connect(addr))
+        .await
+        .expect("connect timed out")
+        .expect("connect")
+}
+
+/// A connection through `listen` to an echo backend, proven by one round trip.
+async fn echoing_connection(listen: SocketAddr) -> TcpStream {
+    let mut s = connect(listen).await;
+    s.write_all(b"ping").await.expect("write");
+    let mut back = [0u8; 4];
+    timeout(Duration::from_secs(5), s.read_exact(&mut back))
+        .await
+        .expect("no echo within 5 s")
+        .expect("read echo");
+    assert_eq!(&back, b"ping");
+    s
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_readiness_unknown_paths_and_methods() {
+    raise_nofile();
+    let backend = echo_backend().await;
+    let (admin, listen) = (loopback(), loopback());
+    let lb = start(
+        &Raftlb::standalone_yaml(admin, listen, "", "", &[("echo", backend)]),
+        admin,
+    );
+
+    assert_eq!(get(&lb, "/healthz", &[]).status, 200);
+    assert_eq!(get(&lb, "/readyz", &[]).status, 200);
+
+    let missing = get(&lb, "/no/such/endpoint", &[]);
+    assert_eq!(missing.status, 404, "{missing:?}");
+    let body = json(&missing, "404 body");
+    assert!(
+        body["error"].as_str().is_some_and(|e| !e.is_empty()),
+        "404 body is not {{\"error\": \"...\"}}: {body}"
+    );
+
+    let post = blocking(|| http_response(admin, "POST", "/api/v1/status", &[], "{}"))
+        .expect("POST /api/v1/status");
+    assert_eq!(post.status, 405, "{post:?}");
+    assert!(
+        json(&post, "405 body")["error"].is_string(),
+        "405 body: {}",
+        post.body
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_has_the_documented_shape_and_an_etag() {
+    raise_nofile();
+    let backend = echo_backend().await;
+    let (admin, listen) = (loopback(), loopback());
+    let yaml = format!(
+        "node:\n  name: lb-test-7\n{}",
+        Raftlb::standalone_yaml(admin, listen, "", "", &[("echo", backend)])
+    );
+    let lb = start(&yaml, admin);
+
+    let response = get(&lb, "/api/v1/status", &[]);
+    assert_eq!(response.status, 200, "{response:?}");
+    assert!(
+        response
+            .header("content-type")
+            .is_some_and(|t| t.starts_with("application/json")),
+        "content-type: {:?}",
+        response.header("content-type")
+    );
+    let status = json(&response, "/api/v1/status");
+    assert_has_keys(
+        &status,
+        &["node", "role", "config_version", "cluster", "lease"],
+        "status",
+    );
+    assert_has_keys(&status["node"], &["name", "id", "version"], "status.node");
+    assert_eq!(status["node"]["name"], "lb-test-7");
+    assert!(
+        status["node"]["id"].is_null() || status["node"]["id"].is_u64(),
+        "node.id: {}",
+        status["node"]["id"]
+    );
+    assert_eq!(status["node"]["version"], env!("CARGO_PKG_VERSION"));
+    assert_eq!(status["role"], "active");
+    let version = status["config_version"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("config_version is not a number: {status}"));
+    assert!(version >= 1, "config_version {version}");
+    assert!(
+        status["cluster"].is_null(),
+        "cluster must be null standalone: {status}"
+    );
+    assert!(
+        status["lease"].is_null(),
+        "lease must be null standalone: {status}"
+    );
+    assert_eq!(
+        response.header("etag"),
+        Some(format!("\"{version}\"").as_str()),
+        "ETag of /api/v1/status"
+    );
+
+    let backends = get(&lb, "/api/v1/backends", &[]);
+    assert_eq!(backends.status, 200);
+    assert_eq!(
+        backends.header("etag"),
+        Some(format!("\"{version}\"").as_str()),
+        "ETag of /api/v1/backends"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backends_has_the_documented_shape_and_counts_connections() {
+    raise_nofile();
+    let a = echo_backend().await;
+    let b = echo_backend().await;
+    let (admin, listen) = (loopback(), loopback());
+    let yaml = format!(
+        "admin:\n  bind: {admin}\nlisteners:\n  front:\n    bind: {listen}\n    pool: web\n\
+         pools:\n  web:\n    balance: least_connections\n    backends:\n\
+         \x20     - {{ name: a, address: \"{a}\", weight: 3 }}\n\
+         \x20     - {{ name: b, address: \"{b}\", drained: true }}\n"
+    );
+    let lb = start(&yaml, admin);
+
+    let held = [
+        echoing_connection(listen).await,
+        echoing_connection(listen).await,
+    ];
+    let response = get(&lb, "/api/v1/backends", &[]);
+    assert_eq!(response.status, 200, "{response:?}");
+    let body = json(&response, "/api/v1/backends");
+    assert_has_keys(&body, &["config_version", "pools"], "backends");
+    assert!(body["config_version"].is_u64(), "{body}");
+    let pools = body["pools"].as_array().expect("pools is an array");
+    assert_eq!(pools.len(), 1, "{body}");
+    let pool = &pools[0];
+    assert_has_keys(pool, &["name", "balance", "backends"], "pool");
+    assert_eq!(pool["name"], "web");
+    assert_eq!(pool["balance"], "least_connections");
+    let list = pool["backends"].as_array().expect("backends is an array");
+    assert_eq!(list.len(), 2, "{pool}");
+    let required = [
+        "name",
+        "address",
+        "weight",
+        "health",
+        "drained",
+        "active_connections",
+    ];
+    for backend in list {
+        assert_has_keys(backend, &required, "backend");
+        assert_eq!(
+            backend["health"], "up",
+            "no probes: the backend counts as up"
+        );
+    }
+    let (ba, bb) = (&list[0], &list[1]);
+    assert_eq!(ba["name"], "a");
+    assert_eq!(ba["address"], a.to_string());
+    assert_eq!(ba["weight"], 3);
+    assert_eq!(ba["drained"], false);
+    assert_eq!(
+        ba["active_connections"], 2,
+        "two connections held open to a: {ba}"
+    );
+    assert_eq!(bb["name"], "b");
+    assert_eq!(bb["address"], b.to_string());
+    assert_eq!(bb["weight"], 1, "weight defaults to 1");
+    assert_eq!(bb["drained"], true);
+    assert_eq!(bb["active_connections"], 0, "b is drained: {bb}");
+
+    drop(held);
+    let released = blocking(|| {
+        eventually(Duration::from_secs(10), || {
+            http_get(admin, "/api/v1/backends")
+                .ok()
+                .and_then(|(_, body)| serde_json::from_str::<Value>(&body).ok())
+                .is_some_and(|v| v["pools"][0]["backends"][0]["active_connections"] == 0)
+        })
+    });
+    assert!(
+        released,
+        "active_connections did not return to 0 after the clients closed"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_guards_the_api_but_not_health_or_metrics() {
+    raise_nofile();
+    const TOKEN: &str = "s3cret-T0ken";
+    let backend = echo_backend().await;
+    let (admin, listen) = (loopback(), loopback());
+    let secrets = tempfile::tempdir().expect("tempdir");
+    let token_file = secrets.path().join("token");
+    std::fs::write(&token_file, format!("{TOKEN}\n")).expect("write token");
+    let yaml = Raftlb::standalone_yaml(admin, listen, "", "", &[("echo", backend)]).replacen(
+        "admin:\n",
+        &format!("admin:\n  token_file: {}\n", token_file.display()),
+        1,
+    );
+    let lb = start(&yaml, admin);
+
+    let bearer = format!("Bearer {TOKEN}");
+    let basic = |user_password: &str| {
+        format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(user_password)
+        )
+    };
+    let cases: Vec<(&str, Option<String>, u16)> = vec![
+        ("/api/v1/status", None, 401),
+        ("/api/v1/backends", None, 401),
+        ("/api/v1/status", Some(bearer.clone()), 200),
+        ("/api/v1/backends", Some(bearer), 200),
+        ("/api/v1/status", Some("Bearer wrong".into()), 401),
+        ("/api/v1/status", Some(format!("Bearer {TOKEN}x")), 401),
+        ("/api/v1/status", Some(basic(&format!("x:{TOKEN}"))), 200),
+        ("/api/v1/status", Some(basic("x:wrong")), 401),
+        ("/api/v1/status", Some(basic(TOKEN)), 401),
+        ("/api/v1/status", Some(TOKEN.to_string()), 401),
+        ("/metrics", None, 200),
+        ("/healthz", None, 200),
+        ("/readyz", None, 200),
+    ];
+    for (path, authorization, want) in cases {
+        let headers: Vec<(&str, &str)> = authorization
+            .as_deref()
+            .map(|a| vec![("Authorization", a)])
+            .unwrap_or_default();
+        let response = get(&lb, path, &headers);
+        assert_eq!(
+            response.status, want,
+            "GET {path} with Authorization {authorization:?}: {response:?}"
+        );
+        if want == 401 {
+            assert!(
+                json(&response, "401 body")["error"].is_string(),
+                "401 body: {}",
+                response.body
+            );
+        }
+    }
+    let status = json(
+        &get(
+            &lb,
+            "/api/v1/status",
+            &[("Authorization", &format!("Bearer {TOKEN}"))],
+        ),
+        "status",
+    );
+    assert_eq!(status["role"], "active");
+}
+
+/// Every data-path metric (SPEC.md "Metrics") that traffic below brings into being.
+const DATA_PATH_METRICS: &[&str] = &[
+    "raftlb_connections_total",
+    "raftlb_active_connections",
+    "raftlb_bytes_total",
+    "raftlb_connect_duration_seconds",
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_pass_promtool_after_traffic_of_every_kind() {
+    raise_nofile();
+    let good = echo_backend().await;
+    let dead = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let (admin, front, limited, empty) = (loopback(), loopback(), loopback(), loopback());
+    // front: round robin over a dead and a live backend (connect_failed, then ok);
+    // limited: max_connections 1 (rejected); empty: every backend drained (no_backend).
+    // `probed` brings the health-check series into being too.
+    let yaml = format!(
+        "admin:\n  bind: {admin}\nlisteners:\n\
+         \x20 front:\n    bind: {front}\n    pool: web\n\
+         \x20 limited:\n    bind: {limited}\n    pool: probed\n    max_connections: 1\n\
+         \x20 empty:\n    bind: {empty}\n    pool: drained\n\
+         pools:\n\
+         \x20 web:\n    balance: round_robin\n    retries: 1\n    passive_hold: 1h\n    backends:\n\
+         \x20     - {{ name: dead, address: \"{dead}\" }}\n\
+         \x20     - {{ name: good, address: \"{good}\" }}\n\
+         \x20 probed:\n    health_check: {{ kind: tcp, interval: 100ms, timeout: 1s, rise: 1, fall: 1 }}\n    backends:\n\
+         \x20     - {{ name: good, address: \"{good}\" }}\n\
+         \x20 drained:\n    backends:\n\
+         \x20     - {{ name: parked, address: \"{good}\", drained: true }}\n"
+    );
+    let lb = start(&yaml, admin);
+
+    // ok and connect_failed: round robin tries the dead backend for one of two clients.
+    for _ in 0..2 {
+        drop(echoing_connection(front).await);
+    }
+    // rejected: a second connection while the only slot is held.
+    let probed_up = blocking(|| {
+        eventually(Duration::from_secs(10), || {
+            lb.metrics().lines().any(|l| {
+                l.starts_with("raftlb_backend_up{")
+                    && l.contains("pool=\"probed\"")
+                    && l.ends_with(" 1")
+            })
+        })
+    });
+    assert!(probed_up, "pool probed never came up:\n{}", lb.metrics());
+    let held = echoing_connection(limited).await;
+    let mut extra = connect(limited).await;
+    let mut byte = [0u8; 1];
+    let closed = timeout(Duration::from_secs(5), extra.read(&mut byte)).await;
+    assert!(
+        matches!(closed, Ok(Ok(0) | Err(_))),
+        "the connection over max_connections was not closed: {closed:?}"
+    );
+    // no_backend: the only backend is drained.
+    let mut none = connect(empty).await;
+    let closed = timeout(Duration::from_secs(5), none.read(&mut byte)).await;
+    assert!(
+        matches!(closed, Ok(Ok(0) | Err(_))),
+        "a pool with no backend left the connection open: {closed:?}"
+    );
+
+    // A reload of the same file brings config_reloads_total into being.
+    blocking(|| lb.signal("HUP"));
+
+    let mut text = String::new();
+    let all_there = blocking(|| {
+        eventually(Duration::from_secs(10), || {
+            text = lb.metrics();
+            text.contains("raftlb_config_reloads_total{result=\"ok\"} 1")
+                && ["ok", "connect_failed", "no_backend", "rejected"]
+                    .iter()
+                    .all(|r| text.contains(&format!("result=\"{r}\"")))
+        })
+    });
+    assert!(all_there, "connections_total lacks some results:\n{text}");
+    for name in DATA_PATH_METRICS {
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with(&format!("# HELP {name} "))),
+            "no HELP line for {name}:\n{text}"
+        );
+        assert!(
+            text.lines().any(|l| l.starts_with(name)),
+            "no series of {name}:\n{text}"
+        );
+    }
+    for series in [
+        "raftlb_bytes_total{",
+        "raftlb_connect_duration_seconds_bucket{",
+        "raftlb_connect_duration_seconds_count{",
+        "raftlb_health_checks_total{",
+        "raftlb_backend_up{",
+    ] {
+        assert!(text.contains(series), "no {series}...}} series:\n{text}");
+    }
+    for direction in ["to_backend", "to_client"] {
+        assert!(
+            text.contains(&format!("direction=\"{direction}\"")),
+            "no bytes_total direction {direction}:\n{text}"
+        );
+    }
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("raftlb_active_connections{")
+                && l.contains("pool=\"probed\"")
+                && l.ends_with(" 1")),
+        "active_connections does not show the held connection:\n{text}"
+    );
+    drop(held);
+
+    let promtool = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn();
+    let mut promtool = promtool.unwrap_or_else(|e| {
+        panic!("cannot run promtool ({e}): install it (Debian/Ubuntu: apt-get install prometheus)")
+    });
+    promtool
+        .stdin
+        .take()
+        .expect("promtool stdin")
+        .write_all(text.as_bytes())
+        .expect("write to promtool");
+    let out = promtool.wait_with_output().expect("promtool");
+    assert!(
+        out.status.success(),
+        "promtool check metrics failed ({}):\n{}{}\n--- metrics ---\n{text}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -92,6 +92,14 @@ pub enum HostPort {
 }
 
 impl HostPort {
+    /// The host part: the IP as text, or the hostname (for TLS server names).
+    pub fn host(&self) -> String {
+        match self {
+            HostPort::Ip(a) => a.ip().to_string(),
+            HostPort::Name(h, _) => h.clone(),
+        }
+    }
+
     /// The literal socket address, if this is not a hostname.
     pub fn ip(&self) -> Option<SocketAddr> {
         match self {

@@ -13,7 +13,6 @@ use tokio_rustls::client::TlsStream;
 
 use crate::balancer::{Backend, Pool};
 use crate::config::schema::{CheckKind, HealthCheck};
-use crate::config::types::HostPort;
 
 #[derive(Debug)]
 pub enum Outcome {
@@ -62,10 +61,7 @@ async fn handshake(
     let Some(config) = &pool.probe_tls else {
         return Err("no TLS config for probes".into());
     };
-    let host = match &backend.address {
-        HostPort::Ip(a) => a.ip().to_string(),
-        HostPort::Name(h, _) => h.clone(),
-    };
+    let host = backend.address.host();
     let tls_settings = pool.health_check.as_ref().and_then(|c| c.tls.as_ref());
     let name = crate::tls::server_name(tls_settings, &host)?;
     TlsConnector::from(Arc::clone(&config.get()))

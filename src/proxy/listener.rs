@@ -26,7 +26,6 @@ use super::proxy_protocol;
 use super::relay::{self, Meters, RelayEnd};
 use crate::balancer::{Backend, Balancer, Pool};
 use crate::config::schema::{self, ProxyProtocol, TlsMode};
-use crate::config::types::HostPort;
 use crate::health;
 use crate::metrics as m;
 use crate::tls::{self, Reloading};
@@ -493,10 +492,7 @@ async fn connect_backend(
         let Some(tls) = &pool.backend_tls else {
             return Ok(Upstream::Plain(stream));
         };
-        let host = match &backend.address {
-            HostPort::Ip(a) => a.ip().to_string(),
-            HostPort::Name(h, _) => h.clone(),
-        };
+        let host = backend.address.host();
         let name = crate::tls::server_name(Some(&tls.settings), &host).map_err(io::Error::other)?;
         let mut config = (*tls.config.get()).clone();
         config.alpn_protocols = alpn.to_vec();

@@ -57,14 +57,7 @@ pub async fn relay(
             pump(backend_read, client_write, &last_activity, meters.to_client),
         )
     };
-    tokio::select! {
-        result = both => match result {
-            Ok(_) => RelayEnd::Closed,
-            Err(e) => RelayEnd::Error(e),
-        },
-        () = idle(&last_activity, idle_timeout) => RelayEnd::Idle,
-        () = stop.cancelled() => RelayEnd::Stopped,
-    }
+    until_done(both, &last_activity, idle_timeout, stop).await
 }
 
 /// The same for streams that are not plain TCP (TLS on either side): each direction
@@ -94,12 +87,22 @@ where
             pump_io(backend_read, client_write, &last_activity, meters.to_client),
         )
     };
+    until_done(both, &last_activity, idle_timeout, stop).await
+}
+
+/// Runs both directions until they finish, the connection idles out, or `stop`.
+async fn until_done(
+    both: impl Future<Output = io::Result<((), ())>>,
+    last_activity: &Activity,
+    idle_timeout: Duration,
+    stop: &CancellationToken,
+) -> RelayEnd {
     tokio::select! {
         result = both => match result {
             Ok(_) => RelayEnd::Closed,
             Err(e) => RelayEnd::Error(e),
         },
-        () = idle(&last_activity, idle_timeout) => RelayEnd::Idle,
+        () = idle(last_activity, idle_timeout) => RelayEnd::Idle,
         () = stop.cancelled() => RelayEnd::Stopped,
     }
 }

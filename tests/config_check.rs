@@ -1,0 +1,192 @@
+//! `raftlb check` over every fixture: valid files pass (and their printed effective
+//! config passes again), invalid files exit 2 with the message each one expects;
+//! the example configs in config/ pass; the CLI's exit codes.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::{check, raftlb_cmd};
+
+fn yaml_files(dir: &str) -> Vec<PathBuf> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join(dir);
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "yaml"))
+        .collect();
+    files.sort();
+    files
+}
+
+#[test]
+fn every_valid_fixture_passes_and_its_effective_config_round_trips() {
+    let files = yaml_files("tests/fixtures/valid");
+    assert!(
+        files.len() >= 8,
+        "expected at least 8 valid fixtures, found {}",
+        files.len()
+    );
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut failures = Vec::new();
+    for file in &files {
+        let (code, stdout, stderr) = check(file);
+        if code != 0 {
+            failures.push(format!("{}: exit {code}\n{stderr}", file.display()));
+            continue;
+        }
+        // The printed config has every default filled in; it must itself be valid.
+        let again = tmp.path().join(file.file_name().expect("file name"));
+        std::fs::write(&again, &stdout).expect("write effective config");
+        let (code2, stdout2, stderr2) = check(&again);
+        if code2 != 0 || stdout2 != stdout {
+            failures.push(format!(
+                "{}: the effective config does not round-trip (exit {code2})\n{stderr2}",
+                file.display()
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+}
+
+#[test]
+fn every_invalid_fixture_exits_2_and_names_the_problem() {
+    let files = yaml_files("tests/fixtures/invalid");
+    assert!(
+        files.len() >= 20,
+        "expected at least 20 invalid fixtures, found {}",
+        files.len()
+    );
+    let mut failures = Vec::new();
+    for file in &files {
+        let text = std::fs::read_to_string(file).expect("read fixture");
+        let expects: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("# expect: "))
+            .collect();
+        if expects.is_empty() {
+            failures.push(format!("{}: no `# expect:` line", file.display()));
+            continue;
+        }
+        let (code, stdout, stderr) = check(file);
+        if code != 2 {
+            failures.push(format!(
+                "{}: exit {code}, expected 2\n{stderr}",
+                file.display()
+            ));
+        }
+        if !stdout.is_empty() {
+            failures.push(format!(
+                "{}: printed a config for an invalid file",
+                file.display()
+            ));
+        }
+        for expect in expects {
+            if !stderr.contains(expect) {
+                failures.push(format!(
+                    "{}: message lacks {expect:?}:\n{stderr}",
+                    file.display()
+                ));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+}
+
+#[test]
+fn every_example_config_passes_check() {
+    let files = yaml_files("config");
+    assert!(files.len() >= 3, "config/ should hold the example configs");
+    for file in files {
+        let (code, _, stderr) = check(&file);
+        assert_eq!(code, 0, "{}: {stderr}", file.display());
+    }
+}
+
+#[test]
+fn check_prints_defaults_filled_in() {
+    let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/valid/minimal.yaml");
+    let (code, stdout, _) = check(&file);
+    assert_eq!(code, 0);
+    for default in [
+        "bind: 127.0.0.1:9090",
+        "shutdown_grace: 30s",
+        "balance: round_robin",
+        "idle_timeout: 1h",
+        "max_connections:",
+        "retries: 3",
+    ] {
+        assert!(
+            stdout.contains(default),
+            "effective config lacks {default:?}:\n{stdout}"
+        );
+    }
+}
+
+#[test]
+fn warnings_name_quorum_and_lease_margin_but_do_not_fail() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let four = tmp.path().join("four.yaml");
+    std::fs::write(
+        &four,
+        "cluster:\n  node_id: 1\n  bind: 127.0.0.1:7400\n  peers: { 1: 127.0.0.1:7400, 2: 127.0.0.1:7401, 3: 127.0.0.1:7402, 4: 127.0.0.1:7403 }\nlisteners:\n  a: { bind: 127.0.0.1:7001, pool: p }\npools:\n  p: { backends: [ { name: a, address: 127.0.0.1:8001 } ] }\n",
+    )
+    .expect("write");
+    let (code, _, stderr) = check(&four);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stderr.contains("warning:")
+            && stderr.contains("quorum is 3")
+            && stderr.contains("fault tolerance 1"),
+        "{stderr}"
+    );
+
+    let margin = tmp.path().join("margin.yaml");
+    std::fs::write(
+        &margin,
+        "leader_election: { lease_duration: 10s, renew_deadline: 9s, retry_period: 1s }\nlisteners:\n  a: { bind: 127.0.0.1:7001, pool: p }\npools:\n  p: { backends: [ { name: a, address: 127.0.0.1:8001 } ] }\n",
+    )
+    .expect("write");
+    let (code, _, stderr) = check(&margin);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stderr.contains("under 20% of the lease"), "{stderr}");
+}
+
+#[test]
+fn cli_exit_codes() {
+    let (code, stdout, _) = raftlb_cmd(&["--help"]);
+    assert_eq!(code, 0);
+    assert!(
+        stdout.contains("check") && stdout.contains("run"),
+        "{stdout}"
+    );
+    let (code, stdout, _) = raftlb_cmd(&["--version"]);
+    assert_eq!(code, 0);
+    assert!(stdout.contains(env!("CARGO_PKG_VERSION")), "{stdout}");
+
+    let (code, _, stderr) = raftlb_cmd(&["check", "--config", "/nonexistent/raftlb.yaml"]);
+    assert_eq!(code, 2);
+    assert!(stderr.contains("/nonexistent/raftlb.yaml"), "{stderr}");
+    let (code, _, _) = raftlb_cmd(&["frobnicate"]);
+    assert_eq!(code, 2, "unknown subcommand is a usage error");
+    let (code, _, _) = raftlb_cmd(&["run", "--no-such-flag"]);
+    assert_eq!(code, 2, "unknown flag is a usage error");
+}
+
+#[test]
+fn run_refuses_an_invalid_config_and_unsupported_sections() {
+    let invalid = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/invalid/listener_pool_missing.yaml");
+    let (code, _, stderr) = raftlb_cmd(&["run", "--config", invalid.to_str().expect("utf-8")]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("does not exist"), "{stderr}");
+
+    let cluster =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/valid/cluster_three_peers.yaml");
+    let (code, _, stderr) = raftlb_cmd(&["run", "--config", cluster.to_str().expect("utf-8")]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(
+        stderr.contains("not supported by this build yet") && stderr.contains("cluster"),
+        "{stderr}"
+    );
+}

@@ -1,0 +1,30 @@
+# syntax=docker/dockerfile:1
+# Multi-stage build: compile in the Rust image, run in slim Debian as a non-root user.
+FROM rust:1.95-bookworm AS builder
+WORKDIR /src
+# Dependencies first, in their own layer: a source change does not rebuild them.
+COPY Cargo.toml Cargo.lock ./
+RUN mkdir src && echo 'fn main() {}' > src/main.rs && touch src/lib.rs \
+    && cargo build --release --locked --bin raftlb \
+    && rm -rf src
+COPY src ./src
+# The stub's build outputs are older than the real sources; touch so cargo rebuilds.
+RUN touch src/main.rs src/lib.rs && cargo build --release --locked --bin raftlb
+
+FROM debian:bookworm-slim
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends ca-certificates \
+    && rm -rf /var/lib/apt/lists/* \
+    && useradd --system --uid 10001 --home-dir /var/lib/raftlb --shell /usr/sbin/nologin raftlb \
+    && mkdir -p /etc/raftlb /var/lib/raftlb \
+    && chown raftlb:raftlb /etc/raftlb /var/lib/raftlb
+COPY --from=builder /src/target/release/raftlb /usr/local/bin/raftlb
+COPY config/standalone.yaml /etc/raftlb/raftlb.yaml
+USER raftlb
+# 6443 apiserver listener, 9090 admin API and metrics, 7400 Raft peers.
+EXPOSE 6443 9090 7400
+# A virtual IP (leader_election.vip) needs CAP_NET_ADMIN and CAP_NET_RAW:
+#   docker run --cap-add NET_ADMIN --cap-add NET_RAW --network host ...
+# The example config listens on loopback; mount your own at /etc/raftlb/raftlb.yaml.
+ENTRYPOINT ["raftlb"]
+CMD ["run", "--config", "/etc/raftlb/raftlb.yaml"]

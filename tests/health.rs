@@ -495,3 +495,54 @@ async fn apiserver_graceful_shutdown_costs_no_client_request() {
         &failed[..failed.len().min(5)]
     );
 }
+
+/// A backend that accepts TCP and never answers must not delay the probes of others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_backend_does_not_stall_the_probes_of_the_others() {
+    let lab = lab();
+    let good = Apiserver::start("good", lab.server.clone()).await;
+    let silent = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let silent_addr = silent.local_addr().expect("addr");
+    let held = Arc::new(tokio::sync::Mutex::new(Vec::new()));
+    let keep = held.clone();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = silent.accept().await {
+            keep.lock().await.push(s); // accepted, never answered
+        }
+    });
+    let (admin, listen) = addrs();
+    let yaml = Raftlb::standalone_yaml(
+        admin,
+        listen,
+        &https_check(&lab.pki, "200ms", 2, 2),
+        "",
+        &[("good", good.addr), ("silent", silent_addr)],
+    );
+    let lb = blocking(|| Raftlb::start(&yaml, admin));
+    assert!(blocking(|| eventually(
+        Duration::from_secs(10),
+        || backend_health(&lb, "good") == "up"
+    )));
+    assert!(blocking(|| eventually(
+        Duration::from_secs(10),
+        || backend_health(&lb, "silent") == "down"
+    )));
+    let silent_detail = blocking(|| backend_json(&lb, "silent"));
+    assert!(
+        silent_detail["last_check"]["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("no answer"),
+        "{silent_detail}"
+    );
+    // The good backend keeps being probed every ~200 ms while the silent one times out.
+    let first = blocking(|| backend_json(&lb, "good"))["last_check"]["at"].clone();
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let later = blocking(|| backend_json(&lb, "good"));
+    assert_ne!(
+        later["last_check"]["at"], first,
+        "the good backend's probes stalled"
+    );
+    assert_eq!(later["health"], "up");
+    assert_eq!(request(listen, &lab.client).await.as_deref(), Ok("good"));
+}

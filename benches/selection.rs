@@ -37,7 +37,7 @@ fn selection(c: &mut Criterion) {
                 .expect("valid config");
             let balancer = Balancer::new();
             runtime
-                .block_on(balancer.apply(1, &config.pools))
+                .block_on(balancer.apply(&config.pools))
                 .expect("apply");
             let snapshot = balancer.snapshot();
             let pool = snapshot.pools.get("p").expect("pool p").clone();

@@ -211,7 +211,7 @@ impl Server {
     async fn start(loaded: Loaded, open_files: u64, token: Option<Arc<String>>) -> ExitCode {
         let metrics = m::install();
         let balancer = Arc::new(Balancer::new());
-        if let Err(e) = balancer.apply(1, &loaded.config.pools).await {
+        if let Err(e) = balancer.apply(&loaded.config.pools).await {
             eprintln!("error: {}: {e}", loaded.file.display());
             return ExitCode::from(EXIT_CONFIG);
         }
@@ -374,10 +374,10 @@ impl Server {
                 }
             }
         }
-        let version = self.state.config_version() + 1;
-        if let Err(e) = self.state.balancer.apply(version, &new.pools).await {
-            return reload_failed(&e);
-        }
+        let version = match self.state.balancer.apply(&new.pools).await {
+            Ok(version) => version,
+            Err(e) => return reload_failed(&e),
+        };
         self.state.token.store(token);
         for (name, settings) in updates {
             if let Some((_, running)) = self.listeners.get(&name) {

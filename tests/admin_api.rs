@@ -453,3 +453,144 @@ async fn metrics_pass_promtool_after_traffic_of_every_kind() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+fn write(lb: &Raftlb, method: &str, path: &str, body: &str) -> HttpResponse {
+    blocking(|| {
+        http_response(
+            lb.admin,
+            method,
+            path,
+            &[("content-type", "application/json")],
+            body,
+        )
+    })
+    .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
+}
+
+/// Standalone runtime API: drain, undrain and weight change the running config until
+/// the next reload; adding or removing backends is refused (the file is the truth).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn standalone_drain_undrain_and_weight_are_runtime_state_until_reload() {
+    raise_nofile();
+    let a = named_backend("a").await;
+    let b = named_backend("b").await;
+    let (admin, listen) = (loopback(), loopback());
+    let yaml = Raftlb::standalone_yaml(admin, listen, "", "", &[("a", a), ("b", b)]);
+    let lb = start(&yaml, admin);
+    let version = |lb: &Raftlb| {
+        json(&get(lb, "/api/v1/backends", &[]), "backends")["config_version"]
+            .as_u64()
+            .expect("version")
+    };
+    let v0 = version(&lb);
+
+    let r = write(&lb, "POST", "/api/v1/pools/web/backends/b/drain", "");
+    assert_eq!(r.status, 200, "{}", r.body);
+    let drained = json(&r, "drain reply");
+    assert_eq!(
+        (drained["name"].as_str(), drained["drained"].as_bool()),
+        (Some("b"), Some(true)),
+        "{drained}"
+    );
+    assert_eq!(r.header("etag"), Some(format!("\"{}\"", v0 + 1).as_str()));
+    for _ in 0..10 {
+        assert_eq!(
+            which_backend(listen, None).await.expect("request"),
+            "a",
+            "a drained backend got a new connection"
+        );
+    }
+    assert_eq!(
+        blocking(|| lb.metric("raftlb_backend_drained{pool=\"web\",backend=\"b\"}")),
+        1.0
+    );
+
+    assert_eq!(
+        write(&lb, "POST", "/api/v1/pools/web/backends/b/undrain", "").status,
+        200
+    );
+    let mut seen_b = false;
+    for _ in 0..10 {
+        seen_b |= which_backend(listen, None).await.expect("request") == "b";
+    }
+    assert!(seen_b, "an undrained backend gets traffic again");
+
+    let r = write(
+        &lb,
+        "PATCH",
+        "/api/v1/pools/web/backends/a",
+        r#"{"weight": 3}"#,
+    );
+    assert_eq!(
+        (r.status, json(&r, "patch")["weight"].as_u64()),
+        (200, Some(3)),
+        "{}",
+        r.body
+    );
+    assert_eq!(version(&lb), v0 + 3);
+
+    // Bad input: a 4xx with {"error": ...}, and nothing changes.
+    for (method, path, body, status) in [
+        (
+            "PATCH",
+            "/api/v1/pools/web/backends/a",
+            r#"{"weight": 0}"#,
+            400,
+        ),
+        (
+            "PATCH",
+            "/api/v1/pools/web/backends/a",
+            r#"{"weight": "heavy"}"#,
+            400,
+        ),
+        (
+            "PATCH",
+            "/api/v1/pools/web/backends/a",
+            r#"{"wieght": 2}"#,
+            400,
+        ),
+        ("PATCH", "/api/v1/pools/web/backends/a", "not json", 400),
+        ("POST", "/api/v1/pools/nosuch/backends/a/drain", "", 404),
+        ("POST", "/api/v1/pools/web/backends/nosuch/drain", "", 404),
+        (
+            "POST",
+            "/api/v1/pools/web/backends",
+            r#"{"name": "c", "address": "127.0.0.1:1"}"#,
+            409,
+        ),
+        ("DELETE", "/api/v1/pools/web/backends/a", "", 409),
+        ("PUT", "/api/v1/pools/web/backends/a", "", 405),
+    ] {
+        let r = write(&lb, method, path, body);
+        assert_eq!(r.status, status, "{method} {path} {body}: {}", r.body);
+        assert!(json(&r, "error reply")["error"].is_string(), "{}", r.body);
+    }
+    assert!(
+        write(&lb, "DELETE", "/api/v1/pools/web/backends/a", "")
+            .body
+            .contains("standalone: edit the file and send SIGHUP")
+    );
+    assert_eq!(version(&lb), v0 + 3, "a refused write changed the config");
+
+    // The file is the source of truth: a reload drops the runtime changes.
+    assert_eq!(
+        write(&lb, "POST", "/api/v1/pools/web/backends/b/drain", "").status,
+        200
+    );
+    lb.signal("HUP");
+    assert!(blocking(|| eventually(
+        Duration::from_secs(10),
+        || version(&lb) == v0 + 5
+    )));
+    let after = json(&get(&lb, "/api/v1/backends", &[]), "backends");
+    let backends = after["pools"][0]["backends"]
+        .as_array()
+        .expect("backends")
+        .clone();
+    assert!(
+        backends
+            .iter()
+            .all(|b| b["drained"] == false && b["weight"] == 1),
+        "{after}"
+    );
+}

@@ -17,7 +17,8 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::app::State;
-use crate::balancer::Backend;
+use crate::balancer::{Backend, UpdateError};
+use http_body_util::BodyExt;
 
 type Reply = Response<Full<Bytes>>;
 
@@ -39,7 +40,7 @@ pub async fn serve(listener: TcpListener, state: Arc<State>, stop: CancellationT
         tokio::spawn(async move {
             let service = service_fn(move |req| {
                 let state = state.clone();
-                async move { Ok::<_, Infallible>(route(&state, &req)) }
+                async move { Ok::<_, Infallible>(route(&state, req).await) }
             });
             if let Err(e) = http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service)
@@ -51,10 +52,11 @@ pub async fn serve(listener: TcpListener, state: Arc<State>, stop: CancellationT
     }
 }
 
-fn route(state: &State, req: &Request<Incoming>) -> Reply {
-    let path = req.uri().path();
+async fn route(state: &State, req: Request<Incoming>) -> Reply {
+    let path = req.uri().path().to_string();
+    let path = path.as_str();
     let open = matches!(path, "/healthz" | "/readyz" | "/metrics");
-    if !open && !authorized(state, req) {
+    if !open && !authorized(state, &req) {
         let mut reply = error(
             StatusCode::UNAUTHORIZED,
             "missing or wrong token: send Authorization: Bearer <token> (admin.token_file)",
@@ -90,8 +92,111 @@ fn route(state: &State, req: &Request<Incoming>) -> Reply {
             StatusCode::METHOD_NOT_ALLOWED,
             &format!("{} is not allowed on {path}: use GET", req.method()),
         ),
-        _ => error(StatusCode::NOT_FOUND, &format!("no such endpoint: {path}")),
+        _ => match path.strip_prefix("/api/v1/pools/") {
+            Some(rest) => backend_write(state, req, rest).await,
+            None => error(StatusCode::NOT_FOUND, &format!("no such endpoint: {path}")),
+        },
     }
+}
+
+/// Largest request body the admin API reads.
+const MAX_BODY: usize = 1 << 20;
+
+/// `/api/v1/pools/{pool}/backends[/{name}[/drain|/undrain]]`. In standalone mode the
+/// file is the source of truth: drain, undrain and weight are runtime state until the
+/// next reload (like HAProxy's runtime API); adding or removing backends is refused.
+async fn backend_write(state: &State, req: Request<Incoming>, rest: &str) -> Reply {
+    let parts: Vec<&str> = rest.split('/').collect();
+    let method = req.method().clone();
+    let standalone = "standalone: edit the file and send SIGHUP";
+    let (pool, name) = match (&method, parts.as_slice()) {
+        (&Method::POST, [_, "backends"]) => return error(StatusCode::CONFLICT, standalone),
+        (&Method::DELETE, [_, "backends", _]) => return error(StatusCode::CONFLICT, standalone),
+        (_, [pool, "backends", name] | [pool, "backends", name, "drain" | "undrain"]) => {
+            (*pool, *name)
+        }
+        _ => {
+            return error(
+                StatusCode::NOT_FOUND,
+                &format!("no such endpoint: /api/v1/pools/{rest}"),
+            );
+        }
+    };
+    let result = match (&method, parts.get(3).copied()) {
+        (&Method::POST, Some(action)) => {
+            let drain = action == "drain";
+            state
+                .balancer
+                .update_backend(pool, name, |b| b.drained = drain)
+                .await
+        }
+        (&Method::PATCH, None) => {
+            let weight = match read_json::<WeightPatch>(req).await {
+                Ok(patch) => patch.weight,
+                Err(reply) => return reply,
+            };
+            if !(1..=256).contains(&weight) {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    &format!("weight {weight} is out of range: use 1 to 256"),
+                );
+            }
+            state
+                .balancer
+                .update_backend(pool, name, |b| b.weight.value = weight)
+                .await
+        }
+        _ => {
+            return error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                &format!(
+                    "{method} is not allowed here: use POST .../drain or .../undrain, or PATCH with {{\"weight\": N}}"
+                ),
+            );
+        }
+    };
+    match result {
+        Ok(version) => {
+            tracing::info!(
+                pool,
+                backend = name,
+                config_version = version,
+                "{method} {rest}: applied (runtime state until the next reload)"
+            );
+            let snapshot = state.balancer.snapshot();
+            let backend = snapshot
+                .pools
+                .get(pool)
+                .and_then(|p| p.backends.iter().find(|b| &*b.name == name));
+            versioned(state, backend.map_or(Value::Null, backend_json))
+        }
+        Err(e @ (UpdateError::NoPool(_) | UpdateError::NoBackend { .. })) => {
+            error(StatusCode::NOT_FOUND, &e.to_string())
+        }
+        Err(UpdateError::Apply(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, &e),
+    }
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WeightPatch {
+    weight: u32,
+}
+
+/// Reads a JSON body of at most [`MAX_BODY`] bytes; a 4xx reply when it is not `T`.
+async fn read_json<T: serde::de::DeserializeOwned>(req: Request<Incoming>) -> Result<T, Reply> {
+    let body = http_body_util::Limited::new(req.into_body(), MAX_BODY)
+        .collect()
+        .await
+        .map_err(|e| {
+            error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                &format!("cannot read the body: {e}"),
+            )
+        })?
+        .to_bytes();
+    serde_json::from_slice(&body)
+        .map_err(|e| error(StatusCode::BAD_REQUEST, &format!("invalid JSON body: {e}")))
 }
 
 fn authorized(state: &State, req: &Request<Incoming>) -> bool {

@@ -142,6 +142,20 @@ pub struct Balancer {
     states: Mutex<HashMap<(String, String, String), Arc<BackendState>>>,
     resolvers: Mutex<Option<CancellationToken>>,
     probes: Mutex<Option<CancellationToken>>,
+    /// The pools config the current snapshot was built from. Every writer (reload,
+    /// runtime API) holds this lock from reading the config to swapping the snapshot.
+    config: tokio::sync::Mutex<BTreeMap<String, schema::Pool>>,
+}
+
+/// Why a change to one backend was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum UpdateError {
+    #[error("pool {0:?} does not exist")]
+    NoPool(String),
+    #[error("backend {backend:?} does not exist in pool {pool:?}")]
+    NoBackend { pool: String, backend: String },
+    #[error("{0}")]
+    Apply(String),
 }
 
 impl Default for Balancer {
@@ -157,6 +171,7 @@ impl Balancer {
             states: Mutex::new(HashMap::new()),
             resolvers: Mutex::new(None),
             probes: Mutex::new(None),
+            config: tokio::sync::Mutex::new(BTreeMap::new()),
         }
     }
 
@@ -164,15 +179,51 @@ impl Balancer {
         self.current.load_full()
     }
 
-    /// Builds a snapshot from `pools` and swaps it in, all or nothing: a certificate
-    /// file that does not load leaves the running snapshot as it was. Hostnames are
-    /// resolved first (a name that does not resolve has no address until it does);
-    /// connections already established are not touched.
-    pub async fn apply(
+    /// Builds a snapshot from `pools` and swaps it in as the next config version, all
+    /// or nothing: a certificate file that does not load leaves the running snapshot
+    /// as it was. Returns the new version.
+    pub async fn apply(&self, pools: &BTreeMap<String, schema::Pool>) -> Result<u64, String> {
+        let mut config = self.config.lock().await;
+        let version = self.build_and_swap(pools).await?;
+        *config = pools.clone();
+        Ok(version)
+    }
+
+    /// Changes one backend of the running config (the standalone runtime API: drain,
+    /// undrain, weight). The file is untouched; the next reload replaces the change.
+    pub async fn update_backend(
         &self,
-        version: u64,
-        pools: &BTreeMap<String, schema::Pool>,
-    ) -> Result<(), String> {
+        pool: &str,
+        backend: &str,
+        change: impl FnOnce(&mut schema::Backend),
+    ) -> Result<u64, UpdateError> {
+        let mut config = self.config.lock().await;
+        let mut pools = config.clone();
+        let p = pools
+            .get_mut(pool)
+            .ok_or_else(|| UpdateError::NoPool(pool.to_string()))?;
+        let b = p
+            .backends
+            .value
+            .iter_mut()
+            .find(|b| b.name.value == backend)
+            .ok_or_else(|| UpdateError::NoBackend {
+                pool: pool.to_string(),
+                backend: backend.to_string(),
+            })?;
+        change(b);
+        let version = self
+            .build_and_swap(&pools)
+            .await
+            .map_err(UpdateError::Apply)?;
+        *config = pools;
+        Ok(version)
+    }
+
+    /// Hostnames are resolved first (a name that does not resolve has no address until
+    /// it does); connections already established are not touched.
+    async fn build_and_swap(&self, pools: &BTreeMap<String, schema::Pool>) -> Result<u64, String> {
+        let version = self.snapshot().version + 1;
         let mut snapshot = Snapshot {
             version,
             pools: HashMap::new(),
@@ -242,7 +293,7 @@ impl Balancer {
             health::start_probes(&pools, &stop);
         }
         metrics::gauge!(m::CONFIG_VERSION).set(version as f64);
-        Ok(())
+        Ok(version)
     }
 
     fn state_for(&self, key: &(String, String, String), probed: bool) -> Arc<BackendState> {

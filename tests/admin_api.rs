@@ -15,15 +15,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::timeout;
 
-/// Runs a blocking fixture call without starving the worker that serves the backends.
-fn blocking<T>(f: impl FnOnce() -> T) -> T {
-    tokio::task::block_in_place(f)
-}
-
-fn loopback() -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], free_port()))
-}
-
 fn start(yaml: &str, admin: SocketAddr) -> Raftlb {
     blocking(|| Raftlb::start(yaml, admin))
 }

@@ -18,12 +18,6 @@ use tokio::time::timeout;
 
 const MB: usize = 1024 * 1024;
 
-/// Runs a blocking fixture call (process start, `/metrics`, `eventually`) without
-/// starving the runtime's other worker, which serves the test's backends.
-fn blocking<T>(f: impl FnOnce() -> T) -> T {
-    tokio::task::block_in_place(f)
-}
-
 /// An admin address and a listener address, both free a moment ago.
 fn two_addrs() -> (SocketAddr, SocketAddr) {
     let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
@@ -62,16 +56,6 @@ async fn connect(addr: SocketAddr) -> TcpStream {
         .await
         .expect("connect timed out")
         .expect("connect")
-}
-
-/// Writes `msg` and reads the same number of bytes back within 5 s.
-async fn echo_once(s: &mut TcpStream, msg: &[u8]) -> io::Result<Vec<u8>> {
-    s.write_all(msg).await?;
-    let mut back = vec![0u8; msg.len()];
-    timeout(Duration::from_secs(5), s.read_exact(&mut back))
-        .await
-        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no echo within 5 s"))??;
-    Ok(back)
 }
 
 /// Waits up to `limit` for the peer to close: Ok(bytes received before the close).

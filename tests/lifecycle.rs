@@ -13,21 +13,12 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use serde_json::Value;
-use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::time::timeout;
 
 const MB: usize = 1024 * 1024;
-
-/// Runs a blocking fixture call without starving the worker that serves the backends.
-fn blocking<T>(f: impl FnOnce() -> T) -> T {
-    tokio::task::block_in_place(f)
-}
-
-fn loopback() -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], free_port()))
-}
 
 fn start(yaml: &str, admin: SocketAddr) -> Raftlb {
     blocking(|| Raftlb::start(yaml, admin))
@@ -60,19 +51,6 @@ async fn connect(addr: SocketAddr) -> TcpStream {
         .await
         .expect("connect timed out")
         .expect("connect")
-}
-
-/// Writes `msg` and reads the same number of bytes back within 5 s.
-async fn echo_once<S: AsyncRead + AsyncWrite + Unpin>(
-    s: &mut S,
-    msg: &[u8],
-) -> io::Result<Vec<u8>> {
-    s.write_all(msg).await?;
-    let mut back = vec![0u8; msg.len()];
-    timeout(Duration::from_secs(5), s.read_exact(&mut back))
-        .await
-        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no echo within 5 s"))??;
-    Ok(back)
 }
 
 /// Waits up to `limit` for the peer to close (EOF or reset); Err if it stays open.

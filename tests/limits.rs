@@ -4,7 +4,6 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::*;
@@ -36,26 +35,8 @@ async fn out_of_descriptors_backs_off_and_recovers() {
         "    max_connections: 1000\n",
         &[("echo", backend)],
     );
-    let dir = tempfile::tempdir().expect("tempdir");
-    let config = dir.path().join("raftlb.yaml");
-    std::fs::write(&config, yaml).expect("write config");
-    let log_path = dir.path().join("raftlb.log");
-    let child = Command::new("prlimit")
-        .args(["--nofile=128:128", "--"])
-        .arg(BIN)
-        .args(["run", "--config"])
-        .arg(&config)
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log_path).expect("log"))
-        .spawn()
-        .expect("spawn raftlb under prlimit");
-    let mut lb = Raftlb {
-        child,
-        admin,
-        dir,
-        config,
-    };
-    lb.wait_ready();
+    let mut lb =
+        blocking(|| Raftlb::start_wrapped(&["prlimit", "--nofile=128:128", "--"], &yaml, admin));
     assert!(
         lb.log().contains("open_files=128"),
         "the limit in force is logged:\n{}",

@@ -14,13 +14,6 @@ use tokio::sync::mpsc;
 
 const CLIENT_IP: [u8; 4] = [127, 0, 0, 2];
 
-fn addrs() -> (SocketAddr, SocketAddr) {
-    (
-        SocketAddr::from(([127, 0, 0, 1], free_port())),
-        SocketAddr::from(([127, 0, 0, 1], free_port())),
-    )
-}
-
 /// A backend that reads everything a connection sends (until EOF) and reports it.
 async fn recording_backend() -> (SocketAddr, mpsc::UnboundedReceiver<Vec<u8>>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
@@ -44,7 +37,7 @@ async fn recording_backend() -> (SocketAddr, mpsc::UnboundedReceiver<Vec<u8>>) {
 async fn send_through(version: &str, payload: &[u8]) -> (SocketAddr, SocketAddr, Vec<u8>) {
     raise_nofile();
     let (backend, mut got) = recording_backend().await;
-    let (admin, listen) = addrs();
+    let (admin, listen) = (loopback(), loopback());
     let yaml = Raftlb::standalone_yaml(
         admin,
         listen,
@@ -153,7 +146,7 @@ async fn nginx_reads_the_client_address_from_v1_and_v2() {
     let nginx = tokio::task::block_in_place(Nginx::start);
     let backend = SocketAddr::from(([127, 0, 0, 1], nginx.port));
     for version in ["v1", "v2"] {
-        let (admin, listen) = addrs();
+        let (admin, listen) = (loopback(), loopback());
         let yaml = Raftlb::standalone_yaml(
             admin,
             listen,

@@ -21,10 +21,6 @@ use tokio_rustls::{TlsAcceptor, TlsConnector};
 
 const TIMEOUT: Duration = Duration::from_secs(10);
 
-fn loopback() -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], free_port()))
-}
-
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

@@ -19,13 +19,6 @@ use tokio_rustls::{TlsAcceptor, TlsConnector};
 
 const TIMEOUT: Duration = Duration::from_secs(10);
 
-fn addrs() -> (SocketAddr, SocketAddr) {
-    (
-        SocketAddr::from(([127, 0, 0, 1], free_port())),
-        SocketAddr::from(([127, 0, 0, 1], free_port())),
-    )
-}
-
 fn terminate_listener(files: &CertFiles, client_ca: Option<&Path>) -> String {
     let ca = client_ca
         .map(|c| format!(", client_ca: \"{}\"", c.display()))
@@ -127,7 +120,7 @@ fn setup() -> (tempfile::TempDir, Pki, CertFiles) {
 async fn terminating_listener_sends_plaintext_to_the_backend() {
     let (_dir, pki, files) = setup();
     let (backend, mut seen) = plaintext_backend().await;
-    let (admin, listen) = addrs();
+    let (admin, listen) = (loopback(), loopback());
     let yaml = Raftlb::standalone_yaml(
         admin,
         listen,
@@ -158,7 +151,7 @@ async fn terminating_listener_sends_plaintext_to_the_backend() {
 async fn client_ca_requires_a_certificate_from_that_ca() {
     let (dir, pki, files) = setup();
     let backend = echo_backend().await;
-    let (admin, listen) = addrs();
+    let (admin, listen) = (loopback(), loopback());
     let yaml = Raftlb::standalone_yaml(
         admin,
         listen,
@@ -191,7 +184,7 @@ async fn backend_tls_reencrypts_with_a_client_certificate_and_checks_the_server_
     let backend_cert = pki.server("backend", &["kubernetes"]);
     let raftlb_client = pki.client("raftlb");
     let backend = tls_echo_backend(pki.server_config(&backend_cert, true, &[])).await;
-    let (admin, listen) = addrs();
+    let (admin, listen) = (loopback(), loopback());
     let pool = |server_name: &str| {
         format!(
             "    backend_tls: {{ ca: \"{}\", server_name: {server_name}, cert: \"{}\", key: \"{}\" }}\n    retries: 0\n",
@@ -212,7 +205,7 @@ async fn backend_tls_reencrypts_with_a_client_certificate_and_checks_the_server_
     assert_eq!(ok.map(|r| r.0), Ok(b"secret".to_vec()), "{}", lb.log());
     drop(lb);
 
-    let (admin, listen) = addrs();
+    let (admin, listen) = (loopback(), loopback());
     let yaml = Raftlb::standalone_yaml(
         admin,
         listen,
@@ -246,7 +239,7 @@ async fn alpn_follows_what_the_backend_chose() {
     ] {
         let backend =
             tls_echo_backend(pki.server_config(&backend_cert, false, &[backend_alpn])).await;
-        let (admin, listen) = addrs();
+        let (admin, listen) = (loopback(), loopback());
         let pool = format!(
             "    backend_tls: {{ ca: \"{}\", server_name: localhost }}\n",
             pki.ca.display()
@@ -270,7 +263,7 @@ async fn alpn_follows_what_the_backend_chose() {
 async fn certificates_are_reloaded_when_the_files_change() {
     let (_dir, pki, files) = setup();
     let backend = echo_backend().await;
-    let (admin, listen) = addrs();
+    let (admin, listen) = (loopback(), loopback());
     let yaml = Raftlb::standalone_yaml(
         admin,
         listen,
@@ -331,7 +324,7 @@ fn a_missing_certificate_file_is_refused_at_start() {
         cert: dir.path().join("nope.crt"),
         key: dir.path().join("nope.key"),
     };
-    let (admin, listen) = addrs();
+    let (admin, listen) = (loopback(), loopback());
     let yaml = Raftlb::standalone_yaml(
         admin,
         listen,

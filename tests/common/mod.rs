@@ -18,6 +18,30 @@ pub fn raise_nofile() {
     let _ = rlimit::increase_nofile_limit(u64::MAX);
 }
 
+/// Runs a blocking fixture call (process start, `/metrics`, `eventually`) from an
+/// async test without starving the worker that serves the test's own backends.
+pub fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    tokio::task::block_in_place(f)
+}
+
+/// A 127.0.0.1 address whose port was free a moment ago.
+pub fn loopback() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], free_port()))
+}
+
+/// Writes `msg` and reads the same number of bytes back within 5 s.
+pub async fn echo_once<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    s: &mut S,
+    msg: &[u8],
+) -> std::io::Result<Vec<u8>> {
+    s.write_all(msg).await?;
+    let mut back = vec![0u8; msg.len()];
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut back))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no echo within 5 s"))??;
+    Ok(back)
+}
+
 /// A loopback port that was free a moment ago.
 pub fn free_port() -> u16 {
     StdListener::bind("127.0.0.1:0")
@@ -38,11 +62,24 @@ impl Raftlb {
     /// Writes `yaml` (which must bind the admin API to `admin`) and starts raftlb on it,
     /// then waits until `/readyz` answers 200.
     pub fn start(yaml: &str, admin: SocketAddr) -> Raftlb {
+        Raftlb::start_wrapped(&[], yaml, admin)
+    }
+
+    /// Like [`Raftlb::start`], with raftlb run under `wrapper` (e.g. `prlimit --nofile=128:128 --`).
+    pub fn start_wrapped(wrapper: &[&str], yaml: &str, admin: SocketAddr) -> Raftlb {
         let dir = tempfile::tempdir().expect("tempdir");
         let config = dir.path().join("raftlb.yaml");
         std::fs::write(&config, yaml).expect("write config");
         let log = std::fs::File::create(dir.path().join("raftlb.log")).expect("log file");
-        let child = Command::new(BIN)
+        let (program, wrapper_args) = match wrapper.split_first() {
+            Some((program, rest)) => (*program, rest),
+            None => (BIN, &[][..]),
+        };
+        let mut command = Command::new(program);
+        if !wrapper.is_empty() {
+            command.args(wrapper_args).arg(BIN);
+        }
+        let child = command
             .args(["run", "--config"])
             .arg(&config)
             .args(["--log-level", "debug"])

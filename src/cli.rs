@@ -26,6 +26,64 @@ pub enum Command {
     },
     /// A self-contained local showcase: backends, raftlb and a client loop on loopback.
     Demo(DemoArgs),
+    /// Operate a running raftlb through its admin API.
+    Ctl(CtlArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct CtlArgs {
+    /// The admin API of a replica.
+    #[arg(long, env = "RAFTLB_SERVER", default_value = "http://127.0.0.1:9090")]
+    pub server: String,
+    /// A file holding the admin token (admin.token_file).
+    #[arg(long, value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
+    #[arg(long, short = 'o', value_enum, default_value_t = Output::Table)]
+    pub output: Output,
+    #[command(subcommand)]
+    pub command: CtlCommand,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    Table,
+    Json,
+    Yaml,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CtlCommand {
+    /// Node, role, config version, cluster and lease.
+    Status,
+    /// Every pool's backends with health, weight, drain state and connections.
+    Backends,
+    /// Change one backend.
+    #[command(subcommand)]
+    Backend(BackendCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BackendCommand {
+    /// Add a backend to a pool (cluster mode; standalone answers: edit the file).
+    Add {
+        pool: String,
+        name: String,
+        address: String,
+        #[arg(long, default_value_t = 1)]
+        weight: u32,
+    },
+    /// Remove a backend (cluster mode; standalone answers: edit the file).
+    Remove { pool: String, name: String },
+    /// Stop new connections to a backend; open ones stay.
+    Drain { pool: String, name: String },
+    /// Let a drained backend take new connections again.
+    Undrain { pool: String, name: String },
+    /// Set a backend's weight (1 to 256).
+    Weight {
+        pool: String,
+        name: String,
+        weight: u32,
+    },
 }
 
 #[derive(Debug, clap::Args)]

@@ -6,6 +6,7 @@ pub mod app;
 pub mod balancer;
 pub mod cli;
 pub mod config;
+pub mod ctl;
 pub mod demo;
 pub mod health;
 pub mod metrics;
@@ -22,6 +23,7 @@ pub fn main(cli: Cli) -> ExitCode {
         Command::Run(args) => app::run(args),
         Command::Check { config } => check(&config),
         Command::Demo(args) => demo::run(args),
+        Command::Ctl(args) => ctl::run(args),
     }
 }
 

@@ -1,0 +1,326 @@
+//! `raftlb ctl`: the admin API from the command line. Tables for people, `-o json`
+//! or `-o yaml` for scripts.
+
+use std::fmt::Write as _;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::header::{AUTHORIZATION, CONTENT_TYPE, HOST};
+use hyper::{Method, Request, Uri};
+use hyper_util::rt::TokioIo;
+use serde_json::{Value, json};
+use tokio::net::TcpStream;
+
+use crate::app::{EXIT_CONFIG, EXIT_RUNTIME};
+use crate::cli::{BackendCommand, CtlArgs, CtlCommand, Output};
+
+const TIMEOUT: Duration = Duration::from_secs(10);
+
+pub fn run(args: CtlArgs) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::from(EXIT_RUNTIME);
+        }
+    };
+    match runtime.block_on(ctl(&args)) {
+        Ok(text) => {
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(CtlError::Usage(e)) => {
+            eprintln!("error: {e}");
+            ExitCode::from(EXIT_CONFIG)
+        }
+        Err(CtlError::Failed(e)) => {
+            eprintln!("error: {e}");
+            ExitCode::from(EXIT_RUNTIME)
+        }
+    }
+}
+
+enum CtlError {
+    /// The command line is wrong (exit 2).
+    Usage(String),
+    /// The server could not be reached or refused the request (exit 1).
+    Failed(String),
+}
+
+async fn ctl(args: &CtlArgs) -> Result<String, CtlError> {
+    let client = Client::new(args)?;
+    let (reply, table): (Value, fn(&Value) -> String) = match &args.command {
+        CtlCommand::Status => (
+            client.call(Method::GET, "/api/v1/status", None).await?,
+            status_table,
+        ),
+        CtlCommand::Backends => (
+            client.call(Method::GET, "/api/v1/backends", None).await?,
+            backends_table,
+        ),
+        CtlCommand::Backend(cmd) => {
+            let (method, path, body) = backend_request(cmd);
+            (client.call(method, &path, body).await?, backend_line)
+        }
+    };
+    Ok(match args.output {
+        Output::Table => table(&reply),
+        Output::Json => format!(
+            "{}\n",
+            serde_json::to_string_pretty(&reply).unwrap_or_default()
+        ),
+        Output::Yaml => serde_saphyr::to_string(&reply).unwrap_or_default(),
+    })
+}
+
+fn backend_request(cmd: &BackendCommand) -> (Method, String, Option<Value>) {
+    let path = |pool: &str, name: &str| format!("/api/v1/pools/{pool}/backends/{name}");
+    match cmd {
+        BackendCommand::Add {
+            pool,
+            name,
+            address,
+            weight,
+        } => (
+            Method::POST,
+            format!("/api/v1/pools/{pool}/backends"),
+            Some(json!({"name": name, "address": address, "weight": weight})),
+        ),
+        BackendCommand::Remove { pool, name } => (Method::DELETE, path(pool, name), None),
+        BackendCommand::Drain { pool, name } => {
+            (Method::POST, format!("{}/drain", path(pool, name)), None)
+        }
+        BackendCommand::Undrain { pool, name } => {
+            (Method::POST, format!("{}/undrain", path(pool, name)), None)
+        }
+        BackendCommand::Weight { pool, name, weight } => (
+            Method::PATCH,
+            path(pool, name),
+            Some(json!({"weight": weight})),
+        ),
+    }
+}
+
+struct Client {
+    authority: String,
+    token: Option<String>,
+}
+
+impl Client {
+    fn new(args: &CtlArgs) -> Result<Client, CtlError> {
+        let uri: Uri = args
+            .server
+            .parse()
+            .map_err(|e| CtlError::Usage(format!("--server {:?}: not a URL: {e}", args.server)))?;
+        match uri.scheme_str() {
+            Some("http") => {}
+            Some("https") => {
+                return Err(CtlError::Usage(
+                    "--server: https (admin.tls) is not supported by this build yet; use http on loopback".into(),
+                ));
+            }
+            _ => {
+                return Err(CtlError::Usage(format!(
+                    "--server {:?}: use http://HOST:PORT",
+                    args.server
+                )));
+            }
+        }
+        let authority = uri
+            .authority()
+            .map(|a| a.as_str().to_string())
+            .ok_or_else(|| CtlError::Usage(format!("--server {:?}: no host:port", args.server)))?;
+        let token = match &args.token_file {
+            Some(file) => Some(
+                std::fs::read_to_string(file)
+                    .map_err(|e| CtlError::Usage(format!("--token-file {}: {e}", file.display())))?
+                    .trim()
+                    .to_string(),
+            ),
+            None => None,
+        };
+        Ok(Client { authority, token })
+    }
+
+    /// One request; the JSON reply, or the server's `{"error": ...}` as a failure.
+    async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<Value, CtlError> {
+        let mut request = Request::builder()
+            .method(method.clone())
+            .uri(path)
+            .header(HOST, &self.authority);
+        if let Some(token) = &self.token {
+            request = request.header(AUTHORIZATION, format!("Bearer {token}"));
+        }
+        let body = body.map(|b| b.to_string()).unwrap_or_default();
+        let request = request
+            .header(CONTENT_TYPE, "application/json")
+            .body(Full::new(Bytes::from(body)))
+            .map_err(|e| CtlError::Usage(e.to_string()))?;
+        let server = &self.authority;
+        let exchange = async {
+            let stream = TcpStream::connect(server)
+                .await
+                .map_err(|e| format!("cannot reach {server}: {e}"))?;
+            let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+                .await
+                .map_err(|e| format!("{server}: {e}"))?;
+            tokio::spawn(conn);
+            let response = sender
+                .send_request(request)
+                .await
+                .map_err(|e| format!("{server}: {e}"))?;
+            let status = response.status();
+            let bytes = response
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| format!("{server}: {e}"))?
+                .to_bytes();
+            Ok::<_, String>((status, bytes))
+        };
+        let (status, bytes) = tokio::time::timeout(TIMEOUT, exchange)
+            .await
+            .map_err(|_| CtlError::Failed(format!("{server} did not answer within {TIMEOUT:?}")))?
+            .map_err(CtlError::Failed)?;
+        let value: Value = serde_json::from_slice(&bytes)
+            .unwrap_or_else(|_| json!({"error": String::from_utf8_lossy(&bytes)}));
+        if status.is_success() {
+            Ok(value)
+        } else {
+            let message = value["error"]
+                .as_str()
+                .map_or_else(|| value.to_string(), str::to_string);
+            Err(CtlError::Failed(format!(
+                "{method} {path}: {} {message}",
+                status.as_u16()
+            )))
+        }
+    }
+}
+
+fn status_table(v: &Value) -> String {
+    let mut out = String::new();
+    let node = &v["node"];
+    let _ = writeln!(
+        out,
+        "node            {} (id {}, version {})",
+        text(&node["name"]),
+        text(&node["id"]),
+        text(&node["version"])
+    );
+    let _ = writeln!(out, "role            {}", text(&v["role"]));
+    let _ = writeln!(out, "config_version  {}", text(&v["config_version"]));
+    let cluster = &v["cluster"];
+    if cluster.is_null() {
+        let _ = writeln!(out, "cluster         none (standalone)");
+    } else {
+        let _ = writeln!(
+            out,
+            "cluster         {} leader {} term {} commit {} quorum {} fault tolerance {}",
+            text(&cluster["cluster_id"]),
+            text(&cluster["leader_id"]),
+            text(&cluster["term"]),
+            text(&cluster["commit_index"]),
+            text(&cluster["quorum"]),
+            text(&cluster["fault_tolerance"])
+        );
+    }
+    let lease = &v["lease"];
+    if lease.is_null() {
+        let _ = writeln!(out, "lease           none (leader election off)");
+    } else {
+        let _ = writeln!(
+            out,
+            "lease           holder {} epoch {} renewed {} ms ago",
+            text(&lease["holder"]),
+            text(&lease["epoch"]),
+            text(&lease["renewed_ms_ago"])
+        );
+    }
+    out
+}
+
+fn backends_table(v: &Value) -> String {
+    let mut rows = vec![
+        [
+            "POOL",
+            "BACKEND",
+            "ADDRESS",
+            "WEIGHT",
+            "HEALTH",
+            "DRAINED",
+            "CONNS",
+            "LAST CHECK",
+        ]
+        .map(String::from)
+        .to_vec(),
+    ];
+    for pool in v["pools"].as_array().into_iter().flatten() {
+        for b in pool["backends"].as_array().into_iter().flatten() {
+            rows.push(vec![
+                text(&pool["name"]),
+                text(&b["name"]),
+                text(&b["address"]),
+                text(&b["weight"]),
+                text(&b["health"]),
+                text(&b["drained"]),
+                text(&b["active_connections"]),
+                last_check(&b["last_check"]),
+            ]);
+        }
+    }
+    let widths: Vec<usize> = (0..rows[0].len())
+        .map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for row in rows {
+        let line: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .map(|(cell, w)| format!("{cell:<w$}"))
+            .collect();
+        let _ = writeln!(out, "{}", line.join("  ").trim_end());
+    }
+    out
+}
+
+fn backend_line(v: &Value) -> String {
+    if v.is_null() {
+        return "ok\n".into();
+    }
+    format!(
+        "{} {}: weight {}, health {}, drained {}, {} connections\n",
+        text(&v["name"]),
+        text(&v["address"]),
+        text(&v["weight"]),
+        text(&v["health"]),
+        text(&v["drained"]),
+        text(&v["active_connections"])
+    )
+}
+
+fn last_check(c: &Value) -> String {
+    if c.is_null() {
+        return "-".into();
+    }
+    let ok = if c["ok"] == true { "ok" } else { "fail" };
+    format!("{ok} {} ms", text(&c["latency_ms"]))
+}
+
+fn text(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Null => "-".into(),
+        other => other.to_string(),
+    }
+}

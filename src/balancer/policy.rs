@@ -3,7 +3,10 @@
 //! already tried for this client connection (retries go to a different backend).
 
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+
+use arc_swap::ArcSwap;
 
 use super::Backend;
 use crate::config::schema::Balance;
@@ -26,21 +29,49 @@ fn candidate(backends: &[Backend], i: usize, tried: &[usize]) -> bool {
     backends[i].takes_new_connections() && !tried.contains(&i)
 }
 
-/// Weighted round robin: a smooth interleaved schedule (nginx's algorithm) computed
-/// once per snapshot, walked by one atomic counter, so picking never locks.
+/// Weighted round robin: a smooth interleaved schedule (nginx's algorithm) over the
+/// backends that can take connections, walked by one atomic counter. The schedule is
+/// rebuilt when that set changes (a health flip, a drain), so the remaining backends
+/// keep their weights' proportions; picks in between never lock.
 pub struct RoundRobin {
-    schedule: Vec<usize>,
+    schedule: ArcSwap<Schedule>,
     next: AtomicUsize,
+}
+
+/// A schedule and the set of backends it was built for.
+struct Schedule {
+    eligible: Vec<bool>,
+    order: Vec<usize>,
 }
 
 impl RoundRobin {
     pub fn new(backends: &[Backend]) -> Self {
-        let total: i64 = backends.iter().map(|b| i64::from(b.weight)).sum();
+        RoundRobin {
+            schedule: ArcSwap::from_pointee(Schedule::build(backends)),
+            next: AtomicUsize::new(0),
+        }
+    }
+}
+
+impl Schedule {
+    fn build(backends: &[Backend]) -> Schedule {
+        let eligible: Vec<bool> = backends
+            .iter()
+            .map(Backend::takes_new_connections)
+            .collect();
+        let weight = |i: usize| {
+            if eligible[i] {
+                i64::from(backends[i].weight)
+            } else {
+                0
+            }
+        };
+        let total: i64 = (0..backends.len()).map(weight).sum();
         let mut current = vec![0i64; backends.len()];
-        let mut schedule = Vec::with_capacity(usize::try_from(total).unwrap_or(0));
+        let mut order = Vec::with_capacity(usize::try_from(total).unwrap_or(0));
         for _ in 0..total {
-            for (c, b) in current.iter_mut().zip(backends) {
-                *c += i64::from(b.weight);
+            for (i, c) in current.iter_mut().enumerate() {
+                *c += weight(i);
             }
             let Some((best, _)) = current
                 .iter()
@@ -50,24 +81,34 @@ impl RoundRobin {
                 break;
             };
             current[best] -= total;
-            schedule.push(best);
+            order.push(best);
         }
-        RoundRobin {
-            schedule,
-            next: AtomicUsize::new(0),
-        }
+        Schedule { eligible, order }
+    }
+
+    fn matches(&self, backends: &[Backend]) -> bool {
+        self.eligible
+            .iter()
+            .zip(backends)
+            .all(|(e, b)| *e == b.takes_new_connections())
     }
 }
 
 impl Policy for RoundRobin {
     fn pick(&self, backends: &[Backend], _client: IpAddr, tried: &[usize]) -> Option<usize> {
-        let len = self.schedule.len();
+        let mut schedule = self.schedule.load_full();
+        if !schedule.matches(backends) {
+            schedule = Arc::new(Schedule::build(backends));
+            self.schedule.store(schedule.clone());
+        }
+        let len = schedule.order.len();
         if len == 0 {
             return None;
         }
         let start = self.next.fetch_add(1, Ordering::Relaxed);
+        // Only retries skip entries (the backends they already tried).
         (0..len)
-            .map(|k| self.schedule[(start + k) % len])
+            .map(|k| schedule.order[(start + k) % len])
             .find(|&i| candidate(backends, i, tried))
     }
 }
@@ -194,8 +235,20 @@ mod tests {
     fn round_robin_schedule_is_interleaved_and_weighted() {
         let b = test_backends(&[5, 1, 1]);
         let rr = RoundRobin::new(&b);
-        assert_eq!(rr.schedule, vec![0, 0, 1, 0, 2, 0, 0]);
+        assert_eq!(rr.schedule.load().order, vec![0, 0, 1, 0, 2, 0, 0]);
         assert_eq!(counts(&rr, &b, 700), vec![500, 100, 100]);
+    }
+
+    #[test]
+    fn round_robin_keeps_proportions_when_a_backend_leaves() {
+        let mut b = test_backends(&[2, 1, 1]);
+        let rr = RoundRobin::new(&b);
+        assert_eq!(counts(&rr, &b, 400), vec![200, 100, 100]);
+        b[1].drained = true;
+        // Without a rebuild, backend 1's slots would all go to its neighbour in the schedule.
+        assert_eq!(counts(&rr, &b, 300), vec![200, 0, 100]);
+        b[1].drained = false;
+        assert_eq!(counts(&rr, &b, 400), vec![200, 100, 100]);
     }
 
     #[test]

@@ -83,21 +83,31 @@ pub fn run(args: RunArgs) -> ExitCode {
         .worker_threads
         .as_ref()
         .map_or(1, |t| t.value);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(threads)
-        .enable_all()
-        .build()
-    {
+    let runtime = match runtime(Some(threads)) {
         Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: cannot start the runtime: {e}");
-            return ExitCode::from(EXIT_RUNTIME);
-        }
+        Err(code) => return code,
     };
     let code = runtime.block_on(Server::start(loaded, open_files, token));
     // Connection tasks still draining at a forced exit are dropped, not awaited.
     runtime.shutdown_timeout(Duration::from_millis(100));
     code
+}
+
+/// A tokio runtime: multi-threaded with `threads` workers, or current-thread for
+/// `None`. A failure is reported and becomes exit code 1.
+pub fn runtime(threads: Option<usize>) -> Result<tokio::runtime::Runtime, ExitCode> {
+    let mut builder = match threads {
+        Some(n) => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(n);
+            b
+        }
+        None => tokio::runtime::Builder::new_current_thread(),
+    };
+    builder.enable_all().build().map_err(|e| {
+        eprintln!("error: cannot start the runtime: {e}");
+        ExitCode::from(EXIT_RUNTIME)
+    })
 }
 
 fn init_logging(level: &str, format: LogFormat) -> Result<(), String> {

@@ -19,15 +19,9 @@ use crate::cli::{BackendCommand, CtlArgs, CtlCommand, Output};
 const TIMEOUT: Duration = Duration::from_secs(10);
 
 pub fn run(args: CtlArgs) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match crate::app::runtime(None) {
         Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: cannot start the runtime: {e}");
-            return ExitCode::from(EXIT_RUNTIME);
-        }
+        Err(code) => return code,
     };
     match runtime.block_on(ctl(&args)) {
         Ok(text) => {

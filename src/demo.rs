@@ -27,16 +27,9 @@ use crate::cli::DemoArgs;
 const BACKENDS: usize = 3;
 
 pub fn run(args: DemoArgs) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
+    let runtime = match crate::app::runtime(Some(2)) {
         Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: cannot start the runtime: {e}");
-            return ExitCode::from(crate::app::EXIT_RUNTIME);
-        }
+        Err(code) => return code,
     };
     match runtime.block_on(demo(args)) {
         Ok(()) => ExitCode::SUCCESS,

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpSocket};
+use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
 const CLIENT_IP: [u8; 4] = [127, 0, 0, 2];
@@ -46,11 +46,9 @@ async fn send_through(version: &str, payload: &[u8]) -> (SocketAddr, SocketAddr,
         &[("pp", backend)],
     );
     let _lb = tokio::task::block_in_place(|| Raftlb::start(&yaml, admin));
-    let socket = TcpSocket::new_v4().expect("socket");
-    socket
-        .bind(SocketAddr::new(IpAddr::from(CLIENT_IP), 0))
-        .expect("bind 127.0.0.2");
-    let mut client = socket.connect(listen).await.expect("connect");
+    let mut client = connect_from(Some(IpAddr::from(CLIENT_IP)), listen)
+        .await
+        .expect("connect from 127.0.0.2");
     let client_addr = client.local_addr().expect("local addr");
     client.write_all(payload).await.expect("write");
     client.shutdown().await.expect("half-close");
@@ -155,11 +153,9 @@ async fn nginx_reads_the_client_address_from_v1_and_v2() {
             &[("nginx", backend)],
         );
         let _lb = tokio::task::block_in_place(|| Raftlb::start(&yaml, admin));
-        let socket = TcpSocket::new_v4().expect("socket");
-        socket
-            .bind(SocketAddr::new(IpAddr::from(CLIENT_IP), 0))
-            .expect("bind 127.0.0.2");
-        let mut client = socket.connect(listen).await.expect("connect");
+        let mut client = connect_from(Some(IpAddr::from(CLIENT_IP)), listen)
+            .await
+            .expect("connect from 127.0.0.2");
         let me = client.local_addr().expect("local addr");
         let mut answer = String::new();
         tokio::time::timeout(Duration::from_secs(10), client.read_to_string(&mut answer))

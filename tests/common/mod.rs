@@ -262,18 +262,27 @@ pub async fn named_backend(name: &str) -> SocketAddr {
     addr
 }
 
+/// A TCP connection to `addr` (IPv4), from the address `source` if given (e.g.
+/// 127.0.0.2, to look like another client), within 5 s.
+pub async fn connect_from(
+    source: Option<std::net::IpAddr>,
+    addr: SocketAddr,
+) -> std::io::Result<tokio::net::TcpStream> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    if let Some(ip) = source {
+        socket.bind(SocketAddr::new(ip, 0))?;
+    }
+    tokio::time::timeout(Duration::from_secs(5), socket.connect(addr))
+        .await
+        .map_err(|_| std::io::Error::other("connect timed out"))?
+}
+
 /// Connects through the proxy at `addr` (from `source` if given) and reads the backend's name.
 pub async fn which_backend(
     addr: SocketAddr,
     source: Option<std::net::IpAddr>,
 ) -> std::io::Result<String> {
-    let socket = tokio::net::TcpSocket::new_v4()?;
-    if let Some(ip) = source {
-        socket.bind(SocketAddr::new(ip, 0))?;
-    }
-    let mut s = tokio::time::timeout(Duration::from_secs(5), socket.connect(addr))
-        .await
-        .map_err(|_| std::io::Error::other("connect timed out"))??;
+    let mut s = connect_from(source, addr).await?;
     let mut out = String::new();
     tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut out))
         .await

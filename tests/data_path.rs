@@ -18,13 +18,6 @@ use tokio::time::timeout;
 
 const MB: usize = 1024 * 1024;
 
-/// An admin address and a listener address, both free a moment ago.
-fn two_addrs() -> (SocketAddr, SocketAddr) {
-    let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
-    let listen = SocketAddr::from(([127, 0, 0, 1], free_port()));
-    (admin, listen)
-}
-
 fn start(yaml: &str, admin: SocketAddr) -> Raftlb {
     blocking(|| Raftlb::start(yaml, admin))
 }
@@ -95,7 +88,7 @@ async fn hundred_megabytes_both_ways_arrive_intact() {
     raise_nofile();
     const TOTAL: usize = 100 * MB;
     let echo = echo_backend().await;
-    let (admin, listen) = two_addrs();
+    let (admin, listen) = (loopback(), loopback());
     let lb = start(
         &Raftlb::standalone_yaml(admin, listen, "", "", &[("echo", echo)]),
         admin,
@@ -178,7 +171,7 @@ async fn client_half_close_reaches_the_backend_which_can_still_reply() {
             let _ = s.shutdown().await;
         }
     });
-    let (admin, listen) = two_addrs();
+    let (admin, listen) = (loopback(), loopback());
     let _lb = start(
         &Raftlb::standalone_yaml(admin, listen, "", "", &[("b", backend)]),
         admin,
@@ -213,7 +206,7 @@ async fn backend_half_close_reaches_the_client_which_can_still_send() {
         let read = timeout(Duration::from_secs(10), s.read_to_end(&mut from_client)).await;
         let _ = got_tx.send(read.map(|r| r.map(|_| from_client)));
     });
-    let (admin, listen) = two_addrs();
+    let (admin, listen) = (loopback(), loopback());
     let _lb = start(
         &Raftlb::standalone_yaml(admin, listen, "", "", &[("b", backend)]),
         admin,
@@ -243,7 +236,7 @@ async fn weighted_pool(balance: &str) -> (Raftlb, SocketAddr) {
         named_backend("b").await,
         named_backend("c").await,
     );
-    let (admin, listen) = two_addrs();
+    let (admin, listen) = (loopback(), loopback());
     let yaml = Raftlb::standalone_yaml_weighted(
         admin,
         listen,
@@ -392,7 +385,7 @@ async fn connect_failures_are_retried_on_another_backend() {
     raise_nofile();
     let dead = SocketAddr::from(([127, 0, 0, 1], free_port()));
     let live = named_backend("live").await;
-    let (admin, listen) = two_addrs();
+    let (admin, listen) = (loopback(), loopback());
     let lb = start(
         &Raftlb::standalone_yaml(
             admin,
@@ -433,7 +426,7 @@ async fn with_no_backend_reachable_the_client_is_closed_promptly() {
     raise_nofile();
     let dead1 = SocketAddr::from(([127, 0, 0, 1], free_port()));
     let dead2 = SocketAddr::from(([127, 0, 0, 1], free_port()));
-    let (admin, listen) = two_addrs();
+    let (admin, listen) = (loopback(), loopback());
     let lb = start(
         &Raftlb::standalone_yaml(
             admin,
@@ -480,7 +473,7 @@ async fn with_no_backend_reachable_the_client_is_closed_promptly() {
 async fn max_connections_closes_the_extra_connection_at_once() {
     raise_nofile();
     let echo = echo_backend().await;
-    let (admin, listen) = two_addrs();
+    let (admin, listen) = (loopback(), loopback());
     let lb = start(
         &Raftlb::standalone_yaml(
             admin,
@@ -558,7 +551,7 @@ async fn max_connections_closes_the_extra_connection_at_once() {
 async fn idle_timeout_closes_idle_connections_only() {
     raise_nofile();
     let echo = echo_backend().await;
-    let (admin, listen) = two_addrs();
+    let (admin, listen) = (loopback(), loopback());
     let _lb = start(
         &Raftlb::standalone_yaml(
             admin,
@@ -612,7 +605,7 @@ async fn two_thousand_concurrent_connections_all_echo() {
     raise_nofile();
     const N: usize = 2000;
     let echo = echo_backend().await;
-    let (admin, listen) = two_addrs();
+    let (admin, listen) = (loopback(), loopback());
     let lb = start(
         &Raftlb::standalone_yaml(
             admin,

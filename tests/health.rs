@@ -232,11 +232,6 @@ fn lab() -> Lab {
     }
 }
 
-/// (admin, listener) addresses.
-fn addrs() -> (SocketAddr, SocketAddr) {
-    (loopback(), loopback())
-}
-
 /// Pool lines (4-space indent) for a `health_check`; `tls` is the inner flow mapping.
 fn check_yaml(
     kind: &str,
@@ -350,7 +345,7 @@ async fn a_failing_readyz_takes_a_backend_out_and_a_passing_one_brings_it_back()
     let lab = lab();
     let a = Apiserver::start("a", lab.server.clone()).await;
     let b = Apiserver::start("b", lab.server.clone()).await;
-    let (admin, listen) = addrs();
+    let (admin, listen) = (loopback(), loopback());
     let check = https_check(&lab.pki, "200ms", "150ms", 2, 2);
     let yaml = Raftlb::standalone_yaml(admin, listen, &check, "", &[("a", a.addr), ("b", b.addr)]);
     let lb = blocking(|| Raftlb::start(&yaml, admin));
@@ -426,7 +421,7 @@ async fn a_failing_readyz_takes_a_backend_out_and_a_passing_one_brings_it_back()
 async fn backends_are_unknown_and_unused_until_rise_probes_pass() {
     let lab = lab();
     let a = Apiserver::start("a", lab.server.clone()).await;
-    let (admin, listen) = addrs();
+    let (admin, listen) = (loopback(), loopback());
     // One probe a second, rise 2: after the first good probe there is ~1 s in which
     // the backend has passed a probe but must still be routed as down.
     let check = https_check(&lab.pki, "1s", "500ms", 2, 2);
@@ -525,7 +520,7 @@ async fn tcp_and_tls_probes_follow_the_port_and_verify_the_certificate() {
             vec![("tls", a.addr)],
         ),
     ];
-    let (admin, listen) = addrs();
+    let (admin, listen) = (loopback(), loopback());
     let mut yaml = format!(
         "admin:\n  bind: {admin}\nlisteners:\n  front:\n    bind: {listen}\n    pool: web\npools:\n"
     );
@@ -583,7 +578,7 @@ async fn passive_checks_take_a_dead_backend_out_and_retry_it_after_passive_hold(
     raise_nofile();
     let live = named_backend("live").await;
     let dead = loopback();
-    let (admin, listen) = addrs();
+    let (admin, listen) = (loopback(), loopback());
     let yaml = Raftlb::standalone_yaml(
         admin,
         listen,
@@ -651,7 +646,7 @@ async fn with_every_backend_down_connections_close_at_once() {
     let b = Apiserver::start("b", lab.server.clone()).await;
     a.ready.store(false, Ordering::SeqCst);
     b.ready.store(false, Ordering::SeqCst);
-    let (admin, listen) = addrs();
+    let (admin, listen) = (loopback(), loopback());
     let pool = format!(
         "    connect_timeout: 5s\n{}",
         https_check(&lab.pki, "200ms", "150ms", 2, 2)
@@ -695,7 +690,7 @@ async fn on_down_close_cuts_established_connections_and_none_keeps_them() {
     for on_down in ["close", "none"] {
         let lab = lab();
         let a = Apiserver::start("a", lab.server.clone()).await;
-        let (admin, listen) = addrs();
+        let (admin, listen) = (loopback(), loopback());
         let pool = format!(
             "    on_down: {on_down}\n{}",
             https_check(&lab.pki, "200ms", "150ms", 2, 2)
@@ -747,7 +742,7 @@ async fn apiserver_graceful_shutdown_costs_no_client_request() {
     for name in ["m1", "m2", "m3"] {
         servers.push(Apiserver::start(name, lab.server.clone()).await);
     }
-    let (admin, listen) = addrs();
+    let (admin, listen) = (loopback(), loopback());
     let backends: Vec<(&str, SocketAddr)> =
         servers.iter().map(|s| (s.name.as_str(), s.addr)).collect();
     let check = https_check(&lab.pki, "200ms", "200ms", 2, 2);
@@ -840,7 +835,7 @@ async fn a_silent_backend_does_not_stall_the_probes_of_the_others() {
     let good = Apiserver::start("good", lab.server.clone()).await;
     let slow = Apiserver::start("slow", lab.server.clone()).await;
     slow.silent.store(true, Ordering::SeqCst);
-    let (admin, listen) = addrs();
+    let (admin, listen) = (loopback(), loopback());
     let check = https_check(&lab.pki, "200ms", "1s", 2, 2);
     let yaml = Raftlb::standalone_yaml(
         admin,

@@ -194,6 +194,18 @@ async fn gated_stream_backend(
     (addr, accepted)
 }
 
+/// Waits up to `within` for raftlb to exit and asserts it exited with code 0.
+fn assert_exits_0(lb: &mut Raftlb, within: Duration, otherwise: &str) {
+    let status = blocking(|| lb.wait_exit(within));
+    let status = status.unwrap_or_else(|| panic!("raftlb {otherwise}:\n{}", lb.log()));
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "exit status {status}:\n{}",
+        lb.log()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_stops_accepting_and_drains_the_open_transfer_then_exits_0() {
     raise_nofile();
@@ -282,18 +294,10 @@ async fn sigterm_stops_accepting_and_drains_the_open_transfer_then_exits_0() {
     let first_bad = got.iter().enumerate().position(|(i, &b)| b != byte_at(i));
     assert_eq!(first_bad, None, "the transfer arrived corrupted");
 
-    let status = blocking(|| lb.wait_exit(Duration::from_secs(15)));
-    let status = status.unwrap_or_else(|| {
-        panic!(
-            "raftlb did not exit within 15 s of its last connection closing:\n{}",
-            lb.log()
-        )
-    });
-    assert_eq!(
-        status.code(),
-        Some(0),
-        "exit status {status}:\n{}",
-        lb.log()
+    assert_exits_0(
+        &mut lb,
+        Duration::from_secs(15),
+        "did not exit within 15 s of its last connection closing",
     );
 }
 
@@ -329,18 +333,10 @@ async fn shutdown_grace_expiry_cuts_idle_connections_and_exits_0() {
         cut.is_ok(),
         "idle connection not cut after shutdown_grace 1s: {cut:?}"
     );
-    let status = blocking(|| lb.wait_exit(Duration::from_secs(10)));
-    let status = status.unwrap_or_else(|| {
-        panic!(
-            "raftlb still running 10 s after shutdown_grace 1s expired:\n{}",
-            lb.log()
-        )
-    });
-    assert_eq!(
-        status.code(),
-        Some(0),
-        "exit status {status}:\n{}",
-        lb.log()
+    assert_exits_0(
+        &mut lb,
+        Duration::from_secs(10),
+        "still running 10 s after shutdown_grace 1s expired",
     );
     assert!(
         signalled.elapsed() >= Duration::from_millis(900),

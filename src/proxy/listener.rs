@@ -11,6 +11,7 @@ use arc_swap::ArcSwap;
 use metrics::{Counter, Gauge, Histogram};
 use socket2::{Domain, Protocol, SockRef, Socket, TcpKeepalive, Type};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -135,6 +136,7 @@ pub fn spawn(
         settings: listener.settings.clone(),
         stop: listener.stop_accepting.clone(),
         active: Arc::new(AtomicU32::new(0)),
+        starved: Arc::new(Notify::new()),
         meters: Arc::new(MeterCache::default()),
         shared,
     };
@@ -148,6 +150,9 @@ struct AcceptLoop {
     settings: Arc<ArcSwap<Settings>>,
     stop: CancellationToken,
     active: Arc<AtomicU32>,
+    /// Set by a connection that could not open its backend socket for lack of
+    /// descriptors or memory: the accept loop backs off as if accept() had failed.
+    starved: Arc<Notify>,
     meters: Arc<MeterCache>,
     shared: Shared,
 }
@@ -155,28 +160,37 @@ struct AcceptLoop {
 impl AcceptLoop {
     async fn run(self) {
         let mut backoff = Duration::ZERO;
+        let mut last_starved: Option<Instant> = None;
         loop {
-            let accepted = tokio::select! {
+            tokio::select! {
                 () = self.stop.cancelled() => break,
-                accepted = self.socket.accept() => accepted,
-            };
-            match accepted {
-                Ok((client, peer)) => {
-                    backoff = Duration::ZERO;
-                    self.admit(client, peer);
-                }
-                Err(e) if out_of_resources(&e) => {
-                    // Back off instead of spinning: the pending connection stays in the backlog.
-                    backoff =
-                        (backoff * 2).clamp(Duration::from_millis(10), Duration::from_secs(1));
-                    tracing::warn!(listener = %self.name, error = %e, ?backoff, "accept failed: out of file descriptors or memory; backing off");
-                    tokio::select! {
-                        () = self.stop.cancelled() => break,
-                        () = tokio::time::sleep(backoff) => {}
+                // A connection of this listener found no descriptor for its backend.
+                () = self.starved.notified() => {}
+                accepted = self.socket.accept() => match accepted {
+                    Ok((client, peer)) => {
+                        if last_starved.is_none_or(|at| at.elapsed() > Duration::from_secs(1)) {
+                            backoff = Duration::ZERO;
+                        }
+                        self.admit(client, peer);
+                        continue;
                     }
-                }
-                // ECONNABORTED and the like concern one connection only.
-                Err(e) => tracing::debug!(listener = %self.name, error = %e, "accept failed"),
+                    Err(e) if out_of_resources(&e) => {
+                        tracing::warn!(listener = %self.name, error = %e, "accept failed");
+                    }
+                    // ECONNABORTED and the like concern one connection only.
+                    Err(e) => {
+                        tracing::debug!(listener = %self.name, error = %e, "accept failed");
+                        continue;
+                    }
+                },
+            }
+            // Back off instead of spinning: pending connections wait in the backlog.
+            last_starved = Some(Instant::now());
+            backoff = (backoff * 2).clamp(Duration::from_millis(10), Duration::from_secs(1));
+            tracing::warn!(listener = %self.name, ?backoff, "out of file descriptors or memory; backing off");
+            tokio::select! {
+                () = self.stop.cancelled() => break,
+                () = tokio::time::sleep(backoff) => {}
             }
         }
         tracing::info!(listener = %self.name, "stopped accepting");
@@ -199,6 +213,7 @@ impl AcceptLoop {
             settings,
             meters: self.meters.clone(),
             shared: self.shared.clone(),
+            starved: self.starved.clone(),
             _slot: Slot(self.active.clone()),
         };
         self.shared.connections.spawn(conn.serve(client, peer));
@@ -243,6 +258,7 @@ struct Connection {
     settings: Arc<Settings>,
     meters: Arc<MeterCache>,
     shared: Shared,
+    starved: Arc<Notify>,
     _slot: Slot,
 }
 
@@ -416,6 +432,15 @@ impl Connection {
                         upstream,
                         meters,
                     });
+                }
+                // The shortage is ours, not the backend's: no passive failure, no retry.
+                Err(e) if out_of_resources(&e) => {
+                    self.starved.notify_one();
+                    self.meters
+                        .none(&self.listener, &pool.name, "rejected")
+                        .increment(1);
+                    tracing::warn!(listener = %self.listener, pool = %pool.name, error = %e, "no descriptor for the backend connection; closing the client");
+                    return None;
                 }
                 Err(e) => {
                     meters.connect_failed.increment(1);

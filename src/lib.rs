@@ -11,6 +11,7 @@ pub mod demo;
 pub mod health;
 pub mod metrics;
 pub mod proxy;
+pub mod store;
 pub mod tls;
 
 use std::process::ExitCode;

@@ -14,6 +14,16 @@ pub const BACKEND_DRAINED: &str = "raftlb_backend_drained";
 pub const HEALTH_CHECKS_TOTAL: &str = "raftlb_health_checks_total";
 pub const CONFIG_VERSION: &str = "raftlb_config_version";
 pub const CONFIG_RELOADS_TOTAL: &str = "raftlb_config_reloads_total";
+pub const CONFIG_APPLY_FAILURES_TOTAL: &str = "raftlb_config_apply_failures_total";
+pub const RAFT_TERM: &str = "raftlb_raft_term";
+pub const RAFT_IS_LEADER: &str = "raftlb_raft_is_leader";
+pub const RAFT_COMMIT_INDEX: &str = "raftlb_raft_commit_index";
+pub const RAFT_APPLIED_INDEX: &str = "raftlb_raft_applied_index";
+pub const RAFT_MEMBERS: &str = "raftlb_raft_members";
+pub const RAFT_QUORUM: &str = "raftlb_raft_quorum";
+pub const RAFT_MEMBER_REACHABLE: &str = "raftlb_raft_member_reachable";
+pub const PEER_RPC_ERRORS_TOTAL: &str = "raftlb_peer_rpc_errors_total";
+pub const RAFT_APPLY_DURATION: &str = "raftlb_raft_apply_duration_seconds";
 
 /// `connect_duration_seconds` buckets: 0.5 ms .. 2.5 s.
 const CONNECT_BUCKETS: &[f64] = &[
@@ -28,6 +38,12 @@ pub fn install() -> PrometheusHandle {
         .get_or_init(|| {
             let recorder = PrometheusBuilder::new()
                 .set_buckets_for_metric(Matcher::Full(CONNECT_DURATION.into()), CONNECT_BUCKETS)
+                .and_then(|b| {
+                    b.set_buckets_for_metric(
+                        Matcher::Full(RAFT_APPLY_DURATION.into()),
+                        CONNECT_BUCKETS,
+                    )
+                })
                 .map(PrometheusBuilder::build_recorder);
             let handle = match recorder {
                 Ok(recorder) => {
@@ -78,5 +94,30 @@ fn describe() {
     describe_counter!(
         CONFIG_RELOADS_TOTAL,
         "Config reloads (SIGHUP) by result: ok or invalid."
+    );
+    describe_counter!(
+        CONFIG_APPLY_FAILURES_TOTAL,
+        "Committed pools this replica could not apply (it keeps the previous version of the pool)."
+    );
+    describe_gauge!(RAFT_TERM, "Current Raft term.");
+    describe_gauge!(RAFT_IS_LEADER, "1 when this replica is the Raft leader.");
+    describe_gauge!(RAFT_COMMIT_INDEX, "Highest Raft log index known committed.");
+    describe_gauge!(RAFT_APPLIED_INDEX, "Highest Raft log index applied here.");
+    describe_gauge!(RAFT_MEMBERS, "Voting members of the Raft group.");
+    describe_gauge!(
+        RAFT_QUORUM,
+        "Votes needed for a quorum: floor(members/2)+1."
+    );
+    describe_gauge!(
+        RAFT_MEMBER_REACHABLE,
+        "1 when the member answered recently (as seen by this replica)."
+    );
+    describe_counter!(
+        PEER_RPC_ERRORS_TOTAL,
+        "Failed peer RPCs by peer and kind: connect, io, refused, remote."
+    );
+    describe_histogram!(
+        RAFT_APPLY_DURATION,
+        "Time to apply and persist one batch of committed entries, in seconds."
     );
 }

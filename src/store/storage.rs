@@ -1,0 +1,419 @@
+//! Raft log, vote and state machine in one redb file under `data_dir` (openraft's
+//! storage v2 traits). The state machine is persisted after every applied batch, so a
+//! restarted replica serves its last applied config before it reaches a quorum.
+
+use std::fmt::Debug;
+use std::io::{self, Cursor};
+use std::ops::{Bound, RangeBounds};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+use futures_util::{Stream, TryStreamExt};
+use openraft::entry::RaftEntry;
+use openraft::storage::{
+    EntryResponder, IOFlushed, LogState, RaftLogReader, RaftLogStorage, RaftSnapshotBuilder,
+    RaftStateMachine,
+};
+use openraft::{EntryPayload, OptionalSend};
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use super::types::{
+    Entry, LogId, Replicated, Snapshot, SnapshotMeta, StoredMembership, TypeConfig, Vote,
+};
+use crate::metrics as m;
+
+/// Log entries by index.
+const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
+/// Everything else, JSON by key.
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+
+const VOTE: &str = "vote";
+const COMMITTED: &str = "committed";
+const PURGED: &str = "last_purged";
+const APPLIED: &str = "applied";
+const SNAPSHOT: &str = "snapshot";
+pub const IDENTITY: &str = "identity";
+pub const REMOVED: &str = "removed";
+
+/// The file under `data_dir`.
+pub const FILE: &str = "raftlb.redb";
+
+/// Opens (or creates) the store file.
+pub fn open(data_dir: &Path) -> io::Result<Arc<Database>> {
+    std::fs::create_dir_all(data_dir)?;
+    let db = Database::create(data_dir.join(FILE)).map_err(io::Error::other)?;
+    // Create the tables, so reads never meet a missing one.
+    let tx = db.begin_write().map_err(io::Error::other)?;
+    tx.open_table(LOG).map_err(io::Error::other)?;
+    tx.open_table(META).map_err(io::Error::other)?;
+    tx.commit().map_err(io::Error::other)?;
+    Ok(Arc::new(db))
+}
+
+pub fn get_meta<T: DeserializeOwned>(db: &Database, key: &str) -> io::Result<Option<T>> {
+    let tx = db.begin_read().map_err(io::Error::other)?;
+    let table = tx.open_table(META).map_err(io::Error::other)?;
+    let Some(bytes) = table.get(key).map_err(io::Error::other)? else {
+        return Ok(None);
+    };
+    serde_json::from_slice(bytes.value())
+        .map(Some)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("{key}: {e}")))
+}
+
+/// Writes one meta key; `durable` waits for the disk.
+pub fn put_meta<T: Serialize>(
+    db: &Database,
+    key: &str,
+    value: &T,
+    durable: bool,
+) -> io::Result<()> {
+    let bytes = serde_json::to_vec(value).map_err(io::Error::other)?;
+    let mut tx = db.begin_write().map_err(io::Error::other)?;
+    if !durable {
+        tx.set_durability(Durability::None)
+            .map_err(io::Error::other)?;
+    }
+    {
+        let mut table = tx.open_table(META).map_err(io::Error::other)?;
+        table
+            .insert(key, bytes.as_slice())
+            .map_err(io::Error::other)?;
+    }
+    tx.commit().map_err(io::Error::other)
+}
+
+fn decode<T: DeserializeOwned>(bytes: &[u8]) -> io::Result<T> {
+    serde_json::from_slice(bytes).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+}
+
+/// True when the log holds no entry and no vote was ever saved: a pristine data_dir.
+pub fn is_empty(db: &Database) -> io::Result<bool> {
+    let tx = db.begin_read().map_err(io::Error::other)?;
+    let log = tx.open_table(LOG).map_err(io::Error::other)?;
+    let meta = tx.open_table(META).map_err(io::Error::other)?;
+    Ok(log.first().map_err(io::Error::other)?.is_none()
+        && meta.get(VOTE).map_err(io::Error::other)?.is_none()
+        && meta.get(APPLIED).map_err(io::Error::other)?.is_none())
+}
+
+/// The Raft log and vote.
+#[derive(Clone)]
+pub struct LogStore {
+    db: Arc<Database>,
+}
+
+impl LogStore {
+    pub fn new(db: Arc<Database>) -> Self {
+        LogStore { db }
+    }
+}
+
+impl RaftLogReader<TypeConfig> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<Entry>, io::Error> {
+        let start = match range.start_bound() {
+            Bound::Included(i) => *i,
+            Bound::Excluded(i) => i.saturating_add(1),
+            Bound::Unbounded => 0,
+        };
+        let tx = self.db.begin_read().map_err(io::Error::other)?;
+        let table = tx.open_table(LOG).map_err(io::Error::other)?;
+        let mut entries = Vec::new();
+        for item in table.range(start..).map_err(io::Error::other)? {
+            let (index, bytes) = item.map_err(io::Error::other)?;
+            if !range.contains(&index.value()) {
+                break;
+            }
+            entries.push(decode(bytes.value())?);
+        }
+        Ok(entries)
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<Vote>, io::Error> {
+        get_meta(&self.db, VOTE)
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for LogStore {
+    type LogReader = Self;
+
+    async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, io::Error> {
+        let last_purged: Option<LogId> = get_meta(&self.db, PURGED)?;
+        let tx = self.db.begin_read().map_err(io::Error::other)?;
+        let table = tx.open_table(LOG).map_err(io::Error::other)?;
+        let last = match table.last().map_err(io::Error::other)? {
+            Some((_, bytes)) => Some(decode::<Entry>(bytes.value())?.log_id()),
+            None => last_purged,
+        };
+        Ok(LogState {
+            last_purged_log_id: last_purged,
+            last_log_id: last,
+        })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote) -> Result<(), io::Error> {
+        put_meta(&self.db, VOTE, vote, true)
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), io::Error> {
+        put_meta(&self.db, COMMITTED, &committed, false)
+    }
+
+    async fn read_committed(&mut self) -> Result<Option<LogId>, io::Error> {
+        Ok(get_meta::<Option<LogId>>(&self.db, COMMITTED)?.flatten())
+    }
+
+    async fn append<I>(
+        &mut self,
+        entries: I,
+        callback: IOFlushed<TypeConfig>,
+    ) -> Result<(), io::Error>
+    where
+        I: IntoIterator<Item = Entry> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let mut encoded = Vec::new();
+        for entry in entries {
+            encoded.push((
+                entry.index(),
+                serde_json::to_vec(&entry).map_err(io::Error::other)?,
+            ));
+        }
+        // The fsync runs off the Raft task; openraft waits for the callback.
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || {
+            let write = || -> io::Result<()> {
+                let tx = db.begin_write().map_err(io::Error::other)?;
+                {
+                    let mut table = tx.open_table(LOG).map_err(io::Error::other)?;
+                    for (index, bytes) in &encoded {
+                        table
+                            .insert(index, bytes.as_slice())
+                            .map_err(io::Error::other)?;
+                    }
+                }
+                tx.commit().map_err(io::Error::other)
+            };
+            callback.io_completed(write());
+        });
+        Ok(())
+    }
+
+    async fn truncate_after(&mut self, last_log_id: Option<LogId>) -> Result<(), io::Error> {
+        let from = last_log_id.map_or(0, |id| id.index() + 1);
+        self.remove_range(from..)
+    }
+
+    async fn purge(&mut self, log_id: LogId) -> Result<(), io::Error> {
+        put_meta(&self.db, PURGED, &log_id, true)?;
+        self.remove_range(..=log_id.index())
+    }
+}
+
+impl LogStore {
+    fn remove_range(&self, range: impl RangeBounds<u64>) -> io::Result<()> {
+        let tx = self.db.begin_write().map_err(io::Error::other)?;
+        {
+            let mut table = tx.open_table(LOG).map_err(io::Error::other)?;
+            table
+                .retain_in(range, |_, _| false)
+                .map_err(io::Error::other)?;
+        }
+        tx.commit().map_err(io::Error::other)
+    }
+}
+
+/// What the state machine has applied: persisted after every batch.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Applied {
+    pub last_applied: Option<LogId>,
+    pub membership: StoredMembership,
+    pub state: Replicated,
+}
+
+/// A snapshot as stored: its meta and the serialized [`Replicated`].
+#[derive(Serialize, Deserialize)]
+struct StoredSnapshot {
+    meta: SnapshotMeta,
+    data: Vec<u8>,
+}
+
+/// The replicated state; every change is published on a watch channel for the proxy.
+pub struct StateMachine {
+    db: Arc<Database>,
+    applied: Applied,
+    publish: watch::Sender<Arc<Applied>>,
+}
+
+impl StateMachine {
+    /// Loads the last applied state from the store.
+    pub fn new(db: Arc<Database>) -> io::Result<Self> {
+        let applied: Applied = get_meta(&db, APPLIED)?.unwrap_or_default();
+        let (publish, _) = watch::channel(Arc::new(applied.clone()));
+        Ok(StateMachine {
+            db,
+            applied,
+            publish,
+        })
+    }
+
+    /// Every applied state, starting with the current one.
+    pub fn subscribe(&self) -> watch::Receiver<Arc<Applied>> {
+        self.publish.subscribe()
+    }
+
+    fn persist(&self) -> io::Result<()> {
+        put_meta(&self.db, APPLIED, &self.applied, false)?;
+        self.publish.send_replace(Arc::new(self.applied.clone()));
+        Ok(())
+    }
+}
+
+/// Builds a snapshot of the state at one point.
+pub struct SnapshotBuilder {
+    db: Arc<Database>,
+    applied: Applied,
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
+    type SnapshotData = Cursor<Vec<u8>>;
+
+    async fn build_snapshot(&mut self) -> Result<Snapshot, io::Error> {
+        let data = serde_json::to_vec(&self.applied.state).map_err(io::Error::other)?;
+        let meta = SnapshotMeta {
+            last_log_id: self.applied.last_applied,
+            last_membership: self.applied.membership.clone(),
+        };
+        let stored = StoredSnapshot {
+            meta: meta.clone(),
+            data: data.clone(),
+        };
+        put_meta(&self.db, SNAPSHOT, &stored, true)?;
+        Ok(Snapshot {
+            meta,
+            snapshot: Cursor::new(data),
+        })
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachine {
+    type SnapshotData = Cursor<Vec<u8>>;
+    type SnapshotBuilder = SnapshotBuilder;
+
+    async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), io::Error> {
+        Ok((self.applied.last_applied, self.applied.membership.clone()))
+    }
+
+    async fn apply<Strm>(&mut self, mut entries: Strm) -> Result<(), io::Error>
+    where
+        Strm: Stream<Item = Result<EntryResponder<TypeConfig>, io::Error>> + Unpin + OptionalSend,
+    {
+        let started = Instant::now();
+        let mut responders = Vec::new();
+        while let Some((entry, responder)) = entries.try_next().await? {
+            self.applied.last_applied = Some(entry.log_id);
+            let outcome = match entry.payload {
+                EntryPayload::Blank => None,
+                EntryPayload::Normal(command) => {
+                    tracing::debug!(index = entry.log_id.index(), %command, "apply");
+                    Some(self.applied.state.apply(command))
+                }
+                EntryPayload::Membership(membership) => {
+                    self.applied.membership = StoredMembership::new(Some(entry.log_id), membership);
+                    None
+                }
+            };
+            if let Some(responder) = responder {
+                responders.push((responder, outcome));
+            }
+        }
+        // Persisted before anyone hears of the outcome.
+        self.persist()?;
+        for (responder, outcome) in responders {
+            responder.send(outcome.unwrap_or(super::types::Outcome::Applied {
+                config_version: self.applied.state.config_version,
+            }));
+        }
+        metrics::histogram!(m::RAFT_APPLY_DURATION).record(started.elapsed().as_secs_f64());
+        Ok(())
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        SnapshotBuilder {
+            db: self.db.clone(),
+            applied: self.applied.clone(),
+        }
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta,
+        snapshot: Self::SnapshotData,
+    ) -> Result<(), io::Error> {
+        let data = snapshot.into_inner();
+        let state: Replicated = decode(&data)?;
+        let stored = StoredSnapshot {
+            meta: meta.clone(),
+            data,
+        };
+        put_meta(&self.db, SNAPSHOT, &stored, true)?;
+        self.applied = Applied {
+            last_applied: meta.last_log_id,
+            membership: meta.last_membership.clone(),
+            state,
+        };
+        self.persist()
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot>, io::Error> {
+        let stored: Option<StoredSnapshot> = get_meta(&self.db, SNAPSHOT)?;
+        Ok(stored.map(|s| Snapshot {
+            meta: s.meta,
+            snapshot: Cursor::new(s.data),
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use openraft::StorageError;
+    use openraft::testing::log::{StoreBuilder, Suite};
+
+    struct RedbBuilder;
+
+    impl StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir> for RedbBuilder {
+        async fn build(
+            &self,
+        ) -> Result<(tempfile::TempDir, LogStore, StateMachine), StorageError<TypeConfig>> {
+            let fail = |e: io::Error| {
+                StorageError::from_io_error(
+                    openraft::ErrorSubject::Store,
+                    openraft::ErrorVerb::Read,
+                    e,
+                )
+            };
+            let dir = tempfile::tempdir().map_err(fail)?;
+            let db = open(dir.path()).map_err(fail)?;
+            let sm = StateMachine::new(db.clone()).map_err(fail)?;
+            Ok((dir, LogStore::new(db), sm))
+        }
+    }
+
+    /// openraft's own storage test suite, against the redb store.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn openraft_storage_suite() {
+        Suite::test_all(RedbBuilder).await.expect("storage suite");
+    }
+}

@@ -1,4 +1,835 @@
 //! The embedded Raft store (openraft + redb): replicated pools, membership, records.
+//!
+//! [`Node::start`] opens `data_dir`, checks the identity recorded there, starts
+//! openraft and the peer channel, and bootstraps a new cluster only once a quorum of
+//! the configured peers answers "empty, same cluster_id, same peers". The proxy never
+//! reaches in here: it follows [`Node::applied`], a watch of the applied state.
 
+pub mod network;
 pub mod storage;
 pub mod types;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io;
+use std::sync::Arc;
+use std::time::Duration;
+
+use openraft::error::{ClientWriteError, RaftError};
+use openraft::type_config::async_runtime::WatchReceiver;
+use openraft::{ChangeMembers, Instant as _, ServerState, SnapshotPolicy};
+use redb::Database;
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::config::schema::{self, InitialState};
+use crate::metrics as m;
+use network::{
+    CallError, Factory, HelloReply, Identity, Manage, Net, PeerClient, Reply, Request, Tls,
+    WriteReply,
+};
+use storage::{Applied, LogStore, StateMachine};
+use types::{Command, Node as RaftNode, NodeId, Outcome, Raft};
+
+/// How long a write may wait for its commit before the answer is "outcome unknown".
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Take a snapshot (and compact the log) after this many entries.
+const SNAPSHOT_EVERY: u64 = 1000;
+
+/// What `data_dir` records about the cluster it belongs to.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct Recorded {
+    cluster_id: String,
+    node_id: NodeId,
+    uuid: Option<Uuid>,
+}
+
+/// Why a replica cannot start (or must stop): the exit code and what to tell the operator.
+#[derive(Clone, Debug)]
+pub struct Fatal {
+    pub code: u8,
+    pub message: String,
+}
+
+fn config_error(message: impl Into<String>) -> Fatal {
+    Fatal {
+        code: crate::app::EXIT_CONFIG,
+        message: message.into(),
+    }
+}
+
+fn runtime_error(message: impl Into<String>) -> Fatal {
+    Fatal {
+        code: crate::app::EXIT_RUNTIME,
+        message: message.into(),
+    }
+}
+
+/// Why a write failed; every variant is a 503 or a 4xx for the admin API.
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    /// Nothing was proposed, nothing changed.
+    #[error("{0}")]
+    NotProposed(String),
+    /// Proposed, but not known committed in time: it may still commit.
+    #[error("{0}")]
+    Unknown(String),
+    /// Bad input, refused before proposing.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// One replica of the Raft group.
+pub struct Node {
+    pub id: NodeId,
+    pub cluster_id: String,
+    pub raft: Raft,
+    pub identity: Arc<Identity>,
+    net: Arc<Net>,
+    db: Arc<Database>,
+    applied: watch::Receiver<Arc<Applied>>,
+    peers: BTreeMap<NodeId, String>,
+    heartbeat: Duration,
+    election_timeout: Duration,
+    seed: BTreeMap<String, schema::Pool>,
+    fatal: watch::Sender<Option<Fatal>>,
+    /// When the leader's last AppendEntries (heartbeat) arrived here.
+    leader_contact: std::sync::Mutex<Option<std::time::Instant>>,
+    pub stop: CancellationToken,
+}
+
+impl Node {
+    /// Opens the store and joins (or bootstraps) the cluster. Returns at once: a
+    /// restarted replica serves its last applied state before it reaches a quorum.
+    pub async fn start(
+        cluster: &schema::Cluster,
+        seed: &BTreeMap<String, schema::Pool>,
+    ) -> Result<Arc<Node>, Fatal> {
+        let id = cluster.node_id.value;
+        let cluster_id = cluster.cluster_id.value.clone();
+        let data_dir = &cluster.data_dir;
+        let db = storage::open(data_dir).map_err(|e| {
+            runtime_error(format!(
+                "cluster.data_dir {}: cannot open the store: {e}",
+                data_dir.display()
+            ))
+        })?;
+        let read = |e: io::Error| {
+            runtime_error(format!(
+                "cluster.data_dir {}: cannot read the store: {e}",
+                data_dir.display()
+            ))
+        };
+        if let Some(why) = storage::get_meta::<String>(&db, storage::REMOVED).map_err(read)? {
+            return Err(config_error(format!(
+                "cluster.data_dir {}: this replica was removed from the cluster ({why}); \
+                 to bring it back, wipe the data_dir, run `raftlb ctl member add {id} ADDR` \
+                 and start it with initial_state: existing",
+                data_dir.display()
+            )));
+        }
+        let empty = storage::is_empty(&db).map_err(read)?;
+        let recorded: Option<Recorded> =
+            storage::get_meta(&db, storage::IDENTITY).map_err(read)?;
+        let uuid = match recorded {
+            Some(r) if r.cluster_id != cluster_id => {
+                return Err(config_error(format!(
+                    "cluster.data_dir {}: it belongs to cluster_id {:?}, the file says {:?}: \
+                     point data_dir elsewhere or fix cluster_id",
+                    data_dir.display(),
+                    r.cluster_id,
+                    cluster_id
+                )));
+            }
+            Some(r) if r.node_id != id => {
+                return Err(config_error(format!(
+                    "cluster.data_dir {}: it belongs to node_id {}, the file says {id}",
+                    data_dir.display(),
+                    r.node_id
+                )));
+            }
+            Some(r) => r.uuid,
+            None => {
+                let r = Recorded {
+                    cluster_id: cluster_id.clone(),
+                    node_id: id,
+                    uuid: None,
+                };
+                storage::put_meta(&db, storage::IDENTITY, &r, true).map_err(read)?;
+                None
+            }
+        };
+        let identity = Arc::new(Identity::new(cluster_id.clone(), id, uuid));
+        let tls = match &cluster.tls {
+            Some(t) => Some(Tls::load(t).map_err(config_error)?),
+            None => None,
+        };
+        let net = Arc::new(Net {
+            identity: identity.clone(),
+            tls,
+            connect_timeout: cluster.election_timeout.value.get().max(Duration::from_millis(500)),
+        });
+
+        let heartbeat = cluster.heartbeat_interval.value.get();
+        let election_timeout = cluster.election_timeout.value.get();
+        let raft_config = openraft::Config {
+            cluster_name: cluster_id.clone(),
+            heartbeat_interval: millis(heartbeat),
+            election_timeout_min: millis(election_timeout),
+            election_timeout_max: millis(election_timeout) * 2,
+            install_snapshot_timeout: millis(election_timeout).max(2000),
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(SNAPSHOT_EVERY),
+            max_in_snapshot_log_to_keep: 100,
+            ..Default::default()
+        }
+        .validate()
+        .map_err(|e| config_error(format!("cluster: {e}")))?;
+
+        let sm = StateMachine::new(db.clone()).map_err(read)?;
+        let applied = sm.subscribe();
+        let raft = Raft::new(
+            id,
+            Arc::new(raft_config),
+            Factory { net: net.clone() },
+            LogStore::new(db.clone()),
+            sm,
+        )
+        .await
+        .map_err(|e| runtime_error(format!("cannot start Raft: {e}")))?;
+
+        let peers = cluster
+            .peers
+            .value
+            .iter()
+            .map(|(id, addr)| (*id, addr.to_string()))
+            .collect();
+        let bind = cluster.bind.value.0;
+        let socket = crate::proxy::listener::bind(bind).map_err(|e| {
+            runtime_error(format!("cluster.bind {bind}: cannot listen: {e}"))
+        })?;
+        let (fatal, _) = watch::channel(None);
+        let node = Arc::new(Node {
+            id,
+            cluster_id,
+            raft,
+            identity,
+            net: net.clone(),
+            db,
+            applied,
+            peers,
+            heartbeat,
+            election_timeout,
+            seed: seed.clone(),
+            fatal,
+            leader_contact: std::sync::Mutex::new(None),
+            stop: CancellationToken::new(),
+        });
+        tokio::spawn(network::serve(
+            socket,
+            net,
+            node.clone(),
+            node.stop.clone(),
+        ));
+        tracing::info!(node_id = id, %bind, "Raft peer port listening");
+        if empty && cluster.initial_state == InitialState::New {
+            tokio::spawn(node.clone().bootstrap());
+        } else if empty {
+            tracing::info!("initial_state: existing: waiting to be added (raftlb ctl member add {id} ADDR), then catching up");
+        }
+        tokio::spawn(node.clone().housekeeping());
+        Ok(node)
+    }
+
+    /// The applied state, and every change of it.
+    pub fn applied(&self) -> watch::Receiver<Arc<Applied>> {
+        self.applied.clone()
+    }
+
+    /// Set when the replica must stop (wiped data_dir found at bootstrap, removed).
+    pub fn fatal(&self) -> watch::Receiver<Option<Fatal>> {
+        self.fatal.subscribe()
+    }
+
+    fn die(&self, fatal: Fatal) {
+        tracing::error!("{}", fatal.message);
+        self.fatal.send_replace(Some(fatal));
+    }
+
+    pub fn metrics(&self) -> openraft::RaftMetrics<types::TypeConfig> {
+        self.raft.metrics().borrow_watched().clone()
+    }
+
+    fn leader(&self) -> Option<(NodeId, String)> {
+        let metrics = self.raft.metrics();
+        let metrics = metrics.borrow_watched();
+        let leader = metrics.current_leader?;
+        let addr = metrics
+            .membership_config
+            .membership()
+            .get_node(&leader)
+            .map(|n| n.addr.clone())?;
+        Some((leader, addr))
+    }
+
+    /// True when this replica heard from a quorum recently: the leader counts its
+    /// acknowledgements, a follower its leader's heartbeats.
+    pub fn quorum_reachable(&self) -> bool {
+        let metrics = self.raft.metrics();
+        let metrics = metrics.borrow_watched();
+        let fresh = self.election_timeout * 2;
+        match metrics.state {
+            ServerState::Leader => metrics
+                .last_quorum_acked
+                .as_ref()
+                .is_some_and(|at| at.elapsed() < fresh),
+            _ => {
+                metrics.current_leader.is_some()
+                    && self
+                        .leader_contact
+                        .lock()
+                        .ok()
+                        .and_then(|at| *at)
+                        .is_some_and(|at| at.elapsed() < fresh)
+            }
+        }
+    }
+
+    /// Waits for a quorum of `peers` to answer "empty, same cluster_id, same peers",
+    /// then initialises with exactly that membership. Never alone on silence.
+    async fn bootstrap(self: Arc<Self>) {
+        let quorum = self.peers.len() / 2 + 1;
+        let mine: Vec<(NodeId, String)> =
+            self.peers.iter().map(|(k, v)| (*k, v.clone())).collect();
+        let mut logged_wait = false;
+        loop {
+            if self.stop.is_cancelled() || self.raft.is_initialized().await.unwrap_or(true) {
+                return;
+            }
+            let mut ready = 1; // this replica: empty, same cluster_id, same peers
+            for (peer, addr) in &self.peers {
+                if *peer == self.id {
+                    continue;
+                }
+                let mut client = PeerClient::new(self.net.clone(), *peer, addr.clone());
+                let hello = match client.call(Request::Hello, Duration::from_secs(1)).await {
+                    Ok(Reply::Hello(h)) => h,
+                    Ok(_) => continue,
+                    Err(CallError::Refused(why)) => {
+                        tracing::warn!(peer, "bootstrap: {why}");
+                        continue;
+                    }
+                    Err(_) => continue,
+                };
+                if hello.joined.contains(&self.id) {
+                    return self.die(config_error(format!(
+                        "node {id} has joined this cluster before, but its data_dir is empty \
+                         (wiped?): it must not rejoin under the same id with an empty log. \
+                         Run `raftlb ctl member remove {id}`, then `raftlb ctl member add {id} ADDR`, \
+                         then start it with initial_state: existing",
+                        id = self.id
+                    )));
+                }
+                if !hello.empty {
+                    tracing::info!(
+                        peer,
+                        "bootstrap: the cluster exists already; waiting for the leader to replicate"
+                    );
+                    return;
+                }
+                if hello.peers != mine {
+                    tracing::warn!(
+                        peer,
+                        theirs = ?hello.peers,
+                        ours = ?mine,
+                        "bootstrap: peer has different peers; it does not count towards the quorum"
+                    );
+                    continue;
+                }
+                ready += 1;
+            }
+            if ready >= quorum {
+                let members: BTreeMap<NodeId, RaftNode> = self
+                    .peers
+                    .iter()
+                    .map(|(id, addr)| (*id, RaftNode { addr: addr.clone() }))
+                    .collect();
+                match self.raft.initialize(members).await {
+                    Ok(()) => tracing::info!(
+                        peers = self.peers.len(),
+                        "bootstrap: a quorum of empty peers answered; cluster initialised"
+                    ),
+                    Err(e) => tracing::info!(error = %e, "bootstrap: initialised by a peer"),
+                }
+                return;
+            }
+            if !logged_wait {
+                tracing::info!(
+                    ready,
+                    quorum,
+                    "bootstrap: waiting for a quorum of empty peers with the same cluster_id and peers"
+                );
+                logged_wait = true;
+            }
+            tokio::time::sleep(self.election_timeout).await;
+        }
+    }
+
+    /// Background duties: the first leader commits the cluster UUID and seed; each
+    /// replica records the UUID, says "joined" once, notices its removal, and keeps
+    /// the Raft metrics current.
+    async fn housekeeping(self: Arc<Self>) {
+        let mut applied = self.applied.clone();
+        let mut metrics = self.raft.metrics();
+        let mut said_joined = false;
+        let mut compared_seed = false;
+        let mut was_member = false;
+        loop {
+            let state = applied.borrow_and_update().clone();
+            let raft = metrics.borrow_and_update().clone();
+            publish_metrics(&raft, self.id);
+            if let Some(uuid) = state.state.cluster_uuid
+                && self.identity.uuid() != Some(uuid)
+            {
+                self.identity.set_uuid(uuid);
+                let r = Recorded {
+                    cluster_id: self.cluster_id.clone(),
+                    node_id: self.id,
+                    uuid: Some(uuid),
+                };
+                if let Err(e) = storage::put_meta(&self.db, storage::IDENTITY, &r, true) {
+                    tracing::error!(error = %e, "cannot record the cluster UUID in data_dir");
+                }
+            }
+            let leader = raft.state == ServerState::Leader;
+            if leader && state.state.cluster_uuid.is_none() && state.last_applied.is_some() {
+                let this = self.clone();
+                tokio::spawn(async move {
+                    let init = Command::Init {
+                        uuid: Uuid::new_v4(),
+                        pools: this.seed.clone(),
+                    };
+                    if let Err(e) = this.write(init).await {
+                        tracing::warn!(error = %e, "cannot commit the cluster identity yet");
+                    }
+                });
+            }
+            let voters: BTreeSet<NodeId> = state.membership.membership().voter_ids().collect();
+            let member = state.membership.membership().get_node(&self.id).is_some();
+            if member {
+                was_member = true;
+            } else if was_member && state.state.joined.contains(&self.id) {
+                self.removed("its removal was committed").await;
+                return;
+            }
+            if state.state.cluster_uuid.is_some() && !compared_seed {
+                compared_seed = true;
+                log_seed_difference(&self.seed, &state.state.pools);
+            }
+            if !said_joined
+                && voters.contains(&self.id)
+                && state.state.cluster_uuid.is_some()
+                && raft.current_leader.is_some()
+            {
+                if state.state.joined.contains(&self.id) {
+                    said_joined = true;
+                } else if self.write(Command::Joined { node: self.id }).await.is_ok() {
+                    tracing::info!(node_id = self.id, "joined the cluster");
+                    said_joined = true;
+                }
+            }
+            tokio::select! {
+                () = self.stop.cancelled() => return,
+                _ = applied.changed() => {}
+                _ = metrics.changed() => {}
+                () = tokio::time::sleep(self.heartbeat * 5) => {}
+            }
+        }
+    }
+
+    /// This replica is no longer a member: record it, so it refuses to start again on
+    /// this data_dir, and stop.
+    async fn removed(&self, why: &str) {
+        let _ = storage::put_meta(&self.db, storage::REMOVED, &why.to_string(), true);
+        self.die(config_error(format!(
+            "node {} was removed from the cluster ({why}); stopping. It refuses to start again on this data_dir",
+            self.id
+        )));
+    }
+
+    /// Commits `command` through the Raft leader; a follower forwards it.
+    pub async fn write(&self, command: Command) -> Result<Outcome, WriteError> {
+        match self.forward_or_local(Request::Write(command)).await? {
+            Reply::Write(reply) => write_result(reply),
+            other => Err(WriteError::Unknown(format!("unexpected reply: {other:?}"))),
+        }
+    }
+
+    /// Membership changes, on the leader (a follower forwards them).
+    pub async fn manage(&self, op: Manage) -> Result<Outcome, WriteError> {
+        match self.forward_or_local(Request::Manage(op)).await? {
+            Reply::Write(reply) => write_result(reply),
+            other => Err(WriteError::Unknown(format!("unexpected reply: {other:?}"))),
+        }
+    }
+
+    /// A linearizable read of the replicated state (through the leader).
+    pub async fn read(&self) -> Result<Applied, WriteError> {
+        match self.forward_or_local(Request::Read).await? {
+            Reply::Read(Ok(value)) => serde_json::from_value(value)
+                .map_err(|e| WriteError::Unknown(format!("malformed read reply: {e}"))),
+            Reply::Read(Err(e)) => Err(WriteError::NotProposed(e)),
+            other => Err(WriteError::Unknown(format!("unexpected reply: {other:?}"))),
+        }
+    }
+
+    async fn forward_or_local(&self, request: Request) -> Result<Reply, WriteError> {
+        let Some((leader, addr)) = self.leader() else {
+            return Err(WriteError::NotProposed(
+                "no Raft leader: the cluster has no quorum right now; nothing was changed".into(),
+            ));
+        };
+        if leader == self.id {
+            return Ok(self.on_leader(request).await);
+        }
+        let mut client = PeerClient::new(self.net.clone(), leader, addr);
+        match client.call(request, WRITE_TIMEOUT + Duration::from_secs(1)).await {
+            Ok(reply) => Ok(reply),
+            Err(e @ (CallError::Connect(_) | CallError::Refused(_))) => Err(WriteError::NotProposed(
+                format!("cannot reach the Raft leader (node {leader}): {e}; nothing was changed"),
+            )),
+            Err(e) => Err(WriteError::Unknown(format!(
+                "the Raft leader (node {leader}) did not answer: {e}"
+            ))),
+        }
+    }
+
+    /// What the leader does with a write, a membership change or a read.
+    async fn on_leader(&self, request: Request) -> Reply {
+        if !self.quorum_reachable() {
+            let why = "this replica leads but has not heard from a quorum recently; nothing was changed";
+            return match request {
+                Request::Read => Reply::Read(Err(why.into())),
+                _ => Reply::Write(WriteReply::NotProposed(why.into())),
+            };
+        }
+        match request {
+            Request::Write(command) => Reply::Write(
+                proposed(tokio::time::timeout(WRITE_TIMEOUT, self.raft.client_write(command)).await),
+            ),
+            Request::Manage(op) => Reply::Write(self.change_members(op).await),
+            Request::Read => {
+                let read = tokio::time::timeout(
+                    WRITE_TIMEOUT,
+                    self.raft
+                        .ensure_linearizable(openraft::raft::ReadPolicy::ReadIndex),
+                )
+                .await;
+                match read {
+                    Ok(Ok(_)) => {
+                        let applied = self.applied.borrow().clone();
+                        Reply::Read(serde_json::to_value(&*applied).map_err(|e| e.to_string()))
+                    }
+                    Ok(Err(e)) => Reply::Read(Err(format!("linearizable read failed: {e}"))),
+                    Err(_) => Reply::Read(Err("linearizable read timed out".into())),
+                }
+            }
+            other => Reply::Error(format!("not a leader request: {other:?}")),
+        }
+    }
+
+    async fn change_members(&self, op: Manage) -> WriteReply {
+        let metrics = self.metrics();
+        let membership = metrics.membership_config.membership().clone();
+        let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+        let known = |id: NodeId| membership.get_node(&id).is_some();
+        let change = |c| async move {
+            proposed(
+                tokio::time::timeout(WRITE_TIMEOUT, self.raft.change_membership(c, false)).await,
+            )
+        };
+        match op {
+            Manage::AddMember {
+                id,
+                address,
+                learner,
+            } => {
+                if known(id) {
+                    return WriteReply::Invalid(format!(
+                        "node {id} is a member already: remove it first"
+                    ));
+                }
+                let node = RaftNode { addr: address };
+                let added = proposed(
+                    tokio::time::timeout(WRITE_TIMEOUT, self.raft.add_learner(id, node, false))
+                        .await,
+                );
+                if !learner && matches!(added, WriteReply::Done(_)) {
+                    tokio::spawn(promote_when_caught_up(self.raft.clone(), id));
+                }
+                added
+            }
+            Manage::Promote { id } => {
+                if !known(id) {
+                    return WriteReply::Invalid(format!("node {id} is not a member: add it first"));
+                }
+                if voters.contains(&id) {
+                    return WriteReply::Invalid(format!("node {id} is a voter already"));
+                }
+                change(ChangeMembers::AddVoterIds(BTreeSet::from([id]))).await
+            }
+            Manage::Remove { id } => {
+                if !known(id) {
+                    return WriteReply::Invalid(format!("node {id} is not a member"));
+                }
+                if voters.contains(&id) && voters.len() == 1 {
+                    return WriteReply::Invalid(format!(
+                        "node {id} is the only voter: a cluster needs one"
+                    ));
+                }
+                if id == self.id {
+                    return self.hand_over_then_remove(&voters).await;
+                }
+                let addr = membership.get_node(&id).map(|n| n.addr.clone());
+                let mut removal = ChangeMembers::RemoveVoters(BTreeSet::from([id]));
+                if !voters.contains(&id) {
+                    removal = ChangeMembers::RemoveNodes(BTreeSet::from([id]));
+                }
+                let reply = change(removal).await;
+                if let (WriteReply::Done(_), Some(addr)) = (&reply, addr) {
+                    if voters.contains(&id) {
+                        // Joint consensus leaves it a learner: drop it entirely.
+                        let _ = change(ChangeMembers::RemoveNodes(BTreeSet::from([id]))).await;
+                    }
+                    let mut client = PeerClient::new(self.net.clone(), id, addr);
+                    let _ = client.call(Request::Removed, Duration::from_secs(1)).await;
+                }
+                reply
+            }
+        }
+    }
+
+    /// Removing the leader: hand leadership to another voter first, then let the new
+    /// leader remove this replica.
+    async fn hand_over_then_remove(&self, voters: &BTreeSet<NodeId>) -> WriteReply {
+        let Some(to) = voters.iter().copied().find(|v| *v != self.id) else {
+            return WriteReply::Invalid("no other voter to hand leadership to".into());
+        };
+        if let Err(e) = self.raft.trigger().transfer_leader(to).await {
+            return WriteReply::NotProposed(format!("cannot hand leadership over: {e}"));
+        }
+        let deadline = tokio::time::Instant::now() + WRITE_TIMEOUT;
+        while tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(self.heartbeat).await;
+            if let Some((leader, addr)) = self.leader()
+                && leader != self.id
+            {
+                let mut client = PeerClient::new(self.net.clone(), leader, addr);
+                return match client
+                    .call(
+                        Request::Manage(Manage::Remove { id: self.id }),
+                        WRITE_TIMEOUT + Duration::from_secs(1),
+                    )
+                    .await
+                {
+                    Ok(Reply::Write(reply)) => reply,
+                    Ok(other) => WriteReply::Unknown(format!("unexpected reply: {other:?}")),
+                    Err(e) => WriteReply::Unknown(format!("node {leader}: {e}")),
+                };
+            }
+        }
+        WriteReply::NotProposed("leadership was not handed over in time".into())
+    }
+
+    fn hello(&self) -> HelloReply {
+        let applied = self.applied.borrow().clone();
+        let empty = storage::is_empty(&self.db).unwrap_or(false);
+        HelloReply {
+            empty,
+            peers: self.peers.iter().map(|(k, v)| (*k, v.clone())).collect(),
+            joined: applied.state.joined.iter().copied().collect(),
+            heartbeat_ms: millis(self.heartbeat),
+            election_timeout_ms: millis(self.election_timeout),
+        }
+    }
+}
+
+impl network::Handler for Node {
+    async fn handle(&self, from: NodeId, request: Request) -> Reply {
+        match request {
+            Request::Hello => Reply::Hello(self.hello()),
+            Request::Append(rpc) => match self.raft.append_entries(rpc).await {
+                Ok(r) => {
+                    if let Ok(mut at) = self.leader_contact.lock() {
+                        *at = Some(std::time::Instant::now());
+                    }
+                    Reply::Append(r)
+                }
+                Err(e) => Reply::Error(e.to_string()),
+            },
+            Request::Vote(rpc) => match self.raft.vote(rpc).await {
+                Ok(r) => Reply::Vote(r),
+                Err(e) => Reply::Error(e.to_string()),
+            },
+            Request::PreVote(rpc) => match self.raft.pre_vote(rpc).await {
+                Ok(r) => Reply::Vote(r),
+                Err(e) => Reply::Error(e.to_string()),
+            },
+            Request::Snapshot { vote, meta, data } => {
+                let snapshot = types::Snapshot {
+                    meta,
+                    snapshot: io::Cursor::new(data),
+                };
+                match self.raft.install_full_snapshot(vote, snapshot).await {
+                    Ok(r) => Reply::Snapshot(r),
+                    Err(e) => Reply::Error(e.to_string()),
+                }
+            }
+            Request::TransferLeader(req) => match self.raft.handle_transfer_leader(req).await {
+                Ok(r) => Reply::TransferLeader(r),
+                Err(e) => Reply::Error(e.to_string()),
+            },
+            Request::Write(_) | Request::Manage(_) | Request::Read => {
+                if self.raft.metrics().borrow_watched().current_leader != Some(self.id) {
+                    // Never forwarded twice: the caller answers 503 and nothing changed.
+                    let why = format!("node {} is not the Raft leader any more", self.id);
+                    return match request {
+                        Request::Read => Reply::Read(Err(why)),
+                        _ => Reply::Write(WriteReply::NotProposed(why)),
+                    };
+                }
+                self.on_leader(request).await
+            }
+            Request::Removed => {
+                let member = self
+                    .raft
+                    .metrics()
+                    .borrow_watched()
+                    .membership_config
+                    .membership()
+                    .get_node(&self.id)
+                    .is_some();
+                if !member {
+                    self.removed(&format!("node {from} says so")).await;
+                }
+                Reply::Ok
+            }
+        }
+    }
+}
+
+/// Promotes a learner to voter once it has caught up with the leader's log.
+async fn promote_when_caught_up(raft: Raft, id: NodeId) {
+    for _ in 0..600 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let metrics = raft.metrics().borrow_watched().clone();
+        if metrics.state != ServerState::Leader {
+            return;
+        }
+        let last = metrics.last_log_index.unwrap_or(0);
+        let matched = metrics
+            .replication
+            .as_ref()
+            .and_then(|r| r.get(&id).cloned().flatten())
+            .map_or(0, |l| l.index);
+        if matched + 10 >= last && matched > 0 {
+            match raft
+                .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false)
+                .await
+            {
+                Ok(_) => tracing::info!(node_id = id, "learner caught up: promoted to voter"),
+                Err(e) => tracing::warn!(node_id = id, error = %e, "cannot promote the learner"),
+            }
+            return;
+        }
+    }
+    tracing::warn!(node_id = id, "learner did not catch up within a minute; promote it with `raftlb ctl member promote {id}`");
+}
+
+type Proposal<E> = Result<
+    Result<openraft::raft::ClientWriteResponse<types::TypeConfig>, RaftError<types::TypeConfig, E>>,
+    tokio::time::error::Elapsed,
+>;
+
+/// Maps a proposal's result: not the leader any more means nothing was proposed.
+fn proposed(result: Proposal<ClientWriteError<types::TypeConfig>>) -> WriteReply {
+    match result {
+        Ok(Ok(response)) => WriteReply::Done(response.data),
+        Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
+            WriteReply::NotProposed(format!("not the Raft leader any more ({f}); nothing was changed"))
+        }
+        Ok(Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e)))) => {
+            WriteReply::Invalid(e.to_string())
+        }
+        Ok(Err(e)) => WriteReply::Unknown(e.to_string()),
+        Err(_) => WriteReply::Unknown(format!("not committed within {WRITE_TIMEOUT:?}")),
+    }
+}
+
+fn write_result(reply: WriteReply) -> Result<Outcome, WriteError> {
+    match reply {
+        WriteReply::Done(outcome) => Ok(outcome),
+        WriteReply::NotProposed(e) => Err(WriteError::NotProposed(e)),
+        WriteReply::Unknown(e) => Err(WriteError::Unknown(e)),
+        WriteReply::Invalid(e) => Err(WriteError::Invalid(e)),
+    }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// After the first start the store is the source of truth; a file that differs is
+/// logged once, naming the pools.
+fn log_seed_difference(
+    file: &BTreeMap<String, schema::Pool>,
+    store: &BTreeMap<String, schema::Pool>,
+) {
+    let json = |p: &schema::Pool| serde_json::to_value(p).ok();
+    let mut differ = Vec::new();
+    for name in file.keys().chain(store.keys()).collect::<BTreeSet<_>>() {
+        let same = match (file.get(name), store.get(name)) {
+            (Some(a), Some(b)) => json(a) == json(b),
+            _ => false,
+        };
+        if !same {
+            differ.push(name.clone());
+        }
+    }
+    if !differ.is_empty() && !file.is_empty() {
+        tracing::warn!(
+            pools = ?differ,
+            "the file's pools differ from the replicated config, which is the source of truth: \
+             change pools with `raftlb ctl` or the admin API (the file only seeds a new cluster)"
+        );
+    }
+}
+
+fn publish_metrics(raft: &openraft::RaftMetrics<types::TypeConfig>, me: NodeId) {
+    let voters: Vec<NodeId> = raft.membership_config.membership().voter_ids().collect();
+    let members = voters.len();
+    metrics::gauge!(m::RAFT_TERM).set(raft.current_term as f64);
+    metrics::gauge!(m::RAFT_IS_LEADER).set(if raft.state == ServerState::Leader {
+        1.0
+    } else {
+        0.0
+    });
+    metrics::gauge!(m::RAFT_COMMIT_INDEX)
+        .set(raft.local_committed.as_ref().map_or(0, |l| l.index) as f64);
+    metrics::gauge!(m::RAFT_APPLIED_INDEX)
+        .set(raft.last_applied.as_ref().map_or(0, |l| l.index) as f64);
+    metrics::gauge!(m::RAFT_MEMBERS).set(members as f64);
+    metrics::gauge!(m::RAFT_QUORUM).set((members / 2 + 1) as f64);
+    if let Some(heartbeat) = &raft.heartbeat {
+        for id in &voters {
+            let reachable = *id == me
+                || heartbeat
+                    .get(id)
+                    .cloned()
+                    .flatten()
+                    .is_some_and(|at| at.elapsed() < Duration::from_secs(3));
+            metrics::gauge!(m::RAFT_MEMBER_REACHABLE, "member" => id.to_string())
+                .set(if reachable { 1.0 } else { 0.0 });
+        }
+    }
+}

@@ -1,0 +1,591 @@
+//! The peer channel: length-prefixed JSON frames over TCP (mutual TLS optional).
+//!
+//! Every frame is a 4-byte big-endian length and an [`Envelope`] naming the cluster
+//! (cluster_id and UUID) and the sender. A frame from another cluster is refused; a
+//! frame over [`MAX_FRAME`] or one that does not parse closes the connection. One
+//! request at a time per connection: openraft keeps one client per peer and stream.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use openraft::error::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
+use openraft::network::{RPCOption, RaftNetworkFactory, v2::RaftNetworkV2};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, TransferLeaderRequest,
+    TransferLeaderResponse, VoteRequest, VoteResponse,
+};
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::rustls::pki_types::ServerName;
+use tokio_rustls::rustls::{ClientConfig, ServerConfig};
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use super::types::{Command, Node, NodeId, Outcome, Snapshot, SnapshotMeta, TypeConfig, Vote};
+use crate::config::schema::{BackendTls, PeerTls, Terminate};
+use crate::metrics as m;
+
+/// Largest frame accepted either way: a whole snapshot of the config fits many times.
+pub const MAX_FRAME: usize = 16 << 20;
+
+/// How long an accepted connection may take to send a frame before it is closed.
+const IDLE: Duration = Duration::from_secs(300);
+
+/// Who is talking: sent with every frame, checked by the receiver.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Envelope<T> {
+    pub cluster_id: String,
+    /// None until the cluster's first leader has committed it.
+    pub uuid: Option<Uuid>,
+    pub from: NodeId,
+    pub body: T,
+}
+
+/// This replica's identity on the peer channel.
+pub struct Identity {
+    pub cluster_id: String,
+    pub node_id: NodeId,
+    uuid: RwLock<Option<Uuid>>,
+}
+
+impl Identity {
+    pub fn new(cluster_id: String, node_id: NodeId, uuid: Option<Uuid>) -> Self {
+        Identity {
+            cluster_id,
+            node_id,
+            uuid: RwLock::new(uuid),
+        }
+    }
+
+    pub fn uuid(&self) -> Option<Uuid> {
+        self.uuid.read().ok().and_then(|u| *u)
+    }
+
+    pub fn set_uuid(&self, uuid: Uuid) {
+        if let Ok(mut u) = self.uuid.write() {
+            *u = Some(uuid);
+        }
+    }
+
+    fn wrap<T>(&self, body: T) -> Envelope<T> {
+        Envelope {
+            cluster_id: self.cluster_id.clone(),
+            uuid: self.uuid(),
+            from: self.node_id,
+            body,
+        }
+    }
+
+    /// Why a frame from `e` is refused, if it is.
+    pub fn refuse<T>(&self, e: &Envelope<T>) -> Option<String> {
+        if e.cluster_id != self.cluster_id {
+            return Some(format!(
+                "node {} belongs to cluster_id {:?}, this is {:?}",
+                e.from, e.cluster_id, self.cluster_id
+            ));
+        }
+        match (e.uuid, self.uuid()) {
+            (Some(theirs), Some(ours)) if theirs != ours => Some(format!(
+                "node {} belongs to another cluster named {:?} (UUID {theirs}, this is {ours}): \
+                 a data_dir from an older cluster?",
+                e.from, e.cluster_id
+            )),
+            _ => None,
+        }
+    }
+}
+
+/// A peer's answer to "hello" during bootstrap and identity checks.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct HelloReply {
+    /// Nothing in its log and no vote: it can take part in a bootstrap.
+    pub empty: bool,
+    /// Its `peers`, to check that every replica bootstraps with the same membership.
+    pub peers: Vec<(NodeId, String)>,
+    /// The nodes that committed "joined".
+    pub joined: Vec<NodeId>,
+    /// Its election settings, compared at start (a warning when they differ).
+    pub heartbeat_ms: u64,
+    pub election_timeout_ms: u64,
+}
+
+/// Membership changes, forwarded to the leader like writes.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum Manage {
+    AddMember {
+        id: NodeId,
+        address: String,
+        learner: bool,
+    },
+    Promote {
+        id: NodeId,
+    },
+    Remove {
+        id: NodeId,
+    },
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[allow(clippy::large_enum_variant)]
+pub enum Request {
+    Hello,
+    Append(AppendEntriesRequest<TypeConfig>),
+    Vote(VoteRequest<TypeConfig>),
+    PreVote(VoteRequest<TypeConfig>),
+    Snapshot {
+        vote: Vote,
+        meta: SnapshotMeta,
+        data: Vec<u8>,
+    },
+    TransferLeader(TransferLeaderRequest<TypeConfig>),
+    /// A client write forwarded by a follower to the leader.
+    Write(Command),
+    Manage(Manage),
+    /// A linearizable read of the replicated state, served by the leader.
+    Read,
+    /// "You were removed from the cluster": sent by the leader after a removal.
+    Removed,
+}
+
+/// The outcome of a forwarded write or membership change, as the leader saw it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum WriteReply {
+    Done(Outcome),
+    /// Not proposed: nothing changed (no leader, no quorum, not the leader any more).
+    NotProposed(String),
+    /// Proposed but not known committed in time: it may still commit.
+    Unknown(String),
+    /// Refused before proposing (bad input for a membership change).
+    Invalid(String),
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[allow(clippy::large_enum_variant)]
+pub enum Reply {
+    Hello(HelloReply),
+    Append(AppendEntriesResponse<TypeConfig>),
+    Vote(VoteResponse<TypeConfig>),
+    Snapshot(SnapshotResponse<TypeConfig>),
+    TransferLeader(TransferLeaderResponse<TypeConfig>),
+    Write(WriteReply),
+    Read(Result<serde_json::Value, String>),
+    Ok,
+    /// The request was refused or failed on the receiver.
+    Error(String),
+}
+
+/// Why a call failed: `Connect` means nothing was sent.
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    #[error("cannot connect to {0}")]
+    Connect(String),
+    #[error("{0}")]
+    Io(String),
+    #[error("refused: {0}")]
+    Refused(String),
+}
+
+impl CallError {
+    fn kind(&self) -> &'static str {
+        match self {
+            CallError::Connect(_) => "connect",
+            CallError::Io(_) => "io",
+            CallError::Refused(_) => "refused",
+        }
+    }
+}
+
+trait Io: AsyncRead + AsyncWrite + Unpin + Send + Sync {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + Sync> Io for T {}
+type Stream = Box<dyn Io>;
+
+/// TLS for the peer channel: both sides present a certificate signed by `ca`.
+pub struct Tls {
+    server: TlsAcceptor,
+    client: TlsConnector,
+}
+
+impl Tls {
+    pub fn load(t: &PeerTls) -> Result<Tls, String> {
+        let server: ServerConfig = crate::tls::server_config(
+            &Terminate {
+                cert: t.cert.clone(),
+                key: t.key.clone(),
+                client_ca: Some(t.ca.clone()),
+            },
+            &[],
+        )
+        .map_err(|e| format!("cluster.tls: {e}"))?;
+        let client: ClientConfig = crate::tls::client_config(
+            Some(&BackendTls {
+                ca: Some(t.ca.clone()),
+                server_name: None,
+                cert: Some(t.cert.clone()),
+                key: Some(t.key.clone()),
+            }),
+            true,
+        )
+        .map_err(|e| format!("cluster.tls: {e}"))?;
+        Ok(Tls {
+            server: TlsAcceptor::from(Arc::new(server)),
+            client: TlsConnector::from(Arc::new(client)),
+        })
+    }
+}
+
+/// What every connection of this replica shares.
+pub struct Net {
+    pub identity: Arc<Identity>,
+    pub tls: Option<Tls>,
+    pub connect_timeout: Duration,
+}
+
+async fn read_frame(stream: &mut (impl AsyncRead + Unpin)) -> io::Result<Vec<u8>> {
+    let len = stream.read_u32().await? as usize;
+    if len > MAX_FRAME {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("frame of {len} bytes is over the limit of {MAX_FRAME}"),
+        ));
+    }
+    let mut buf = vec![0; len];
+    stream.read_exact(&mut buf).await?;
+    Ok(buf)
+}
+
+async fn write_frame(stream: &mut (impl AsyncWrite + Unpin), bytes: &[u8]) -> io::Result<()> {
+    if bytes.len() > MAX_FRAME {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("frame of {} bytes is over the limit of {MAX_FRAME}", bytes.len()),
+        ));
+    }
+    let len = u32::try_from(bytes.len()).map_err(io::Error::other)?;
+    let mut frame = Vec::with_capacity(4 + bytes.len());
+    frame.extend_from_slice(&len.to_be_bytes());
+    frame.extend_from_slice(bytes);
+    stream.write_all(&frame).await?;
+    stream.flush().await
+}
+
+/// A connection to one peer, opened on first use and again after an error.
+pub struct PeerClient {
+    net: Arc<Net>,
+    pub target: NodeId,
+    pub addr: String,
+    conn: Option<Stream>,
+}
+
+impl PeerClient {
+    pub fn new(net: Arc<Net>, target: NodeId, addr: String) -> Self {
+        PeerClient {
+            net,
+            target,
+            addr,
+            conn: None,
+        }
+    }
+
+    async fn connect(&self) -> Result<Stream, CallError> {
+        let connect = async {
+            let tcp = TcpStream::connect(&self.addr).await?;
+            let _ = tcp.set_nodelay(true);
+            let Some(tls) = &self.net.tls else {
+                return Ok::<Stream, io::Error>(Box::new(tcp));
+            };
+            let host = self
+                .addr
+                .parse::<SocketAddr>()
+                .map(|a| a.ip().to_string())
+                .unwrap_or_else(|_| {
+                    self.addr
+                        .rsplit_once(':')
+                        .map_or(self.addr.clone(), |(h, _)| h.to_string())
+                });
+            let name = ServerName::try_from(host).map_err(io::Error::other)?;
+            Ok(Box::new(tls.client.connect(name, tcp).await?))
+        };
+        match tokio::time::timeout(self.net.connect_timeout, connect).await {
+            Ok(Ok(stream)) => Ok(stream),
+            Ok(Err(e)) => Err(CallError::Connect(format!("{}: {e}", self.addr))),
+            Err(_) => Err(CallError::Connect(format!("{}: timed out", self.addr))),
+        }
+    }
+
+    /// Sends one request and waits up to `timeout` for its reply.
+    pub async fn call(&mut self, body: Request, timeout: Duration) -> Result<Reply, CallError> {
+        let result = self.call_inner(body, timeout).await;
+        if let Err(e) = &result {
+            self.conn = None;
+            metrics::counter!(m::PEER_RPC_ERRORS_TOTAL, "peer" => self.target.to_string(), "kind" => e.kind())
+                .increment(1);
+        }
+        result
+    }
+
+    async fn call_inner(&mut self, body: Request, timeout: Duration) -> Result<Reply, CallError> {
+        let bytes = serde_json::to_vec(&self.net.identity.wrap(body))
+            .map_err(|e| CallError::Connect(format!("cannot encode the request: {e}")))?;
+        let mut conn = match self.conn.take() {
+            Some(conn) => conn,
+            None => self.connect().await?,
+        };
+        let exchange = async {
+            write_frame(&mut conn, &bytes).await?;
+            read_frame(&mut conn).await
+        };
+        let frame = match tokio::time::timeout(timeout, exchange).await {
+            Ok(Ok(frame)) => frame,
+            Ok(Err(e)) => return Err(CallError::Io(format!("{}: {e}", self.addr))),
+            Err(_) => {
+                return Err(CallError::Io(format!(
+                    "{}: no answer within {timeout:?}",
+                    self.addr
+                )));
+            }
+        };
+        let reply: Envelope<Reply> = serde_json::from_slice(&frame)
+            .map_err(|e| CallError::Io(format!("{}: malformed reply: {e}", self.addr)))?;
+        if let Some(why) = self.net.identity.refuse(&reply) {
+            return Err(CallError::Refused(why));
+        }
+        self.conn = Some(conn);
+        match reply.body {
+            Reply::Error(e) => Err(CallError::Refused(e)),
+            body => Ok(body),
+        }
+    }
+}
+
+/// What answers requests arriving on the peer port.
+pub trait Handler: Send + Sync + 'static {
+    fn handle(
+        &self,
+        from: NodeId,
+        request: Request,
+    ) -> impl Future<Output = Reply> + Send;
+}
+
+/// Accepts peer connections until `stop`.
+pub async fn serve<H: Handler>(
+    listener: TcpListener,
+    net: Arc<Net>,
+    handler: Arc<H>,
+    stop: CancellationToken,
+) {
+    loop {
+        let (tcp, peer) = tokio::select! {
+            () = stop.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    tracing::warn!(error = %e, "peer accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = tcp.set_nodelay(true);
+        let net = net.clone();
+        let handler = handler.clone();
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let stream: Stream = match &net.tls {
+                None => Box::new(tcp),
+                Some(tls) => match tokio::time::timeout(Duration::from_secs(10), tls.server.accept(tcp)).await {
+                    Ok(Ok(stream)) => Box::new(stream),
+                    Ok(Err(e)) => {
+                        tracing::warn!(%peer, error = %e, "peer refused: TLS handshake failed (a certificate signed by cluster.tls.ca is required)");
+                        return;
+                    }
+                    Err(_) => return,
+                },
+            };
+            tokio::select! {
+                () = stop.cancelled() => {}
+                () = connection(stream, peer, &net, &*handler) => {}
+            }
+        });
+    }
+}
+
+async fn connection<H: Handler>(mut stream: Stream, peer: SocketAddr, net: &Net, handler: &H) {
+    loop {
+        let frame = match tokio::time::timeout(IDLE, read_frame(&mut stream)).await {
+            Ok(Ok(frame)) => frame,
+            Ok(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => return,
+            Ok(Err(e)) => {
+                tracing::warn!(%peer, error = %e, "peer frame refused; closing the connection");
+                return;
+            }
+            Err(_) => return,
+        };
+        let request: Envelope<Request> = match serde_json::from_slice(&frame) {
+            Ok(request) => request,
+            Err(e) => {
+                tracing::warn!(%peer, error = %e, "malformed peer frame; closing the connection");
+                return;
+            }
+        };
+        let reply = match net.identity.refuse(&request) {
+            Some(why) => {
+                tracing::warn!(%peer, "peer refused: {why}");
+                Reply::Error(format!("refused: {why}"))
+            }
+            None => handler.handle(request.from, request.body).await,
+        };
+        let bytes = match serde_json::to_vec(&net.identity.wrap(reply)) {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot encode a peer reply");
+                return;
+            }
+        };
+        if write_frame(&mut stream, &bytes).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// openraft's view of the peer channel.
+pub struct Factory {
+    pub net: Arc<Net>,
+}
+
+impl RaftNetworkFactory<TypeConfig> for Factory {
+    type Network = Network;
+
+    async fn new_client(&mut self, target: NodeId, node: &Node) -> Network {
+        Network {
+            client: PeerClient::new(self.net.clone(), target, node.addr.clone()),
+        }
+    }
+}
+
+pub struct Network {
+    client: PeerClient,
+}
+
+fn rpc_error(e: CallError) -> RPCError<TypeConfig> {
+    match e {
+        CallError::Connect(_) => RPCError::Unreachable(Unreachable::new(&e)),
+        _ => RPCError::Network(NetworkError::new(&e)),
+    }
+}
+
+fn unexpected(reply: Reply) -> RPCError<TypeConfig> {
+    RPCError::Network(NetworkError::from_string(format!(
+        "unexpected reply: {reply:?}"
+    )))
+}
+
+impl RaftNetworkV2<TypeConfig> for Network {
+    type SnapshotData = std::io::Cursor<Vec<u8>>;
+
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
+        match self.client.call(Request::Append(rpc), option.hard_ttl()).await {
+            Ok(Reply::Append(r)) => Ok(r),
+            Ok(other) => Err(unexpected(other)),
+            Err(e) => Err(rpc_error(e)),
+        }
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
+        match self.client.call(Request::Vote(rpc), option.hard_ttl()).await {
+            Ok(Reply::Vote(r)) => Ok(r),
+            Ok(other) => Err(unexpected(other)),
+            Err(e) => Err(rpc_error(e)),
+        }
+    }
+
+    async fn pre_vote(
+        &mut self,
+        rpc: VoteRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
+        match self.client.call(Request::PreVote(rpc), option.hard_ttl()).await {
+            Ok(Reply::Vote(r)) => Ok(r),
+            Ok(other) => Err(unexpected(other)),
+            Err(e) => Err(rpc_error(e)),
+        }
+    }
+
+    async fn full_snapshot(
+        &mut self,
+        vote: Vote,
+        snapshot: Snapshot,
+        _cancel: impl Future<Output = ReplicationClosed> + Send + 'static,
+        option: RPCOption,
+    ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
+        let request = Request::Snapshot {
+            vote,
+            meta: snapshot.meta,
+            data: snapshot.snapshot.into_inner(),
+        };
+        match self.client.call(request, option.hard_ttl()).await {
+            Ok(Reply::Snapshot(r)) => Ok(r),
+            Ok(other) => Err(unexpected(other).into()),
+            Err(e) => Err(rpc_error(e).into()),
+        }
+    }
+
+    async fn transfer_leader(
+        &mut self,
+        req: TransferLeaderRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<TransferLeaderResponse<TypeConfig>, RPCError<TypeConfig>> {
+        match self
+            .client
+            .call(Request::TransferLeader(req), option.hard_ttl())
+            .await
+        {
+            Ok(Reply::TransferLeader(r)) => Ok(r),
+            Ok(other) => Err(unexpected(other)),
+            Err(e) => Err(rpc_error(e)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn oversized_frames_are_refused_before_reading_them() {
+        let mut data: &[u8] = &(u32::MAX).to_be_bytes();
+        let err = read_frame(&mut data).await.expect_err("refused");
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+    }
+
+    #[test]
+    fn frames_of_another_cluster_are_refused() {
+        let ours = Uuid::new_v4();
+        let me = Identity::new("prod".into(), 1, Some(ours));
+        let mut e = Envelope {
+            cluster_id: "prod".into(),
+            uuid: Some(ours),
+            from: 2,
+            body: (),
+        };
+        assert!(me.refuse(&e).is_none());
+        e.uuid = None;
+        assert!(me.refuse(&e).is_none(), "a replica not yet initialised");
+        e.uuid = Some(Uuid::new_v4());
+        assert!(me.refuse(&e).is_some());
+        e.uuid = Some(ours);
+        e.cluster_id = "test".into();
+        assert!(me.refuse(&e).is_some());
+    }
+}

@@ -20,6 +20,7 @@ use crate::cli::{LogFormat, RunArgs};
 use crate::config::{self, Config, Loaded};
 use crate::metrics as m;
 use crate::proxy::listener::{self, Listener, Settings, Shared};
+use crate::store::Node;
 
 /// Exit codes (SPEC.md): 0 ok, 1 runtime failure, 2 usage or invalid config.
 pub const EXIT_RUNTIME: u8 = 1;
@@ -30,6 +31,10 @@ pub struct State {
     pub node_name: String,
     pub balancer: Arc<Balancer>,
     pub metrics: PrometheusHandle,
+    /// The Raft replica, in cluster mode.
+    pub cluster: Option<Arc<Node>>,
+    /// Committed pools this replica could not apply, one line each (shown in status).
+    pub apply_errors: std::sync::Mutex<Vec<String>>,
     ready: AtomicBool,
     token: ArcSwapOption<String>,
 }
@@ -145,9 +150,17 @@ fn raise_open_files_limit() -> u64 {
 /// The parts of the schema this build parses and validates but does not run yet.
 pub fn supported(config: &Config) -> Result<(), String> {
     let mut missing = Vec::new();
-    if config.cluster.is_some() {
-        missing
-            .push("cluster mode (the cluster: section); remove it to run standalone".to_string());
+    if let Some(cluster) = &config.cluster {
+        if config.leader_election.as_ref().is_none_or(|le| le.enabled) {
+            missing.push(
+                "leader election (on by default in cluster mode); set leader_election.enabled: false \
+                 so that every replica serves"
+                    .to_string(),
+            );
+        }
+        if cluster.store.value != config::schema::StoreKind::Embedded {
+            missing.push("cluster.store: etcd; use store: embedded".to_string());
+        }
     }
     if config.admin.tls.is_some() {
         missing.push("admin.tls".to_string());
@@ -221,10 +234,22 @@ impl Server {
     async fn start(loaded: Loaded, open_files: u64, token: Option<Arc<String>>) -> ExitCode {
         let metrics = m::install();
         let balancer = Arc::new(Balancer::new());
-        if let Err(e) = balancer.apply(&loaded.config.pools).await {
-            eprintln!("error: {}: {e}", loaded.file.display());
-            return ExitCode::from(EXIT_CONFIG);
-        }
+        let cluster = match &loaded.config.cluster {
+            Some(c) => match Node::start(c, &loaded.config.pools).await {
+                Ok(node) => Some(node),
+                Err(fatal) => {
+                    eprintln!("error: {}", fatal.message);
+                    return ExitCode::from(fatal.code);
+                }
+            },
+            None => {
+                if let Err(e) = balancer.apply(&loaded.config.pools).await {
+                    eprintln!("error: {}: {e}", loaded.file.display());
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+                None
+            }
+        };
         let state = Arc::new(State {
             node_name: loaded
                 .config
@@ -234,6 +259,8 @@ impl Server {
                 .unwrap_or_else(config::hostname),
             balancer: balancer.clone(),
             metrics,
+            cluster: cluster.clone(),
+            apply_errors: std::sync::Mutex::new(Vec::new()),
             ready: AtomicBool::new(false),
             token: ArcSwapOption::new(token),
         });
@@ -284,9 +311,18 @@ impl Server {
             tracing::error!("cannot install signal handlers");
             return ExitCode::from(EXIT_RUNTIME);
         };
-        server.state.ready.store(true, Ordering::Relaxed);
-        tracing::info!(node = %server.state.node_name, "raftlb is serving (standalone)");
-        server.serve_until_signal(term, int, hup).await
+        match &cluster {
+            None => {
+                server.state.ready.store(true, Ordering::Relaxed);
+                tracing::info!(node = %server.state.node_name, "raftlb is serving (standalone)");
+            }
+            Some(node) => {
+                tokio::spawn(follow_store(node.clone(), server.state.clone()));
+                tracing::info!(node = %server.state.node_name, node_id = node.id, "raftlb is serving (cluster, leader election off)");
+            }
+        }
+        let fatal = cluster.as_ref().map(|n| n.fatal());
+        server.serve_until_signal(term, int, hup, fatal).await
     }
 
     fn start_listener(
@@ -315,15 +351,36 @@ impl Server {
         mut term: Signal,
         mut int: Signal,
         mut hup: Signal,
+        fatal: Option<tokio::sync::watch::Receiver<Option<crate::store::Fatal>>>,
     ) -> ExitCode {
-        loop {
+        let mut fatal = fatal;
+        let code = loop {
+            let died = async {
+                match &mut fatal {
+                    Some(rx) => {
+                        let dead = rx.wait_for(Option::is_some).await.ok().and_then(|f| f.clone());
+                        dead.map_or(EXIT_RUNTIME, |f| f.code)
+                    }
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
-                _ = term.recv() => break,
-                _ = int.recv() => break,
+                _ = term.recv() => break None,
+                _ = int.recv() => break None,
                 _ = hup.recv() => self.reload().await,
+                code = died => break Some(code),
             }
+        };
+        let cluster = self.state.cluster.clone();
+        let exit = self.shutdown(&mut term, &mut int).await;
+        if let Some(node) = cluster {
+            node.stop.cancel();
+            let _ = node.raft.shutdown().await;
         }
-        self.shutdown(&mut term, &mut int).await
+        match code {
+            Some(code) => ExitCode::from(code),
+            None => exit,
+        }
     }
 
     /// SIGTERM/SIGINT: stop accepting, drain up to shutdown_grace, exit 0; a second signal exits at once.
@@ -384,9 +441,14 @@ impl Server {
                 }
             }
         }
-        let version = match self.state.balancer.apply(&new.pools).await {
-            Ok(version) => version,
-            Err(e) => return reload_failed(&e),
+        // In cluster mode the pools are the replicated config, not the file's.
+        let version = if self.state.cluster.is_some() {
+            self.state.config_version()
+        } else {
+            match self.state.balancer.apply(&new.pools).await {
+                Ok(version) => version,
+                Err(e) => return reload_failed(&e),
+            }
         };
         self.state.token.store(token);
         for (name, settings) in updates {
@@ -427,5 +489,35 @@ impl Server {
         self.config = new;
         metrics::counter!(m::CONFIG_RELOADS_TOTAL, "result" => "ok").increment(1);
         tracing::info!(config_version = version, "reloaded the config");
+    }
+}
+
+/// Cluster mode: applies every committed config to the proxy's pools, without
+/// dropping established connections. Ready once a config is applied.
+async fn follow_store(node: Arc<Node>, state: Arc<State>) {
+    let mut applied = node.applied();
+    let mut version = 0;
+    loop {
+        let current = applied.borrow_and_update().clone();
+        if current.state.cluster_uuid.is_some() && current.state.config_version != version {
+            version = current.state.config_version;
+            let failures = state
+                .balancer
+                .apply_replicated(&current.state.pools, version)
+                .await;
+            for f in &failures {
+                tracing::error!(config_version = version, "cannot apply the committed pool here; keeping its previous version: {f}");
+                metrics::counter!(m::CONFIG_APPLY_FAILURES_TOTAL).increment(1);
+            }
+            if let Ok(mut errors) = state.apply_errors.lock() {
+                *errors = failures;
+            }
+            tracing::info!(config_version = version, "applied the replicated config");
+            state.ready.store(true, Ordering::Relaxed);
+        }
+        tokio::select! {
+            () = node.stop.cancelled() => return,
+            changed = applied.changed() => if changed.is_err() { return },
+        }
     }
 }

@@ -1,5 +1,7 @@
 //! The admin HTTP API (hyper): health, readiness, metrics and the status reads.
 
+mod cluster;
+
 use std::convert::Infallible;
 use std::sync::Arc;
 
@@ -92,9 +94,23 @@ async fn route(state: &State, req: Request<Incoming>) -> Reply {
             StatusCode::METHOD_NOT_ALLOWED,
             &format!("{} is not allowed on {path}: use GET", req.method()),
         ),
-        _ => match path.strip_prefix("/api/v1/pools/") {
-            Some(rest) => backend_write(state, req, rest).await,
-            None => error(StatusCode::NOT_FOUND, &format!("no such endpoint: {path}")),
+        _ => match (&state.cluster, path) {
+            (Some(node), "/api/v1/config") => cluster::config(state, node, req).await,
+            (Some(node), _) if path == "/api/v1/members" || path.starts_with("/api/v1/members/") => {
+                let rest = path.trim_start_matches("/api/v1/members").to_string();
+                cluster::members(state, node, req, &rest).await
+            }
+            (None, "/api/v1/config" | "/api/v1/members") => error(
+                StatusCode::NOT_FOUND,
+                &format!("{path} exists in cluster mode only: this replica is standalone (no cluster: section)"),
+            ),
+            _ => match path.strip_prefix("/api/v1/pools/") {
+                Some(rest) => match &state.cluster {
+                    Some(node) => cluster::backend_write(state, node, req, rest).await,
+                    None => backend_write(state, req, rest).await,
+                },
+                None => error(StatusCode::NOT_FOUND, &format!("no such endpoint: {path}")),
+            },
         },
     }
 }
@@ -237,11 +253,17 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 fn status(state: &State) -> Value {
+    let errors = state.apply_errors.lock().map(|e| e.clone()).unwrap_or_default();
     json!({
-        "node": {"name": state.node_name, "id": Value::Null, "version": env!("CARGO_PKG_VERSION")},
+        "node": {
+            "name": state.node_name,
+            "id": state.cluster.as_ref().map(|n| n.id),
+            "version": env!("CARGO_PKG_VERSION"),
+        },
         "role": if state.is_ready() { "active" } else { "standby" },
         "config_version": state.config_version(),
-        "cluster": Value::Null,
+        "config_apply_errors": errors,
+        "cluster": state.cluster.as_ref().map_or(Value::Null, |n| cluster::status(n)),
         "lease": Value::Null,
     })
 }

@@ -184,9 +184,42 @@ impl Balancer {
     /// as it was. Returns the new version.
     pub async fn apply(&self, pools: &BTreeMap<String, schema::Pool>) -> Result<u64, String> {
         let mut config = self.config.lock().await;
-        let version = self.build_and_swap(pools).await?;
+        let version = self.build_and_swap(pools, None).await?;
         *config = pools.clone();
         Ok(version)
+    }
+
+    /// Applies a committed config at the store's `version`. A pool this replica cannot
+    /// build (a certificate file missing here) keeps its previous version; the errors
+    /// are returned, one line per pool.
+    pub async fn apply_replicated(
+        &self,
+        pools: &BTreeMap<String, schema::Pool>,
+        version: u64,
+    ) -> Vec<String> {
+        let mut config = self.config.lock().await;
+        let mut effective = BTreeMap::new();
+        let mut failures = Vec::new();
+        for (name, pool) in pools {
+            let built = probe_tls(name, pool.health_check.as_ref().map(|c| &c.value))
+                .and_then(|_| backend_tls(name, pool));
+            match built {
+                Ok(_) => {
+                    effective.insert(name.clone(), pool.clone());
+                }
+                Err(e) => {
+                    failures.push(e);
+                    if let Some(old) = config.get(name) {
+                        effective.insert(name.clone(), old.clone());
+                    }
+                }
+            }
+        }
+        match self.build_and_swap(&effective, Some(version)).await {
+            Ok(_) => *config = effective,
+            Err(e) => failures.push(e),
+        }
+        failures
     }
 
     /// Changes one backend of the running config (the standalone runtime API: drain,
@@ -213,7 +246,7 @@ impl Balancer {
             })?;
         change(b);
         let version = self
-            .build_and_swap(&pools)
+            .build_and_swap(&pools, None)
             .await
             .map_err(UpdateError::Apply)?;
         *config = pools;
@@ -222,8 +255,12 @@ impl Balancer {
 
     /// Hostnames are resolved first (a name that does not resolve has no address until
     /// it does); connections already established are not touched.
-    async fn build_and_swap(&self, pools: &BTreeMap<String, schema::Pool>) -> Result<u64, String> {
-        let version = self.snapshot().version + 1;
+    async fn build_and_swap(
+        &self,
+        pools: &BTreeMap<String, schema::Pool>,
+        version: Option<u64>,
+    ) -> Result<u64, String> {
+        let version = version.unwrap_or(self.snapshot().version + 1);
         let mut snapshot = Snapshot {
             version,
             pools: HashMap::new(),

@@ -176,6 +176,11 @@ pub fn hostname() -> String {
 }
 
 /// The effective config as YAML, as `raftlb check` prints it.
+/// Any serializable value as YAML.
+pub fn to_yaml_value<T: serde::Serialize>(value: &T) -> Result<String, String> {
+    serde_saphyr::to_string(value).map_err(|e| e.to_string())
+}
+
 pub fn to_yaml(config: &Config) -> String {
     serde_saphyr::to_string(config).unwrap_or_else(|e| format!("# cannot print the config: {e}\n"))
 }

@@ -190,24 +190,27 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 serde_json::to_vec(&entry).map_err(io::Error::other)?,
             ));
         }
-        // The fsync runs off the Raft task; openraft waits for the callback.
-        let db = self.db.clone();
-        tokio::task::spawn_blocking(move || {
-            let write = || -> io::Result<()> {
-                let tx = db.begin_write().map_err(io::Error::other)?;
-                {
-                    let mut table = tx.open_table(LOG).map_err(io::Error::other)?;
-                    for (index, bytes) in &encoded {
-                        table
-                            .insert(index, bytes.as_slice())
-                            .map_err(io::Error::other)?;
-                    }
+        // Entries must be readable as soon as append returns, so the write (and its
+        // fsync) happens here; the batches openraft hands over keep this cheap.
+        let write = || -> io::Result<()> {
+            let tx = self.db.begin_write().map_err(io::Error::other)?;
+            {
+                let mut table = tx.open_table(LOG).map_err(io::Error::other)?;
+                for (index, bytes) in &encoded {
+                    table
+                        .insert(index, bytes.as_slice())
+                        .map_err(io::Error::other)?;
                 }
-                tx.commit().map_err(io::Error::other)
-            };
-            callback.io_completed(write());
-        });
-        Ok(())
+            }
+            tx.commit().map_err(io::Error::other)
+        };
+        let result = write();
+        let failed = result.as_ref().err().map(|e| io::Error::new(e.kind(), e.to_string()));
+        callback.io_completed(result);
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
     }
 
     async fn truncate_after(&mut self, last_log_id: Option<LogId>) -> Result<(), io::Error> {

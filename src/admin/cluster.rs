@@ -1,0 +1,400 @@
+//! Cluster-mode admin API: writes committed through Raft (forwarded to the leader by
+//! the replica itself), the replicated config, membership, and the cluster status.
+
+use std::collections::BTreeMap;
+
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper::header::{CONTENT_TYPE, IF_MATCH};
+use hyper::{Method, Request, StatusCode};
+use serde_json::{Value, json};
+
+use super::{MAX_BODY, Reply, error, json_reply, read_json, versioned};
+use crate::app::State;
+use crate::config::schema;
+use crate::store::network::Manage;
+use crate::store::types::{Command, Outcome};
+use crate::store::{Node, WriteError};
+
+/// The replicated part of the config: what `PUT /api/v1/config` takes and
+/// `GET /api/v1/config` returns. Listeners are node-local, each replica's own file.
+#[derive(serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+struct Replicated {
+    pools: BTreeMap<String, schema::Pool>,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewBackend {
+    name: String,
+    address: String,
+    #[serde(default = "one")]
+    weight: u32,
+    #[serde(default)]
+    drained: bool,
+}
+
+fn one() -> u32 {
+    1
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewMember {
+    id: u64,
+    address: String,
+    #[serde(default)]
+    learner: bool,
+}
+
+/// Answers a write's result: 200 (or `created`) with the config_version as ETag, the
+/// state machine's refusal with its status, 503 when there is no quorum.
+fn written(state: &State, result: Result<Outcome, WriteError>, created: StatusCode) -> Reply {
+    match result {
+        Ok(Outcome::Applied { config_version }) => {
+            let mut reply = json_reply(created, &json!({"config_version": config_version}));
+            if let Ok(etag) = format!("\"{config_version}\"").parse() {
+                reply.headers_mut().insert(hyper::header::ETAG, etag);
+            }
+            reply
+        }
+        Ok(Outcome::Record { version }) => json_reply(created, &json!({"version": version})),
+        Ok(Outcome::Refused { status, error: e }) => error(
+            StatusCode::from_u16(status).unwrap_or(StatusCode::CONFLICT),
+            &e,
+        ),
+        Err(WriteError::Invalid(e)) => error(StatusCode::BAD_REQUEST, &e),
+        Err(WriteError::NotProposed(e)) => json_reply(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &json!({"error": e, "outcome": "not_proposed"}),
+        ),
+        Err(WriteError::Unknown(e)) => json_reply(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &json!({
+                "error": format!("{e}; the write may still commit: check config_version before retrying (If-Match makes a retry safe)"),
+                "outcome": "unknown",
+                "config_version": state.config_version(),
+            }),
+        ),
+    }
+}
+
+/// `/api/v1/pools/{pool}/backends[/{name}[/drain|/undrain]]` in cluster mode.
+pub async fn backend_write(
+    state: &State,
+    node: &Node,
+    req: Request<Incoming>,
+    rest: &str,
+) -> Reply {
+    let parts: Vec<&str> = rest.split('/').collect();
+    let method = req.method().clone();
+    let (command, created) = match (&method, parts.as_slice()) {
+        (&Method::POST, [pool, "backends"]) => {
+            let new = match read_json::<NewBackend>(req).await {
+                Ok(b) => b,
+                Err(reply) => return reply,
+            };
+            let backend = match backend_from(&new) {
+                Ok(b) => b,
+                Err(e) => return error(StatusCode::BAD_REQUEST, &e),
+            };
+            (
+                Command::AddBackend {
+                    pool: pool.to_string(),
+                    backend,
+                },
+                StatusCode::CREATED,
+            )
+        }
+        (&Method::DELETE, [pool, "backends", name]) => (
+            Command::RemoveBackend {
+                pool: pool.to_string(),
+                backend: name.to_string(),
+            },
+            StatusCode::OK,
+        ),
+        (&Method::PATCH, [pool, "backends", name]) => {
+            let weight = match read_json::<super::WeightPatch>(req).await {
+                Ok(p) => p.weight,
+                Err(reply) => return reply,
+            };
+            if !(1..=256).contains(&weight) {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    &format!("weight {weight} is out of range: use 1 to 256"),
+                );
+            }
+            (
+                Command::SetWeight {
+                    pool: pool.to_string(),
+                    backend: name.to_string(),
+                    weight,
+                },
+                StatusCode::OK,
+            )
+        }
+        (&Method::POST, [pool, "backends", name, action @ ("drain" | "undrain")]) => (
+            Command::SetDrained {
+                pool: pool.to_string(),
+                backend: name.to_string(),
+                drained: *action == "drain",
+            },
+            StatusCode::OK,
+        ),
+        _ => {
+            return error(
+                StatusCode::NOT_FOUND,
+                &format!("no such endpoint: {method} /api/v1/pools/{rest}"),
+            );
+        }
+    };
+    tracing::info!(%command, "admin write");
+    written(state, node.write(command).await, created)
+}
+
+/// A backend as the config file would have it, checked like the file's.
+fn backend_from(new: &NewBackend) -> Result<schema::Backend, String> {
+    let doc = json!({"name": new.name, "address": new.address, "weight": new.weight, "drained": new.drained});
+    let pools = json!({"p": {"backends": [doc]}});
+    let checked = check_pools(pools)?;
+    checked
+        .pools
+        .into_values()
+        .next()
+        .and_then(|p| p.backends.value.into_iter().next())
+        .ok_or_else(|| "no backend in the request".to_string())
+}
+
+/// Validates pools as `raftlb check` would (no file is read: certificate paths are
+/// checked by each replica when it applies them).
+fn check_pools(pools: Value) -> Result<Replicated, String> {
+    let doc = json!({"listeners": {}, "pools": pools});
+    let config: crate::config::Config =
+        serde_json::from_value(doc).map_err(|e| format!("invalid config: {e}"))?;
+    let findings = crate::config::validate::validate(&config, u64::MAX);
+    if !findings.errors.is_empty() {
+        return Err(findings
+            .errors
+            .iter()
+            .map(|i| format!("{}: {}", i.path, i.message))
+            .collect::<Vec<_>>()
+            .join("; "));
+    }
+    Ok(Replicated {
+        pools: config.pools,
+    })
+}
+
+/// `GET /api/v1/config` (linearizable unless `?consistency=local`) and `PUT`.
+pub async fn config(state: &State, node: &Node, req: Request<Incoming>) -> Reply {
+    match *req.method() {
+        Method::GET => {
+            let local = req
+                .uri()
+                .query()
+                .is_some_and(|q| q.split('&').any(|kv| kv == "consistency=local"));
+            let applied = if local {
+                node.applied().borrow().as_ref().clone()
+            } else {
+                match node.read().await {
+                    Ok(applied) => applied,
+                    Err(e) => return written(state, Err(e), StatusCode::OK),
+                }
+            };
+            let body = Replicated {
+                pools: applied.state.pools,
+            };
+            let mut reply = match crate::config::to_yaml_value(&body) {
+                Ok(yaml) => {
+                    let mut r = hyper::Response::new(http_body_util::Full::new(
+                        bytes::Bytes::from(yaml),
+                    ));
+                    r.headers_mut().insert(
+                        CONTENT_TYPE,
+                        "application/yaml".parse().expect("static header"),
+                    );
+                    r
+                }
+                Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, &e),
+            };
+            if let Ok(etag) = format!("\"{}\"", applied.state.config_version).parse() {
+                reply.headers_mut().insert(hyper::header::ETAG, etag);
+            }
+            reply
+        }
+        Method::PUT => {
+            let if_match = match req.headers().get(IF_MATCH).map(|v| v.to_str()) {
+                None => None,
+                Some(Ok(v)) => match v.trim().trim_matches('"').parse::<u64>() {
+                    Ok(v) => Some(v),
+                    Err(_) => {
+                        return error(
+                            StatusCode::BAD_REQUEST,
+                            &format!("If-Match {v:?} is not a config_version: use the ETag of a read, e.g. \"7\""),
+                        );
+                    }
+                },
+                Some(Err(_)) => return error(StatusCode::BAD_REQUEST, "If-Match is not text"),
+            };
+            let yaml = req
+                .headers()
+                .get(CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|t| t.contains("yaml"));
+            let body = match http_body_util::Limited::new(req.into_body(), MAX_BODY)
+                .collect()
+                .await
+            {
+                Ok(b) => b.to_bytes(),
+                Err(e) => {
+                    return error(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        &format!("cannot read the body: {e}"),
+                    );
+                }
+            };
+            let parsed: Result<Value, String> = if yaml {
+                std::str::from_utf8(&body)
+                    .map_err(|e| e.to_string())
+                    .and_then(|t| serde_saphyr::from_str(t).map_err(|e| e.to_string()))
+            } else {
+                serde_json::from_slice(&body).map_err(|e| e.to_string())
+            };
+            let doc = match parsed {
+                Ok(Value::Object(mut doc)) => {
+                    if let Some(key) = doc.keys().find(|k| *k != "pools") {
+                        return error(
+                            StatusCode::BAD_REQUEST,
+                            &format!("{key}: only pools are replicated; listeners and the other sections are node-local (each replica's file)"),
+                        );
+                    }
+                    doc.remove("pools").unwrap_or(Value::Null)
+                }
+                Ok(_) => return error(StatusCode::BAD_REQUEST, "the body must be a map with pools:"),
+                Err(e) => return error(StatusCode::BAD_REQUEST, &format!("invalid body: {e}")),
+            };
+            let checked = match check_pools(doc) {
+                Ok(c) => c,
+                Err(e) => return error(StatusCode::BAD_REQUEST, &e),
+            };
+            if checked.pools.is_empty() {
+                return error(StatusCode::BAD_REQUEST, "pools: define at least one pool");
+            }
+            let command = Command::SetPools {
+                pools: checked.pools,
+                if_version: if_match,
+            };
+            written(state, node.write(command).await, StatusCode::OK)
+        }
+        ref m => error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            &format!("{m} is not allowed on /api/v1/config: use GET or PUT"),
+        ),
+    }
+}
+
+/// `/api/v1/members[/{id}[/promote]]`.
+pub async fn members(state: &State, node: &Node, req: Request<Incoming>, rest: &str) -> Reply {
+    let parts: Vec<&str> = rest.split('/').filter(|p| !p.is_empty()).collect();
+    let method = req.method().clone();
+    let parse_id = |s: &str| {
+        s.parse::<u64>()
+            .map_err(|_| error(StatusCode::BAD_REQUEST, &format!("{s:?} is not a node id")))
+    };
+    let op = match (&method, parts.as_slice()) {
+        (&Method::GET, []) => return versioned(state, json!({"members": member_list(node)})),
+        (&Method::POST, []) => {
+            let new = match read_json::<NewMember>(req).await {
+                Ok(m) => m,
+                Err(reply) => return reply,
+            };
+            if new.address.parse::<std::net::SocketAddr>().is_err()
+                && new.address.rsplit_once(':').is_none_or(|(_, p)| p.parse::<u16>().is_err())
+            {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    &format!("address {:?} is not HOST:PORT", new.address),
+                );
+            }
+            Manage::AddMember {
+                id: new.id,
+                address: new.address,
+                learner: new.learner,
+            }
+        }
+        (&Method::POST, [id, "promote"]) => match parse_id(id) {
+            Ok(id) => Manage::Promote { id },
+            Err(r) => return r,
+        },
+        (&Method::DELETE, [id]) => match parse_id(id) {
+            Ok(id) => Manage::Remove { id },
+            Err(r) => return r,
+        },
+        _ => {
+            return error(
+                StatusCode::NOT_FOUND,
+                &format!("no such endpoint: {method} /api/v1/members/{rest}"),
+            );
+        }
+    };
+    let accepted = matches!(op, Manage::AddMember { .. });
+    tracing::info!(?op, "admin membership change");
+    match node.manage(op).await {
+        Ok(_) if accepted => json_reply(StatusCode::ACCEPTED, &json!({"members": member_list(node)})),
+        Ok(_) => json_reply(StatusCode::OK, &json!({"members": member_list(node)})),
+        Err(e) => written(state, Err(e), StatusCode::OK),
+    }
+}
+
+fn member_list(node: &Node) -> Vec<Value> {
+    let metrics = node.metrics();
+    let membership = metrics.membership_config.membership();
+    let voters: std::collections::BTreeSet<u64> = membership.voter_ids().collect();
+    let heartbeat = metrics.heartbeat.clone().unwrap_or_default();
+    let leader = metrics.current_leader;
+    membership
+        .nodes()
+        .map(|(id, n)| {
+            let role = if Some(*id) == leader {
+                "leader"
+            } else if voters.contains(id) {
+                "follower"
+            } else {
+                "learner"
+            };
+            let reachable = if *id == node.id {
+                Value::Bool(true)
+            } else if leader == Some(node.id) {
+                Value::Bool(heartbeat.get(id).cloned().flatten().is_some_and(|at| {
+                    use openraft::Instant as _;
+                    at.elapsed() < std::time::Duration::from_secs(3)
+                }))
+            } else if Some(*id) == leader {
+                Value::Bool(node.quorum_reachable())
+            } else {
+                Value::Null
+            };
+            json!({"id": id, "address": n.addr, "role": role, "voter": voters.contains(id), "reachable": reachable})
+        })
+        .collect()
+}
+
+/// The `cluster` section of `/api/v1/status`, from this replica's own state.
+pub fn status(node: &Node) -> Value {
+    let metrics = node.metrics();
+    let voters = metrics.membership_config.membership().voter_ids().count();
+    let quorum = voters / 2 + 1;
+    json!({
+        "cluster_id": node.cluster_id,
+        "cluster_uuid": node.identity.uuid(),
+        "leader_id": metrics.current_leader,
+        "term": metrics.current_term,
+        "commit_index": metrics.local_committed.as_ref().map_or(0, |l| l.index),
+        "applied_index": metrics.last_applied.as_ref().map_or(0, |l| l.index),
+        "quorum": quorum,
+        "fault_tolerance": voters.saturating_sub(quorum),
+        "quorum_reachable": node.quorum_reachable(),
+        "members": member_list(node),
+    })
+}

@@ -358,7 +358,11 @@ impl Server {
             let died = async {
                 match &mut fatal {
                     Some(rx) => {
-                        let dead = rx.wait_for(Option::is_some).await.ok().and_then(|f| f.clone());
+                        let dead = rx
+                            .wait_for(Option::is_some)
+                            .await
+                            .ok()
+                            .and_then(|f| f.clone());
                         dead.map_or(EXIT_RUNTIME, |f| f.code)
                     }
                     None => std::future::pending().await,
@@ -506,7 +510,10 @@ async fn follow_store(node: Arc<Node>, state: Arc<State>) {
                 .apply_replicated(&current.state.pools, version)
                 .await;
             for f in &failures {
-                tracing::error!(config_version = version, "cannot apply the committed pool here; keeping its previous version: {f}");
+                tracing::error!(
+                    config_version = version,
+                    "cannot apply the committed pool here; keeping its previous version: {f}"
+                );
                 metrics::counter!(m::CONFIG_APPLY_FAILURES_TOTAL).increment(1);
             }
             if let Ok(mut errors) = state.apply_errors.lock() {

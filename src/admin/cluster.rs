@@ -207,9 +207,8 @@ pub async fn config(state: &State, node: &Node, req: Request<Incoming>) -> Reply
             };
             let mut reply = match crate::config::to_yaml_value(&body) {
                 Ok(yaml) => {
-                    let mut r = hyper::Response::new(http_body_util::Full::new(
-                        bytes::Bytes::from(yaml),
-                    ));
+                    let mut r =
+                        hyper::Response::new(http_body_util::Full::new(bytes::Bytes::from(yaml)));
                     r.headers_mut().insert(
                         CONTENT_TYPE,
                         "application/yaml".parse().expect("static header"),
@@ -231,7 +230,9 @@ pub async fn config(state: &State, node: &Node, req: Request<Incoming>) -> Reply
                     Err(_) => {
                         return error(
                             StatusCode::BAD_REQUEST,
-                            &format!("If-Match {v:?} is not a config_version: use the ETag of a read, e.g. \"7\""),
+                            &format!(
+                                "If-Match {v:?} is not a config_version: use the ETag of a read, e.g. \"7\""
+                            ),
                         );
                     }
                 },
@@ -266,12 +267,19 @@ pub async fn config(state: &State, node: &Node, req: Request<Incoming>) -> Reply
                     if let Some(key) = doc.keys().find(|k| *k != "pools") {
                         return error(
                             StatusCode::BAD_REQUEST,
-                            &format!("{key}: only pools are replicated; listeners and the other sections are node-local (each replica's file)"),
+                            &format!(
+                                "{key}: only pools are replicated; listeners and the other sections are node-local (each replica's file)"
+                            ),
                         );
                     }
                     doc.remove("pools").unwrap_or(Value::Null)
                 }
-                Ok(_) => return error(StatusCode::BAD_REQUEST, "the body must be a map with pools:"),
+                Ok(_) => {
+                    return error(
+                        StatusCode::BAD_REQUEST,
+                        "the body must be a map with pools:",
+                    );
+                }
                 Err(e) => return error(StatusCode::BAD_REQUEST, &format!("invalid body: {e}")),
             };
             let checked = match check_pools(doc) {
@@ -300,7 +308,7 @@ pub async fn members(state: &State, node: &Node, req: Request<Incoming>, rest: &
     let method = req.method().clone();
     let parse_id = |s: &str| {
         s.parse::<u64>()
-            .map_err(|_| error(StatusCode::BAD_REQUEST, &format!("{s:?} is not a node id")))
+            .map_err(|_| format!("{s:?} is not a node id"))
     };
     let op = match (&method, parts.as_slice()) {
         (&Method::GET, []) => return versioned(state, json!({"members": member_list(node)})),
@@ -310,7 +318,10 @@ pub async fn members(state: &State, node: &Node, req: Request<Incoming>, rest: &
                 Err(reply) => return reply,
             };
             if new.address.parse::<std::net::SocketAddr>().is_err()
-                && new.address.rsplit_once(':').is_none_or(|(_, p)| p.parse::<u16>().is_err())
+                && new
+                    .address
+                    .rsplit_once(':')
+                    .is_none_or(|(_, p)| p.parse::<u16>().is_err())
             {
                 return error(
                     StatusCode::BAD_REQUEST,
@@ -325,11 +336,11 @@ pub async fn members(state: &State, node: &Node, req: Request<Incoming>, rest: &
         }
         (&Method::POST, [id, "promote"]) => match parse_id(id) {
             Ok(id) => Manage::Promote { id },
-            Err(r) => return r,
+            Err(e) => return error(StatusCode::BAD_REQUEST, &e),
         },
         (&Method::DELETE, [id]) => match parse_id(id) {
             Ok(id) => Manage::Remove { id },
-            Err(r) => return r,
+            Err(e) => return error(StatusCode::BAD_REQUEST, &e),
         },
         _ => {
             return error(
@@ -341,7 +352,9 @@ pub async fn members(state: &State, node: &Node, req: Request<Incoming>, rest: &
     let accepted = matches!(op, Manage::AddMember { .. });
     tracing::info!(?op, "admin membership change");
     match node.manage(op).await {
-        Ok(_) if accepted => json_reply(StatusCode::ACCEPTED, &json!({"members": member_list(node)})),
+        Ok(_) if accepted => {
+            json_reply(StatusCode::ACCEPTED, &json!({"members": member_list(node)}))
+        }
         Ok(_) => json_reply(StatusCode::OK, &json!({"members": member_list(node)})),
         Err(e) => written(state, Err(e), StatusCode::OK),
     }

@@ -96,13 +96,17 @@ async fn route(state: &State, req: Request<Incoming>) -> Reply {
         ),
         _ => match (&state.cluster, path) {
             (Some(node), "/api/v1/config") => cluster::config(state, node, req).await,
-            (Some(node), _) if path == "/api/v1/members" || path.starts_with("/api/v1/members/") => {
+            (Some(node), _)
+                if path == "/api/v1/members" || path.starts_with("/api/v1/members/") =>
+            {
                 let rest = path.trim_start_matches("/api/v1/members").to_string();
                 cluster::members(state, node, req, &rest).await
             }
             (None, "/api/v1/config" | "/api/v1/members") => error(
                 StatusCode::NOT_FOUND,
-                &format!("{path} exists in cluster mode only: this replica is standalone (no cluster: section)"),
+                &format!(
+                    "{path} exists in cluster mode only: this replica is standalone (no cluster: section)"
+                ),
             ),
             _ => match path.strip_prefix("/api/v1/pools/") {
                 Some(rest) => match &state.cluster {
@@ -253,7 +257,11 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 fn status(state: &State) -> Value {
-    let errors = state.apply_errors.lock().map(|e| e.clone()).unwrap_or_default();
+    let errors = state
+        .apply_errors
+        .lock()
+        .map(|e| e.clone())
+        .unwrap_or_default();
     json!({
         "node": {
             "name": state.node_name,

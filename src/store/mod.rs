@@ -130,8 +130,7 @@ impl Node {
             )));
         }
         let empty = storage::is_empty(&db).map_err(read)?;
-        let recorded: Option<Recorded> =
-            storage::get_meta(&db, storage::IDENTITY).map_err(read)?;
+        let recorded: Option<Recorded> = storage::get_meta(&db, storage::IDENTITY).map_err(read)?;
         let uuid = match recorded {
             Some(r) if r.cluster_id != cluster_id => {
                 return Err(config_error(format!(
@@ -168,7 +167,11 @@ impl Node {
         let net = Arc::new(Net {
             identity: identity.clone(),
             tls,
-            connect_timeout: cluster.election_timeout.value.get().max(Duration::from_millis(500)),
+            connect_timeout: cluster
+                .election_timeout
+                .value
+                .get()
+                .max(Duration::from_millis(500)),
         });
 
         let heartbeat = cluster.heartbeat_interval.value.get();
@@ -205,9 +208,8 @@ impl Node {
             .map(|(id, addr)| (*id, addr.to_string()))
             .collect();
         let bind = cluster.bind.value.0;
-        let socket = crate::proxy::listener::bind(bind).map_err(|e| {
-            runtime_error(format!("cluster.bind {bind}: cannot listen: {e}"))
-        })?;
+        let socket = crate::proxy::listener::bind(bind)
+            .map_err(|e| runtime_error(format!("cluster.bind {bind}: cannot listen: {e}")))?;
         let (fatal, _) = watch::channel(None);
         let node = Arc::new(Node {
             id,
@@ -225,17 +227,14 @@ impl Node {
             leader_contact: std::sync::Mutex::new(None),
             stop: CancellationToken::new(),
         });
-        tokio::spawn(network::serve(
-            socket,
-            net,
-            node.clone(),
-            node.stop.clone(),
-        ));
+        tokio::spawn(network::serve(socket, net, node.clone(), node.stop.clone()));
         tracing::info!(node_id = id, %bind, "Raft peer port listening");
         if empty && cluster.initial_state == InitialState::New {
             tokio::spawn(node.clone().bootstrap());
         } else if empty {
-            tracing::info!("initial_state: existing: waiting to be added (raftlb ctl member add {id} ADDR), then catching up");
+            tracing::info!(
+                "initial_state: existing: waiting to be added (raftlb ctl member add {id} ADDR), then catching up"
+            );
         }
         tokio::spawn(node.clone().housekeeping());
         Ok(node)
@@ -299,8 +298,7 @@ impl Node {
     /// then initialises with exactly that membership. Never alone on silence.
     async fn bootstrap(self: Arc<Self>) {
         let quorum = self.peers.len() / 2 + 1;
-        let mine: Vec<(NodeId, String)> =
-            self.peers.iter().map(|(k, v)| (*k, v.clone())).collect();
+        let mine: Vec<(NodeId, String)> = self.peers.iter().map(|(k, v)| (*k, v.clone())).collect();
         let mut logged_wait = false;
         loop {
             if self.stop.is_cancelled() || self.raft.is_initialized().await.unwrap_or(true) {
@@ -493,11 +491,16 @@ impl Node {
             return Ok(self.on_leader(request).await);
         }
         let mut client = PeerClient::new(self.net.clone(), leader, addr);
-        match client.call(request, WRITE_TIMEOUT + Duration::from_secs(1)).await {
+        match client
+            .call(request, WRITE_TIMEOUT + Duration::from_secs(1))
+            .await
+        {
             Ok(reply) => Ok(reply),
-            Err(e @ (CallError::Connect(_) | CallError::Refused(_))) => Err(WriteError::NotProposed(
-                format!("cannot reach the Raft leader (node {leader}): {e}; nothing was changed"),
-            )),
+            Err(e @ (CallError::Connect(_) | CallError::Refused(_))) => {
+                Err(WriteError::NotProposed(format!(
+                    "cannot reach the Raft leader (node {leader}): {e}; nothing was changed"
+                )))
+            }
             Err(e) => Err(WriteError::Unknown(format!(
                 "the Raft leader (node {leader}) did not answer: {e}"
             ))),
@@ -507,16 +510,17 @@ impl Node {
     /// What the leader does with a write, a membership change or a read.
     async fn on_leader(&self, request: Request) -> Reply {
         if !self.quorum_reachable() {
-            let why = "this replica leads but has not heard from a quorum recently; nothing was changed";
+            let why =
+                "this replica leads but has not heard from a quorum recently; nothing was changed";
             return match request {
                 Request::Read => Reply::Read(Err(why.into())),
                 _ => Reply::Write(WriteReply::NotProposed(why.into())),
             };
         }
         match request {
-            Request::Write(command) => Reply::Write(
-                proposed(tokio::time::timeout(WRITE_TIMEOUT, self.raft.client_write(command)).await),
-            ),
+            Request::Write(command) => Reply::Write(proposed(
+                tokio::time::timeout(WRITE_TIMEOUT, self.raft.client_write(command)).await,
+            )),
             Request::Manage(op) => Reply::Write(self.change_members(op).await),
             Request::Read => {
                 let read = tokio::time::timeout(
@@ -743,7 +747,10 @@ async fn promote_when_caught_up(raft: Raft, id: NodeId) {
             return;
         }
     }
-    tracing::warn!(node_id = id, "learner did not catch up within a minute; promote it with `raftlb ctl member promote {id}`");
+    tracing::warn!(
+        node_id = id,
+        "learner did not catch up within a minute; promote it with `raftlb ctl member promote {id}`"
+    );
 }
 
 type Proposal<E> = Result<
@@ -756,7 +763,9 @@ fn proposed(result: Proposal<ClientWriteError<types::TypeConfig>>) -> WriteReply
     match result {
         Ok(Ok(response)) => WriteReply::Done(response.data),
         Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
-            WriteReply::NotProposed(format!("not the Raft leader any more ({f}); nothing was changed"))
+            WriteReply::NotProposed(format!(
+                "not the Raft leader any more ({f}); nothing was changed"
+            ))
         }
         Ok(Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e)))) => {
             WriteReply::Invalid(e.to_string())

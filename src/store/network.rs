@@ -261,7 +261,10 @@ async fn write_frame(stream: &mut (impl AsyncWrite + Unpin), bytes: &[u8]) -> io
     if bytes.len() > MAX_FRAME {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
-            format!("frame of {} bytes is over the limit of {MAX_FRAME}", bytes.len()),
+            format!(
+                "frame of {} bytes is over the limit of {MAX_FRAME}",
+                bytes.len()
+            ),
         ));
     }
     let len = u32::try_from(bytes.len()).map_err(io::Error::other)?;
@@ -363,11 +366,7 @@ impl PeerClient {
 
 /// What answers requests arriving on the peer port.
 pub trait Handler: Send + Sync + 'static {
-    fn handle(
-        &self,
-        from: NodeId,
-        request: Request,
-    ) -> impl Future<Output = Reply> + Send;
+    fn handle(&self, from: NodeId, request: Request) -> impl Future<Output = Reply> + Send;
 }
 
 /// Accepts peer connections until `stop`.
@@ -396,14 +395,18 @@ pub async fn serve<H: Handler>(
         tokio::spawn(async move {
             let stream: Stream = match &net.tls {
                 None => Box::new(tcp),
-                Some(tls) => match tokio::time::timeout(Duration::from_secs(10), tls.server.accept(tcp)).await {
-                    Ok(Ok(stream)) => Box::new(stream),
-                    Ok(Err(e)) => {
-                        tracing::warn!(%peer, error = %e, "peer refused: TLS handshake failed (a certificate signed by cluster.tls.ca is required)");
-                        return;
+                Some(tls) => {
+                    match tokio::time::timeout(Duration::from_secs(10), tls.server.accept(tcp))
+                        .await
+                    {
+                        Ok(Ok(stream)) => Box::new(stream),
+                        Ok(Err(e)) => {
+                            tracing::warn!(%peer, error = %e, "peer refused: TLS handshake failed (a certificate signed by cluster.tls.ca is required)");
+                            return;
+                        }
+                        Err(_) => return,
                     }
-                    Err(_) => return,
-                },
+                }
             };
             tokio::select! {
                 () = stop.cancelled() => {}
@@ -491,7 +494,11 @@ impl RaftNetworkV2<TypeConfig> for Network {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
-        match self.client.call(Request::Append(rpc), option.hard_ttl()).await {
+        match self
+            .client
+            .call(Request::Append(rpc), option.hard_ttl())
+            .await
+        {
             Ok(Reply::Append(r)) => Ok(r),
             Ok(other) => Err(unexpected(other)),
             Err(e) => Err(rpc_error(e)),
@@ -503,7 +510,11 @@ impl RaftNetworkV2<TypeConfig> for Network {
         rpc: VoteRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
-        match self.client.call(Request::Vote(rpc), option.hard_ttl()).await {
+        match self
+            .client
+            .call(Request::Vote(rpc), option.hard_ttl())
+            .await
+        {
             Ok(Reply::Vote(r)) => Ok(r),
             Ok(other) => Err(unexpected(other)),
             Err(e) => Err(rpc_error(e)),
@@ -515,7 +526,11 @@ impl RaftNetworkV2<TypeConfig> for Network {
         rpc: VoteRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
-        match self.client.call(Request::PreVote(rpc), option.hard_ttl()).await {
+        match self
+            .client
+            .call(Request::PreVote(rpc), option.hard_ttl())
+            .await
+        {
             Ok(Reply::Vote(r)) => Ok(r),
             Ok(other) => Err(unexpected(other)),
             Err(e) => Err(rpc_error(e)),

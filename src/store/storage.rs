@@ -205,7 +205,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             tx.commit().map_err(io::Error::other)
         };
         let result = write();
-        let failed = result.as_ref().err().map(|e| io::Error::new(e.kind(), e.to_string()));
+        let failed = result
+            .as_ref()
+            .err()
+            .map(|e| io::Error::new(e.kind(), e.to_string()));
         callback.io_completed(result);
         match failed {
             Some(e) => Err(e),
@@ -276,8 +279,9 @@ impl StateMachine {
         self.publish.subscribe()
     }
 
+    /// Durable: a restarted replica serves exactly what it applied last.
     fn persist(&self) -> io::Result<()> {
-        put_meta(&self.db, APPLIED, &self.applied, false)?;
+        put_meta(&self.db, APPLIED, &self.applied, true)?;
         self.publish.send_replace(Arc::new(self.applied.clone()));
         Ok(())
     }

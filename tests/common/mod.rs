@@ -67,6 +67,18 @@ impl Raftlb {
 
     /// Like [`Raftlb::start`], with raftlb run under `wrapper` (e.g. `prlimit --nofile=128:128 --`).
     pub fn start_wrapped(wrapper: &[&str], yaml: &str, admin: SocketAddr) -> Raftlb {
+        let mut lb = Raftlb::spawn_wrapped(wrapper, yaml, admin);
+        lb.wait_ready();
+        lb
+    }
+
+    /// Starts raftlb on `yaml` without waiting for it to be ready (a cluster replica
+    /// is ready only once a quorum has formed).
+    pub fn spawn(yaml: &str, admin: SocketAddr) -> Raftlb {
+        Raftlb::spawn_wrapped(&[], yaml, admin)
+    }
+
+    fn spawn_wrapped(wrapper: &[&str], yaml: &str, admin: SocketAddr) -> Raftlb {
         let dir = tempfile::tempdir().expect("tempdir");
         let config = dir.path().join("raftlb.yaml");
         std::fs::write(&config, yaml).expect("write config");
@@ -87,14 +99,12 @@ impl Raftlb {
             .stderr(log)
             .spawn()
             .expect("spawn raftlb");
-        let mut lb = Raftlb {
+        Raftlb {
             child,
             admin,
             dir,
             config,
-        };
-        lb.wait_ready();
-        lb
+        }
     }
 
     /// A standalone config with one listener in front of `backends` (name, address).

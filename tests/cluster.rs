@@ -1,0 +1,364 @@
+//! Cluster mode with real `raftlb run` processes on loopback: replication of admin
+//! writes through any replica, kill -9 of the Raft leader, catch-up after a restart,
+//! quorum loss, restart without a quorum, wiped data_dir, and bad input on the peer port.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// The addresses of one replica.
+#[derive(Clone, Copy)]
+struct Addrs {
+    admin: SocketAddr,
+    peer: SocketAddr,
+    listen: SocketAddr,
+}
+
+struct Cluster {
+    addrs: Vec<Addrs>,
+    data: Vec<tempfile::TempDir>,
+    backends: Vec<(String, SocketAddr)>,
+}
+
+impl Cluster {
+    fn new(n: usize, backends: Vec<(String, SocketAddr)>) -> Cluster {
+        let addrs = (0..n)
+            .map(|_| Addrs {
+                admin: loopback(),
+                peer: loopback(),
+                listen: loopback(),
+            })
+            .collect();
+        let data = (0..n)
+            .map(|_| tempfile::tempdir().expect("tempdir"))
+            .collect();
+        Cluster {
+            addrs,
+            data,
+            backends,
+        }
+    }
+
+    /// Replica `i` (0-based; node_id i+1).
+    fn yaml(&self, i: usize, initial_state: &str) -> String {
+        let a = self.addrs[i];
+        let peers: Vec<String> = self
+            .addrs
+            .iter()
+            .enumerate()
+            .map(|(j, p)| format!("{}: {}", j + 1, p.peer))
+            .collect();
+        let backends: Vec<String> = self
+            .backends
+            .iter()
+            .map(|(name, addr)| format!("      - {{ name: {name}, address: {addr} }}"))
+            .collect();
+        format!(
+            "node: {{ name: lb-{id} }}\n\
+             admin: {{ bind: {admin} }}\n\
+             cluster:\n  cluster_id: test\n  node_id: {id}\n  initial_state: {initial_state}\n  bind: {peer}\n  data_dir: {data}\n  \
+             peers: {{ {peers} }}\n  heartbeat_interval: 50ms\n  election_timeout: 300ms\n\
+             leader_election: {{ enabled: false }}\n\
+             listeners:\n  front: {{ bind: {listen}, pool: web }}\n\
+             pools:\n  web:\n    backends:\n{backends}\n",
+            id = i + 1,
+            admin = a.admin,
+            peer = a.peer,
+            listen = a.listen,
+            data = self.data[i].path().display(),
+            peers = peers.join(", "),
+            backends = backends.join("\n"),
+        )
+    }
+
+    fn spawn(&self, i: usize) -> Raftlb {
+        Raftlb::spawn(&self.yaml(i, "new"), self.addrs[i].admin)
+    }
+}
+
+fn json(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16, Value) {
+    match http_request(addr, method, path, &[], body) {
+        Ok((code, text)) => (code, serde_json::from_str(&text).unwrap_or(Value::Null)),
+        Err(e) => (0, Value::String(e.to_string())),
+    }
+}
+
+fn status(addr: SocketAddr) -> Value {
+    json(addr, "GET", "/api/v1/status", "").1
+}
+
+fn leader_of(addr: SocketAddr) -> Option<u64> {
+    status(addr)["cluster"]["leader_id"].as_u64()
+}
+
+fn drained(addr: SocketAddr, backend: &str) -> Option<bool> {
+    let (_, body) = json(addr, "GET", "/api/v1/backends", "");
+    body["pools"][0]["backends"]
+        .as_array()?
+        .iter()
+        .find(|b| b["name"] == backend)?["drained"]
+        .as_bool()
+}
+
+async fn backend_names(named: &[&str]) -> Vec<(String, SocketAddr)> {
+    let mut out = Vec::new();
+    for name in named {
+        out.push((name.to_string(), named_backend(name).await));
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_on_a_follower_replicate_and_survive_the_leader_being_killed() {
+    raise_nofile();
+    let cluster = Cluster::new(3, backend_names(&["b1", "b2"]).await);
+    let mut replicas: Vec<Option<Raftlb>> = (0..3).map(|i| Some(cluster.spawn(i))).collect();
+    blocking(|| {
+        for r in replicas.iter_mut().flatten() {
+            r.wait_ready();
+        }
+    });
+    let leader = blocking(|| {
+        let mut leader = None;
+        assert!(
+            eventually(Duration::from_secs(10), || {
+                leader = leader_of(cluster.addrs[0].admin);
+                leader.is_some()
+            }),
+            "no Raft leader"
+        );
+        leader.expect("leader") as usize - 1
+    });
+    let follower = (leader + 1) % 3;
+
+    // Drain through a follower: forwarded to the leader, applied everywhere.
+    let (code, body) = blocking(|| {
+        json(
+            cluster.addrs[follower].admin,
+            "POST",
+            "/api/v1/pools/web/backends/b1/drain",
+            "",
+        )
+    });
+    assert_eq!(code, 200, "drain on a follower: {body}");
+    for a in &cluster.addrs {
+        assert!(
+            blocking(
+                || eventually(Duration::from_secs(5), || drained(a.admin, "b1")
+                    == Some(true))
+            ),
+            "replica {} does not show the drain",
+            a.admin
+        );
+    }
+    for a in &cluster.addrs {
+        for _ in 0..20 {
+            let name = which_backend(a.listen, None).await.expect("proxied");
+            assert_eq!(name, "b2", "a drained backend got a new connection");
+        }
+    }
+
+    // kill -9 the leader: a new one is elected among the survivors, writes work again.
+    let killed = replicas[leader].take().expect("leader process");
+    blocking(|| {
+        let mut killed = killed;
+        killed.signal("KILL");
+        killed.wait_exit(Duration::from_secs(5));
+    });
+    let survivor = cluster.addrs[follower].admin;
+    assert!(
+        blocking(|| eventually(Duration::from_secs(10), || {
+            leader_of(survivor).is_some_and(|l| l as usize - 1 != leader)
+        })),
+        "no new leader after the kill: {}",
+        status(survivor)
+    );
+    let (code, body) = blocking(|| {
+        json(
+            survivor,
+            "POST",
+            "/api/v1/pools/web/backends/b1/undrain",
+            "",
+        )
+    });
+    assert_eq!(code, 200, "write after the leader died: {body}");
+
+    // The killed replica restarts from its data_dir and catches up.
+    let mut back = cluster.spawn(leader);
+    blocking(|| back.wait_ready());
+    assert!(
+        blocking(|| eventually(Duration::from_secs(10), || drained(
+            cluster.addrs[leader].admin,
+            "b1"
+        ) == Some(false))),
+        "the restarted replica did not catch up:\n{}",
+        back.log()
+    );
+    replicas[leader] = Some(back);
+
+    // Stop two of three: the survivor still answers status, and refuses writes with
+    // 503 in bounded time.
+    let last = (leader + 2) % 3;
+    for (i, r) in replicas.iter_mut().enumerate() {
+        if i != last
+            && let Some(r) = r.as_mut()
+        {
+            r.signal("TERM");
+            blocking(|| r.wait_exit(Duration::from_secs(10)));
+        }
+    }
+    let lone = cluster.addrs[last].admin;
+    assert!(
+        blocking(|| eventually(Duration::from_secs(10), || {
+            status(lone)["cluster"]["quorum_reachable"] == Value::Bool(false)
+        })),
+        "the survivor does not say it lost the quorum: {}",
+        status(lone)
+    );
+    let started = Instant::now();
+    let (code, body) = blocking(|| json(lone, "POST", "/api/v1/pools/web/backends/b1/drain", ""));
+    assert_eq!(code, 503, "write without a quorum: {body}");
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "the refusal took {:?}",
+        started.elapsed()
+    );
+    assert_eq!(drained(lone, "b1"), Some(false), "nothing changed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_replica_serves_its_last_config_without_a_quorum_and_a_wiped_one_refuses() {
+    raise_nofile();
+    let cluster = Cluster::new(3, backend_names(&["b1", "b2"]).await);
+    let mut replicas: Vec<Raftlb> = (0..3).map(|i| cluster.spawn(i)).collect();
+    blocking(|| replicas.iter_mut().for_each(Raftlb::wait_ready));
+    let (code, body) = blocking(|| {
+        json(
+            cluster.addrs[0].admin,
+            "PATCH",
+            "/api/v1/pools/web/backends/b2",
+            r#"{"weight": 7}"#,
+        )
+    });
+    assert_eq!(code, 200, "{body}");
+    // Every replica says "joined" once it has caught up.
+    assert!(blocking(|| eventually(Duration::from_secs(10), || {
+        let (_, config) = json(cluster.addrs[0].admin, "GET", "/api/v1/status", "");
+        config["cluster"]["members"]
+            .as_array()
+            .is_some_and(|m| m.len() == 3)
+    })));
+    std::thread::sleep(Duration::from_secs(1));
+    for r in &mut replicas {
+        r.signal("KILL");
+        blocking(|| r.wait_exit(Duration::from_secs(5)));
+    }
+
+    // Alone, with no quorum: it serves the config it applied last, at once.
+    let mut alone = cluster.spawn(1);
+    blocking(|| alone.wait_ready());
+    let (_, backends) = blocking(|| json(cluster.addrs[1].admin, "GET", "/api/v1/backends", ""));
+    assert_eq!(
+        backends["pools"][0]["backends"][1]["weight"], 7,
+        "the last applied config: {backends}"
+    );
+    assert_eq!(
+        which_backend(cluster.addrs[1].listen, None)
+            .await
+            .ok()
+            .as_deref()
+            .map(|n| n.starts_with('b')),
+        Some(true)
+    );
+
+    // Node 3's data_dir is wiped: the cluster says it joined, so it must not start empty.
+    let mut first = cluster.spawn(0);
+    blocking(|| first.wait_ready());
+    wipe(cluster.data[2].path());
+    let mut wiped = cluster.spawn(2);
+    let exit = blocking(|| wiped.wait_exit(Duration::from_secs(20)));
+    assert_eq!(
+        exit.and_then(|s| s.code()),
+        Some(2),
+        "a wiped replica must refuse to start:\n{}",
+        wiped.log()
+    );
+    assert!(
+        wiped.log().contains("ctl member remove 3"),
+        "the refusal names the fix:\n{}",
+        wiped.log()
+    );
+}
+
+fn wipe(dir: &Path) {
+    for entry in std::fs::read_dir(dir).expect("read data_dir").flatten() {
+        std::fs::remove_file(entry.path()).expect("wipe");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_on_the_peer_port_never_crashes_a_node() {
+    raise_nofile();
+    let cluster = Cluster::new(1, backend_names(&["b1"]).await);
+    let mut node = cluster.spawn(0);
+    blocking(|| node.wait_ready());
+    let peer = cluster.addrs[0].peer;
+
+    // Random bytes, an oversized length prefix, a frame cut short.
+    let mut noise = vec![0u8; 4096];
+    for (i, b) in noise.iter_mut().enumerate() {
+        *b = (i * 7919 % 251) as u8;
+    }
+    let oversized = (64u32 << 20).to_be_bytes().to_vec();
+    let truncated = [&100u32.to_be_bytes()[..], b"{\"cluster_id\""].concat();
+    for input in [noise, oversized, truncated] {
+        let mut s = tokio::net::TcpStream::connect(peer).await.expect("connect");
+        let _ = s.write_all(&input).await;
+        let _ = s.shutdown().await;
+        let mut sink = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut sink)).await;
+    }
+
+    // A well-formed frame from another cluster is refused with a reason.
+    let frame = serde_json::json!({
+        "cluster_id": "other", "uuid": null, "from": 9, "body": "Hello"
+    })
+    .to_string();
+    let mut s = tokio::net::TcpStream::connect(peer).await.expect("connect");
+    s.write_all(&(frame.len() as u32).to_be_bytes())
+        .await
+        .expect("write");
+    s.write_all(frame.as_bytes()).await.expect("write");
+    let len = s.read_u32().await.expect("a reply frame");
+    let mut reply = vec![0; len as usize];
+    s.read_exact(&mut reply).await.expect("reply");
+    let reply: Value = serde_json::from_slice(&reply).expect("json reply");
+    assert!(
+        reply["body"]["Error"]
+            .as_str()
+            .is_some_and(|e| e.contains("cluster_id")),
+        "{reply}"
+    );
+
+    assert!(
+        node.child.try_wait().expect("try_wait").is_none(),
+        "{}",
+        node.log()
+    );
+    assert!(node.log().contains("peer refused"), "{}", node.log());
+    let (code, body) = blocking(|| {
+        json(
+            cluster.addrs[0].admin,
+            "POST",
+            "/api/v1/pools/web/backends/b1/drain",
+            "",
+        )
+    });
+    assert_eq!(code, 200, "the node still commits writes: {body}");
+}

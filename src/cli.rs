@@ -60,6 +60,42 @@ pub enum CtlCommand {
     /// Change one backend.
     #[command(subcommand)]
     Backend(BackendCommand),
+    /// The Raft members with their roles and reachability (cluster mode).
+    Members,
+    /// Add, promote or remove a Raft member (cluster mode).
+    #[command(subcommand)]
+    Member(MemberCommand),
+    /// The replicated config (pools) as YAML (cluster mode).
+    #[command(subcommand)]
+    Config(ConfigCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum MemberCommand {
+    /// Add a replica as a learner; it is promoted to voter once caught up unless --learner.
+    Add {
+        id: u64,
+        address: String,
+        #[arg(long)]
+        learner: bool,
+    },
+    /// Promote a learner to voter.
+    Promote { id: u64 },
+    /// Remove a replica (the leader hands leadership over first).
+    Remove { id: u64 },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Print the replicated config (linearizable read).
+    Get,
+    /// Replace the replicated pools with FILE (YAML with a pools: section).
+    Apply {
+        file: PathBuf,
+        /// Only if the config_version still is this (compare-and-set).
+        #[arg(long)]
+        if_version: Option<u64>,
+    },
 }
 
 #[derive(Debug, Subcommand)]

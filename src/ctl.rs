@@ -14,7 +14,7 @@ use serde_json::{Value, json};
 use tokio::net::TcpStream;
 
 use crate::app::{EXIT_CONFIG, EXIT_RUNTIME};
-use crate::cli::{BackendCommand, CtlArgs, CtlCommand, Output};
+use crate::cli::{BackendCommand, ConfigCommand, CtlArgs, CtlCommand, MemberCommand, Output};
 
 const TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -60,6 +60,51 @@ async fn ctl(args: &CtlArgs) -> Result<String, CtlError> {
         CtlCommand::Backend(cmd) => {
             let (method, path, body) = backend_request(cmd);
             (client.call(method, &path, body).await?, backend_line)
+        }
+        CtlCommand::Members => (
+            client.call(Method::GET, "/api/v1/members", None).await?,
+            members_table,
+        ),
+        CtlCommand::Member(cmd) => {
+            let (method, path, body) = match cmd {
+                MemberCommand::Add {
+                    id,
+                    address,
+                    learner,
+                } => (
+                    Method::POST,
+                    "/api/v1/members".to_string(),
+                    Some(json!({"id": id, "address": address, "learner": learner})),
+                ),
+                MemberCommand::Promote { id } => {
+                    (Method::POST, format!("/api/v1/members/{id}/promote"), None)
+                }
+                MemberCommand::Remove { id } => {
+                    (Method::DELETE, format!("/api/v1/members/{id}"), None)
+                }
+            };
+            (client.call(method, &path, body).await?, members_table)
+        }
+        CtlCommand::Config(ConfigCommand::Get) => (
+            client.call(Method::GET, "/api/v1/config", None).await?,
+            text_body,
+        ),
+        CtlCommand::Config(ConfigCommand::Apply { file, if_version }) => {
+            let yaml = std::fs::read_to_string(file)
+                .map_err(|e| CtlError::Usage(format!("{}: {e}", file.display())))?;
+            let if_match = if_version.map(|v| format!("\"{v}\""));
+            (
+                client
+                    .send(
+                        Method::PUT,
+                        "/api/v1/config",
+                        yaml,
+                        "application/yaml",
+                        if_match,
+                    )
+                    .await?,
+                version_line,
+            )
         }
     };
     Ok(match args.output {
@@ -148,6 +193,21 @@ impl Client {
         path: &str,
         body: Option<Value>,
     ) -> Result<Value, CtlError> {
+        let body = body.map(|b| b.to_string()).unwrap_or_default();
+        self.send(method, path, body, "application/json", None)
+            .await
+    }
+
+    /// One request with a body of `content_type`; the reply as JSON (or as a string
+    /// when it is not JSON, like the YAML of `config get`).
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        body: String,
+        content_type: &str,
+        if_match: Option<String>,
+    ) -> Result<Value, CtlError> {
         let mut request = Request::builder()
             .method(method.clone())
             .uri(path)
@@ -155,9 +215,11 @@ impl Client {
         if let Some(token) = &self.token {
             request = request.header(AUTHORIZATION, format!("Bearer {token}"));
         }
-        let body = body.map(|b| b.to_string()).unwrap_or_default();
+        if let Some(v) = if_match {
+            request = request.header(hyper::header::IF_MATCH, v);
+        }
         let request = request
-            .header(CONTENT_TYPE, "application/json")
+            .header(CONTENT_TYPE, content_type)
             .body(Full::new(Bytes::from(body)))
             .map_err(|e| CtlError::Usage(e.to_string()))?;
         let server = &self.authority;
@@ -186,8 +248,14 @@ impl Client {
             .await
             .map_err(|_| CtlError::Failed(format!("{server} did not answer within {TIMEOUT:?}")))?
             .map_err(CtlError::Failed)?;
-        let value: Value = serde_json::from_slice(&bytes)
-            .unwrap_or_else(|_| json!({"error": String::from_utf8_lossy(&bytes)}));
+        let value: Value = serde_json::from_slice(&bytes).unwrap_or_else(|_| {
+            let text = String::from_utf8_lossy(&bytes).into_owned();
+            if status.is_success() {
+                Value::String(text)
+            } else {
+                json!({ "error": text })
+            }
+        });
         if status.is_success() {
             Ok(value)
         } else {
@@ -228,6 +296,16 @@ fn status_table(v: &Value) -> String {
             text(&cluster["quorum"]),
             text(&cluster["fault_tolerance"])
         );
+        let _ = writeln!(
+            out,
+            "quorum          {}",
+            if cluster["quorum_reachable"] == true {
+                "reachable"
+            } else {
+                "NOT reachable: writes fail with 503"
+            }
+        );
+        out.push_str(&members_table(cluster));
     }
     let lease = &v["lease"];
     if lease.is_null() {
@@ -317,4 +395,42 @@ fn text(v: &Value) -> String {
         Value::Null => "-".into(),
         other => other.to_string(),
     }
+}
+
+fn members_table(v: &Value) -> String {
+    let members = v["members"].as_array().cloned().unwrap_or_default();
+    let mut out = String::from("ID  ADDRESS                ROLE      VOTER  REACHABLE\n");
+    for m in &members {
+        let _ = writeln!(
+            out,
+            "{:<3} {:<22} {:<9} {:<6} {}",
+            text(&m["id"]),
+            text(&m["address"]),
+            text(&m["role"]),
+            text(&m["voter"]),
+            text(&m["reachable"])
+        );
+    }
+    let voters = members.iter().filter(|m| m["voter"] == true).count();
+    if voters > 0 && voters % 2 == 0 {
+        let quorum = voters / 2 + 1;
+        let _ = writeln!(
+            out,
+            "warning: {voters} voters: quorum {quorum}, fault tolerance {}: an even count tolerates no more failures than {} voters",
+            voters - quorum,
+            voters - 1
+        );
+    }
+    out
+}
+
+fn text_body(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        other => format!("{other}\n"),
+    }
+}
+
+fn version_line(v: &Value) -> String {
+    format!("applied: config_version {}\n", text(&v["config_version"]))
 }

@@ -362,3 +362,84 @@ async fn bad_input_on_the_peer_port_never_crashes_a_node() {
     });
     assert_eq!(code, 200, "the node still commits writes: {body}");
 }
+
+fn ctl(admin: SocketAddr, args: &[&str]) -> (i32, String, String) {
+    let server = format!("http://{admin}");
+    let mut all = vec!["ctl", "--server", &server];
+    all.extend_from_slice(args);
+    raftlb_cmd(&all)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctl_adds_promotes_and_removes_a_member_and_applies_config() {
+    raise_nofile();
+    let cluster = Cluster::new(4, backend_names(&["b1", "b2"]).await);
+    // Nodes 1-3 form the cluster; node 4 joins later with initial_state: existing.
+    let three = |i: usize| {
+        let yaml = cluster
+            .yaml(i, "new")
+            .replace(&format!(", 4: {}", cluster.addrs[3].peer), "");
+        Raftlb::spawn(&yaml, cluster.addrs[i].admin)
+    };
+    let mut replicas: Vec<Raftlb> = (0..3).map(three).collect();
+    blocking(|| replicas.iter_mut().for_each(Raftlb::wait_ready));
+    let admin = cluster.addrs[1].admin;
+
+    let peer4 = cluster.addrs[3].peer.to_string();
+    let (code, out, err) = blocking(|| ctl(admin, &["member", "add", "4", &peer4]));
+    assert_eq!(code, 0, "member add: {out}{err}");
+    let mut fourth = Raftlb::spawn(&cluster.yaml(3, "existing"), cluster.addrs[3].admin);
+    blocking(|| fourth.wait_ready());
+    assert!(
+        blocking(|| eventually(Duration::from_secs(20), || {
+            let (_, out, _) = ctl(admin, &["-o", "json", "members"]);
+            let v: Value = serde_json::from_str(&out).unwrap_or(Value::Null);
+            v["members"]
+                .as_array()
+                .is_some_and(|m| m.iter().filter(|m| m["voter"] == true).count() == 4)
+        })),
+        "node 4 was not promoted:\n{}",
+        fourth.log()
+    );
+    let (_, table, _) = blocking(|| ctl(admin, &["members"]));
+    assert!(
+        table.contains("warning: 4 voters: quorum 3, fault tolerance 1"),
+        "{table}"
+    );
+
+    // config get / apply, with a stale If-Match refused.
+    let (code, yaml, err) = blocking(|| ctl(admin, &["config", "get"]));
+    assert_eq!(code, 0, "{err}");
+    assert!(yaml.contains("b2"), "{yaml}");
+    let file = cluster.data[0].path().join("new-pools.yaml");
+    std::fs::write(&file, yaml.replace("weight: 1", "weight: 5")).expect("write");
+    let f = file.to_string_lossy().to_string();
+    // config_version 1 is the seed: the first compare-and-set wins, the second is stale.
+    let (code, out, err) = blocking(|| ctl(admin, &["config", "apply", &f, "--if-version", "1"]));
+    assert_eq!(code, 0, "config apply: {out}{err}");
+    let (code, _, err) = blocking(|| ctl(admin, &["config", "apply", &f, "--if-version", "1"]));
+    assert_eq!(code, 1, "a stale If-Match must be refused");
+    assert!(err.contains("412"), "{err}");
+    assert!(blocking(|| eventually(Duration::from_secs(5), || {
+        let (_, b) = json(cluster.addrs[3].admin, "GET", "/api/v1/backends", "");
+        b["pools"][0]["backends"][0]["weight"] == 5
+    })));
+
+    // Remove node 4: it stops with a message and refuses to start on that data_dir.
+    let (code, out, err) = blocking(|| ctl(admin, &["member", "remove", "4"]));
+    assert_eq!(code, 0, "member remove: {out}{err}");
+    let exit = blocking(|| fourth.wait_exit(Duration::from_secs(20)));
+    assert!(
+        exit.is_some(),
+        "the removed replica did not stop:\n{}",
+        fourth.log()
+    );
+    assert!(
+        fourth.log().contains("removed from the cluster"),
+        "{}",
+        fourth.log()
+    );
+    let mut again = Raftlb::spawn(&cluster.yaml(3, "existing"), cluster.addrs[3].admin);
+    let exit = blocking(|| again.wait_exit(Duration::from_secs(20)));
+    assert_eq!(exit.and_then(|s| s.code()), Some(2), "{}", again.log());
+}

@@ -705,16 +705,17 @@ impl network::Handler for Node {
                 self.on_leader(request).await
             }
             Request::Removed => {
-                let member = self
-                    .raft
-                    .metrics()
-                    .borrow_watched()
+                // The leader stops replicating to a removed replica, so its word (the
+                // frame passed the cluster identity check) is what tells it.
+                let metrics = self.metrics();
+                let member = metrics
                     .membership_config
                     .membership()
                     .get_node(&self.id)
                     .is_some();
-                if !member {
-                    self.removed(&format!("node {from} says so")).await;
+                if !member || metrics.current_leader == Some(from) {
+                    self.removed(&format!("node {from}, the Raft leader, says so"))
+                        .await;
                 }
                 Reply::Ok
             }

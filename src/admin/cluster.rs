@@ -9,7 +9,7 @@ use hyper::header::{CONTENT_TYPE, IF_MATCH};
 use hyper::{Method, Request, StatusCode};
 use serde_json::{Value, json};
 
-use super::{MAX_BODY, Reply, error, json_reply, read_json, versioned};
+use super::{MAX_BODY, Reply, error, json_reply, read_json, versioned, with_etag};
 use crate::app::State;
 use crate::config::schema;
 use crate::store::network::Manage;
@@ -52,13 +52,10 @@ struct NewMember {
 /// state machine's refusal with its status, 503 when there is no quorum.
 fn written(state: &State, result: Result<Outcome, WriteError>, created: StatusCode) -> Reply {
     match result {
-        Ok(Outcome::Applied { config_version }) => {
-            let mut reply = json_reply(created, &json!({"config_version": config_version}));
-            if let Ok(etag) = format!("\"{config_version}\"").parse() {
-                reply.headers_mut().insert(hyper::header::ETAG, etag);
-            }
-            reply
-        }
+        Ok(Outcome::Applied { config_version }) => with_etag(
+            json_reply(created, &json!({"config_version": config_version})),
+            config_version,
+        ),
         Ok(Outcome::Record { version }) => json_reply(created, &json!({"version": version})),
         Ok(Outcome::Refused { status, error: e }) => error(
             StatusCode::from_u16(status).unwrap_or(StatusCode::CONFLICT),
@@ -205,7 +202,7 @@ pub async fn config(state: &State, node: &Node, req: Request<Incoming>) -> Reply
             let body = Replicated {
                 pools: applied.state.pools,
             };
-            let mut reply = match crate::config::to_yaml_value(&body) {
+            let reply = match crate::config::to_yaml_value(&body) {
                 Ok(yaml) => {
                     let mut r =
                         hyper::Response::new(http_body_util::Full::new(bytes::Bytes::from(yaml)));
@@ -217,10 +214,7 @@ pub async fn config(state: &State, node: &Node, req: Request<Incoming>) -> Reply
                 }
                 Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, &e),
             };
-            if let Ok(etag) = format!("\"{}\"", applied.state.config_version).parse() {
-                reply.headers_mut().insert(hyper::header::ETAG, etag);
-            }
-            reply
+            with_etag(reply, applied.state.config_version)
         }
         Method::PUT => {
             let if_match = match req.headers().get(IF_MATCH).map(|v| v.to_str()) {

@@ -317,8 +317,12 @@ fn backend_json(b: &Backend) -> Value {
 }
 
 fn versioned(state: &State, body: Value) -> Reply {
-    let mut reply = json_reply(StatusCode::OK, &body);
-    if let Ok(etag) = format!("\"{}\"", state.config_version()).parse() {
+    with_etag(json_reply(StatusCode::OK, &body), state.config_version())
+}
+
+/// `ETag: "<config_version>"`.
+fn with_etag(mut reply: Reply, config_version: u64) -> Reply {
+    if let Ok(etag) = format!("\"{config_version}\"").parse() {
         reply.headers_mut().insert(ETAG, etag);
     }
     reply

@@ -457,15 +457,16 @@ impl Node {
 
     /// Commits `command` through the Raft leader; a follower forwards it.
     pub async fn write(&self, command: Command) -> Result<Outcome, WriteError> {
-        match self.forward_or_local(Request::Write(command)).await? {
-            Reply::Write(reply) => write_result(reply),
-            other => Err(WriteError::Unknown(format!("unexpected reply: {other:?}"))),
-        }
+        self.committed(Request::Write(command)).await
     }
 
     /// Membership changes, on the leader (a follower forwards them).
     pub async fn manage(&self, op: Manage) -> Result<Outcome, WriteError> {
-        match self.forward_or_local(Request::Manage(op)).await? {
+        self.committed(Request::Manage(op)).await
+    }
+
+    async fn committed(&self, request: Request) -> Result<Outcome, WriteError> {
+        match self.forward_or_local(request).await? {
             Reply::Write(reply) => write_result(reply),
             other => Err(WriteError::Unknown(format!("unexpected reply: {other:?}"))),
         }

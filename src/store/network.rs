@@ -486,6 +486,21 @@ fn unexpected(reply: Reply) -> RPCError<TypeConfig> {
     )))
 }
 
+impl Network {
+    /// One RPC: `expect` takes the reply it wants, anything else is a network error.
+    async fn rpc<T>(
+        &mut self,
+        request: Request,
+        option: &RPCOption,
+        expect: fn(Reply) -> Result<T, Reply>,
+    ) -> Result<T, RPCError<TypeConfig>> {
+        match self.client.call(request, option.hard_ttl()).await {
+            Ok(reply) => expect(reply).map_err(unexpected),
+            Err(e) => Err(rpc_error(e)),
+        }
+    }
+}
+
 impl RaftNetworkV2<TypeConfig> for Network {
     type SnapshotData = std::io::Cursor<Vec<u8>>;
 
@@ -494,15 +509,11 @@ impl RaftNetworkV2<TypeConfig> for Network {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
-        match self
-            .client
-            .call(Request::Append(rpc), option.hard_ttl())
-            .await
-        {
-            Ok(Reply::Append(r)) => Ok(r),
-            Ok(other) => Err(unexpected(other)),
-            Err(e) => Err(rpc_error(e)),
-        }
+        self.rpc(Request::Append(rpc), &option, |r| match r {
+            Reply::Append(r) => Ok(r),
+            other => Err(other),
+        })
+        .await
     }
 
     async fn vote(
@@ -510,15 +521,7 @@ impl RaftNetworkV2<TypeConfig> for Network {
         rpc: VoteRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
-        match self
-            .client
-            .call(Request::Vote(rpc), option.hard_ttl())
-            .await
-        {
-            Ok(Reply::Vote(r)) => Ok(r),
-            Ok(other) => Err(unexpected(other)),
-            Err(e) => Err(rpc_error(e)),
-        }
+        self.rpc(Request::Vote(rpc), &option, vote_reply).await
     }
 
     async fn pre_vote(
@@ -526,15 +529,7 @@ impl RaftNetworkV2<TypeConfig> for Network {
         rpc: VoteRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
-        match self
-            .client
-            .call(Request::PreVote(rpc), option.hard_ttl())
-            .await
-        {
-            Ok(Reply::Vote(r)) => Ok(r),
-            Ok(other) => Err(unexpected(other)),
-            Err(e) => Err(rpc_error(e)),
-        }
+        self.rpc(Request::PreVote(rpc), &option, vote_reply).await
     }
 
     async fn full_snapshot(
@@ -549,11 +544,11 @@ impl RaftNetworkV2<TypeConfig> for Network {
             meta: snapshot.meta,
             data: snapshot.snapshot.into_inner(),
         };
-        match self.client.call(request, option.hard_ttl()).await {
-            Ok(Reply::Snapshot(r)) => Ok(r),
-            Ok(other) => Err(unexpected(other).into()),
-            Err(e) => Err(rpc_error(e).into()),
-        }
+        let reply = self.rpc(request, &option, |r| match r {
+            Reply::Snapshot(r) => Ok(r),
+            other => Err(other),
+        });
+        Ok(reply.await?)
     }
 
     async fn transfer_leader(
@@ -561,15 +556,18 @@ impl RaftNetworkV2<TypeConfig> for Network {
         req: TransferLeaderRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<TransferLeaderResponse<TypeConfig>, RPCError<TypeConfig>> {
-        match self
-            .client
-            .call(Request::TransferLeader(req), option.hard_ttl())
-            .await
-        {
-            Ok(Reply::TransferLeader(r)) => Ok(r),
-            Ok(other) => Err(unexpected(other)),
-            Err(e) => Err(rpc_error(e)),
-        }
+        self.rpc(Request::TransferLeader(req), &option, |r| match r {
+            Reply::TransferLeader(r) => Ok(r),
+            other => Err(other),
+        })
+        .await
+    }
+}
+
+fn vote_reply(reply: Reply) -> Result<VoteResponse<TypeConfig>, Reply> {
+    match reply {
+        Reply::Vote(r) => Ok(r),
+        other => Err(other),
     }
 }
 

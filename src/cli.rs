@@ -1,4 +1,4 @@
-//! The command line (clap derive): `raftlb run | check | demo`.
+//! The command line (clap derive): `raftlb run | check | demo | ctl | snapshot`.
 
 use std::path::PathBuf;
 
@@ -28,6 +28,35 @@ pub enum Command {
     Demo(DemoArgs),
     /// Operate a running raftlb through its admin API.
     Ctl(CtlArgs),
+    /// Offline backup and restore of a replica's data_dir (disaster recovery).
+    #[command(subcommand)]
+    Snapshot(SnapshotCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SnapshotCommand {
+    /// Back up a stopped replica's store (for a running one: `raftlb ctl snapshot save`).
+    Save {
+        #[arg(long, value_name = "DIR")]
+        data_dir: PathBuf,
+        file: PathBuf,
+    },
+    /// Build the data_dir of one member of a NEW cluster from a backup, like
+    /// `etcdctl snapshot restore`; run it for every member with the same arguments
+    /// but --node-id and --data-dir.
+    Restore {
+        file: PathBuf,
+        #[arg(long, value_name = "DIR")]
+        data_dir: PathBuf,
+        #[arg(long)]
+        node_id: u64,
+        /// The new cluster's cluster_id (the config files must say the same).
+        #[arg(long)]
+        cluster_id: String,
+        /// Every member of the new cluster: 1=ADDR,2=ADDR,...
+        #[arg(long, value_name = "ID=ADDR,...")]
+        initial_cluster: String,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -68,6 +97,15 @@ pub enum CtlCommand {
     /// The replicated config (pools) as YAML (cluster mode).
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// A consistent backup of the store (cluster mode), like `etcdctl snapshot save`.
+    #[command(subcommand)]
+    Snapshot(CtlSnapshotCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CtlSnapshotCommand {
+    /// Write a checksummed backup of the replicated state to FILE.
+    Save { file: PathBuf },
 }
 
 #[derive(Debug, Subcommand)]

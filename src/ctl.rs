@@ -14,7 +14,9 @@ use serde_json::{Value, json};
 use tokio::net::TcpStream;
 
 use crate::app::{EXIT_CONFIG, EXIT_RUNTIME};
-use crate::cli::{BackendCommand, ConfigCommand, CtlArgs, CtlCommand, MemberCommand, Output};
+use crate::cli::{
+    BackendCommand, ConfigCommand, CtlArgs, CtlCommand, CtlSnapshotCommand, MemberCommand, Output,
+};
 
 const TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -89,6 +91,25 @@ async fn ctl(args: &CtlArgs) -> Result<String, CtlError> {
             client.call(Method::GET, "/api/v1/config", None).await?,
             text_body,
         ),
+        CtlCommand::Snapshot(CtlSnapshotCommand::Save { file }) => {
+            let bytes = client.download("/api/v1/snapshot").await?;
+            let backup = crate::store::backup::Backup::decode(&bytes)
+                .map_err(|e| CtlError::Failed(format!("the server sent a damaged backup: {e}")))?;
+            let sum = crate::store::backup::checksum(&bytes).map_err(CtlError::Failed)?;
+            crate::write_file(file, &bytes).map_err(CtlError::Failed)?;
+            (
+                json!({
+                    "file": file.display().to_string(),
+                    "sha256": sum,
+                    "bytes": bytes.len(),
+                    "cluster_id": backup.cluster_id,
+                    "config_version": backup.state.config_version,
+                    "index": backup.last_applied.map_or(0, |l| l.index()),
+                    "summary": backup.summary(),
+                }),
+                saved_line,
+            )
+        }
         CtlCommand::Config(ConfigCommand::Apply { file, if_version }) => {
             let yaml = std::fs::read_to_string(file)
                 .map_err(|e| CtlError::Usage(format!("{}: {e}", file.display())))?;
@@ -208,8 +229,60 @@ impl Client {
         content_type: &str,
         if_match: Option<String>,
     ) -> Result<Value, CtlError> {
+        let (status, bytes) = self
+            .exchange(method.clone(), path, body, content_type, if_match)
+            .await?;
+        let value: Value = serde_json::from_slice(&bytes).unwrap_or_else(|_| {
+            let text = String::from_utf8_lossy(&bytes).into_owned();
+            if status.is_success() {
+                Value::String(text)
+            } else {
+                json!({ "error": text })
+            }
+        });
+        if status.is_success() {
+            Ok(value)
+        } else {
+            let message = value["error"]
+                .as_str()
+                .map_or_else(|| value.to_string(), str::to_string);
+            Err(CtlError::Failed(format!(
+                "{method} {path}: {} {message}",
+                status.as_u16()
+            )))
+        }
+    }
+
+    /// A GET whose successful answer is raw bytes (a backup).
+    async fn download(&self, path: &str) -> Result<Bytes, CtlError> {
+        let (status, bytes) = self
+            .exchange(Method::GET, path, String::new(), "application/json", None)
+            .await?;
+        if status.is_success() {
+            return Ok(bytes);
+        }
+        let value: Value = serde_json::from_slice(&bytes).unwrap_or_default();
+        let message = value["error"].as_str().map_or_else(
+            || String::from_utf8_lossy(&bytes).into_owned(),
+            str::to_string,
+        );
+        Err(CtlError::Failed(format!(
+            "GET {path}: {} {message}",
+            status.as_u16()
+        )))
+    }
+
+    /// One HTTP/1.1 exchange, bounded by [`TIMEOUT`].
+    async fn exchange(
+        &self,
+        method: Method,
+        path: &str,
+        body: String,
+        content_type: &str,
+        if_match: Option<String>,
+    ) -> Result<(hyper::StatusCode, Bytes), CtlError> {
         let mut request = Request::builder()
-            .method(method.clone())
+            .method(method)
             .uri(path)
             .header(HOST, &self.authority);
         if let Some(token) = &self.token {
@@ -244,29 +317,10 @@ impl Client {
                 .to_bytes();
             Ok::<_, String>((status, bytes))
         };
-        let (status, bytes) = tokio::time::timeout(TIMEOUT, exchange)
+        tokio::time::timeout(TIMEOUT, exchange)
             .await
             .map_err(|_| CtlError::Failed(format!("{server} did not answer within {TIMEOUT:?}")))?
-            .map_err(CtlError::Failed)?;
-        let value: Value = serde_json::from_slice(&bytes).unwrap_or_else(|_| {
-            let text = String::from_utf8_lossy(&bytes).into_owned();
-            if status.is_success() {
-                Value::String(text)
-            } else {
-                json!({ "error": text })
-            }
-        });
-        if status.is_success() {
-            Ok(value)
-        } else {
-            let message = value["error"]
-                .as_str()
-                .map_or_else(|| value.to_string(), str::to_string);
-            Err(CtlError::Failed(format!(
-                "{method} {path}: {} {message}",
-                status.as_u16()
-            )))
-        }
+            .map_err(CtlError::Failed)
     }
 }
 
@@ -429,6 +483,16 @@ fn text_body(v: &Value) -> String {
         Value::String(s) => s.clone(),
         other => format!("{other}\n"),
     }
+}
+
+fn saved_line(v: &Value) -> String {
+    format!(
+        "saved {} ({} bytes, sha256 {}): {}\n",
+        text(&v["file"]),
+        text(&v["bytes"]),
+        text(&v["sha256"]),
+        text(&v["summary"])
+    )
 }
 
 fn version_line(v: &Value) -> String {

@@ -25,7 +25,68 @@ pub fn main(cli: Cli) -> ExitCode {
         Command::Check { config } => check(&config),
         Command::Demo(args) => demo::run(args),
         Command::Ctl(args) => ctl::run(args),
+        Command::Snapshot(cmd) => snapshot(cmd),
     }
+}
+
+/// `raftlb snapshot save | restore`: offline, on a stopped replica's data_dir.
+fn snapshot(cmd: cli::SnapshotCommand) -> ExitCode {
+    use store::backup;
+    let result = match cmd {
+        cli::SnapshotCommand::Save { data_dir, file } => {
+            backup::save_offline(&data_dir).and_then(|b| {
+                let bytes = b.encode().map_err(|e| e.to_string())?;
+                write_file(&file, &bytes)?;
+                Ok(format!("saved {}: {}", file.display(), b.summary()))
+            })
+        }
+        cli::SnapshotCommand::Restore {
+            file,
+            data_dir,
+            node_id,
+            cluster_id,
+            initial_cluster,
+        } => std::fs::read(&file)
+            .map_err(|e| format!("{}: {e}", file.display()))
+            .and_then(|bytes| {
+                let members = backup::parse_initial_cluster(&initial_cluster)?;
+                backup::restore(&bytes, &data_dir, node_id, &cluster_id, &members)
+                    .map_err(|e| format!("{}: {e}", file.display()))
+            })
+            .map(|r| {
+                format!(
+                    "restored node {node_id} of cluster {cluster_id} (uuid {}) into {}: {}; \
+                     start every member with initial_state: new and these peers",
+                    r.uuid,
+                    data_dir.display(),
+                    r.backup.summary()
+                )
+            }),
+    };
+    match result {
+        Ok(line) => {
+            println!("{line}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(app::EXIT_CONFIG)
+        }
+    }
+}
+
+/// Writes `bytes` to `file` through a temporary file and a rename, so a failed
+/// write never leaves a half file under the name.
+pub fn write_file(file: &std::path::Path, bytes: &[u8]) -> Result<(), String> {
+    let mut part = file.as_os_str().to_owned();
+    part.push(".part");
+    let part = std::path::PathBuf::from(part);
+    std::fs::write(&part, bytes)
+        .and_then(|()| std::fs::rename(&part, file))
+        .map_err(|e| {
+            let _ = std::fs::remove_file(&part);
+            format!("{}: cannot write: {e}", file.display())
+        })
 }
 
 /// `raftlb check`: print the effective config, or every error with its place.

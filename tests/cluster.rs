@@ -21,6 +21,7 @@ struct Addrs {
 }
 
 struct Cluster {
+    cluster_id: &'static str,
     addrs: Vec<Addrs>,
     data: Vec<tempfile::TempDir>,
     backends: Vec<(String, SocketAddr)>,
@@ -39,6 +40,7 @@ impl Cluster {
             .map(|_| tempfile::tempdir().expect("tempdir"))
             .collect();
         Cluster {
+            cluster_id: "test",
             addrs,
             data,
             backends,
@@ -62,12 +64,13 @@ impl Cluster {
         format!(
             "node: {{ name: lb-{id} }}\n\
              admin: {{ bind: {admin} }}\n\
-             cluster:\n  cluster_id: test\n  node_id: {id}\n  initial_state: {initial_state}\n  bind: {peer}\n  data_dir: {data}\n  \
+             cluster:\n  cluster_id: {cluster_id}\n  node_id: {id}\n  initial_state: {initial_state}\n  bind: {peer}\n  data_dir: {data}\n  \
              peers: {{ {peers} }}\n  heartbeat_interval: 50ms\n  election_timeout: 300ms\n\
              leader_election: {{ enabled: false }}\n\
              listeners:\n  front: {{ bind: {listen}, pool: web }}\n\
              pools:\n  web:\n    backends:\n{backends}\n",
             id = i + 1,
+            cluster_id = self.cluster_id,
             admin = a.admin,
             peer = a.peer,
             listen = a.listen,
@@ -79,6 +82,30 @@ impl Cluster {
 
     fn spawn(&self, i: usize) -> Raftlb {
         Raftlb::spawn(&self.yaml(i, "new"), self.addrs[i].admin)
+    }
+
+    /// Starts every replica and waits until they serve and agree on a leader; the
+    /// leader's index.
+    fn start_all(&self) -> (Vec<Raftlb>, usize) {
+        let mut replicas: Vec<Raftlb> = (0..self.addrs.len()).map(|i| self.spawn(i)).collect();
+        replicas.iter_mut().for_each(Raftlb::wait_ready);
+        let mut leader = None;
+        assert!(
+            eventually(Duration::from_secs(10), || {
+                leader = leader_of(self.addrs[0].admin);
+                leader.is_some()
+            }),
+            "no Raft leader"
+        );
+        (replicas, leader.expect("leader") as usize - 1)
+    }
+
+    /// `--initial-cluster` for `raftlb snapshot restore`.
+    fn initial_cluster(&self) -> String {
+        let members: Vec<String> = (0..self.addrs.len())
+            .map(|i| format!("{}={}", i + 1, self.addrs[i].peer))
+            .collect();
+        members.join(",")
     }
 }
 
@@ -442,4 +469,130 @@ async fn ctl_adds_promotes_and_removes_a_member_and_applies_config() {
     let mut again = Raftlb::spawn(&cluster.yaml(3, "existing"), cluster.addrs[3].admin);
     let exit = blocking(|| again.wait_exit(Duration::from_secs(20)));
     assert_eq!(exit.and_then(|s| s.code()), Some(2), "{}", again.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_save_and_restore_into_a_new_cluster() {
+    raise_nofile();
+    let old = Cluster::new(3, backend_names(&["b1", "b2"]).await);
+    let (mut replicas, leader) = blocking(|| old.start_all());
+    let follower = (leader + 1) % 3;
+    let admin = old.addrs[follower].admin;
+    blocking(|| {
+        for args in [
+            &["backend", "drain", "web", "b1"][..],
+            &["backend", "weight", "web", "b2", "5"][..],
+        ] {
+            let (code, out, err) = ctl(admin, args);
+            assert_eq!(code, 0, "{args:?}: {out}{err}");
+        }
+    });
+
+    // Online backup through a follower (a linearizable read through the leader).
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let online = scratch.path().join("online.snap");
+    let online_s = online.to_string_lossy().to_string();
+    let (code, out, err) = blocking(|| ctl(admin, &["snapshot", "save", &online_s]));
+    assert_eq!(code, 0, "ctl snapshot save: {out}{err}");
+    assert!(
+        out.contains("sha256") && out.contains("config_version 3"),
+        "{out}"
+    );
+
+    // Offline backup: refused while the replica runs, works once it stopped.
+    let offline = scratch.path().join("offline.snap");
+    let offline_s = offline.to_string_lossy().to_string();
+    // The third replica: neither the leader nor the follower the test talks to.
+    let stopped = (leader + 2) % 3;
+    let data = old.data[stopped].path().to_string_lossy().to_string();
+    let save = || raftlb_cmd(&["snapshot", "save", "--data-dir", &data, &offline_s]);
+    let (code, _, err) = blocking(save);
+    assert_eq!(code, 2, "offline save of a running replica must fail");
+    assert!(err.contains("still running"), "{err}");
+    assert!(!offline.exists());
+    replicas[stopped].signal("TERM");
+    blocking(|| replicas[stopped].wait_exit(Duration::from_secs(10)));
+    let (code, out, err) = blocking(save);
+    assert_eq!(code, 0, "offline save: {out}{err}");
+    assert!(out.contains("config_version 3"), "{out}");
+
+    // A damaged backup is refused and leaves nothing behind.
+    let new = Cluster {
+        cluster_id: "restored",
+        ..Cluster::new(3, backend_names(&["seed-only"]).await)
+    };
+    let bytes = std::fs::read(&online).expect("read backup");
+    let initial = new.initial_cluster();
+    let restore = |file: &str, i: usize| {
+        let dir = new.data[i].path().to_string_lossy().to_string();
+        let id = (i + 1).to_string();
+        raftlb_cmd(&[
+            "snapshot",
+            "restore",
+            file,
+            "--data-dir",
+            &dir,
+            "--node-id",
+            &id,
+            "--cluster-id",
+            "restored",
+            "--initial-cluster",
+            &initial,
+        ])
+    };
+    let mut flipped = bytes.clone();
+    let at = flipped.len() / 2;
+    flipped[at] ^= 0x20;
+    for (name, damaged, why) in [
+        ("truncated", &bytes[..bytes.len() - 10], "truncated"),
+        ("flipped", &flipped[..], "corrupt"),
+    ] {
+        let file = scratch.path().join(name);
+        std::fs::write(&file, damaged).expect("write");
+        let (code, _, err) = blocking(|| restore(&file.to_string_lossy(), 0));
+        assert_eq!(code, 2, "{name} backup must be refused");
+        assert!(err.contains(why), "{name}: {err}");
+        assert_eq!(
+            std::fs::read_dir(new.data[0].path()).expect("dir").count(),
+            0,
+            "a refused restore wrote something"
+        );
+    }
+
+    // Restore the offline backup into three new members: they form a new cluster
+    // with the old state (not their files' seed), and take writes.
+    for i in 0..3 {
+        let (code, out, err) = blocking(|| restore(&offline_s, i));
+        assert_eq!(code, 0, "restore node {}: {out}{err}", i + 1);
+    }
+    let (code, _, err) = blocking(|| restore(&offline_s, 0));
+    assert_eq!(code, 2, "restoring over a used data_dir must fail");
+    assert!(err.contains("holds a store already"), "{err}");
+    let (_restored, new_leader) = blocking(|| new.start_all());
+    for a in &new.addrs {
+        assert_eq!(blocking(|| drained(a.admin, "b1")), Some(true));
+        let (_, b) = blocking(|| json(a.admin, "GET", "/api/v1/backends", ""));
+        assert_eq!(b["pools"][0]["backends"][1]["weight"], 5, "{b}");
+        assert_eq!(b["pools"][0]["backends"].as_array().map(Vec::len), Some(2));
+    }
+    let new_follower = new.addrs[(new_leader + 1) % 3].admin;
+    let (code, out, err) = blocking(|| ctl(new_follower, &["backend", "undrain", "web", "b1"]));
+    assert_eq!(code, 0, "write in the restored cluster: {out}{err}");
+    for a in &new.addrs {
+        assert!(blocking(|| eventually(Duration::from_secs(5), || drained(
+            a.admin, "b1"
+        )
+            == Some(false))));
+    }
+    let status = blocking(|| status(new.addrs[0].admin));
+    assert_eq!(status["cluster"]["cluster_id"], "restored", "{status}");
+    assert_eq!(status["config_version"], 4, "{status}");
+    // The old cluster is untouched by the new one.
+    assert_eq!(
+        blocking(|| drained(admin, "b1")),
+        Some(true),
+        "{:?}\n{}",
+        blocking(|| http_get(admin, "/api/v1/backends")),
+        replicas[follower].log()
+    );
 }

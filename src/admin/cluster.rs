@@ -12,7 +12,9 @@ use serde_json::{Value, json};
 use super::{MAX_BODY, Reply, error, json_reply, read_json, versioned, with_etag};
 use crate::app::State;
 use crate::config::schema;
+use crate::store::backup::Backup;
 use crate::store::network::Manage;
+use crate::store::storage::Applied;
 use crate::store::types::{Command, Outcome};
 use crate::store::{Node, WriteError};
 
@@ -183,21 +185,57 @@ fn check_pools(pools: Value) -> Result<Replicated, String> {
     })
 }
 
+/// The applied state: through the leader (linearizable) unless the request says
+/// `?consistency=local`.
+async fn read(state: &State, node: &Node, req: &Request<Incoming>) -> Result<Applied, Reply> {
+    let local = req
+        .uri()
+        .query()
+        .is_some_and(|q| q.split('&').any(|kv| kv == "consistency=local"));
+    if local {
+        return Ok(node.applied().borrow().as_ref().clone());
+    }
+    node.read()
+        .await
+        .map_err(|e| written(state, Err(e), StatusCode::OK))
+}
+
+/// `GET /api/v1/snapshot`: a consistent, checksummed backup (`raftlb ctl snapshot save`).
+pub async fn snapshot(state: &State, node: &Node, req: Request<Incoming>) -> Reply {
+    if req.method() != Method::GET {
+        return error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            &format!(
+                "{} is not allowed on /api/v1/snapshot: use GET",
+                req.method()
+            ),
+        );
+    }
+    let applied = match read(state, node, &req).await {
+        Ok(a) => a,
+        Err(reply) => return reply,
+    };
+    let version = applied.state.config_version;
+    match Backup::new(&node.cluster_id, node.id, applied).encode() {
+        Ok(bytes) => {
+            let mut r = hyper::Response::new(http_body_util::Full::new(bytes::Bytes::from(bytes)));
+            r.headers_mut().insert(
+                CONTENT_TYPE,
+                "application/octet-stream".parse().expect("static header"),
+            );
+            with_etag(r, version)
+        }
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+    }
+}
+
 /// `GET /api/v1/config` (linearizable unless `?consistency=local`) and `PUT`.
 pub async fn config(state: &State, node: &Node, req: Request<Incoming>) -> Reply {
     match *req.method() {
         Method::GET => {
-            let local = req
-                .uri()
-                .query()
-                .is_some_and(|q| q.split('&').any(|kv| kv == "consistency=local"));
-            let applied = if local {
-                node.applied().borrow().as_ref().clone()
-            } else {
-                match node.read().await {
-                    Ok(applied) => applied,
-                    Err(e) => return written(state, Err(e), StatusCode::OK),
-                }
+            let applied = match read(state, node, &req).await {
+                Ok(a) => a,
+                Err(reply) => return reply,
             };
             let body = Replicated {
                 pools: applied.state.pools,

@@ -96,13 +96,14 @@ async fn route(state: &State, req: Request<Incoming>) -> Reply {
         ),
         _ => match (&state.cluster, path) {
             (Some(node), "/api/v1/config") => cluster::config(state, node, req).await,
+            (Some(node), "/api/v1/snapshot") => cluster::snapshot(state, node, req).await,
             (Some(node), _)
                 if path == "/api/v1/members" || path.starts_with("/api/v1/members/") =>
             {
                 let rest = path.trim_start_matches("/api/v1/members").to_string();
                 cluster::members(state, node, req, &rest).await
             }
-            (None, "/api/v1/config" | "/api/v1/members") => error(
+            (None, "/api/v1/config" | "/api/v1/members" | "/api/v1/snapshot") => error(
                 StatusCode::NOT_FOUND,
                 &format!(
                     "{path} exists in cluster mode only: this replica is standalone (no cluster: section)"

@@ -5,6 +5,7 @@
 //! the configured peers answers "empty, same cluster_id, same peers". The proxy never
 //! reaches in here: it follows [`Node::applied`], a watch of the applied state.
 
+pub mod backup;
 pub mod network;
 pub mod storage;
 pub mod types;

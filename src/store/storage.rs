@@ -34,7 +34,7 @@ const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const VOTE: &str = "vote";
 const COMMITTED: &str = "committed";
 const PURGED: &str = "last_purged";
-const APPLIED: &str = "applied";
+pub const APPLIED: &str = "applied";
 const SNAPSHOT: &str = "snapshot";
 pub const IDENTITY: &str = "identity";
 pub const REMOVED: &str = "removed";
@@ -83,6 +83,36 @@ pub fn put_meta<T: Serialize>(
         table
             .insert(key, bytes.as_slice())
             .map_err(io::Error::other)?;
+    }
+    tx.commit().map_err(io::Error::other)
+}
+
+/// Writes a new store holding `applied` as its snapshot and applied state, with
+/// the log purged up to it: what `raftlb snapshot restore` leaves in a data_dir.
+pub fn restore<I: Serialize>(data_dir: &Path, identity: &I, applied: &Applied) -> io::Result<()> {
+    let db = open(data_dir)?;
+    let snapshot = StoredSnapshot {
+        meta: SnapshotMeta {
+            last_log_id: applied.last_applied,
+            last_membership: applied.membership.clone(),
+        },
+        data: serde_json::to_vec(&applied.state).map_err(io::Error::other)?,
+    };
+    let values = [
+        (IDENTITY, serde_json::to_vec(identity)),
+        (APPLIED, serde_json::to_vec(applied)),
+        (SNAPSHOT, serde_json::to_vec(&snapshot)),
+        (PURGED, serde_json::to_vec(&applied.last_applied)),
+    ];
+    let tx = db.begin_write().map_err(io::Error::other)?;
+    {
+        let mut table = tx.open_table(META).map_err(io::Error::other)?;
+        for (key, value) in values {
+            let value = value.map_err(io::Error::other)?;
+            table
+                .insert(key, value.as_slice())
+                .map_err(io::Error::other)?;
+        }
     }
     tx.commit().map_err(io::Error::other)
 }

@@ -1,0 +1,362 @@
+//! Backups of the store, like `etcdctl snapshot save | restore`.
+//!
+//! A backup file is one header line and a JSON body:
+//!
+//! ```text
+//! raftlb-snapshot 1 bytes=1234 sha256=<hex of the body>
+//! {"cluster_id": ..., "last_applied": ..., "membership": ..., "state": ...}
+//! ```
+//!
+//! The header makes a truncated or corrupted file fail loudly before anything is
+//! written. `restore` builds the data_dir of a member of a *new* cluster from one
+//! file: every member restored from the same file with the same `--cluster-id` and
+//! `--initial-cluster` gets the same membership, state and cluster UUID, so they form
+//! one cluster without a bootstrap round.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write as _;
+use std::io;
+use std::path::Path;
+
+use openraft::Membership;
+use openraft::vote::RaftLeaderIdExt;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use uuid::Uuid;
+
+use super::storage::{self, Applied};
+use super::types::{LogId, Node as RaftNode, NodeId, Replicated, StoredMembership};
+
+const MAGIC: &str = "raftlb-snapshot";
+const FORMAT: u32 = 1;
+
+/// What a backup holds.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Backup {
+    pub cluster_id: String,
+    /// The replica the backup was taken from.
+    pub node_id: NodeId,
+    pub last_applied: Option<LogId>,
+    pub membership: StoredMembership,
+    pub state: Replicated,
+}
+
+impl Backup {
+    pub fn new(cluster_id: &str, node_id: NodeId, applied: Applied) -> Backup {
+        Backup {
+            cluster_id: cluster_id.to_string(),
+            node_id,
+            last_applied: applied.last_applied,
+            membership: applied.membership,
+            state: applied.state,
+        }
+    }
+
+    /// The file's bytes: header line, then the JSON body.
+    pub fn encode(&self) -> io::Result<Vec<u8>> {
+        let body = serde_json::to_vec(self).map_err(io::Error::other)?;
+        let mut out = format!(
+            "{MAGIC} {FORMAT} bytes={} sha256={}\n",
+            body.len(),
+            hex(&Sha256::digest(&body))
+        )
+        .into_bytes();
+        out.extend_from_slice(&body);
+        Ok(out)
+    }
+
+    /// Checks the header, the length and the checksum, then reads the body.
+    pub fn decode(bytes: &[u8]) -> Result<Backup, String> {
+        let (header, body) = checked_body(bytes)?;
+        let _ = header;
+        serde_json::from_slice(body).map_err(|e| format!("the body is not a raftlb backup: {e}"))
+    }
+
+    /// One line for people: what the backup holds.
+    pub fn summary(&self) -> String {
+        format!(
+            "cluster_id {}, config_version {}, {} pools, index {}, {} members",
+            self.cluster_id,
+            self.state.config_version,
+            self.state.pools.len(),
+            self.last_applied.map_or(0, |l| l.index()),
+            self.membership.membership().nodes().count()
+        )
+    }
+}
+
+/// The hex SHA-256 of a backup file's body, after checking it.
+pub fn checksum(bytes: &[u8]) -> Result<String, String> {
+    Ok(hex(&Sha256::digest(checked_body(bytes)?.1)))
+}
+
+fn checked_body(bytes: &[u8]) -> Result<(&str, &[u8]), String> {
+    let end = bytes
+        .iter()
+        .position(|b| *b == b'\n')
+        .filter(|n| *n < 256)
+        .ok_or("not a raftlb backup: no header line")?;
+    let header = std::str::from_utf8(&bytes[..end])
+        .map_err(|_| "not a raftlb backup: the header is not text")?;
+    let body = &bytes[end + 1..];
+    let fields: Vec<&str> = header.split(' ').collect();
+    let [magic, format, length, sum] = fields.as_slice() else {
+        return Err(format!("not a raftlb backup: header {header:?}"));
+    };
+    if *magic != MAGIC {
+        return Err(format!("not a raftlb backup: header {header:?}"));
+    }
+    if *format != FORMAT.to_string() {
+        return Err(format!(
+            "backup format {format} is not supported (this build reads {FORMAT})"
+        ));
+    }
+    let length: usize = length
+        .strip_prefix("bytes=")
+        .and_then(|n| n.parse().ok())
+        .ok_or_else(|| format!("not a raftlb backup: header {header:?}"))?;
+    let sum = sum
+        .strip_prefix("sha256=")
+        .ok_or_else(|| format!("not a raftlb backup: header {header:?}"))?;
+    if body.len() < length {
+        return Err(format!(
+            "truncated: the header says {length} bytes, the file holds {}",
+            body.len()
+        ));
+    }
+    if body.len() > length {
+        return Err(format!(
+            "corrupt: {} bytes after the {length} the header announces",
+            body.len() - length
+        ));
+    }
+    let actual = hex(&Sha256::digest(body));
+    if actual != sum {
+        return Err(format!(
+            "corrupt: the body's sha256 is {actual}, the header says {sum}"
+        ));
+    }
+    Ok((header, body))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        let _ = write!(s, "{b:02x}");
+    }
+    s
+}
+
+/// Reads the applied state of a stopped replica's data_dir.
+pub fn save_offline(data_dir: &Path) -> Result<Backup, String> {
+    let file = data_dir.join(storage::FILE);
+    if !file.exists() {
+        return Err(format!(
+            "{}: no store here (expected {})",
+            data_dir.display(),
+            file.display()
+        ));
+    }
+    let db = storage::open(data_dir).map_err(|e| {
+        format!(
+            "{}: cannot open the store ({e}); is raftlb still running on it? \
+             Use `raftlb ctl snapshot save` for a running replica",
+            file.display()
+        )
+    })?;
+    let applied: Applied = storage::get_meta(&db, storage::APPLIED)
+        .map_err(|e| format!("{}: {e}", file.display()))?
+        .ok_or_else(|| format!("{}: nothing was ever applied here", file.display()))?;
+    let recorded: super::Recorded = storage::get_meta(&db, storage::IDENTITY)
+        .map_err(|e| format!("{}: {e}", file.display()))?
+        .ok_or_else(|| format!("{}: no cluster identity recorded", file.display()))?;
+    Ok(Backup::new(&recorded.cluster_id, recorded.node_id, applied))
+}
+
+/// `--initial-cluster 1=ADDR,2=ADDR`.
+pub fn parse_initial_cluster(text: &str) -> Result<BTreeMap<NodeId, String>, String> {
+    let mut members = BTreeMap::new();
+    for item in text.split(',').filter(|s| !s.trim().is_empty()) {
+        let (id, addr) = item
+            .split_once('=')
+            .ok_or_else(|| format!("--initial-cluster: {item:?} is not ID=ADDRESS"))?;
+        let id: NodeId = id
+            .trim()
+            .parse()
+            .map_err(|_| format!("--initial-cluster: {id:?} is not a node id"))?;
+        let addr = addr.trim();
+        if addr.parse::<std::net::SocketAddr>().is_err() && !addr.contains(':') {
+            return Err(format!(
+                "--initial-cluster: {addr:?} is not HOST:PORT (node {id})"
+            ));
+        }
+        if members.insert(id, addr.to_string()).is_some() {
+            return Err(format!("--initial-cluster: node {id} is listed twice"));
+        }
+    }
+    if members.is_empty() {
+        return Err("--initial-cluster: name at least one member, e.g. 1=10.0.0.1:7400".into());
+    }
+    Ok(members)
+}
+
+/// Writes a new data_dir for `node_id` of a new cluster `cluster_id` made of
+/// `members`, holding the backup's replicated state. Deterministic: every member
+/// restored from the same file and arguments gets the same membership, state and UUID.
+pub fn restore(
+    file_bytes: &[u8],
+    data_dir: &Path,
+    node_id: NodeId,
+    cluster_id: &str,
+    members: &BTreeMap<NodeId, String>,
+) -> Result<Restored, String> {
+    let backup = Backup::decode(file_bytes)?;
+    if !members.contains_key(&node_id) {
+        return Err(format!(
+            "--node-id {node_id} is not in --initial-cluster ({:?})",
+            members.keys().collect::<Vec<_>>()
+        ));
+    }
+    if cluster_id.trim().is_empty() {
+        return Err("--cluster-id: must not be empty".into());
+    }
+    if data_dir.join(storage::FILE).exists() {
+        return Err(format!(
+            "{}: holds a store already; restore into an empty data_dir",
+            data_dir.display()
+        ));
+    }
+    // The UUID of the new cluster: the same for every member restored from this file
+    // into this cluster, different from the old cluster's.
+    let mut seed = Sha256::new();
+    seed.update(checksum(file_bytes)?.as_bytes());
+    seed.update(cluster_id.as_bytes());
+    for (id, addr) in members {
+        seed.update(format!("{id}={addr},").as_bytes());
+    }
+    let digest = seed.finalize();
+    let mut bytes = [0u8; 16];
+    bytes.copy_from_slice(&digest[..16]);
+    let uuid = uuid::Builder::from_custom_bytes(bytes).into_uuid();
+
+    // What a freshly initialised cluster has at index 0 (its membership), with the
+    // backup's state already applied.
+    let first = members.keys().next().copied().unwrap_or(node_id);
+    let log_id = LogId::new(
+        <openraft::alias::LeaderIdOf<super::types::TypeConfig>>::new_committed(0, first),
+        0,
+    );
+    let voters: BTreeSet<NodeId> = members.keys().copied().collect();
+    let nodes: BTreeMap<NodeId, RaftNode> = members
+        .iter()
+        .map(|(id, addr)| (*id, RaftNode { addr: addr.clone() }))
+        .collect();
+    let membership =
+        Membership::new(vec![voters], nodes).map_err(|e| format!("--initial-cluster: {e}"))?;
+    let mut state = backup.state.clone();
+    state.cluster_uuid = Some(uuid);
+    // The new cluster's members say "joined" themselves; the old cluster's records
+    // (its lease) do not carry over.
+    state.joined.clear();
+    state.records.clear();
+    let applied = Applied {
+        last_applied: Some(log_id),
+        membership: StoredMembership::new(Some(log_id), membership),
+        state,
+    };
+    let identity = super::Recorded {
+        cluster_id: cluster_id.to_string(),
+        node_id,
+        uuid: Some(uuid),
+    };
+    storage::restore(data_dir, &identity, &applied)
+        .map_err(|e| format!("{}: cannot write the store: {e}", data_dir.display()))?;
+    Ok(Restored { backup, uuid })
+}
+
+/// What [`restore`] did.
+#[derive(Debug)]
+pub struct Restored {
+    pub backup: Backup,
+    pub uuid: Uuid,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn backup() -> Backup {
+        let mut state = Replicated {
+            config_version: 7,
+            ..Default::default()
+        };
+        state.joined.insert(1);
+        Backup {
+            cluster_id: "old".into(),
+            node_id: 1,
+            last_applied: None,
+            membership: StoredMembership::default(),
+            state,
+        }
+    }
+
+    #[test]
+    fn round_trip_and_damage_refused() {
+        let bytes = backup().encode().expect("encode");
+        let back = Backup::decode(&bytes).expect("decode");
+        assert_eq!(back.state.config_version, 7);
+
+        let truncated = &bytes[..bytes.len() - 3];
+        let e = Backup::decode(truncated).expect_err("truncated");
+        assert!(e.contains("truncated"), "{e}");
+
+        let mut flipped = bytes.clone();
+        let last = flipped.len() - 2;
+        flipped[last] ^= 0x01;
+        let e = Backup::decode(&flipped).expect_err("corrupt");
+        assert!(e.contains("corrupt"), "{e}");
+
+        let mut longer = bytes.clone();
+        longer.extend_from_slice(b"x");
+        assert!(Backup::decode(&longer).is_err());
+        assert!(Backup::decode(b"hello\n{}").is_err());
+        assert!(Backup::decode(b"").is_err());
+    }
+
+    #[test]
+    fn initial_cluster_parsing() {
+        let m = parse_initial_cluster("1=127.0.0.1:7401,2=127.0.0.1:7402").expect("valid");
+        assert_eq!(m.len(), 2);
+        assert!(parse_initial_cluster("1=a:1,1=b:2").is_err());
+        assert!(parse_initial_cluster("x=a:1").is_err());
+        assert!(parse_initial_cluster("1").is_err());
+        assert!(parse_initial_cluster("").is_err());
+    }
+
+    #[test]
+    fn restore_is_deterministic_and_refuses_a_used_data_dir() {
+        let bytes = backup().encode().expect("encode");
+        let members = parse_initial_cluster("1=127.0.0.1:7401,2=127.0.0.1:7402").expect("valid");
+        let a = tempfile::tempdir().expect("tempdir");
+        let b = tempfile::tempdir().expect("tempdir");
+        let ra = restore(&bytes, a.path(), 1, "new", &members).expect("restore 1");
+        let rb = restore(&bytes, b.path(), 2, "new", &members).expect("restore 2");
+        assert_eq!(ra.uuid, rb.uuid);
+        let sa = save_offline(a.path()).expect("read back 1");
+        let sb = save_offline(b.path()).expect("read back 2");
+        assert_eq!(
+            serde_json::to_value(&sa.state).ok(),
+            serde_json::to_value(&sb.state).ok()
+        );
+        assert_eq!(sa.membership, sb.membership);
+        assert_eq!(sa.cluster_id, "new");
+        assert!(sa.state.joined.is_empty());
+        assert_eq!(sa.state.config_version, 7);
+
+        let e = restore(&bytes, a.path(), 1, "new", &members).expect_err("used");
+        assert!(e.contains("holds a store already"), "{e}");
+        let c = tempfile::tempdir().expect("tempdir");
+        assert!(restore(&bytes, c.path(), 3, "new", &members).is_err());
+        assert!(!c.path().join(storage::FILE).exists());
+    }
+}

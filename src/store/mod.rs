@@ -664,37 +664,23 @@ impl network::Handler for Node {
     async fn handle(&self, from: NodeId, request: Request) -> Reply {
         match request {
             Request::Hello => Reply::Hello(self.hello()),
-            Request::Append(rpc) => match self.raft.append_entries(rpc).await {
-                Ok(r) => {
-                    if let Ok(mut at) = self.leader_contact.lock() {
-                        *at = Some(std::time::Instant::now());
-                    }
-                    Reply::Append(r)
+            Request::Append(_)
+            | Request::Vote(_)
+            | Request::PreVote(_)
+            | Request::Snapshot { .. }
+            | Request::TransferLeader(_) => {
+                let append = matches!(request, Request::Append(_));
+                let reply = network::raft_rpc(&self.raft, request)
+                    .await
+                    .unwrap_or_else(|r| Reply::Error(format!("not a Raft RPC: {r:?}")));
+                if append
+                    && matches!(reply, Reply::Append(_))
+                    && let Ok(mut at) = self.leader_contact.lock()
+                {
+                    *at = Some(std::time::Instant::now());
                 }
-                Err(e) => Reply::Error(e.to_string()),
-            },
-            Request::Vote(rpc) => match self.raft.vote(rpc).await {
-                Ok(r) => Reply::Vote(r),
-                Err(e) => Reply::Error(e.to_string()),
-            },
-            Request::PreVote(rpc) => match self.raft.pre_vote(rpc).await {
-                Ok(r) => Reply::Vote(r),
-                Err(e) => Reply::Error(e.to_string()),
-            },
-            Request::Snapshot { vote, meta, data } => {
-                let snapshot = types::Snapshot {
-                    meta,
-                    snapshot: io::Cursor::new(data),
-                };
-                match self.raft.install_full_snapshot(vote, snapshot).await {
-                    Ok(r) => Reply::Snapshot(r),
-                    Err(e) => Reply::Error(e.to_string()),
-                }
+                reply
             }
-            Request::TransferLeader(req) => match self.raft.handle_transfer_leader(req).await {
-                Ok(r) => Reply::TransferLeader(r),
-                Err(e) => Reply::Error(e.to_string()),
-            },
             Request::Write(_) | Request::Manage(_) | Request::Read => {
                 if self.raft.metrics().borrow_watched().current_leader != Some(self.id) {
                     // Never forwarded twice: the caller answers 503 and nothing changed.

@@ -460,17 +460,70 @@ pub struct Factory {
 }
 
 impl RaftNetworkFactory<TypeConfig> for Factory {
-    type Network = Network;
+    type Network = Network<PeerClient>;
 
-    async fn new_client(&mut self, target: NodeId, node: &Node) -> Network {
-        Network {
-            client: PeerClient::new(self.net.clone(), target, node.addr.clone()),
-        }
+    async fn new_client(&mut self, target: NodeId, node: &Node) -> Self::Network {
+        Network::new(PeerClient::new(self.net.clone(), target, node.addr.clone()))
     }
 }
 
-pub struct Network {
-    client: PeerClient,
+/// Carries one request to a peer and its reply back: the TCP peer channel
+/// ([`PeerClient`]), or an in-memory network in the simulation tests.
+pub trait Transport: Send + Sync + 'static {
+    fn call(
+        &mut self,
+        body: Request,
+        timeout: Duration,
+    ) -> impl Future<Output = Result<Reply, CallError>> + Send;
+}
+
+impl Transport for PeerClient {
+    fn call(
+        &mut self,
+        body: Request,
+        timeout: Duration,
+    ) -> impl Future<Output = Result<Reply, CallError>> + Send {
+        PeerClient::call(self, body, timeout)
+    }
+}
+
+/// openraft's RPCs to one peer, over a [`Transport`].
+pub struct Network<T> {
+    client: T,
+}
+
+impl<T: Transport> Network<T> {
+    pub fn new(client: T) -> Self {
+        Network { client }
+    }
+}
+
+/// Hands a Raft RPC that arrived from a peer to the local Raft; `Err` gives back a
+/// request that is not a Raft RPC.
+pub async fn raft_rpc(raft: &super::types::Raft, request: Request) -> Result<Reply, Request> {
+    fn answer<R, E: std::fmt::Display>(r: Result<R, E>, ok: fn(R) -> Reply) -> Reply {
+        r.map_or_else(|e| Reply::Error(e.to_string()), ok)
+    }
+    Ok(match request {
+        Request::Append(rpc) => answer(raft.append_entries(rpc).await, Reply::Append),
+        Request::Vote(rpc) => answer(raft.vote(rpc).await, Reply::Vote),
+        Request::PreVote(rpc) => answer(raft.pre_vote(rpc).await, Reply::Vote),
+        Request::Snapshot { vote, meta, data } => {
+            let snapshot = Snapshot {
+                meta,
+                snapshot: io::Cursor::new(data),
+            };
+            answer(
+                raft.install_full_snapshot(vote, snapshot).await,
+                Reply::Snapshot,
+            )
+        }
+        Request::TransferLeader(req) => answer(
+            raft.handle_transfer_leader(req).await,
+            Reply::TransferLeader,
+        ),
+        other => return Err(other),
+    })
 }
 
 fn rpc_error(e: CallError) -> RPCError<TypeConfig> {
@@ -486,14 +539,14 @@ fn unexpected(reply: Reply) -> RPCError<TypeConfig> {
     )))
 }
 
-impl Network {
+impl<T: Transport> Network<T> {
     /// One RPC: `expect` takes the reply it wants, anything else is a network error.
-    async fn rpc<T>(
+    async fn rpc<R>(
         &mut self,
         request: Request,
         option: &RPCOption,
-        expect: fn(Reply) -> Result<T, Reply>,
-    ) -> Result<T, RPCError<TypeConfig>> {
+        expect: fn(Reply) -> Result<R, Reply>,
+    ) -> Result<R, RPCError<TypeConfig>> {
         match self.client.call(request, option.hard_ttl()).await {
             Ok(reply) => expect(reply).map_err(unexpected),
             Err(e) => Err(rpc_error(e)),
@@ -501,7 +554,7 @@ impl Network {
     }
 }
 
-impl RaftNetworkV2<TypeConfig> for Network {
+impl<T: Transport> RaftNetworkV2<TypeConfig> for Network<T> {
     type SnapshotData = std::io::Cursor<Vec<u8>>;
 
     async fn append_entries(

@@ -1,0 +1,561 @@
+//! Simulated clusters: the real Raft store (openraft + the redb storage + the state
+//! machine + the peer protocol's messages and RPC code) on an in-memory network that
+//! can be partitioned, with replicas crashed and restarted from their data_dir.
+//! Time is tokio's paused clock, so a schedule of minutes runs in a moment.
+//!
+//! `SIM_SCHEDULES` sets how many randomized schedules run (default 100); each one's
+//! seed is printed on failure and `SIM_SEED=<seed>` replays that schedule alone. The
+//! seed fixes the fault schedule; openraft's election timeouts stay random, so a
+//! replay follows the same faults, not necessarily the same elections.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use openraft::network::RaftNetworkFactory;
+use openraft::type_config::async_runtime::WatchReceiver;
+use openraft::{BasicNode, ServerState, SnapshotPolicy};
+use raftlb::store::network::{self, CallError, Network, Reply, Request, Transport};
+use raftlb::store::storage::{self, Applied, LogStore, StateMachine};
+use raftlb::store::types::{Command, NodeId, Outcome, Raft, TypeConfig};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+/// Which replicas are up and which links are cut.
+#[derive(Default)]
+struct Router {
+    up: Mutex<BTreeMap<NodeId, Raft>>,
+    cut: Mutex<BTreeSet<(NodeId, NodeId)>>,
+}
+
+impl Router {
+    fn linked(&self, a: NodeId, b: NodeId) -> bool {
+        let cut = self.cut.lock().expect("cut");
+        !cut.contains(&(a.min(b), a.max(b)))
+    }
+
+    fn target(&self, from: NodeId, to: NodeId) -> Result<Raft, CallError> {
+        if !self.linked(from, to) {
+            return Err(CallError::Connect(format!("{from} -> {to}: partitioned")));
+        }
+        let up = self.up.lock().expect("up");
+        if !up.contains_key(&from) {
+            return Err(CallError::Connect(format!("{from} is down")));
+        }
+        up.get(&to)
+            .cloned()
+            .ok_or_else(|| CallError::Connect(format!("{to} is down")))
+    }
+
+    /// Cuts every link between `side` and the rest.
+    fn partition(&self, side: &BTreeSet<NodeId>, all: &[NodeId]) {
+        let mut cut = self.cut.lock().expect("cut");
+        cut.clear();
+        for a in side {
+            for b in all.iter().filter(|b| !side.contains(b)) {
+                cut.insert((*a.min(b), *a.max(b)));
+            }
+        }
+    }
+
+    fn heal(&self) {
+        self.cut.lock().expect("cut").clear();
+    }
+}
+
+/// Every message goes through the peer protocol's JSON, as on the wire.
+fn wire<T: serde::Serialize + serde::de::DeserializeOwned>(value: &T) -> Result<T, CallError> {
+    serde_json::to_vec(value)
+        .and_then(|b| serde_json::from_slice(&b))
+        .map_err(|e| CallError::Io(format!("encoding: {e}")))
+}
+
+struct SimClient {
+    from: NodeId,
+    to: NodeId,
+    router: Arc<Router>,
+}
+
+impl Transport for SimClient {
+    fn call(
+        &mut self,
+        body: Request,
+        timeout: Duration,
+    ) -> impl Future<Output = Result<Reply, CallError>> + Send {
+        let (from, to, router) = (self.from, self.to, self.router.clone());
+        async move {
+            let raft = router.target(from, to)?;
+            let body = wire(&body)?;
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            let reply = tokio::time::timeout(timeout, network::raft_rpc(&raft, body))
+                .await
+                .map_err(|_| CallError::Io("timed out".into()))?
+                .map_err(|r| CallError::Io(format!("not a Raft RPC: {r:?}")))?;
+            // A link cut while the request was in flight loses the reply.
+            router.target(from, to)?;
+            wire(&reply)
+        }
+    }
+}
+
+struct SimFactory {
+    from: NodeId,
+    router: Arc<Router>,
+}
+
+impl RaftNetworkFactory<TypeConfig> for SimFactory {
+    type Network = Network<SimClient>;
+
+    async fn new_client(&mut self, target: NodeId, _node: &BasicNode) -> Self::Network {
+        Network::new(SimClient {
+            from: self.from,
+            to: target,
+            router: self.router.clone(),
+        })
+    }
+}
+
+struct SimNode {
+    dir: PathBuf,
+    raft: Option<Raft>,
+    applied: watch::Receiver<Arc<Applied>>,
+}
+
+struct Sim {
+    _root: tempfile::TempDir,
+    ids: Vec<NodeId>,
+    nodes: BTreeMap<NodeId, SimNode>,
+    router: Arc<Router>,
+    /// The state each applied index led to, as first seen on any replica: two
+    /// replicas that applied the same index must hold the same state.
+    seen: BTreeMap<u64, String>,
+}
+
+fn scratch() -> tempfile::TempDir {
+    // tmpfs when there is one: the sim does thousands of fsyncs.
+    let shm = Path::new("/dev/shm");
+    if shm.is_dir() {
+        tempfile::tempdir_in(shm).expect("tempdir")
+    } else {
+        tempfile::tempdir().expect("tempdir")
+    }
+}
+
+async fn start_raft(
+    id: NodeId,
+    dir: &Path,
+    router: &Arc<Router>,
+) -> (Raft, watch::Receiver<Arc<Applied>>) {
+    // A crashed replica's store may still be held for a moment by its last tasks.
+    let mut tries = 0;
+    let db = loop {
+        match storage::open(dir) {
+            Ok(db) => break db,
+            Err(e) if tries < 50 => {
+                tries += 1;
+                let _ = e;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("node {id}: cannot reopen its store: {e}"),
+        }
+    };
+    let config = openraft::Config {
+        cluster_name: "sim".into(),
+        heartbeat_interval: 50,
+        election_timeout_min: 150,
+        election_timeout_max: 300,
+        // Small, so lagging replicas are caught up by snapshot install.
+        snapshot_policy: SnapshotPolicy::LogsSinceLast(20),
+        max_in_snapshot_log_to_keep: 5,
+        ..Default::default()
+    }
+    .validate()
+    .expect("config");
+    let sm = StateMachine::new(db.clone()).expect("state machine");
+    let applied = sm.subscribe();
+    let factory = SimFactory {
+        from: id,
+        router: router.clone(),
+    };
+    let raft = Raft::new(id, Arc::new(config), factory, LogStore::new(db), sm)
+        .await
+        .expect("raft");
+    router.up.lock().expect("up").insert(id, raft.clone());
+    (raft, applied)
+}
+
+impl Sim {
+    async fn new(n: u64) -> Sim {
+        let root = scratch();
+        let router = Arc::new(Router::default());
+        let ids: Vec<NodeId> = (1..=n).collect();
+        let mut nodes = BTreeMap::new();
+        for id in &ids {
+            let dir = root.path().join(id.to_string());
+            let (raft, applied) = start_raft(*id, &dir, &router).await;
+            nodes.insert(
+                *id,
+                SimNode {
+                    dir,
+                    raft: Some(raft),
+                    applied,
+                },
+            );
+        }
+        let members: BTreeMap<NodeId, BasicNode> =
+            ids.iter().map(|id| (*id, BasicNode::default())).collect();
+        nodes[&1]
+            .raft
+            .as_ref()
+            .expect("up")
+            .initialize(members)
+            .await
+            .expect("initialize");
+        Sim {
+            _root: root,
+            ids,
+            nodes,
+            router,
+            seen: BTreeMap::new(),
+        }
+    }
+
+    fn up(&self) -> Vec<NodeId> {
+        self.nodes
+            .iter()
+            .filter(|(_, n)| n.raft.is_some())
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    fn raft(&self, id: NodeId) -> Option<&Raft> {
+        self.nodes.get(&id).and_then(|n| n.raft.as_ref())
+    }
+
+    /// The leader `via` knows of, if `via` can reach it.
+    fn leader_seen_by(&self, via: NodeId) -> Option<NodeId> {
+        let leader = self.raft(via)?.metrics().borrow_watched().current_leader?;
+        (self.raft(leader).is_some() && self.router.linked(via, leader)).then_some(leader)
+    }
+
+    async fn crash(&mut self, id: NodeId) {
+        self.router.up.lock().expect("up").remove(&id);
+        if let Some(raft) = self.nodes.get_mut(&id).and_then(|n| n.raft.take()) {
+            let _ = raft.shutdown().await;
+        }
+    }
+
+    async fn restart(&mut self, id: NodeId) {
+        let dir = self.nodes[&id].dir.clone();
+        let (raft, applied) = start_raft(id, &dir, &self.router).await;
+        let node = self.nodes.get_mut(&id).expect("node");
+        node.raft = Some(raft);
+        node.applied = applied;
+    }
+
+    /// State machine safety: the same applied index means the same state everywhere.
+    fn check_applied(&mut self) -> Result<(), String> {
+        for (id, node) in &self.nodes {
+            let applied = node.applied.borrow().clone();
+            let Some(index) = applied.last_applied.map(|l| l.index) else {
+                continue;
+            };
+            let state = serde_json::to_string(&applied.state.records).map_err(|e| e.to_string())?;
+            match self.seen.get(&index) {
+                Some(before) if *before != state => {
+                    return Err(format!(
+                        "node {id} applied index {index} to a different state:\n{state}\nvs\n{before}"
+                    ));
+                }
+                Some(_) => {}
+                None => {
+                    self.seen.insert(index, state);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Heals everything, restarts every replica, and waits until all agree.
+    async fn converge(&mut self) -> Result<Applied, String> {
+        self.router.heal();
+        for id in self.ids.clone() {
+            if self.raft(id).is_none() {
+                self.restart(id).await;
+            }
+        }
+        for _ in 0..300 {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            self.check_applied()?;
+            let states: Vec<Arc<Applied>> = self
+                .nodes
+                .values()
+                .map(|n| n.applied.borrow().clone())
+                .collect();
+            let leader = self.leader_seen_by(self.ids[0]);
+            let same = states.windows(2).all(|w| {
+                w[0].last_applied == w[1].last_applied
+                    && serde_json::to_value(&w[0].state).ok()
+                        == serde_json::to_value(&w[1].state).ok()
+            });
+            if same && leader.is_some() && states[0].last_applied.is_some() {
+                return Ok(states[0].as_ref().clone());
+            }
+        }
+        Err("the replicas did not converge within 60 s after healing".into())
+    }
+
+    async fn shutdown(mut self) {
+        for id in self.up() {
+            self.crash(id).await;
+        }
+    }
+}
+
+fn record(key: &str) -> Command {
+    Command::Cas {
+        key: key.to_string(),
+        expect: 0,
+        value: Some(serde_json::json!(key)),
+    }
+}
+
+/// Proposes a write on `leader`; true when it was acknowledged (committed).
+fn propose(raft: Raft, key: String) -> JoinHandle<(String, bool)> {
+    tokio::spawn(async move {
+        let result =
+            tokio::time::timeout(Duration::from_secs(2), raft.client_write(record(&key))).await;
+        let acked = matches!(result, Ok(Ok(r)) if matches!(r.data, Outcome::Record { .. }));
+        (key, acked)
+    })
+}
+
+fn paused_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .start_paused(true)
+        .build()
+        .expect("runtime")
+}
+
+async fn wait_for_leader(sim: &Sim, among: &[NodeId]) -> Option<NodeId> {
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        for id in among {
+            let leader = sim.leader_seen_by(*id);
+            if let Some(l) = leader
+                && among.contains(&l)
+                && sim
+                    .raft(l)
+                    .is_some_and(|r| r.metrics().borrow_watched().state == ServerState::Leader)
+            {
+                return Some(l);
+            }
+        }
+    }
+    None
+}
+
+#[test]
+fn a_minority_cannot_commit_the_majority_can_and_healing_converges() {
+    paused_runtime().block_on(async {
+        let mut sim = Sim::new(5).await;
+        let old = wait_for_leader(&sim, &sim.ids.clone())
+            .await
+            .expect("a leader");
+        let before = propose(sim.raft(old).expect("up").clone(), "before".into());
+        assert!(
+            before.await.expect("task").1,
+            "a write with every replica up"
+        );
+
+        // The old leader and one follower on one side, three replicas on the other.
+        let buddy = sim
+            .ids
+            .iter()
+            .copied()
+            .find(|id| *id != old)
+            .expect("buddy");
+        let minority = BTreeSet::from([old, buddy]);
+        sim.router.partition(&minority, &sim.ids);
+        let lost = propose(sim.raft(old).expect("up").clone(), "minority".into());
+        let majority: Vec<NodeId> = sim
+            .ids
+            .iter()
+            .copied()
+            .filter(|id| !minority.contains(id))
+            .collect();
+        let new = wait_for_leader(&sim, &majority)
+            .await
+            .expect("the majority elects a leader");
+        let mut acked = Vec::new();
+        for i in 0..5 {
+            let w = propose(sim.raft(new).expect("up").clone(), format!("majority-{i}"));
+            let (key, ok) = w.await.expect("task");
+            assert!(ok, "the majority side must commit {key}");
+            acked.push(key);
+        }
+        let (_, minority_acked) = lost.await.expect("task");
+        assert!(
+            !minority_acked,
+            "a leader cut off from the quorum committed"
+        );
+        sim.check_applied().expect("safety");
+
+        let state = sim.converge().await.expect("converge");
+        for key in acked.iter().chain(["before".to_string()].iter()) {
+            assert!(state.state.records.contains_key(key), "{key} was lost");
+        }
+        assert!(
+            !state.state.records.contains_key("minority"),
+            "the minority's write must not survive the heal"
+        );
+        sim.shutdown().await;
+    });
+}
+
+/// One randomized schedule of writes, partitions, crashes and restarts.
+async fn schedule(seed: u64) -> Result<usize, String> {
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let n = if seed % 2 == 0 { 3 } else { 5 };
+    let mut sim = Sim::new(n).await;
+    let mut writes: Vec<JoinHandle<(String, bool)>> = Vec::new();
+    for step in 0..40 {
+        match rng.u32(0..100) {
+            0..40 => {
+                let up = sim.up();
+                if let Some(via) = (!up.is_empty()).then(|| up[rng.usize(0..up.len())])
+                    && let Some(leader) = sim.leader_seen_by(via)
+                {
+                    let raft = sim.raft(leader).expect("up").clone();
+                    writes.push(propose(raft, format!("s{seed}-w{step}")));
+                }
+            }
+            40..55 => {
+                let side: BTreeSet<NodeId> =
+                    sim.ids.iter().copied().filter(|_| rng.bool()).collect();
+                sim.router.partition(&side, &sim.ids);
+            }
+            55..65 => sim.router.heal(),
+            65..80 => {
+                let up = sim.up();
+                if !up.is_empty() {
+                    sim.crash(up[rng.usize(0..up.len())]).await;
+                }
+            }
+            80..90 => {
+                let down: Vec<NodeId> = sim
+                    .ids
+                    .iter()
+                    .copied()
+                    .filter(|id| sim.raft(*id).is_none())
+                    .collect();
+                if !down.is_empty() {
+                    sim.restart(down[rng.usize(0..down.len())]).await;
+                }
+            }
+            _ => tokio::time::sleep(Duration::from_millis(rng.u64(10..1500))).await,
+        }
+        tokio::time::sleep(Duration::from_millis(rng.u64(20..300))).await;
+        sim.check_applied()?;
+    }
+    let mut acked = Vec::new();
+    for w in writes {
+        let (key, ok) = w.await.map_err(|e| e.to_string())?;
+        if ok {
+            acked.push(key);
+        }
+    }
+    let state = sim.converge().await?;
+    for key in &acked {
+        if !state.state.records.contains_key(key) {
+            return Err(format!("acknowledged write {key} was lost"));
+        }
+    }
+    // Still live: the healed cluster commits (a leader change may cost an attempt).
+    let mut committed = false;
+    for attempt in 0..5 {
+        let ids = sim.ids.clone();
+        let Some(leader) = wait_for_leader(&sim, &ids).await else {
+            continue;
+        };
+        let raft = sim.raft(leader).expect("up").clone();
+        let (_, ok) = propose(raft, format!("after-{attempt}"))
+            .await
+            .map_err(|e| e.to_string())?;
+        if ok {
+            committed = true;
+            break;
+        }
+    }
+    if !committed {
+        let metrics: Vec<String> = sim
+            .up()
+            .iter()
+            .filter_map(|id| sim.raft(*id))
+            .map(|r| format!("{:?}", r.metrics().borrow_watched()))
+            .collect();
+        return Err(format!(
+            "the healed cluster does not commit:\n{}",
+            metrics.join("\n")
+        ));
+    }
+    sim.shutdown().await;
+    Ok(acked.len())
+}
+
+#[test]
+fn no_acknowledged_write_is_lost_across_random_crash_and_partition_schedules() {
+    let seeds: Vec<u64> = match std::env::var("SIM_SEED") {
+        Ok(seed) => vec![seed.parse().expect("SIM_SEED is a number")],
+        Err(_) => {
+            let n: u64 = std::env::var("SIM_SCHEDULES")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(100);
+            (1..=n).collect()
+        }
+    };
+    // Two schedules at a time (two cores), each on its own paused runtime.
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let results: Vec<Result<usize, String>> = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..2)
+            .map(|_| {
+                scope.spawn(|| {
+                    let mut out = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let Some(seed) = seeds.get(i) else {
+                            return out;
+                        };
+                        out.push(paused_runtime().block_on(schedule(*seed)).map_err(|why| {
+                            format!("schedule {seed}: {why}\nreplay it with SIM_SEED={seed}")
+                        }));
+                    }
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .flat_map(|w| w.join().expect("worker"))
+            .collect()
+    });
+    let mut acked = 0;
+    for result in results {
+        match result {
+            Ok(n) => acked += n,
+            Err(why) => panic!("{why}"),
+        }
+    }
+    // The schedules must actually commit writes through their faults.
+    assert!(
+        acked >= seeds.len(),
+        "only {acked} writes acknowledged in {} schedules",
+        seeds.len()
+    );
+    eprintln!(
+        "{} schedules, {acked} acknowledged writes, none lost",
+        seeds.len()
+    );
+}

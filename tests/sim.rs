@@ -415,6 +415,64 @@ fn a_minority_cannot_commit_the_majority_can_and_healing_converges() {
     });
 }
 
+#[test]
+fn a_replica_behind_the_purged_log_is_caught_up_by_a_snapshot() {
+    paused_runtime().block_on(async {
+        let mut sim = Sim::new(3).await;
+        let leader = wait_for_leader(&sim, &sim.ids.clone())
+            .await
+            .expect("a leader");
+        let lagging = sim
+            .ids
+            .iter()
+            .copied()
+            .find(|id| *id != leader)
+            .expect("follower");
+        let behind = sim.nodes[&lagging]
+            .applied
+            .borrow()
+            .last_applied
+            .map_or(0, |l| l.index);
+        sim.crash(lagging).await;
+        for i in 0..60 {
+            let w = propose(sim.raft(leader).expect("up").clone(), format!("k{i}"));
+            assert!(w.await.expect("task").1, "write {i} with a quorum up");
+        }
+        // Let the leader snapshot and purge past what the lagging replica holds.
+        let mut purged = 0;
+        for _ in 0..50 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let metrics = sim
+                .raft(leader)
+                .expect("up")
+                .metrics()
+                .borrow_watched()
+                .clone();
+            purged = metrics.purged.map_or(0, |l| l.index);
+            if purged > behind + 1 {
+                break;
+            }
+        }
+        assert!(
+            purged > behind + 1,
+            "the leader did not purge its log (purged {purged}, the lagging replica has {behind})"
+        );
+        let state = sim
+            .converge()
+            .await
+            .expect("the lagging replica catches up");
+        assert!((0..60).all(|i| state.state.records.contains_key(&format!("k{i}"))));
+        let snapshot = sim
+            .raft(lagging)
+            .expect("up")
+            .metrics()
+            .borrow_watched()
+            .snapshot;
+        assert!(snapshot.is_some(), "the lagging replica holds a snapshot");
+        sim.shutdown().await;
+    });
+}
+
 /// One randomized schedule of writes, partitions, crashes and restarts.
 async fn schedule(seed: u64) -> Result<usize, String> {
     let mut rng = fastrand::Rng::with_seed(seed);

@@ -162,9 +162,6 @@ pub fn supported(config: &Config) -> Result<(), String> {
             missing.push("cluster.store: etcd; use store: embedded".to_string());
         }
     }
-    if config.admin.tls.is_some() {
-        missing.push("admin.tls".to_string());
-    }
     if missing.is_empty() {
         Ok(())
     } else {
@@ -173,6 +170,21 @@ pub fn supported(config: &Config) -> Result<(), String> {
             missing.join("; ")
         ))
     }
+}
+
+/// `admin.tls`: the admin API over HTTPS.
+fn admin_tls(config: &Config) -> Result<Option<tokio_rustls::TlsAcceptor>, String> {
+    let Some(tls) = &config.admin.tls else {
+        return Ok(None);
+    };
+    let terminate = config::schema::Terminate {
+        cert: tls.value.cert.clone(),
+        key: tls.value.key.clone(),
+        client_ca: None,
+    };
+    let server = crate::tls::server_config(&terminate, &[b"http/1.1".to_vec()])
+        .map_err(|e| format!("admin.tls: {e}"))?;
+    Ok(Some(tokio_rustls::TlsAcceptor::from(Arc::new(server))))
 }
 
 fn read_token(config: &Config) -> Result<Option<Arc<String>>, String> {
@@ -272,9 +284,17 @@ impl Server {
                 return ExitCode::from(EXIT_RUNTIME);
             }
         };
+        let admin_tls = match admin_tls(&loaded.config) {
+            Ok(tls) => tls,
+            Err(e) => {
+                tracing::error!("{e}");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        };
         let stop_admin = CancellationToken::new();
         tokio::spawn(crate::admin::serve(
             admin,
+            admin_tls,
             state.clone(),
             stop_admin.clone(),
         ));

@@ -67,6 +67,10 @@ pub struct CtlArgs {
     /// A file holding the admin token (admin.token_file).
     #[arg(long, value_name = "FILE")]
     pub token_file: Option<PathBuf>,
+    /// The CA that signed the admin API's certificate (https:// servers, admin.tls);
+    /// without it the system roots are used.
+    #[arg(long, value_name = "FILE")]
+    pub cacert: Option<PathBuf>,
     #[arg(long, short = 'o', value_enum, default_value_t = Output::Table)]
     pub output: Output,
     #[command(subcommand)]

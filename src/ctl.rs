@@ -8,7 +8,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::header::{AUTHORIZATION, CONTENT_TYPE, HOST};
-use hyper::{Method, Request, Uri};
+use hyper::{Method, Request, StatusCode, Uri};
 use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
 use tokio::net::TcpStream;
@@ -169,6 +169,11 @@ fn backend_request(cmd: &BackendCommand) -> (Method, String, Option<Value>) {
 struct Client {
     authority: String,
     token: Option<String>,
+    /// For https:// servers: the TLS client and the name to verify.
+    tls: Option<(
+        tokio_rustls::TlsConnector,
+        rustls_pki_types::ServerName<'static>,
+    )>,
 }
 
 impl Client {
@@ -177,20 +182,32 @@ impl Client {
             .server
             .parse()
             .map_err(|e| CtlError::Usage(format!("--server {:?}: not a URL: {e}", args.server)))?;
-        match uri.scheme_str() {
-            Some("http") => {}
+        let tls = match uri.scheme_str() {
+            Some("http") => None,
             Some("https") => {
-                return Err(CtlError::Usage(
-                    "--server: https (admin.tls) is not supported by this build yet; use http on loopback".into(),
-                ));
+                let ca = crate::config::schema::BackendTls {
+                    ca: args.cacert.clone(),
+                    server_name: None,
+                    cert: None,
+                    key: None,
+                };
+                let config = crate::tls::client_config(Some(&ca), true)
+                    .map_err(|e| CtlError::Usage(format!("--cacert: {e}")))?;
+                let host = uri.host().unwrap_or_default().trim_matches(['[', ']']);
+                let name = crate::tls::server_name(None, host)
+                    .map_err(|e| CtlError::Usage(format!("--server: {e}")))?;
+                Some((
+                    tokio_rustls::TlsConnector::from(std::sync::Arc::new(config)),
+                    name,
+                ))
             }
             _ => {
                 return Err(CtlError::Usage(format!(
-                    "--server {:?}: use http://HOST:PORT",
+                    "--server {:?}: use http://HOST:PORT or https://HOST:PORT",
                     args.server
                 )));
             }
-        }
+        };
         let authority = uri
             .authority()
             .map(|a| a.as_str().to_string())
@@ -204,7 +221,11 @@ impl Client {
             ),
             None => None,
         };
-        Ok(Client { authority, token })
+        Ok(Client {
+            authority,
+            token,
+            tls,
+        })
     }
 
     /// One request; the JSON reply, or the server's `{"error": ...}` as a failure.
@@ -280,7 +301,7 @@ impl Client {
         body: String,
         content_type: &str,
         if_match: Option<String>,
-    ) -> Result<(hyper::StatusCode, Bytes), CtlError> {
+    ) -> Result<(StatusCode, Bytes), CtlError> {
         let mut request = Request::builder()
             .method(method)
             .uri(path)
@@ -300,28 +321,46 @@ impl Client {
             let stream = TcpStream::connect(server)
                 .await
                 .map_err(|e| format!("cannot reach {server}: {e}"))?;
-            let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-                .await
-                .map_err(|e| format!("{server}: {e}"))?;
-            tokio::spawn(conn);
-            let response = sender
-                .send_request(request)
-                .await
-                .map_err(|e| format!("{server}: {e}"))?;
-            let status = response.status();
-            let bytes = response
-                .into_body()
-                .collect()
-                .await
-                .map_err(|e| format!("{server}: {e}"))?
-                .to_bytes();
-            Ok::<_, String>((status, bytes))
+            match &self.tls {
+                None => http(stream, request).await,
+                Some((connector, name)) => {
+                    let stream = connector
+                        .connect(name.clone(), stream)
+                        .await
+                        .map_err(|e| format!("TLS with {server}: {e}"))?;
+                    http(stream, request).await
+                }
+            }
+            .map_err(|e| format!("{server}: {e}"))
         };
         tokio::time::timeout(TIMEOUT, exchange)
             .await
             .map_err(|_| CtlError::Failed(format!("{server} did not answer within {TIMEOUT:?}")))?
             .map_err(CtlError::Failed)
     }
+}
+
+/// One HTTP/1.1 request and its whole answer over `stream`.
+async fn http<S>(stream: S, request: Request<Full<Bytes>>) -> Result<(StatusCode, Bytes), String>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(conn);
+    let response = sender
+        .send_request(request)
+        .await
+        .map_err(|e| e.to_string())?;
+    let status = response.status();
+    let bytes = response
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes();
+    Ok((status, bytes))
 }
 
 fn status_table(v: &Value) -> String {

@@ -585,3 +585,57 @@ async fn standalone_drain_undrain_and_weight_are_runtime_state_until_reload() {
         "{after}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_api_over_https_with_ctl_cacert() {
+    raise_nofile();
+    let backend = echo_backend().await;
+    let (admin, listen) = (loopback(), loopback());
+    let secrets = tempfile::tempdir().expect("tempdir");
+    let pki = common::pki::Pki::new(secrets.path(), "admin");
+    let cert = pki.server("admin", &[]);
+    let token_file = secrets.path().join("token");
+    std::fs::write(&token_file, "tls-token\n").expect("write token");
+    let yaml = Raftlb::standalone_yaml(admin, listen, "", "", &[("echo", backend)]).replacen(
+        "admin:\n",
+        &format!(
+            "admin:\n  token_file: {}\n  tls: {{ cert: {}, key: {} }}\n",
+            token_file.display(),
+            cert.cert.display(),
+            cert.key.display()
+        ),
+        1,
+    );
+    let mut lb = Raftlb::spawn(&yaml, admin);
+    let server = format!("https://127.0.0.1:{}", admin.port());
+    let ca = pki.ca.to_string_lossy().to_string();
+    let token = token_file.to_string_lossy().to_string();
+    let ctl = |extra: &[&str]| {
+        let mut args = vec!["ctl", "--server", &server, "--token-file", &token];
+        args.extend_from_slice(extra);
+        raftlb_cmd(&args)
+    };
+    let ok = blocking(|| {
+        eventually(Duration::from_secs(20), || {
+            ctl(&["--cacert", &ca, "-o", "json", "status"]).0 == 0
+        })
+    });
+    assert!(ok, "ctl status over https never worked:\n{}", lb.log());
+    let (code, out, err) = blocking(|| ctl(&["--cacert", &ca, "backend", "drain", "web", "echo"]));
+    assert_eq!(code, 0, "a write over https: {out}{err}");
+    assert!(out.contains("drained true"), "{out}");
+
+    // Without the CA the server is not trusted; plain HTTP gets no answer.
+    let (code, _, err) = blocking(|| ctl(&["status"]));
+    assert_eq!(code, 1, "an unknown CA must fail");
+    assert!(err.to_lowercase().contains("certificate"), "{err}");
+    assert!(
+        !matches!(http_get(admin, "/healthz"), Ok((200, _))),
+        "plain HTTP on the HTTPS port must not be answered"
+    );
+    assert!(
+        lb.child.try_wait().expect("try_wait").is_none(),
+        "{}",
+        lb.log()
+    );
+}

@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use common::pki;
 use common::*;
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -22,6 +23,8 @@ struct Addrs {
 
 struct Cluster {
     cluster_id: &'static str,
+    /// Extra lines of the cluster: section (indented two spaces), e.g. tls.
+    cluster_extra: String,
     addrs: Vec<Addrs>,
     data: Vec<tempfile::TempDir>,
     backends: Vec<(String, SocketAddr)>,
@@ -41,6 +44,7 @@ impl Cluster {
             .collect();
         Cluster {
             cluster_id: "test",
+            cluster_extra: String::new(),
             addrs,
             data,
             backends,
@@ -65,12 +69,13 @@ impl Cluster {
             "node: {{ name: lb-{id} }}\n\
              admin: {{ bind: {admin} }}\n\
              cluster:\n  cluster_id: {cluster_id}\n  node_id: {id}\n  initial_state: {initial_state}\n  bind: {peer}\n  data_dir: {data}\n  \
-             peers: {{ {peers} }}\n  heartbeat_interval: 50ms\n  election_timeout: 300ms\n\
+             peers: {{ {peers} }}\n  heartbeat_interval: 50ms\n  election_timeout: 300ms\n{extra}\
              leader_election: {{ enabled: false }}\n\
              listeners:\n  front: {{ bind: {listen}, pool: web }}\n\
              pools:\n  web:\n    backends:\n{backends}\n",
             id = i + 1,
             cluster_id = self.cluster_id,
+            extra = self.cluster_extra,
             admin = a.admin,
             peer = a.peer,
             listen = a.listen,
@@ -594,5 +599,80 @@ async fn snapshot_save_and_restore_into_a_new_cluster() {
         "{:?}\n{}",
         blocking(|| http_get(admin, "/api/v1/backends")),
         replicas[follower].log()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peers_speak_mutual_tls_and_refuse_a_stranger() {
+    raise_nofile();
+    let certs = tempfile::tempdir().expect("tempdir");
+    let pki = pki::Pki::new(certs.path(), "cluster");
+    let peer = pki.peer("peer");
+    let cluster = Cluster {
+        cluster_extra: format!(
+            "  tls: {{ cert: {}, key: {}, ca: {} }}\n",
+            peer.cert.display(),
+            peer.key.display(),
+            pki.ca.display()
+        ),
+        ..Cluster::new(3, backend_names(&["b1", "b2"]).await)
+    };
+    let (replicas, leader) = blocking(|| cluster.start_all());
+    let follower = cluster.addrs[(leader + 1) % 3].admin;
+    let (code, out, err) = blocking(|| ctl(follower, &["backend", "drain", "web", "b1"]));
+    assert_eq!(code, 0, "a write forwarded over mutual TLS: {out}{err}");
+    for a in &cluster.addrs {
+        assert!(blocking(|| eventually(Duration::from_secs(5), || drained(
+            a.admin, "b1"
+        )
+            == Some(true))));
+    }
+
+    // A stranger with a certificate from another CA, and one without TLS at all.
+    let other = pki::Pki::new(certs.path(), "other");
+    let stranger = other.peer("stranger");
+    let config = pki.client_config(Some(&stranger), &[]);
+    let target = cluster.addrs[0].peer;
+    let tcp = tokio::net::TcpStream::connect(target)
+        .await
+        .expect("connect");
+    let name = tokio_rustls::rustls::pki_types::ServerName::try_from("127.0.0.1").expect("name");
+    let refused = async {
+        let mut tls = tokio_rustls::TlsConnector::from(config)
+            .connect(name, tcp)
+            .await?;
+        // TLS 1.3: the server's verdict on the client certificate comes with the
+        // first read.
+        tls.write_all(&[0, 0, 0, 2, b'{', b'}']).await?;
+        let mut buf = [0u8; 1];
+        match tls.read(&mut buf).await? {
+            0 => Err(std::io::Error::other("closed")),
+            _ => Ok(()),
+        }
+    };
+    let outcome = tokio::time::timeout(Duration::from_secs(5), refused).await;
+    assert!(
+        matches!(outcome, Ok(Err(_))),
+        "a certificate from another CA must be refused: {outcome:?}"
+    );
+    let mut plain = tokio::net::TcpStream::connect(target)
+        .await
+        .expect("connect");
+    let hello = br#"{"cluster_id":"test","uuid":null,"from":9,"body":"Hello"}"#;
+    let _ = plain.write_all(&(hello.len() as u32).to_be_bytes()).await;
+    let _ = plain.write_all(hello).await;
+    let mut sink = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(12), plain.read_to_end(&mut sink)).await;
+    assert!(
+        !sink.windows(7).any(|w| w == b"\"Hello\""),
+        "a plain-TCP peer got an answer"
+    );
+    let node1 = &replicas[0];
+    assert!(
+        blocking(|| eventually(Duration::from_secs(5), || node1
+            .log()
+            .contains("TLS handshake failed"))),
+        "the refusal is logged:\n{}",
+        node1.log()
     );
 }

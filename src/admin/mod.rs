@@ -24,8 +24,17 @@ use http_body_util::BodyExt;
 
 type Reply = Response<Full<Bytes>>;
 
-/// Serves the admin API on `listener` until `stop` is cancelled.
-pub async fn serve(listener: TcpListener, state: Arc<State>, stop: CancellationToken) {
+/// How long a client may take over the TLS handshake of the admin API.
+const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Serves the admin API on `listener` (HTTPS with `tls`, `admin.tls`) until `stop`
+/// is cancelled.
+pub async fn serve(
+    listener: TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    state: Arc<State>,
+    stop: CancellationToken,
+) {
     loop {
         let stream = tokio::select! {
             () = stop.cancelled() => return,
@@ -39,15 +48,34 @@ pub async fn serve(listener: TcpListener, state: Arc<State>, stop: CancellationT
             },
         };
         let state = state.clone();
+        let tls = tls.clone();
         tokio::spawn(async move {
             let service = service_fn(move |req| {
                 let state = state.clone();
                 async move { Ok::<_, Infallible>(route(&state, req).await) }
             });
-            if let Err(e) = http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await
-            {
+            let served = match tls {
+                None => {
+                    http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await
+                }
+                Some(tls) => {
+                    let stream =
+                        match tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.accept(stream)).await {
+                            Ok(Ok(s)) => s,
+                            Ok(Err(e)) => {
+                                tracing::debug!(error = %e, "admin TLS handshake failed");
+                                return;
+                            }
+                            Err(_) => return,
+                        };
+                    http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await
+                }
+            };
+            if let Err(e) = served {
                 tracing::debug!(error = %e, "admin connection ended with an error");
             }
         });

@@ -65,6 +65,24 @@ impl Pki {
         self.issue(file_stem, params)
     }
 
+    /// A certificate for both ends of a connection (Raft peers): server and client
+    /// auth, for `localhost` and `127.0.0.1`.
+    pub fn peer(&self, file_stem: &str) -> CertFiles {
+        let mut params =
+            CertificateParams::new(vec!["localhost".to_string()]).expect("peer params");
+        params
+            .subject_alt_names
+            .push(SanType::IpAddress([127, 0, 0, 1].into()));
+        params
+            .distinguished_name
+            .push(DnType::CommonName, file_stem);
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        self.issue(file_stem, params)
+    }
+
     /// A client certificate whose subject CN is `common_name`.
     pub fn client(&self, common_name: &str) -> CertFiles {
         let mut params = CertificateParams::new(Vec::<String>::new()).expect("client params");

@@ -676,3 +676,136 @@ async fn peers_speak_mutual_tls_and_refuse_a_stranger() {
         node1.log()
     );
 }
+
+/// A small tmpfs, unmounted on drop.
+struct Tmpfs {
+    dir: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    fn mount(size: &str) -> Option<Tmpfs> {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then_some(Tmpfs { dir })
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+/// Fills the file system holding `dir` until it refuses more.
+fn fill(dir: &Path) -> std::path::PathBuf {
+    use std::io::Write as _;
+    let path = dir.join("filler");
+    let mut f = std::fs::File::create(&path).expect("filler");
+    let chunk = vec![0xabu8; 64 << 10];
+    for _ in 0..100_000 {
+        if f.write_all(&chunk).and_then(|()| f.sync_all()).is_err() {
+            break;
+        }
+    }
+    path
+}
+
+/// A pools document with `n` backends of ~100 bytes each: log entries that make the
+/// store grow.
+fn big_pools(n: usize, backend: SocketAddr, weight: u32) -> String {
+    let backends: Vec<String> = (0..n)
+        .map(|i| {
+            format!(
+                r#"{{"name": "filler-backend-with-a-long-name-{i:04}", "address": "{backend}", "weight": {weight}}}"#
+            )
+        })
+        .collect();
+    format!(
+        r#"{{"pools": {{"web": {{"backends": [{}]}}}}}}"#,
+        backends.join(",")
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_fails_writes_and_the_store_is_rebuilt_in_process_once_space_returns() {
+    raise_nofile();
+    let Some(fs) = Tmpfs::mount("6m") else {
+        // Mounting needs root; CI runs as root.
+        eprintln!("skipped: cannot mount a tmpfs (not root?)");
+        return;
+    };
+    let cluster = Cluster::new(1, backend_names(&["b1"]).await);
+    let data = fs.dir.path().join("data");
+    let yaml = cluster.yaml(0, "new").replace(
+        &cluster.data[0].path().display().to_string(),
+        &data.display().to_string(),
+    );
+    let mut node = Raftlb::spawn(&yaml, cluster.addrs[0].admin);
+    blocking(|| node.wait_ready());
+    let admin = cluster.addrs[0].admin;
+    let backend = cluster.backends[0].1;
+    let put = |weight: u32| {
+        json(
+            admin,
+            "PUT",
+            "/api/v1/config",
+            &big_pools(100, backend, weight),
+        )
+        .0
+    };
+    assert!(blocking(
+        || eventually(Duration::from_secs(10), || put(1) == 200)
+    ));
+
+    let filler = fill(fs.dir.path());
+    let mut refused = None;
+    for i in 0..400 {
+        let weight = 2 + i % 200;
+        let code = blocking(|| put(weight));
+        if code != 200 {
+            refused = Some((weight, code));
+            break;
+        }
+    }
+    let (failed_at, code) = refused.expect("writes kept succeeding on a full disk");
+    assert_eq!(code, 503, "a write on a full disk answers 503");
+    // Still alive, still answering and proxying with the last applied config.
+    assert!(
+        node.child.try_wait().expect("try_wait").is_none(),
+        "{}",
+        node.log()
+    );
+    let (code, _) = blocking(|| json(admin, "GET", "/api/v1/status", ""));
+    assert_eq!(code, 200);
+    assert!(which_backend(cluster.addrs[0].listen, None).await.is_ok());
+    assert_eq!(blocking(|| put(250)), 503, "still no space, still 503");
+
+    // Space returns: the same process reopens its store and takes writes again.
+    std::fs::remove_file(&filler).expect("remove filler");
+    assert!(
+        blocking(|| eventually(Duration::from_secs(30), || put(251) == 200)),
+        "writes did not come back once space returned:\n{}",
+        node.log()
+    );
+    assert!(node.log().contains("reopened"), "{}", node.log());
+    assert!(node.child.try_wait().expect("try_wait").is_none());
+
+    // Nothing was corrupted: a restart from the same data_dir serves the last write.
+    node.signal("KILL");
+    blocking(|| node.wait_exit(Duration::from_secs(5)));
+    let mut again = Raftlb::spawn(&yaml, admin);
+    blocking(|| again.wait_ready());
+    let (_, b) = blocking(|| json(admin, "GET", "/api/v1/backends", ""));
+    assert_eq!(
+        b["pools"][0]["backends"][0]["weight"], 251,
+        "after restart: {b}"
+    );
+    eprintln!("full disk: the write with weight {failed_at} was the first refused");
+}

@@ -12,7 +12,8 @@ pub mod types;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io;
-use std::sync::Arc;
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use openraft::error::{ClientWriteError, RaftError};
@@ -85,10 +86,15 @@ pub enum WriteError {
 pub struct Node {
     pub id: NodeId,
     pub cluster_id: String,
-    pub raft: Raft,
+    /// Replaced when the store failed and was rebuilt (see [`Node::rebuild`]).
+    raft: RwLock<Raft>,
+    /// `None` while the store is being rebuilt.
+    db: RwLock<Option<Arc<Database>>>,
+    data_dir: PathBuf,
+    raft_config: Arc<openraft::Config>,
     pub identity: Arc<Identity>,
     net: Arc<Net>,
-    db: Arc<Database>,
+    publish: watch::Sender<Arc<Applied>>,
     applied: watch::Receiver<Arc<Applied>>,
     peers: BTreeMap<NodeId, String>,
     heartbeat: Duration,
@@ -190,17 +196,11 @@ impl Node {
         .validate()
         .map_err(|e| config_error(format!("cluster: {e}")))?;
 
-        let sm = StateMachine::new(db.clone()).map_err(read)?;
-        let applied = sm.subscribe();
-        let raft = Raft::new(
-            id,
-            Arc::new(raft_config),
-            Factory { net: net.clone() },
-            LogStore::new(db.clone()),
-            sm,
-        )
-        .await
-        .map_err(|e| runtime_error(format!("cannot start Raft: {e}")))?;
+        let raft_config = Arc::new(raft_config);
+        let (publish, applied) = watch::channel(Arc::default());
+        let raft = open_raft(id, &raft_config, &net, &db, &publish)
+            .await
+            .map_err(runtime_error)?;
 
         let peers = cluster
             .peers
@@ -215,10 +215,13 @@ impl Node {
         let node = Arc::new(Node {
             id,
             cluster_id,
-            raft,
+            raft: RwLock::new(raft),
+            db: RwLock::new(Some(db)),
+            data_dir: data_dir.clone(),
+            raft_config,
             identity,
             net: net.clone(),
-            db,
+            publish,
             applied,
             peers,
             heartbeat,
@@ -241,6 +244,22 @@ impl Node {
         Ok(node)
     }
 
+    /// The Raft instance (a new one after the store was rebuilt).
+    pub fn raft(&self) -> Raft {
+        match self.raft.read() {
+            Ok(raft) => raft.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// The store, unless it is being rebuilt.
+    fn db(&self) -> Option<Arc<Database>> {
+        match self.db.read() {
+            Ok(db) => db.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
     /// The applied state, and every change of it.
     pub fn applied(&self) -> watch::Receiver<Arc<Applied>> {
         self.applied.clone()
@@ -257,11 +276,11 @@ impl Node {
     }
 
     pub fn metrics(&self) -> openraft::RaftMetrics<types::TypeConfig> {
-        self.raft.metrics().borrow_watched().clone()
+        self.raft().metrics().borrow_watched().clone()
     }
 
     fn leader(&self) -> Option<(NodeId, String)> {
-        let metrics = self.raft.metrics();
+        let metrics = self.raft().metrics();
         let metrics = metrics.borrow_watched();
         let leader = metrics.current_leader?;
         let addr = metrics
@@ -275,7 +294,7 @@ impl Node {
     /// True when this replica heard from a quorum recently: the leader counts its
     /// acknowledgements, a follower its leader's heartbeats.
     pub fn quorum_reachable(&self) -> bool {
-        let metrics = self.raft.metrics();
+        let metrics = self.raft().metrics();
         let metrics = metrics.borrow_watched();
         let fresh = self.election_timeout * 2;
         match metrics.state {
@@ -302,7 +321,7 @@ impl Node {
         let mine: Vec<(NodeId, String)> = self.peers.iter().map(|(k, v)| (*k, v.clone())).collect();
         let mut logged_wait = false;
         loop {
-            if self.stop.is_cancelled() || self.raft.is_initialized().await.unwrap_or(true) {
+            if self.stop.is_cancelled() || self.raft().is_initialized().await.unwrap_or(true) {
                 return;
             }
             let mut ready = 1; // this replica: empty, same cluster_id, same peers
@@ -353,7 +372,7 @@ impl Node {
                     .iter()
                     .map(|(id, addr)| (*id, RaftNode { addr: addr.clone() }))
                     .collect();
-                match self.raft.initialize(members).await {
+                match self.raft().initialize(members).await {
                     Ok(()) => tracing::info!(
                         peers = self.peers.len(),
                         "bootstrap: a quorum of empty peers answered; cluster initialised"
@@ -379,13 +398,21 @@ impl Node {
     /// the Raft metrics current.
     async fn housekeeping(self: Arc<Self>) {
         let mut applied = self.applied.clone();
-        let mut metrics = self.raft.metrics();
+        let mut metrics = self.raft().metrics();
         let mut said_joined = false;
         let mut compared_seed = false;
         let mut was_member = false;
         loop {
             let state = applied.borrow_and_update().clone();
             let raft = metrics.borrow_and_update().clone();
+            if let Err(fatal) = &raft.running_state {
+                if self.stop.is_cancelled() || matches!(fatal, openraft::error::Fatal::Stopped) {
+                    return;
+                }
+                self.rebuild(&fatal.to_string()).await;
+                metrics = self.raft().metrics();
+                continue;
+            }
             publish_metrics(&raft, self.id);
             if let Some(uuid) = state.state.cluster_uuid
                 && self.identity.uuid() != Some(uuid)
@@ -396,7 +423,11 @@ impl Node {
                     node_id: self.id,
                     uuid: Some(uuid),
                 };
-                if let Err(e) = storage::put_meta(&self.db, storage::IDENTITY, &r, true) {
+                let recorded = match self.db() {
+                    Some(db) => storage::put_meta(&db, storage::IDENTITY, &r, true),
+                    None => Err(io::Error::other("the store is being rebuilt")),
+                };
+                if let Err(e) = recorded {
                     tracing::error!(error = %e, "cannot record the cluster UUID in data_dir");
                 }
             }
@@ -446,10 +477,61 @@ impl Node {
         }
     }
 
+    /// openraft stops for good on a storage error (a full disk) and redb must be
+    /// reopened after an I/O error: shut both down, then reopen the store and start a
+    /// new Raft instance once `data_dir` takes writes again. The proxy keeps serving
+    /// the last applied config meanwhile; writes answer 503.
+    async fn rebuild(&self, why: &str) {
+        tracing::error!(
+            "the Raft store failed ({why}); writes answer 503 until data_dir {} is writable again, \
+             then the store is reopened in-process",
+            self.data_dir.display()
+        );
+        let _ = self.raft().shutdown().await;
+        if let Ok(mut db) = self.db.write() {
+            db.take();
+        }
+        let mut logged = false;
+        loop {
+            tokio::select! {
+                () = self.stop.cancelled() => return,
+                () = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+            // The old instance's last tasks may hold the file for a moment.
+            let attempt = async {
+                let db = storage::open(&self.data_dir).map_err(|e| e.to_string())?;
+                storage::put_meta(&db, storage::PROBE, &std::process::id(), true)
+                    .map_err(|e| format!("data_dir is not writable yet: {e}"))?;
+                let raft =
+                    open_raft(self.id, &self.raft_config, &self.net, &db, &self.publish).await?;
+                Ok::<_, String>((db, raft))
+            };
+            match attempt.await {
+                Ok((db, raft)) => {
+                    if let Ok(mut slot) = self.raft.write() {
+                        *slot = raft;
+                    }
+                    if let Ok(mut slot) = self.db.write() {
+                        *slot = Some(db);
+                    }
+                    tracing::info!("the Raft store was reopened; this replica rejoins the cluster");
+                    return;
+                }
+                Err(e) if !logged => {
+                    tracing::warn!(error = %e, "cannot reopen the Raft store yet; retrying every second");
+                    logged = true;
+                }
+                Err(_) => {}
+            }
+        }
+    }
+
     /// This replica is no longer a member: record it, so it refuses to start again on
     /// this data_dir, and stop.
     async fn removed(&self, why: &str) {
-        let _ = storage::put_meta(&self.db, storage::REMOVED, &why.to_string(), true);
+        if let Some(db) = self.db() {
+            let _ = storage::put_meta(&db, storage::REMOVED, &why.to_string(), true);
+        }
         self.die(config_error(format!(
             "node {} was removed from the cluster ({why}); stopping. It refuses to start again on this data_dir",
             self.id
@@ -484,6 +566,11 @@ impl Node {
     }
 
     async fn forward_or_local(&self, request: Request) -> Result<Reply, WriteError> {
+        if let Err(e) = &self.metrics().running_state {
+            return Err(WriteError::NotProposed(format!(
+                "this replica's Raft store failed ({e}) and is being rebuilt; nothing was changed"
+            )));
+        }
         let Some((leader, addr)) = self.leader() else {
             return Err(WriteError::NotProposed(
                 "no Raft leader: the cluster has no quorum right now; nothing was changed".into(),
@@ -521,13 +608,13 @@ impl Node {
         }
         match request {
             Request::Write(command) => Reply::Write(proposed(
-                tokio::time::timeout(WRITE_TIMEOUT, self.raft.client_write(command)).await,
+                tokio::time::timeout(WRITE_TIMEOUT, self.raft().client_write(command)).await,
             )),
             Request::Manage(op) => Reply::Write(self.change_members(op).await),
             Request::Read => {
                 let read = tokio::time::timeout(
                     WRITE_TIMEOUT,
-                    self.raft
+                    self.raft()
                         .ensure_linearizable(openraft::raft::ReadPolicy::ReadIndex),
                 )
                 .await;
@@ -551,7 +638,7 @@ impl Node {
         let known = |id: NodeId| membership.get_node(&id).is_some();
         let change = |c| async move {
             proposed(
-                tokio::time::timeout(WRITE_TIMEOUT, self.raft.change_membership(c, false)).await,
+                tokio::time::timeout(WRITE_TIMEOUT, self.raft().change_membership(c, false)).await,
             )
         };
         match op {
@@ -567,11 +654,11 @@ impl Node {
                 }
                 let node = RaftNode { addr: address };
                 let added = proposed(
-                    tokio::time::timeout(WRITE_TIMEOUT, self.raft.add_learner(id, node, false))
+                    tokio::time::timeout(WRITE_TIMEOUT, self.raft().add_learner(id, node, false))
                         .await,
                 );
                 if !learner && matches!(added, WriteReply::Done(_)) {
-                    tokio::spawn(promote_when_caught_up(self.raft.clone(), id));
+                    tokio::spawn(promote_when_caught_up(self.raft().clone(), id));
                 }
                 added
             }
@@ -621,7 +708,7 @@ impl Node {
         let Some(to) = voters.iter().copied().find(|v| *v != self.id) else {
             return WriteReply::Invalid("no other voter to hand leadership to".into());
         };
-        if let Err(e) = self.raft.trigger().transfer_leader(to).await {
+        if let Err(e) = self.raft().trigger().transfer_leader(to).await {
             return WriteReply::NotProposed(format!("cannot hand leadership over: {e}"));
         }
         let deadline = tokio::time::Instant::now() + WRITE_TIMEOUT;
@@ -649,7 +736,9 @@ impl Node {
 
     fn hello(&self) -> HelloReply {
         let applied = self.applied.borrow().clone();
-        let empty = storage::is_empty(&self.db).unwrap_or(false);
+        let empty = self
+            .db()
+            .is_some_and(|db| storage::is_empty(&db).unwrap_or(false));
         HelloReply {
             empty,
             peers: self.peers.iter().map(|(k, v)| (*k, v.clone())).collect(),
@@ -670,7 +759,7 @@ impl network::Handler for Node {
             | Request::Snapshot { .. }
             | Request::TransferLeader(_) => {
                 let append = matches!(request, Request::Append(_));
-                let reply = network::raft_rpc(&self.raft, request)
+                let reply = network::raft_rpc(&self.raft(), request)
                     .await
                     .unwrap_or_else(|r| Reply::Error(format!("not a Raft RPC: {r:?}")));
                 if append
@@ -682,7 +771,7 @@ impl network::Handler for Node {
                 reply
             }
             Request::Write(_) | Request::Manage(_) | Request::Read => {
-                if self.raft.metrics().borrow_watched().current_leader != Some(self.id) {
+                if self.raft().metrics().borrow_watched().current_leader != Some(self.id) {
                     // Never forwarded twice: the caller answers 503 and nothing changed.
                     let why = format!("node {} is not the Raft leader any more", self.id);
                     return match request {
@@ -709,6 +798,27 @@ impl network::Handler for Node {
             }
         }
     }
+}
+
+/// Starts openraft on the store `db`, publishing applied states on `publish`.
+async fn open_raft(
+    id: NodeId,
+    config: &Arc<openraft::Config>,
+    net: &Arc<Net>,
+    db: &Arc<Database>,
+    publish: &watch::Sender<Arc<Applied>>,
+) -> Result<Raft, String> {
+    let sm = StateMachine::publishing_to(db.clone(), publish.clone())
+        .map_err(|e| format!("cannot read the store: {e}"))?;
+    Raft::new(
+        id,
+        config.clone(),
+        Factory { net: net.clone() },
+        LogStore::new(db.clone()),
+        sm,
+    )
+    .await
+    .map_err(|e| format!("cannot start Raft: {e}"))
 }
 
 /// Promotes a learner to voter once it has caught up with the leader's log.

@@ -38,6 +38,8 @@ pub const APPLIED: &str = "applied";
 const SNAPSHOT: &str = "snapshot";
 pub const IDENTITY: &str = "identity";
 pub const REMOVED: &str = "removed";
+/// Written to check that a rebuilt store takes writes.
+pub const PROBE: &str = "probe";
 
 /// The file under `data_dir`.
 pub const FILE: &str = "raftlb.redb";
@@ -295,8 +297,17 @@ pub struct StateMachine {
 impl StateMachine {
     /// Loads the last applied state from the store.
     pub fn new(db: Arc<Database>) -> io::Result<Self> {
+        Self::publishing_to(db, watch::channel(Arc::default()).0)
+    }
+
+    /// The same, publishing on an existing channel (a store rebuilt in-process keeps
+    /// its followers).
+    pub fn publishing_to(
+        db: Arc<Database>,
+        publish: watch::Sender<Arc<Applied>>,
+    ) -> io::Result<Self> {
         let applied: Applied = get_meta(&db, APPLIED)?.unwrap_or_default();
-        let (publish, _) = watch::channel(Arc::new(applied.clone()));
+        publish.send_replace(Arc::new(applied.clone()));
         Ok(StateMachine {
             db,
             applied,

@@ -809,3 +809,24 @@ async fn a_full_disk_fails_writes_and_the_store_is_rebuilt_in_process_once_space
     );
     eprintln!("full disk: the write with weight {failed_at} was the first refused");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn different_election_settings_are_warned_about() {
+    raise_nofile();
+    let cluster = Cluster::new(3, backend_names(&["b1"]).await);
+    let mut replicas: Vec<Raftlb> = (0..2).map(|i| cluster.spawn(i)).collect();
+    let odd = cluster
+        .yaml(2, "new")
+        .replace("election_timeout: 300ms", "election_timeout: 400ms");
+    replicas.push(Raftlb::spawn(&odd, cluster.addrs[2].admin));
+    blocking(|| replicas.iter_mut().for_each(Raftlb::wait_ready));
+    for r in &replicas {
+        assert!(
+            blocking(|| eventually(Duration::from_secs(10), || r
+                .log()
+                .contains("differ between replicas"))),
+            "no warning:\n{}",
+            r.log()
+        );
+    }
+}

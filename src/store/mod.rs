@@ -241,6 +241,7 @@ impl Node {
             );
         }
         tokio::spawn(node.clone().housekeeping());
+        tokio::spawn(node.clone().compare_settings());
         Ok(node)
     }
 
@@ -393,6 +394,50 @@ impl Node {
         }
     }
 
+    /// Asks every peer once for its Raft timing and warns when it differs from ours:
+    /// mixed election timeouts make elections slow and lopsided.
+    async fn compare_settings(self: Arc<Self>) {
+        let mut pending: BTreeMap<NodeId, String> = self
+            .peers
+            .iter()
+            .filter(|(id, _)| **id != self.id)
+            .map(|(id, addr)| (*id, addr.clone()))
+            .collect();
+        let ours = (millis(self.heartbeat), millis(self.election_timeout));
+        for _ in 0..60 {
+            let mut answered = Vec::new();
+            for (peer, addr) in &pending {
+                let mut client = PeerClient::new(self.net.clone(), *peer, addr.clone());
+                if let Ok(Reply::Hello(h)) =
+                    client.call(Request::Hello, Duration::from_secs(1)).await
+                {
+                    answered.push(*peer);
+                    if (h.heartbeat_ms, h.election_timeout_ms) != ours {
+                        tracing::warn!(
+                            peer,
+                            peer_heartbeat_ms = h.heartbeat_ms,
+                            peer_election_timeout_ms = h.election_timeout_ms,
+                            heartbeat_ms = ours.0,
+                            election_timeout_ms = ours.1,
+                            "cluster.heartbeat_interval / election_timeout differ between replicas: \
+                             set the same values everywhere"
+                        );
+                    }
+                }
+            }
+            for peer in answered {
+                pending.remove(&peer);
+            }
+            if pending.is_empty() {
+                return;
+            }
+            tokio::select! {
+                () = self.stop.cancelled() => return,
+                () = tokio::time::sleep(Duration::from_secs(2)) => {}
+            }
+        }
+    }
+
     /// Background duties: the first leader commits the cluster UUID and seed; each
     /// replica records the UUID, says "joined" once, notices its removal, and keeps
     /// the Raft metrics current.
@@ -402,6 +447,7 @@ impl Node {
         let mut said_joined = false;
         let mut compared_seed = false;
         let mut was_member = false;
+        let mut initializing: Option<tokio::task::JoinHandle<()>> = None;
         loop {
             let state = applied.borrow_and_update().clone();
             let raft = metrics.borrow_and_update().clone();
@@ -432,9 +478,15 @@ impl Node {
                 }
             }
             let leader = raft.state == ServerState::Leader;
-            if leader && state.state.cluster_uuid.is_none() && state.last_applied.is_some() {
+            let init_in_flight = initializing.as_ref().is_some_and(|t| !t.is_finished());
+            if leader
+                && state.state.cluster_uuid.is_none()
+                && state.last_applied.is_some()
+                && !init_in_flight
+            {
+                // One proposal at a time; only the first one applied counts anyway.
                 let this = self.clone();
-                tokio::spawn(async move {
+                initializing = Some(tokio::spawn(async move {
                     let init = Command::Init {
                         uuid: Uuid::new_v4(),
                         pools: this.seed.clone(),
@@ -442,7 +494,7 @@ impl Node {
                     if let Err(e) = this.write(init).await {
                         tracing::warn!(error = %e, "cannot commit the cluster identity yet");
                     }
-                });
+                }));
             }
             let voters: BTreeSet<NodeId> = state.membership.membership().voter_ids().collect();
             let member = state.membership.membership().get_node(&self.id).is_some();

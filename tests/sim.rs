@@ -476,7 +476,7 @@ fn a_replica_behind_the_purged_log_is_caught_up_by_a_snapshot() {
 /// One randomized schedule of writes, partitions, crashes and restarts.
 async fn schedule(seed: u64) -> Result<usize, String> {
     let mut rng = fastrand::Rng::with_seed(seed);
-    let n = if seed % 2 == 0 { 3 } else { 5 };
+    let n = if seed.is_multiple_of(2) { 3 } else { 5 };
     let mut sim = Sim::new(n).await;
     let mut writes: Vec<JoinHandle<(String, bool)>> = Vec::new();
     for step in 0..40 {

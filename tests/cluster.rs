@@ -811,15 +811,45 @@ async fn a_full_disk_fails_writes_and_the_store_is_rebuilt_in_process_once_space
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn different_election_settings_are_warned_about() {
+async fn a_late_first_start_catches_up_and_different_timing_is_warned_about() {
     raise_nofile();
-    let cluster = Cluster::new(3, backend_names(&["b1"]).await);
+    let cluster = Cluster::new(3, backend_names(&["b1", "b2"]).await);
+    // Nodes 1 and 2 are a quorum of the three peers: they form the cluster alone.
     let mut replicas: Vec<Raftlb> = (0..2).map(|i| cluster.spawn(i)).collect();
+    blocking(|| replicas.iter_mut().for_each(Raftlb::wait_ready));
+    let (code, body) = blocking(|| {
+        json(
+            cluster.addrs[0].admin,
+            "POST",
+            "/api/v1/pools/web/backends/b1/drain",
+            "",
+        )
+    });
+    assert_eq!(code, 200, "{body}");
+
+    // Node 3 starts for the first time afterwards, with another election timeout.
     let odd = cluster
         .yaml(2, "new")
         .replace("election_timeout: 300ms", "election_timeout: 400ms");
-    replicas.push(Raftlb::spawn(&odd, cluster.addrs[2].admin));
-    blocking(|| replicas.iter_mut().for_each(Raftlb::wait_ready));
+    let mut late = Raftlb::spawn(&odd, cluster.addrs[2].admin);
+    blocking(|| late.wait_ready());
+    assert!(
+        blocking(|| eventually(Duration::from_secs(10), || drained(
+            cluster.addrs[2].admin,
+            "b1"
+        ) == Some(true))),
+        "the late replica did not catch up:\n{}",
+        late.log()
+    );
+    assert!(blocking(|| eventually(Duration::from_secs(10), || {
+        status(cluster.addrs[2].admin)["cluster"]["quorum_reachable"] == true
+    })));
+    assert!(
+        !late.log().contains("cluster initialised"),
+        "{}",
+        late.log()
+    );
+    replicas.push(late);
     for r in &replicas {
         assert!(
             blocking(|| eventually(Duration::from_secs(10), || r

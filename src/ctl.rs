@@ -250,50 +250,21 @@ impl Client {
         content_type: &str,
         if_match: Option<String>,
     ) -> Result<Value, CtlError> {
-        let (status, bytes) = self
-            .exchange(method.clone(), path, body, content_type, if_match)
+        let bytes = self
+            .exchange(method, path, body, content_type, if_match)
             .await?;
-        let value: Value = serde_json::from_slice(&bytes).unwrap_or_else(|_| {
-            let text = String::from_utf8_lossy(&bytes).into_owned();
-            if status.is_success() {
-                Value::String(text)
-            } else {
-                json!({ "error": text })
-            }
-        });
-        if status.is_success() {
-            Ok(value)
-        } else {
-            let message = value["error"]
-                .as_str()
-                .map_or_else(|| value.to_string(), str::to_string);
-            Err(CtlError::Failed(format!(
-                "{method} {path}: {} {message}",
-                status.as_u16()
-            )))
-        }
+        Ok(serde_json::from_slice(&bytes)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned())))
     }
 
     /// A GET whose successful answer is raw bytes (a backup).
     async fn download(&self, path: &str) -> Result<Bytes, CtlError> {
-        let (status, bytes) = self
-            .exchange(Method::GET, path, String::new(), "application/json", None)
-            .await?;
-        if status.is_success() {
-            return Ok(bytes);
-        }
-        let value: Value = serde_json::from_slice(&bytes).unwrap_or_default();
-        let message = value["error"].as_str().map_or_else(
-            || String::from_utf8_lossy(&bytes).into_owned(),
-            str::to_string,
-        );
-        Err(CtlError::Failed(format!(
-            "GET {path}: {} {message}",
-            status.as_u16()
-        )))
+        self.exchange(Method::GET, path, String::new(), "application/json", None)
+            .await
     }
 
-    /// One HTTP/1.1 exchange, bounded by [`TIMEOUT`].
+    /// One HTTP/1.1 exchange, bounded by [`TIMEOUT`]: the body of a 2xx answer, the
+    /// server's error otherwise.
     async fn exchange(
         &self,
         method: Method,
@@ -301,9 +272,9 @@ impl Client {
         body: String,
         content_type: &str,
         if_match: Option<String>,
-    ) -> Result<(StatusCode, Bytes), CtlError> {
+    ) -> Result<Bytes, CtlError> {
         let mut request = Request::builder()
-            .method(method)
+            .method(method.clone())
             .uri(path)
             .header(HOST, &self.authority);
         if let Some(token) = &self.token {
@@ -333,11 +304,25 @@ impl Client {
             }
             .map_err(|e| format!("{server}: {e}"))
         };
-        tokio::time::timeout(TIMEOUT, exchange)
+        let (status, bytes) = tokio::time::timeout(TIMEOUT, exchange)
             .await
             .map_err(|_| CtlError::Failed(format!("{server} did not answer within {TIMEOUT:?}")))?
-            .map_err(CtlError::Failed)
+            .map_err(CtlError::Failed)?;
+        if !status.is_success() {
+            return Err(failure(&method, path, status, &bytes));
+        }
+        Ok(bytes)
     }
+}
+
+/// A refused request: the server's `{"error": ...}`, or its body as text.
+fn failure(method: &Method, path: &str, status: StatusCode, body: &[u8]) -> CtlError {
+    let value: Value = serde_json::from_slice(body).unwrap_or_default();
+    let message = value["error"].as_str().map_or_else(
+        || String::from_utf8_lossy(body).into_owned(),
+        str::to_string,
+    );
+    CtlError::Failed(format!("{method} {path}: {} {message}", status.as_u16()))
 }
 
 /// One HTTP/1.1 request and its whole answer over `stream`.

@@ -121,6 +121,12 @@ fn json(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16, Value) 
     }
 }
 
+/// An admin API call that must answer 200; `what` says what it was for.
+fn admin_ok(addr: SocketAddr, method: &str, path: &str, body: &str, what: &str) {
+    let (code, reply) = blocking(|| json(addr, method, path, body));
+    assert_eq!(code, 200, "{what}: {method} {path}: {reply}");
+}
+
 fn status(addr: SocketAddr) -> Value {
     json(addr, "GET", "/api/v1/status", "").1
 }
@@ -170,15 +176,13 @@ async fn writes_on_a_follower_replicate_and_survive_the_leader_being_killed() {
     let follower = (leader + 1) % 3;
 
     // Drain through a follower: forwarded to the leader, applied everywhere.
-    let (code, body) = blocking(|| {
-        json(
-            cluster.addrs[follower].admin,
-            "POST",
-            "/api/v1/pools/web/backends/b1/drain",
-            "",
-        )
-    });
-    assert_eq!(code, 200, "drain on a follower: {body}");
+    admin_ok(
+        cluster.addrs[follower].admin,
+        "POST",
+        "/api/v1/pools/web/backends/b1/drain",
+        "",
+        "drain on a follower",
+    );
     for a in &cluster.addrs {
         assert!(
             blocking(
@@ -211,15 +215,13 @@ async fn writes_on_a_follower_replicate_and_survive_the_leader_being_killed() {
         "no new leader after the kill: {}",
         status(survivor)
     );
-    let (code, body) = blocking(|| {
-        json(
-            survivor,
-            "POST",
-            "/api/v1/pools/web/backends/b1/undrain",
-            "",
-        )
-    });
-    assert_eq!(code, 200, "write after the leader died: {body}");
+    admin_ok(
+        survivor,
+        "POST",
+        "/api/v1/pools/web/backends/b1/undrain",
+        "",
+        "write after the leader died",
+    );
 
     // The killed replica restarts from its data_dir and catches up.
     let mut back = cluster.spawn(leader);
@@ -270,15 +272,13 @@ async fn a_restarted_replica_serves_its_last_config_without_a_quorum_and_a_wiped
     let cluster = Cluster::new(3, backend_names(&["b1", "b2"]).await);
     let mut replicas: Vec<Raftlb> = (0..3).map(|i| cluster.spawn(i)).collect();
     blocking(|| replicas.iter_mut().for_each(Raftlb::wait_ready));
-    let (code, body) = blocking(|| {
-        json(
-            cluster.addrs[0].admin,
-            "PATCH",
-            "/api/v1/pools/web/backends/b2",
-            r#"{"weight": 7}"#,
-        )
-    });
-    assert_eq!(code, 200, "{body}");
+    admin_ok(
+        cluster.addrs[0].admin,
+        "PATCH",
+        "/api/v1/pools/web/backends/b2",
+        r#"{"weight": 7}"#,
+        "set a weight",
+    );
     // Every replica says "joined" once it has caught up.
     assert!(blocking(|| eventually(Duration::from_secs(10), || {
         let (_, config) = json(cluster.addrs[0].admin, "GET", "/api/v1/status", "");
@@ -384,15 +384,13 @@ async fn bad_input_on_the_peer_port_never_crashes_a_node() {
         node.log()
     );
     assert!(node.log().contains("peer refused"), "{}", node.log());
-    let (code, body) = blocking(|| {
-        json(
-            cluster.addrs[0].admin,
-            "POST",
-            "/api/v1/pools/web/backends/b1/drain",
-            "",
-        )
-    });
-    assert_eq!(code, 200, "the node still commits writes: {body}");
+    admin_ok(
+        cluster.addrs[0].admin,
+        "POST",
+        "/api/v1/pools/web/backends/b1/drain",
+        "",
+        "the node still commits writes",
+    );
 }
 
 fn ctl(admin: SocketAddr, args: &[&str]) -> (i32, String, String) {
@@ -817,15 +815,13 @@ async fn a_late_first_start_catches_up_and_different_timing_is_warned_about() {
     // Nodes 1 and 2 are a quorum of the three peers: they form the cluster alone.
     let mut replicas: Vec<Raftlb> = (0..2).map(|i| cluster.spawn(i)).collect();
     blocking(|| replicas.iter_mut().for_each(Raftlb::wait_ready));
-    let (code, body) = blocking(|| {
-        json(
-            cluster.addrs[0].admin,
-            "POST",
-            "/api/v1/pools/web/backends/b1/drain",
-            "",
-        )
-    });
-    assert_eq!(code, 200, "{body}");
+    admin_ok(
+        cluster.addrs[0].admin,
+        "POST",
+        "/api/v1/pools/web/backends/b1/drain",
+        "",
+        "drain",
+    );
 
     // Node 3 starts for the first time afterwards, with another election timeout.
     let odd = cluster

@@ -52,34 +52,42 @@ impl Pki {
 
     /// A server certificate for `localhost`, `127.0.0.1` and any extra DNS names.
     pub fn server(&self, file_stem: &str, extra_names: &[&str]) -> CertFiles {
-        let mut names = vec!["localhost".to_string()];
-        names.extend(extra_names.iter().map(|n| n.to_string()));
-        let mut params = CertificateParams::new(names).expect("server params");
-        params
-            .subject_alt_names
-            .push(SanType::IpAddress([127, 0, 0, 1].into()));
-        params
-            .distinguished_name
-            .push(DnType::CommonName, file_stem);
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-        self.issue(file_stem, params)
+        self.host(
+            file_stem,
+            extra_names,
+            &[ExtendedKeyUsagePurpose::ServerAuth],
+        )
     }
 
     /// A certificate for both ends of a connection (Raft peers): server and client
     /// auth, for `localhost` and `127.0.0.1`.
     pub fn peer(&self, file_stem: &str) -> CertFiles {
-        let mut params =
-            CertificateParams::new(vec!["localhost".to_string()]).expect("peer params");
+        self.host(
+            file_stem,
+            &[],
+            &[
+                ExtendedKeyUsagePurpose::ServerAuth,
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ],
+        )
+    }
+
+    fn host(
+        &self,
+        file_stem: &str,
+        extra_names: &[&str],
+        usages: &[ExtendedKeyUsagePurpose],
+    ) -> CertFiles {
+        let mut names = vec!["localhost".to_string()];
+        names.extend(extra_names.iter().map(|n| n.to_string()));
+        let mut params = CertificateParams::new(names).expect("host params");
         params
             .subject_alt_names
             .push(SanType::IpAddress([127, 0, 0, 1].into()));
         params
             .distinguished_name
             .push(DnType::CommonName, file_stem);
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
+        params.extended_key_usages = usages.to_vec();
         self.issue(file_stem, params)
     }
 

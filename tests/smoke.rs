@@ -29,3 +29,32 @@ fn test_pki_issues_usable_certificates() {
             .contains("BEGIN CERTIFICATE")
     );
 }
+
+/// The README's showcase: `raftlb demo` runs to the end and shows what it claims.
+#[test]
+fn the_demo_runs_both_parts() {
+    let (code, out, err) = raftlb_cmd_timeout(&["demo", "--requests", "40"], 120);
+    assert_eq!(code, 0, "{out}\n{err}");
+    for expected in [
+        "stopped backend-2",
+        "cluster initialised",
+        "forwarded the write to the leader",
+        "SIGKILL to replica",
+        "committed by the two survivors",
+    ] {
+        assert!(out.contains(expected), "missing {expected:?} in:\n{out}");
+    }
+    // After the drain, no replica sends a new connection to the drained backend.
+    let drained: Vec<&str> = out
+        .split("every replica now sends new connections elsewhere:")
+        .nth(1)
+        .and_then(|rest| rest.split("SIGKILL").next())
+        .map(|s| {
+            s.lines()
+                .filter(|l| l.contains("through replica"))
+                .collect()
+        })
+        .unwrap_or_default();
+    assert_eq!(drained.len(), 3, "{out}");
+    assert!(drained.iter().all(|l| !l.contains("backend-3")), "{out}");
+}

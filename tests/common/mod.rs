@@ -302,7 +302,20 @@ pub async fn which_backend(
 
 /// Runs `raftlb` with `args` to completion: (exit code, stdout, stderr).
 pub fn raftlb_cmd(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(BIN).args(args).output().expect("run raftlb");
+    finished(Command::new(BIN).args(args))
+}
+
+/// The same, interrupted (SIGINT) after `seconds`: every run is bounded.
+pub fn raftlb_cmd_timeout(args: &[&str], seconds: u32) -> (i32, String, String) {
+    finished(
+        Command::new("timeout")
+            .args(["-s", "INT", &seconds.to_string(), BIN])
+            .args(args),
+    )
+}
+
+fn finished(command: &mut Command) -> (i32, String, String) {
+    let out = command.output().expect("run raftlb");
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned(),

@@ -4,6 +4,8 @@ FROM rust:1.95-bookworm AS builder
 WORKDIR /src
 # Dependencies first, in their own layer: a source change does not rebuild them.
 COPY Cargo.toml Cargo.lock ./
+# Cargo.toml names the benches: cargo wants their files even to build the binary.
+COPY benches ./benches
 RUN mkdir src && echo 'fn main() {}' > src/main.rs && touch src/lib.rs \
     && cargo build --release --locked --bin raftlb \
     && rm -rf src
@@ -21,6 +23,8 @@ RUN apt-get update \
 COPY --from=builder /src/target/release/raftlb /usr/local/bin/raftlb
 COPY config/standalone.yaml /etc/raftlb/raftlb.yaml
 USER raftlb
+# cluster.data_dir (the Raft log, vote and snapshots) belongs on a volume.
+VOLUME ["/var/lib/raftlb"]
 # 6443 apiserver listener, 9090 admin API and metrics, 7400 Raft peers.
 EXPOSE 6443 9090 7400
 # A virtual IP (leader_election.vip) needs CAP_NET_ADMIN and CAP_NET_RAW:

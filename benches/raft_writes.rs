@@ -585,12 +585,12 @@ async fn start_raftlb(bin: &Path, guard: &mut Guard) -> Result<Cluster, Error> {
         .map(|p| SocketAddr::from(([127, 0, 0, 1], *p)))
         .collect();
     let mut pids = Vec::new();
-    for n in 0..3 {
+    for (n, &listen_port) in listen.iter().enumerate() {
         let data_dir = guard.dir.path().join(format!("raftlb-{}", n + 1));
         let file = guard.dir.path().join(format!("raftlb-{}.yaml", n + 1));
         std::fs::write(
             &file,
-            raftlb_config(n, admin, peer, listen[n], backends, &data_dir),
+            raftlb_config(n, admin, peer, listen_port, backends, &data_dir),
         )?;
         let mut cmd = Command::new(bin);
         cmd.arg("run").arg("--config").arg(&file);
@@ -866,7 +866,15 @@ fn main() -> ExitCode {
         .enable_all()
         .build()
         .expect("tokio runtime");
-    let result = runtime.block_on(run(&raftlb, &etcd, &settings, &mut guard));
+    // Ctrl-C or SIGTERM ends the run through the same path, so the children die too.
+    let result = runtime.block_on(async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            r = run(&raftlb, &etcd, &settings, &mut guard) => r,
+            _ = tokio::signal::ctrl_c() => Err("interrupted (SIGINT)".into()),
+            _ = term.recv() => Err("interrupted (SIGTERM)".into()),
+        }
+    });
     drop(runtime);
     // Kill the children before the temp dir goes.
     drop(guard);

@@ -17,7 +17,7 @@ use openraft::network::RaftNetworkFactory;
 use openraft::type_config::async_runtime::WatchReceiver;
 use openraft::{BasicNode, ServerState, SnapshotPolicy};
 use raftlb::store::network::{self, CallError, Network, Reply, Request, Transport};
-use raftlb::store::storage::{self, Applied, LogStore, StateMachine};
+use raftlb::store::storage::{self, Applied};
 use raftlb::store::types::{Command, NodeId, Outcome, Raft, TypeConfig};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -152,10 +152,10 @@ async fn start_raft(
     let db = loop {
         match storage::open(dir) {
             Ok(db) => break db,
-            Err(e) if tries < 50 => {
+            Err(_) if tries < 500 => {
+                // Its fsync thread lets go of the file in real time, not paused time.
                 tries += 1;
-                let _ = e;
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                std::thread::sleep(Duration::from_millis(10));
             }
             Err(e) => panic!("node {id}: cannot reopen its store: {e}"),
         }
@@ -172,13 +172,14 @@ async fn start_raft(
     }
     .validate()
     .expect("config");
-    let sm = StateMachine::new(db.clone()).expect("state machine");
+    let (log, sm) =
+        storage::raft_storage(db, watch::channel(Arc::default()).0).expect("state machine");
     let applied = sm.subscribe();
     let factory = SimFactory {
         from: id,
         router: router.clone(),
     };
-    let raft = Raft::new(id, Arc::new(config), factory, LogStore::new(db), sm)
+    let raft = Raft::new(id, Arc::new(config), factory, log, sm)
         .await
         .expect("raft");
     router.up.lock().expect("up").insert(id, raft.clone());

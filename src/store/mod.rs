@@ -31,7 +31,7 @@ use network::{
     CallError, Factory, HelloReply, Identity, Manage, Net, PeerClient, Reply, Request, Tls,
     WriteReply,
 };
-use storage::{Applied, LogStore, StateMachine};
+use storage::Applied;
 use types::{Command, Node as RaftNode, NodeId, Outcome, Raft};
 
 /// How long a write may wait for its commit before the answer is "outcome unknown".
@@ -650,6 +650,11 @@ impl Node {
 
     /// What the leader does with a write, a membership change or a read.
     async fn on_leader(&self, request: Request) -> Reply {
+        // A leader elected a moment ago hears from its quorum within a heartbeat.
+        let deadline = tokio::time::Instant::now() + self.election_timeout;
+        while !self.quorum_reachable() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(self.heartbeat / 2).await;
+        }
         if !self.quorum_reachable() {
             let why =
                 "this replica leads but has not heard from a quorum recently; nothing was changed";
@@ -860,17 +865,11 @@ async fn open_raft(
     db: &Arc<Database>,
     publish: &watch::Sender<Arc<Applied>>,
 ) -> Result<Raft, String> {
-    let sm = StateMachine::publishing_to(db.clone(), publish.clone())
+    let (log, sm) = storage::raft_storage(db.clone(), publish.clone())
         .map_err(|e| format!("cannot read the store: {e}"))?;
-    Raft::new(
-        id,
-        config.clone(),
-        Factory { net: net.clone() },
-        LogStore::new(db.clone()),
-        sm,
-    )
-    .await
-    .map_err(|e| format!("cannot start Raft: {e}"))
+    Raft::new(id, config.clone(), Factory { net: net.clone() }, log, sm)
+        .await
+        .map_err(|e| format!("cannot start Raft: {e}"))
 }
 
 /// Promotes a learner to voter once it has caught up with the leader's log.

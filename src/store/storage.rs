@@ -40,6 +40,8 @@ pub const IDENTITY: &str = "identity";
 pub const REMOVED: &str = "removed";
 /// Written to check that a rebuilt store takes writes.
 pub const PROBE: &str = "probe";
+/// A counter the flusher bumps, so each durable commit changes the file.
+const FLUSHES: &str = "flushes";
 
 /// The file under `data_dir`.
 pub const FILE: &str = "raftlb.redb";
@@ -133,15 +135,107 @@ pub fn is_empty(db: &Database) -> io::Result<bool> {
         && meta.get(APPLIED).map_err(io::Error::other)?.is_none())
 }
 
+/// What the flusher thread is asked to make durable.
+enum Flush {
+    /// Appended log entries: tell openraft once they are on disk.
+    Append(IOFlushed<TypeConfig>),
+    /// An applied state: durable soon, nobody waits for it.
+    Applied,
+}
+
+/// Group commit: log appends and applied states are committed to redb without an
+/// fsync on the Raft task, then made durable here, on a thread of their own, many
+/// at a time. openraft counts an entry towards the quorum only once its callback
+/// ran, so the leader's fsync overlaps the followers' instead of preceding it.
+/// A durable redb commit persists every non-durable one before it, in order, so
+/// an applied state is never on disk without the log entries it came from.
+#[derive(Clone)]
+pub struct Flusher {
+    tx: std::sync::mpsc::Sender<Flush>,
+}
+
+/// How long an applied state may wait for a log append to share its fsync.
+const APPLIED_FLUSH_DELAY: std::time::Duration = std::time::Duration::from_millis(5);
+
+impl Flusher {
+    pub fn start(db: Arc<Database>) -> io::Result<Flusher> {
+        let (tx, rx) = std::sync::mpsc::channel::<Flush>();
+        std::thread::Builder::new()
+            .name("raftlb-fsync".into())
+            .spawn(move || {
+                while let Ok(first) = rx.recv() {
+                    let mut batch = vec![first];
+                    if batch.iter().all(|f| matches!(f, Flush::Applied)) {
+                        // Nobody waits: give the next append a moment to share the fsync.
+                        if let Ok(more) = rx.recv_timeout(APPLIED_FLUSH_DELAY) {
+                            batch.push(more);
+                        }
+                    }
+                    batch.extend(rx.try_iter());
+                    let result = durable_commit(&db);
+                    if let Err(e) = &result {
+                        tracing::error!(error = %e, "cannot make the Raft store durable");
+                    }
+                    for flush in batch {
+                        if let Flush::Append(callback) = flush {
+                            let r = result
+                                .as_ref()
+                                .map(|_| ())
+                                .map_err(|e| io::Error::new(e.kind(), e.to_string()));
+                            callback.io_completed(r);
+                        }
+                    }
+                }
+            })?;
+        Ok(Flusher { tx })
+    }
+
+    fn send(&self, flush: Flush) -> io::Result<()> {
+        self.tx
+            .send(flush)
+            .map_err(|_| io::Error::other("the fsync thread stopped"))
+    }
+}
+
+/// One durable (fsynced) commit: everything committed before it is on disk after it.
+fn durable_commit(db: &Database) -> io::Result<()> {
+    let tx = db.begin_write().map_err(io::Error::other)?;
+    {
+        // A commit that changes something, so redb writes and syncs a new root.
+        let mut table = tx.open_table(META).map_err(io::Error::other)?;
+        let n = table
+            .get(FLUSHES)
+            .map_err(io::Error::other)?
+            .and_then(|v| v.value().try_into().ok().map(u64::from_le_bytes))
+            .unwrap_or(0);
+        table
+            .insert(FLUSHES, n.wrapping_add(1).to_le_bytes().as_slice())
+            .map_err(io::Error::other)?;
+    }
+    tx.commit().map_err(io::Error::other)
+}
+
+/// The log store and state machine of one store file, sharing one flusher; the
+/// state machine publishes every applied state on `publish`.
+pub fn raft_storage(
+    db: Arc<Database>,
+    publish: watch::Sender<Arc<Applied>>,
+) -> io::Result<(LogStore, StateMachine)> {
+    let flusher = Flusher::start(db.clone())?;
+    let sm = StateMachine::publishing_to(db.clone(), flusher.clone(), publish)?;
+    Ok((LogStore::new(db, flusher), sm))
+}
+
 /// The Raft log and vote.
 #[derive(Clone)]
 pub struct LogStore {
     db: Arc<Database>,
+    flusher: Flusher,
 }
 
 impl LogStore {
-    pub fn new(db: Arc<Database>) -> Self {
-        LogStore { db }
+    fn new(db: Arc<Database>, flusher: Flusher) -> Self {
+        LogStore { db, flusher }
     }
 }
 
@@ -222,10 +316,12 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 serde_json::to_vec(&entry).map_err(io::Error::other)?,
             ));
         }
-        // Entries must be readable as soon as append returns, so the write (and its
-        // fsync) happens here; the batches openraft hands over keep this cheap.
+        // Entries must be readable as soon as append returns: committed here without
+        // an fsync; the flusher makes them durable and then calls back.
         let write = || -> io::Result<()> {
-            let tx = self.db.begin_write().map_err(io::Error::other)?;
+            let mut tx = self.db.begin_write().map_err(io::Error::other)?;
+            tx.set_durability(Durability::None)
+                .map_err(io::Error::other)?;
             {
                 let mut table = tx.open_table(LOG).map_err(io::Error::other)?;
                 for (index, bytes) in &encoded {
@@ -236,16 +332,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             }
             tx.commit().map_err(io::Error::other)
         };
-        let result = write();
-        let failed = result
-            .as_ref()
-            .err()
-            .map(|e| io::Error::new(e.kind(), e.to_string()));
-        callback.io_completed(result);
-        match failed {
-            Some(e) => Err(e),
-            None => Ok(()),
+        if let Err(e) = write() {
+            callback.io_completed(Err(io::Error::new(e.kind(), e.to_string())));
+            return Err(e);
         }
+        self.flusher.send(Flush::Append(callback))
     }
 
     async fn truncate_after(&mut self, last_log_id: Option<LogId>) -> Result<(), io::Error> {
@@ -290,26 +381,24 @@ struct StoredSnapshot {
 /// The replicated state; every change is published on a watch channel for the proxy.
 pub struct StateMachine {
     db: Arc<Database>,
+    flusher: Flusher,
     applied: Applied,
     publish: watch::Sender<Arc<Applied>>,
 }
 
 impl StateMachine {
-    /// Loads the last applied state from the store.
-    pub fn new(db: Arc<Database>) -> io::Result<Self> {
-        Self::publishing_to(db, watch::channel(Arc::default()).0)
-    }
-
-    /// The same, publishing on an existing channel (a store rebuilt in-process keeps
-    /// its followers).
-    pub fn publishing_to(
+    /// Loads the last applied state from the store and publishes it on `publish`
+    /// (a store rebuilt in-process keeps its followers).
+    fn publishing_to(
         db: Arc<Database>,
+        flusher: Flusher,
         publish: watch::Sender<Arc<Applied>>,
     ) -> io::Result<Self> {
         let applied: Applied = get_meta(&db, APPLIED)?.unwrap_or_default();
         publish.send_replace(Arc::new(applied.clone()));
         Ok(StateMachine {
             db,
+            flusher,
             applied,
             publish,
         })
@@ -320,9 +409,12 @@ impl StateMachine {
         self.publish.subscribe()
     }
 
-    /// Durable: a restarted replica serves exactly what it applied last.
+    /// Saved with every applied batch and durable within milliseconds (the
+    /// flusher), so a restarted replica serves what it applied last. The entries it
+    /// came from are durable on a quorum before anyone hears of the outcome.
     fn persist(&self) -> io::Result<()> {
-        put_meta(&self.db, APPLIED, &self.applied, true)?;
+        put_meta(&self.db, APPLIED, &self.applied, false)?;
+        self.flusher.send(Flush::Applied)?;
         self.publish.send_replace(Arc::new(self.applied.clone()));
         Ok(())
     }
@@ -454,8 +546,8 @@ mod tests {
             };
             let dir = tempfile::tempdir().map_err(fail)?;
             let db = open(dir.path()).map_err(fail)?;
-            let sm = StateMachine::new(db.clone()).map_err(fail)?;
-            Ok((dir, LogStore::new(db), sm))
+            let (log, sm) = raft_storage(db, watch::channel(Arc::default()).0).map_err(fail)?;
+            Ok((dir, log, sm))
         }
     }
 

@@ -139,8 +139,8 @@ pub fn is_empty(db: &Database) -> io::Result<bool> {
 enum Flush {
     /// Appended log entries: tell openraft once they are on disk.
     Append(IOFlushed<TypeConfig>),
-    /// An applied state: durable soon, nobody waits for it.
-    Applied,
+    /// An applied state, written and made durable soon; told when, if anyone waits.
+    Applied(Arc<Applied>, Option<tokio::sync::oneshot::Sender<io::Result<()>>>),
 }
 
 /// Group commit: log appends and applied states are committed to redb without an
@@ -165,24 +165,34 @@ impl Flusher {
             .spawn(move || {
                 while let Ok(first) = rx.recv() {
                     let mut batch = vec![first];
-                    if batch.iter().all(|f| matches!(f, Flush::Applied)) {
+                    if batch.iter().all(|f| matches!(f, Flush::Applied(_, None))) {
                         // Nobody waits: give the next append a moment to share the fsync.
                         if let Ok(more) = rx.recv_timeout(APPLIED_FLUSH_DELAY) {
                             batch.push(more);
                         }
                     }
                     batch.extend(rx.try_iter());
-                    let result = durable_commit(&db);
+                    let applied = batch.iter().rev().find_map(|f| match f {
+                        Flush::Applied(a, _) => Some(a.clone()),
+                        Flush::Append(_) => None,
+                    });
+                    let result = durable_commit(&db, applied.as_deref());
                     if let Err(e) = &result {
                         tracing::error!(error = %e, "cannot make the Raft store durable");
                     }
+                    let outcome = || {
+                        result
+                            .as_ref()
+                            .map(|_| ())
+                            .map_err(|e| io::Error::new(e.kind(), e.to_string()))
+                    };
                     for flush in batch {
-                        if let Flush::Append(callback) = flush {
-                            let r = result
-                                .as_ref()
-                                .map(|_| ())
-                                .map_err(|e| io::Error::new(e.kind(), e.to_string()));
-                            callback.io_completed(r);
+                        match flush {
+                            Flush::Append(callback) => callback.io_completed(outcome()),
+                            Flush::Applied(_, Some(done)) => {
+                                let _ = done.send(outcome());
+                            }
+                            Flush::Applied(_, None) => {}
                         }
                     }
                 }
@@ -197,8 +207,13 @@ impl Flusher {
     }
 }
 
-/// One durable (fsynced) commit: everything committed before it is on disk after it.
-fn durable_commit(db: &Database) -> io::Result<()> {
+/// One durable (fsynced) commit, with the latest applied state if there is one:
+/// everything committed before it is on disk after it.
+fn durable_commit(db: &Database, applied: Option<&Applied>) -> io::Result<()> {
+    let applied = applied
+        .map(serde_json::to_vec)
+        .transpose()
+        .map_err(io::Error::other)?;
     let tx = db.begin_write().map_err(io::Error::other)?;
     {
         // A commit that changes something, so redb writes and syncs a new root.
@@ -211,6 +226,11 @@ fn durable_commit(db: &Database) -> io::Result<()> {
         table
             .insert(FLUSHES, n.wrapping_add(1).to_le_bytes().as_slice())
             .map_err(io::Error::other)?;
+        if let Some(applied) = &applied {
+            table
+                .insert(APPLIED, applied.as_slice())
+                .map_err(io::Error::other)?;
+        }
     }
     tx.commit().map_err(io::Error::other)
 }
@@ -409,13 +429,27 @@ impl StateMachine {
         self.publish.subscribe()
     }
 
-    /// Saved with every applied batch and durable within milliseconds (the
-    /// flusher), so a restarted replica serves what it applied last. The entries it
-    /// came from are durable on a quorum before anyone hears of the outcome.
+    /// Handed to the flusher with every applied batch, durable within milliseconds,
+    /// so a restarted replica serves what it applied last (and replays the rest
+    /// from its log). The entries it came from are durable on a quorum before anyone
+    /// hears of the outcome.
     fn persist(&self) -> io::Result<()> {
-        put_meta(&self.db, APPLIED, &self.applied, false)?;
-        self.flusher.send(Flush::Applied)?;
-        self.publish.send_replace(Arc::new(self.applied.clone()));
+        let applied = Arc::new(self.applied.clone());
+        self.flusher.send(Flush::Applied(applied.clone(), None))?;
+        self.publish.send_replace(applied);
+        Ok(())
+    }
+
+    /// The same, waiting until it is on disk (an installed snapshot replaces the log).
+    async fn persist_durably(&self) -> io::Result<()> {
+        let applied = Arc::new(self.applied.clone());
+        let (done, durable) = tokio::sync::oneshot::channel();
+        self.flusher
+            .send(Flush::Applied(applied.clone(), Some(done)))?;
+        durable
+            .await
+            .map_err(|_| io::Error::other("the fsync thread stopped"))??;
+        self.publish.send_replace(applied);
         Ok(())
     }
 }
@@ -513,7 +547,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             membership: meta.last_membership.clone(),
             state,
         };
-        self.persist()
+        self.persist_durably().await
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot>, io::Error> {

@@ -36,6 +36,10 @@ use types::{Command, Node as RaftNode, NodeId, Outcome, Raft};
 
 /// How long a write may wait for its commit before the answer is "outcome unknown".
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How many idle connections to the leader a replica keeps for forwarded requests.
+const FORWARDERS: usize = 16;
+/// A kept connection idle this long is not reused: the leader may have gone away.
+const FORWARD_IDLE: Duration = Duration::from_secs(5);
 /// Take a snapshot (and compact the log) after this many entries.
 const SNAPSHOT_EVERY: u64 = 1000;
 
@@ -101,6 +105,9 @@ pub struct Node {
     election_timeout: Duration,
     seed: BTreeMap<String, schema::Pool>,
     fatal: watch::Sender<Option<Fatal>>,
+    /// Kept-open connections to the leader for forwarded requests, with the time
+    /// each went idle.
+    forwarders: std::sync::Mutex<Vec<(PeerClient, std::time::Instant)>>,
     /// When the leader's last AppendEntries (heartbeat) arrived here.
     leader_contact: std::sync::Mutex<Option<std::time::Instant>>,
     pub stop: CancellationToken,
@@ -228,6 +235,7 @@ impl Node {
             election_timeout,
             seed: seed.clone(),
             fatal,
+            forwarders: std::sync::Mutex::new(Vec::new()),
             leader_contact: std::sync::Mutex::new(None),
             stop: CancellationToken::new(),
         });
@@ -631,12 +639,15 @@ impl Node {
         if leader == self.id {
             return Ok(self.on_leader(request).await);
         }
-        let mut client = PeerClient::new(self.net.clone(), leader, addr);
+        let mut client = self.forwarder(leader, addr);
         match client
             .call(request, WRITE_TIMEOUT + Duration::from_secs(1))
             .await
         {
-            Ok(reply) => Ok(reply),
+            Ok(reply) => {
+                self.keep_forwarder(client);
+                Ok(reply)
+            }
             Err(e @ (CallError::Connect(_) | CallError::Refused(_))) => {
                 Err(WriteError::NotProposed(format!(
                     "cannot reach the Raft leader (node {leader}): {e}; nothing was changed"
@@ -645,6 +656,26 @@ impl Node {
             Err(e) => Err(WriteError::Unknown(format!(
                 "the Raft leader (node {leader}) did not answer: {e}"
             ))),
+        }
+    }
+
+    /// A connection to the leader for a forwarded request: a kept-open one when
+    /// there is one (each carries one request at a time), else a new one.
+    fn forwarder(&self, leader: NodeId, addr: String) -> PeerClient {
+        let fresh = || PeerClient::new(self.net.clone(), leader, addr.clone());
+        let Ok(mut pool) = self.forwarders.lock() else {
+            return fresh();
+        };
+        let now = std::time::Instant::now();
+        pool.retain(|(c, idle)| c.target == leader && c.addr == addr && now - *idle < FORWARD_IDLE);
+        pool.pop().map_or_else(fresh, |(c, _)| c)
+    }
+
+    fn keep_forwarder(&self, client: PeerClient) {
+        if let Ok(mut pool) = self.forwarders.lock()
+            && pool.len() < FORWARDERS
+        {
+            pool.push((client, std::time::Instant::now()));
         }
     }
 

@@ -140,7 +140,10 @@ enum Flush {
     /// Appended log entries: tell openraft once they are on disk.
     Append(IOFlushed<TypeConfig>),
     /// An applied state, written and made durable soon; told when, if anyone waits.
-    Applied(Arc<Applied>, Option<tokio::sync::oneshot::Sender<io::Result<()>>>),
+    Applied(
+        Arc<Applied>,
+        Option<tokio::sync::oneshot::Sender<io::Result<()>>>,
+    ),
 }
 
 /// Group commit: log appends and applied states are committed to redb without an

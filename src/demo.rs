@@ -82,17 +82,8 @@ async fn demo(args: DemoArgs) -> Result<(), String> {
             if i == 0 { 2 } else { 1 }
         ));
     }
-    std::fs::write(&config, &yaml).map_err(|e| format!("{}: {e}", config.display()))?;
     let exe = std::env::current_exe().map_err(|e| format!("cannot find this program: {e}"))?;
-    let log = std::fs::File::create(dir.join("raftlb.log")).map_err(|e| e.to_string())?;
-    let child = Command::new(&exe)
-        .args(["run", "--config"])
-        .arg(&config)
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .map_err(|e| format!("cannot start raftlb: {e}"))?;
-    let child = DemoChild { child, dir };
+    let child = spawn_raftlb(&exe, dir, &yaml)?;
     println!(
         "  started raftlb (pid {}) listening on {listen}, admin API on http://{admin}",
         child.child.id()
@@ -124,6 +115,22 @@ async fn demo(args: DemoArgs) -> Result<(), String> {
         stop.cancel();
     }
     Ok(())
+}
+
+/// Writes `yaml` to `dir/raftlb.yaml` and starts `raftlb run` on it, its log in
+/// `dir/raftlb.log`; the child is killed and `dir` removed on drop.
+fn spawn_raftlb(exe: &std::path::Path, dir: PathBuf, yaml: &str) -> Result<DemoChild, String> {
+    let config = dir.join("raftlb.yaml");
+    std::fs::write(&config, yaml).map_err(|e| format!("{}: {e}", config.display()))?;
+    let log = std::fs::File::create(dir.join("raftlb.log")).map_err(|e| e.to_string())?;
+    let child = Command::new(exe)
+        .args(["run", "--config"])
+        .arg(&config)
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .map_err(|e| format!("cannot start raftlb: {e}"))?;
+    Ok(DemoChild { child, dir })
 }
 
 /// One replica of the cluster part.
@@ -171,25 +178,16 @@ async fn cluster_demo(
             data = home.join("data").display(),
             peers = peers.join(", "),
         );
-        let config = home.join("raftlb.yaml");
-        std::fs::write(&config, yaml).map_err(|e| format!("{}: {e}", config.display()))?;
-        let log = std::fs::File::create(home.join("raftlb.log")).map_err(|e| e.to_string())?;
-        let child = Command::new(exe)
-            .args(["run", "--config"])
-            .arg(&config)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .map_err(|e| format!("cannot start raftlb: {e}"))?;
+        let child = spawn_raftlb(exe, home, &yaml)?;
         println!(
             "  started replica {id} (pid {}): listener {listen}, admin http://{admin}, peer port {peer}",
-            child.id()
+            child.child.id()
         );
         replicas.push(Replica {
             id,
             admin: *admin,
             listen: *listen,
-            child: Some(DemoChild { child, dir: home }),
+            child: Some(child),
         });
     }
     let started = Instant::now();

@@ -399,7 +399,7 @@ impl Server {
         let exit = self.shutdown(&mut term, &mut int).await;
         if let Some(node) = cluster {
             node.stop.cancel();
-            let _ = node.raft().shutdown().await;
+            node.shutdown().await;
         }
         match code {
             Some(code) => ExitCode::from(code),

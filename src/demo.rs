@@ -214,6 +214,13 @@ async fn cluster_demo(
         "\n  POST {path} on replica {} (a follower): {code}; it forwarded the write to the leader",
         follower.id
     );
+    let version = config_version(&body);
+    let waited = Instant::now();
+    applied_everywhere(&replicas, version).await?;
+    println!(
+        "  config_version {version} applied on every replica after {} ms",
+        waited.elapsed().as_millis()
+    );
     spread(
         &replicas,
         "every replica now sends new connections elsewhere",
@@ -244,6 +251,7 @@ async fn cluster_demo(
         survivors[0].id
     );
     let alive: Vec<Replica> = replicas.into_iter().filter(|r| r.child.is_some()).collect();
+    applied_everywhere(&alive, config_version(&body)).await?;
     spread(&alive, "the survivors spread connections again").await;
     println!(
         "\n  to run a cluster yourself: config/cluster-loopback.yaml (README, \"Cluster mode\")"
@@ -265,6 +273,40 @@ async fn spread(replicas: &[Replica], what: &str) {
         let line: Vec<String> = served.iter().map(|(k, v)| format!("{k} x{v}")).collect();
         println!("    through replica {}: {}", r.id, line.join(", "));
     }
+}
+
+/// The `config_version` of a write's answer.
+fn config_version(body: &str) -> u64 {
+    serde_json::from_str::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| v["config_version"].as_u64())
+        .unwrap_or(0)
+}
+
+/// Waits until every replica has applied `version` (a committed write reaches the
+/// followers with the leader's next message).
+async fn applied_everywhere(replicas: &[Replica], version: u64) -> Result<(), String> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for r in replicas {
+        loop {
+            let seen = get(r.admin, "/api/v1/status")
+                .await
+                .ok()
+                .and_then(|(_, b)| serde_json::from_str::<serde_json::Value>(&b).ok())
+                .and_then(|v| v["config_version"].as_u64());
+            if seen >= Some(version) {
+                break;
+            }
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "replica {} did not apply config_version {version}",
+                    r.id
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    Ok(())
 }
 
 async fn leader_of(admin: SocketAddr) -> Option<usize> {

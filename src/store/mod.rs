@@ -94,6 +94,9 @@ pub struct Node {
     raft: RwLock<Raft>,
     /// `None` while the store is being rebuilt.
     db: RwLock<Option<Arc<Database>>>,
+    /// The store's fsync thread (`None` while the store is being rebuilt: the
+    /// thread holds the file).
+    flusher: RwLock<Option<storage::Flusher>>,
     data_dir: PathBuf,
     raft_config: Arc<openraft::Config>,
     pub identity: Arc<Identity>,
@@ -205,7 +208,7 @@ impl Node {
 
         let raft_config = Arc::new(raft_config);
         let (publish, applied) = watch::channel(Arc::default());
-        let raft = open_raft(id, &raft_config, &net, &db, &publish)
+        let (raft, flusher) = open_raft(id, &raft_config, &net, &db, &publish)
             .await
             .map_err(runtime_error)?;
 
@@ -224,6 +227,7 @@ impl Node {
             cluster_id,
             raft: RwLock::new(raft),
             db: RwLock::new(Some(db)),
+            flusher: RwLock::new(Some(flusher)),
             data_dir: data_dir.clone(),
             raft_config,
             identity,
@@ -269,6 +273,20 @@ impl Node {
         }
     }
 
+    /// Stops Raft and makes the last applied state durable (the fsync thread
+    /// otherwise takes up to a few milliseconds more).
+    pub async fn shutdown(&self) {
+        let _ = self.raft().shutdown().await;
+        let flusher = self.flusher.read().ok().and_then(|f| f.clone());
+        if let Some(flusher) = flusher {
+            let applied = self.applied.borrow().clone();
+            let flushed = tokio::time::timeout(Duration::from_secs(2), flusher.durably(applied));
+            if let Ok(Err(e)) = flushed.await {
+                tracing::warn!(error = %e, "cannot make the last applied state durable");
+            }
+        }
+    }
+
     /// The applied state, and every change of it.
     pub fn applied(&self) -> watch::Receiver<Arc<Applied>> {
         self.applied.clone()
@@ -306,7 +324,14 @@ impl Node {
         let metrics = self.raft().metrics();
         let metrics = metrics.borrow_watched();
         let fresh = self.election_timeout * 2;
+        let alone = metrics
+            .membership_config
+            .membership()
+            .voter_ids()
+            .all(|v| v == self.id);
         match metrics.state {
+            // A single voter is its own quorum.
+            ServerState::Leader if alone => true,
             ServerState::Leader => metrics
                 .last_quorum_acked
                 .as_ref()
@@ -551,6 +576,9 @@ impl Node {
         if let Ok(mut db) = self.db.write() {
             db.take();
         }
+        if let Ok(mut flusher) = self.flusher.write() {
+            flusher.take();
+        }
         let mut logged = false;
         loop {
             tokio::select! {
@@ -562,14 +590,17 @@ impl Node {
                 let db = storage::open(&self.data_dir).map_err(|e| e.to_string())?;
                 storage::put_meta(&db, storage::PROBE, &std::process::id(), true)
                     .map_err(|e| format!("data_dir is not writable yet: {e}"))?;
-                let raft =
+                let opened =
                     open_raft(self.id, &self.raft_config, &self.net, &db, &self.publish).await?;
-                Ok::<_, String>((db, raft))
+                Ok::<_, String>((db, opened))
             };
             match attempt.await {
-                Ok((db, raft)) => {
+                Ok((db, (raft, flusher))) => {
                     if let Ok(mut slot) = self.raft.write() {
                         *slot = raft;
+                    }
+                    if let Ok(mut slot) = self.flusher.write() {
+                        *slot = Some(flusher);
                     }
                     if let Ok(mut slot) = self.db.write() {
                         *slot = Some(db);
@@ -895,12 +926,14 @@ async fn open_raft(
     net: &Arc<Net>,
     db: &Arc<Database>,
     publish: &watch::Sender<Arc<Applied>>,
-) -> Result<Raft, String> {
+) -> Result<(Raft, storage::Flusher), String> {
     let (log, sm) = storage::raft_storage(db.clone(), publish.clone())
         .map_err(|e| format!("cannot read the store: {e}"))?;
-    Raft::new(id, config.clone(), Factory { net: net.clone() }, log, sm)
+    let flusher = log.flusher();
+    let raft = Raft::new(id, config.clone(), Factory { net: net.clone() }, log, sm)
         .await
-        .map_err(|e| format!("cannot start Raft: {e}"))
+        .map_err(|e| format!("cannot start Raft: {e}"))?;
+    Ok((raft, flusher))
 }
 
 /// Promotes a learner to voter once it has caught up with the leader's log.

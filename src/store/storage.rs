@@ -203,6 +203,15 @@ impl Flusher {
         Ok(Flusher { tx })
     }
 
+    /// Writes `applied` and returns once it (and everything before it) is on disk.
+    pub async fn durably(&self, applied: Arc<Applied>) -> io::Result<()> {
+        let (done, durable) = tokio::sync::oneshot::channel();
+        self.send(Flush::Applied(applied, Some(done)))?;
+        durable
+            .await
+            .map_err(|_| io::Error::other("the fsync thread stopped"))?
+    }
+
     fn send(&self, flush: Flush) -> io::Result<()> {
         self.tx
             .send(flush)
@@ -259,6 +268,11 @@ pub struct LogStore {
 impl LogStore {
     fn new(db: Arc<Database>, flusher: Flusher) -> Self {
         LogStore { db, flusher }
+    }
+
+    /// The fsync thread this store hands its writes to.
+    pub fn flusher(&self) -> Flusher {
+        self.flusher.clone()
     }
 }
 
@@ -446,12 +460,7 @@ impl StateMachine {
     /// The same, waiting until it is on disk (an installed snapshot replaces the log).
     async fn persist_durably(&self) -> io::Result<()> {
         let applied = Arc::new(self.applied.clone());
-        let (done, durable) = tokio::sync::oneshot::channel();
-        self.flusher
-            .send(Flush::Applied(applied.clone(), Some(done)))?;
-        durable
-            .await
-            .map_err(|_| io::Error::other("the fsync thread stopped"))??;
+        self.flusher.durably(applied.clone()).await?;
         self.publish.send_replace(applied);
         Ok(())
     }

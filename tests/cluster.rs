@@ -384,6 +384,9 @@ async fn bad_input_on_the_peer_port_never_crashes_a_node() {
         node.log()
     );
     assert!(node.log().contains("peer refused"), "{}", node.log());
+    // Well after the start (beyond 2 x election_timeout): a single voter is its own
+    // quorum, it has no followers to hear from.
+    std::thread::sleep(Duration::from_secs(2));
     admin_ok(
         cluster.addrs[0].admin,
         "POST",

@@ -114,16 +114,10 @@ pub async fn backend_write(
             StatusCode::OK,
         ),
         (&Method::PATCH, [pool, "backends", name]) => {
-            let weight = match read_json::<super::WeightPatch>(req).await {
-                Ok(p) => p.weight,
+            let weight = match super::read_weight(req).await {
+                Ok(w) => w,
                 Err(reply) => return reply,
             };
-            if !(1..=256).contains(&weight) {
-                return error(
-                    StatusCode::BAD_REQUEST,
-                    &format!("weight {weight} is out of range: use 1 to 256"),
-                );
-            }
             (
                 Command::SetWeight {
                     pool: pool.to_string(),

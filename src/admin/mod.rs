@@ -180,16 +180,10 @@ async fn backend_write(state: &State, req: Request<Incoming>, rest: &str) -> Rep
                 .await
         }
         (&Method::PATCH, None) => {
-            let weight = match read_json::<WeightPatch>(req).await {
-                Ok(patch) => patch.weight,
+            let weight = match read_weight(req).await {
+                Ok(w) => w,
                 Err(reply) => return reply,
             };
-            if !(1..=256).contains(&weight) {
-                return error(
-                    StatusCode::BAD_REQUEST,
-                    &format!("weight {weight} is out of range: use 1 to 256"),
-                );
-            }
             state
                 .balancer
                 .update_backend(pool, name, |b| b.weight.value = weight)
@@ -233,6 +227,18 @@ struct WeightPatch {
 }
 
 /// Reads a JSON body of at most [`MAX_BODY`] bytes; a 4xx reply when it is not `T`.
+/// The body of `PATCH .../backends/{name}`: `{"weight": N}`, N from 1 to 256.
+async fn read_weight(req: Request<Incoming>) -> Result<u32, Reply> {
+    let weight = read_json::<WeightPatch>(req).await?.weight;
+    if !(1..=256).contains(&weight) {
+        return Err(error(
+            StatusCode::BAD_REQUEST,
+            &format!("weight {weight} is out of range: use 1 to 256"),
+        ));
+    }
+    Ok(weight)
+}
+
 async fn read_json<T: serde::de::DeserializeOwned>(req: Request<Incoming>) -> Result<T, Reply> {
     let body = http_body_util::Limited::new(req.into_body(), MAX_BODY)
         .collect()

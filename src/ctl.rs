@@ -93,9 +93,8 @@ async fn ctl(args: &CtlArgs) -> Result<String, CtlError> {
         ),
         CtlCommand::Snapshot(CtlSnapshotCommand::Save { file }) => {
             let bytes = client.download("/api/v1/snapshot").await?;
-            let backup = crate::store::backup::Backup::decode(&bytes)
+            let (backup, sum) = crate::store::backup::Backup::verify(&bytes)
                 .map_err(|e| CtlError::Failed(format!("the server sent a damaged backup: {e}")))?;
-            let sum = crate::store::backup::checksum(&bytes).map_err(CtlError::Failed)?;
             crate::write_file(file, &bytes).map_err(CtlError::Failed)?;
             (
                 json!({

@@ -67,9 +67,15 @@ impl Backup {
 
     /// Checks the header, the length and the checksum, then reads the body.
     pub fn decode(bytes: &[u8]) -> Result<Backup, String> {
-        let (header, body) = checked_body(bytes)?;
-        let _ = header;
-        serde_json::from_slice(body).map_err(|e| format!("the body is not a raftlb backup: {e}"))
+        Self::verify(bytes).map(|(backup, _)| backup)
+    }
+
+    /// [`Backup::decode`], also giving the body's hex SHA-256 (checked already).
+    pub fn verify(bytes: &[u8]) -> Result<(Backup, String), String> {
+        let (body, sum) = checked_body(bytes)?;
+        let backup = serde_json::from_slice(body)
+            .map_err(|e| format!("the body is not a raftlb backup: {e}"))?;
+        Ok((backup, sum))
     }
 
     /// One line for people: what the backup holds.
@@ -85,12 +91,9 @@ impl Backup {
     }
 }
 
-/// The hex SHA-256 of a backup file's body, after checking it.
-pub fn checksum(bytes: &[u8]) -> Result<String, String> {
-    Ok(hex(&Sha256::digest(checked_body(bytes)?.1)))
-}
-
-fn checked_body(bytes: &[u8]) -> Result<(&str, &[u8]), String> {
+/// The body of a backup file and its hex SHA-256, once the header's length and
+/// checksum match it.
+fn checked_body(bytes: &[u8]) -> Result<(&[u8], String), String> {
     let end = bytes
         .iter()
         .position(|b| *b == b'\n')
@@ -136,7 +139,7 @@ fn checked_body(bytes: &[u8]) -> Result<(&str, &[u8]), String> {
             "corrupt: the body's sha256 is {actual}, the header says {sum}"
         ));
     }
-    Ok((header, body))
+    Ok((body, actual))
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -210,7 +213,7 @@ pub fn restore(
     cluster_id: &str,
     members: &BTreeMap<NodeId, String>,
 ) -> Result<Restored, String> {
-    let backup = Backup::decode(file_bytes)?;
+    let (backup, sum) = Backup::verify(file_bytes)?;
     if !members.contains_key(&node_id) {
         return Err(format!(
             "--node-id {node_id} is not in --initial-cluster ({:?})",
@@ -229,7 +232,7 @@ pub fn restore(
     // The UUID of the new cluster: the same for every member restored from this file
     // into this cluster, different from the old cluster's.
     let mut seed = Sha256::new();
-    seed.update(checksum(file_bytes)?.as_bytes());
+    seed.update(sum.as_bytes());
     seed.update(cluster_id.as_bytes());
     for (id, addr) in members {
         seed.update(format!("{id}={addr},").as_bytes());

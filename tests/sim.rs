@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use openraft::network::RaftNetworkFactory;
 use openraft::type_config::async_runtime::WatchReceiver;
-use openraft::{BasicNode, ServerState, SnapshotPolicy};
+use openraft::{BasicNode, Instant as _, ServerState, SnapshotPolicy};
 use raftlb::store::network::{self, CallError, Network, Reply, Request, Transport};
 use raftlb::store::storage::{self, Applied};
 use raftlb::store::types::{Command, NodeId, Outcome, Raft, TypeConfig};
@@ -153,7 +153,7 @@ async fn start_raft(
         match storage::open(dir) {
             Ok(db) => break db,
             Err(_) if tries < 500 => {
-                // Its fsync thread lets go of the file in real time, not paused time.
+                // Its flusher may still be finishing an fsync on the blocking pool.
                 tries += 1;
                 std::thread::sleep(Duration::from_millis(10));
             }
@@ -327,7 +327,14 @@ fn propose(raft: Raft, key: String) -> JoinHandle<(String, bool)> {
     tokio::spawn(async move {
         let result =
             tokio::time::timeout(Duration::from_secs(2), raft.client_write(record(&key))).await;
-        let acked = matches!(result, Ok(Ok(r)) if matches!(r.data, Outcome::Record { .. }));
+        let acked = matches!(&result, Ok(Ok(r)) if matches!(r.data, Outcome::Record { .. }));
+        if !acked {
+            // Shown when a test fails on this write.
+            eprintln!(
+                "write {key} not acknowledged: {:?}",
+                result.map(|r| r.map(|r| r.data))
+            );
+        }
         (key, acked)
     })
 }
@@ -347,9 +354,13 @@ async fn wait_for_leader(sim: &Sim, among: &[NodeId]) -> Option<NodeId> {
             let leader = sim.leader_seen_by(*id);
             if let Some(l) = leader
                 && among.contains(&l)
-                && sim
-                    .raft(l)
-                    .is_some_and(|r| r.metrics().borrow_watched().state == ServerState::Leader)
+                && sim.raft(l).is_some_and(|r| {
+                    // A leader takes writes once a quorum acknowledged it (its lease).
+                    let m = r.metrics().borrow_watched().clone();
+                    m.state == ServerState::Leader
+                        && m.last_quorum_acked
+                            .is_some_and(|at| at.elapsed() < Duration::from_millis(150))
+                })
             {
                 return Some(l);
             }

@@ -94,8 +94,8 @@ pub struct Node {
     raft: RwLock<Raft>,
     /// `None` while the store is being rebuilt.
     db: RwLock<Option<Arc<Database>>>,
-    /// The store's fsync thread (`None` while the store is being rebuilt: the
-    /// thread holds the file).
+    /// The store's flusher (`None` while the store is being rebuilt: the
+    /// flusher holds the file).
     flusher: RwLock<Option<storage::Flusher>>,
     data_dir: PathBuf,
     raft_config: Arc<openraft::Config>,
@@ -273,7 +273,7 @@ impl Node {
         }
     }
 
-    /// Stops Raft and makes the last applied state durable (the fsync thread
+    /// Stops Raft and makes the last applied state durable (the flusher
     /// otherwise takes up to a few milliseconds more).
     pub async fn shutdown(&self) {
         let _ = self.raft().shutdown().await;

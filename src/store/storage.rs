@@ -19,7 +19,7 @@ use openraft::{EntryPayload, OptionalSend};
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 
 use super::types::{
     Entry, LogId, Replicated, Snapshot, SnapshotMeta, StoredMembership, TypeConfig, Vote,
@@ -135,7 +135,7 @@ pub fn is_empty(db: &Database) -> io::Result<bool> {
         && meta.get(APPLIED).map_err(io::Error::other)?.is_none())
 }
 
-/// What the flusher thread is asked to make durable.
+/// What the flusher is asked to make durable.
 enum Flush {
     /// Appended log entries: tell openraft once they are on disk.
     Append(IOFlushed<TypeConfig>),
@@ -147,60 +147,29 @@ enum Flush {
 }
 
 /// Group commit: log appends and applied states are committed to redb without an
-/// fsync on the Raft task, then made durable here, on a thread of their own, many
-/// at a time. openraft counts an entry towards the quorum only once its callback
-/// ran, so the leader's fsync overlaps the followers' instead of preceding it.
-/// A durable redb commit persists every non-durable one before it, in order, so
-/// an applied state is never on disk without the log entries it came from.
+/// fsync on the Raft task, then made durable by the flusher, many at a time.
+/// openraft counts an entry towards the quorum only once its callback ran, so the
+/// leader's fsync overlaps the followers' instead of preceding it. A durable redb
+/// commit persists every non-durable one before it, in order, so an applied state
+/// is never on disk without the log entries it came from.
+///
+/// The flusher is a task that gathers a batch and runs its fsync on tokio's
+/// blocking pool: while that runs, a paused test clock does not jump ahead, so
+/// simulated time still sees a disk write as taking no time.
 #[derive(Clone)]
 pub struct Flusher {
-    tx: std::sync::mpsc::Sender<Flush>,
+    tx: mpsc::UnboundedSender<Flush>,
 }
 
 /// How long an applied state may wait for a log append to share its fsync.
 const APPLIED_FLUSH_DELAY: std::time::Duration = std::time::Duration::from_millis(5);
 
 impl Flusher {
-    pub fn start(db: Arc<Database>) -> io::Result<Flusher> {
-        let (tx, rx) = std::sync::mpsc::channel::<Flush>();
-        std::thread::Builder::new()
-            .name("raftlb-fsync".into())
-            .spawn(move || {
-                while let Ok(first) = rx.recv() {
-                    let mut batch = vec![first];
-                    if batch.iter().all(|f| matches!(f, Flush::Applied(_, None))) {
-                        // Nobody waits: give the next append a moment to share the fsync.
-                        if let Ok(more) = rx.recv_timeout(APPLIED_FLUSH_DELAY) {
-                            batch.push(more);
-                        }
-                    }
-                    batch.extend(rx.try_iter());
-                    let applied = batch.iter().rev().find_map(|f| match f {
-                        Flush::Applied(a, _) => Some(a.clone()),
-                        Flush::Append(_) => None,
-                    });
-                    let result = durable_commit(&db, applied.as_deref());
-                    if let Err(e) = &result {
-                        tracing::error!(error = %e, "cannot make the Raft store durable");
-                    }
-                    let outcome = || {
-                        result
-                            .as_ref()
-                            .map(|_| ())
-                            .map_err(|e| io::Error::new(e.kind(), e.to_string()))
-                    };
-                    for flush in batch {
-                        match flush {
-                            Flush::Append(callback) => callback.io_completed(outcome()),
-                            Flush::Applied(_, Some(done)) => {
-                                let _ = done.send(outcome());
-                            }
-                            Flush::Applied(_, None) => {}
-                        }
-                    }
-                }
-            })?;
-        Ok(Flusher { tx })
+    /// Starts the flusher task of `db`; it ends when the last `Flusher` is dropped.
+    pub fn start(db: Arc<Database>) -> Flusher {
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(flush_batches(db, rx));
+        Flusher { tx }
     }
 
     /// Writes `applied` and returns once it (and everything before it) is on disk.
@@ -209,13 +178,54 @@ impl Flusher {
         self.send(Flush::Applied(applied, Some(done)))?;
         durable
             .await
-            .map_err(|_| io::Error::other("the fsync thread stopped"))?
+            .map_err(|_| io::Error::other("the flusher stopped"))?
     }
 
     fn send(&self, flush: Flush) -> io::Result<()> {
         self.tx
             .send(flush)
-            .map_err(|_| io::Error::other("the fsync thread stopped"))
+            .map_err(|_| io::Error::other("the flusher stopped"))
+    }
+}
+
+async fn flush_batches(db: Arc<Database>, mut rx: mpsc::UnboundedReceiver<Flush>) {
+    while let Some(first) = rx.recv().await {
+        let mut batch = vec![first];
+        if matches!(batch[0], Flush::Applied(_, None)) {
+            // Nobody waits: give the next append a moment to share the fsync.
+            if let Ok(Some(more)) = tokio::time::timeout(APPLIED_FLUSH_DELAY, rx.recv()).await {
+                batch.push(more);
+            }
+        }
+        while let Ok(more) = rx.try_recv() {
+            batch.push(more);
+        }
+        let applied = batch.iter().rev().find_map(|f| match f {
+            Flush::Applied(a, _) => Some(a.clone()),
+            Flush::Append(_) => None,
+        });
+        let db = db.clone();
+        let result = tokio::task::spawn_blocking(move || durable_commit(&db, applied.as_deref()))
+            .await
+            .unwrap_or_else(|e| Err(io::Error::other(format!("the fsync task failed: {e}"))));
+        if let Err(e) = &result {
+            tracing::error!(error = %e, "cannot make the Raft store durable");
+        }
+        let outcome = || {
+            result
+                .as_ref()
+                .map(|_| ())
+                .map_err(|e| io::Error::new(e.kind(), e.to_string()))
+        };
+        for flush in batch {
+            match flush {
+                Flush::Append(callback) => callback.io_completed(outcome()),
+                Flush::Applied(_, Some(done)) => {
+                    let _ = done.send(outcome());
+                }
+                Flush::Applied(_, None) => {}
+            }
+        }
     }
 }
 
@@ -253,7 +263,7 @@ pub fn raft_storage(
     db: Arc<Database>,
     publish: watch::Sender<Arc<Applied>>,
 ) -> io::Result<(LogStore, StateMachine)> {
-    let flusher = Flusher::start(db.clone())?;
+    let flusher = Flusher::start(db.clone());
     let sm = StateMachine::publishing_to(db.clone(), flusher.clone(), publish)?;
     Ok((LogStore::new(db, flusher), sm))
 }
@@ -270,7 +280,7 @@ impl LogStore {
         LogStore { db, flusher }
     }
 
-    /// The fsync thread this store hands its writes to.
+    /// The flusher this store hands its writes to.
     pub fn flusher(&self) -> Flusher {
         self.flusher.clone()
     }

@@ -94,15 +94,20 @@ impl Cluster {
     fn start_all(&self) -> (Vec<Raftlb>, usize) {
         let mut replicas: Vec<Raftlb> = (0..self.addrs.len()).map(|i| self.spawn(i)).collect();
         replicas.iter_mut().for_each(Raftlb::wait_ready);
+        (replicas, self.agreed_leader())
+    }
+
+    /// Waits until every replica names the same Raft leader; its index.
+    fn agreed_leader(&self) -> usize {
         let mut leader = None;
         assert!(
             eventually(Duration::from_secs(10), || {
                 leader = leader_of(self.addrs[0].admin);
-                leader.is_some()
+                leader.is_some() && self.addrs.iter().all(|a| leader_of(a.admin) == leader)
             }),
-            "no Raft leader"
+            "the replicas do not agree on a Raft leader"
         );
-        (replicas, leader.expect("leader") as usize - 1)
+        leader.expect("leader") as usize - 1
     }
 
     /// `--initial-cluster` for `raftlb snapshot restore`.
@@ -144,6 +149,14 @@ fn drained(addr: SocketAddr, backend: &str) -> Option<bool> {
         .as_bool()
 }
 
+/// How many members a replica's metrics call reachable.
+fn reachable_members(r: &Raftlb) -> usize {
+    r.metrics()
+        .lines()
+        .filter(|l| l.starts_with("raftlb_raft_member_reachable{") && l.ends_with(" 1"))
+        .count()
+}
+
 async fn backend_names(named: &[&str]) -> Vec<(String, SocketAddr)> {
     let mut out = Vec::new();
     for name in named {
@@ -162,17 +175,7 @@ async fn writes_on_a_follower_replicate_and_survive_the_leader_being_killed() {
             r.wait_ready();
         }
     });
-    let leader = blocking(|| {
-        let mut leader = None;
-        assert!(
-            eventually(Duration::from_secs(10), || {
-                leader = leader_of(cluster.addrs[0].admin);
-                leader.is_some()
-            }),
-            "no Raft leader"
-        );
-        leader.expect("leader") as usize - 1
-    });
+    let leader = blocking(|| cluster.agreed_leader());
     let follower = (leader + 1) % 3;
 
     // Drain through a follower: forwarded to the leader, applied everywhere.
@@ -198,6 +201,33 @@ async fn writes_on_a_follower_replicate_and_survive_the_leader_being_killed() {
             let name = which_backend(a.listen, None).await.expect("proxied");
             assert_eq!(name, "b2", "a drained backend got a new connection");
         }
+    }
+
+    // The Raft and config metrics say the same on every replica.
+    let version = status(cluster.addrs[leader].admin)["config_version"]
+        .as_f64()
+        .expect("config_version in status");
+    for (i, r) in replicas.iter().enumerate() {
+        let r = r.as_ref().expect("running");
+        let is_leader = if i == leader { 1.0 } else { 0.0 };
+        // The leader hears from every member; a follower knows itself and its leader.
+        let reachable = if i == leader { 3 } else { 2 };
+        assert!(
+            blocking(|| eventually(Duration::from_secs(5), || {
+                r.metric("raftlb_raft_is_leader ") == is_leader
+                    && r.metric("raftlb_raft_members ") == 3.0
+                    && r.metric("raftlb_raft_quorum ") == 2.0
+                    && reachable_members(r) == reachable
+                    && r.metric("raftlb_raft_term ") >= 1.0
+                    && r.metric("raftlb_raft_applied_index ") >= 1.0
+                    && r.metric("raftlb_raft_commit_index ") >= 1.0
+                    && r.metric("raftlb_config_version ") == version
+                    && r.metric(r#"raftlb_backend_drained{pool="web",backend="b1"}"#) == 1.0
+            })),
+            "replica {} metrics:\n{}",
+            i + 1,
+            blocking(|| r.metrics())
+        );
     }
 
     // kill -9 the leader: a new one is elected among the survivors, writes work again.
@@ -254,6 +284,14 @@ async fn writes_on_a_follower_replicate_and_survive_the_leader_being_killed() {
         })),
         "the survivor does not say it lost the quorum: {}",
         status(lone)
+    );
+    let lone_replica = replicas[last].as_ref().expect("survivor");
+    assert!(
+        blocking(|| eventually(Duration::from_secs(10), || {
+            reachable_members(lone_replica) == 1
+        })),
+        "the survivor's metrics still count the stopped replicas:\n{}",
+        blocking(|| lone_replica.metrics())
     );
     let started = Instant::now();
     let (code, body) = blocking(|| json(lone, "POST", "/api/v1/pools/web/backends/b1/drain", ""));

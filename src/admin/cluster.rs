@@ -390,7 +390,7 @@ fn member_list(node: &Node) -> Vec<Value> {
     let metrics = node.metrics();
     let membership = metrics.membership_config.membership();
     let voters: std::collections::BTreeSet<u64> = membership.voter_ids().collect();
-    let heartbeat = metrics.heartbeat.clone().unwrap_or_default();
+    let reachability = node.reachability(&metrics);
     let leader = metrics.current_leader;
     membership
         .nodes()
@@ -402,18 +402,7 @@ fn member_list(node: &Node) -> Vec<Value> {
             } else {
                 "learner"
             };
-            let reachable = if *id == node.id {
-                Value::Bool(true)
-            } else if leader == Some(node.id) {
-                Value::Bool(heartbeat.get(id).cloned().flatten().is_some_and(|at| {
-                    use openraft::Instant as _;
-                    at.elapsed() < std::time::Duration::from_secs(3)
-                }))
-            } else if Some(*id) == leader {
-                Value::Bool(node.quorum_reachable())
-            } else {
-                Value::Null
-            };
+            let reachable = reachability.get(id).copied().flatten();
             json!({"id": id, "address": n.addr, "role": role, "voter": voters.contains(id), "reachable": reachable})
         })
         .collect()

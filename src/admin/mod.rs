@@ -107,6 +107,9 @@ async fn route(state: &State, req: Request<Incoming>) -> Reply {
             }
         }
         (&Method::GET, "/metrics") => {
+            if let Some(node) = &state.cluster {
+                node.publish_metrics();
+            }
             let mut reply = Response::new(Full::new(Bytes::from(state.metrics.render())));
             reply.headers_mut().insert(
                 CONTENT_TYPE,

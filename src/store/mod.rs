@@ -42,6 +42,8 @@ const FORWARDERS: usize = 16;
 const FORWARD_IDLE: Duration = Duration::from_secs(5);
 /// Take a snapshot (and compact the log) after this many entries.
 const SNAPSHOT_EVERY: u64 = 1000;
+/// A member the leader heard from within this long counts as reachable.
+const REACHABLE_WITHIN: Duration = Duration::from_secs(3);
 
 /// What `data_dir` records about the cluster it belongs to.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -302,6 +304,65 @@ impl Node {
         self.fatal.send_replace(Some(fatal));
     }
 
+    /// Sets the Raft gauges from the current Raft metrics: called when /metrics is
+    /// scraped rather than on each of the several metric changes every write makes.
+    pub fn publish_metrics(&self) {
+        let raft = self.metrics();
+        let voters = raft.membership_config.membership().voter_ids().count();
+        metrics::gauge!(m::RAFT_TERM).set(raft.current_term as f64);
+        metrics::gauge!(m::RAFT_IS_LEADER).set(if raft.state == ServerState::Leader {
+            1.0
+        } else {
+            0.0
+        });
+        metrics::gauge!(m::RAFT_COMMIT_INDEX)
+            .set(raft.local_committed.as_ref().map_or(0, |l| l.index) as f64);
+        metrics::gauge!(m::RAFT_APPLIED_INDEX)
+            .set(raft.last_applied.as_ref().map_or(0, |l| l.index) as f64);
+        metrics::gauge!(m::RAFT_MEMBERS).set(voters as f64);
+        metrics::gauge!(m::RAFT_QUORUM).set((voters / 2 + 1) as f64);
+        for (id, reachable) in self.reachability(&raft) {
+            // NaN where this replica cannot tell (a follower only hears its leader),
+            // rather than a value left over from when it could.
+            let value = reachable.map_or(f64::NAN, |r| if r { 1.0 } else { 0.0 });
+            metrics::gauge!(m::RAFT_MEMBER_REACHABLE, "member" => id.to_string()).set(value);
+        }
+    }
+
+    /// Whether each member answered recently, as far as this replica can tell: the
+    /// leader knows every member from its heartbeats, a follower only itself and its
+    /// leader (`None`: not known here).
+    pub fn reachability(
+        &self,
+        metrics: &openraft::RaftMetrics<types::TypeConfig>,
+    ) -> BTreeMap<NodeId, Option<bool>> {
+        let leader = metrics.current_leader;
+        let heard = |id: &NodeId| {
+            metrics
+                .heartbeat
+                .as_ref()
+                .and_then(|h| h.get(id).cloned().flatten())
+                .is_some_and(|at| at.elapsed() < REACHABLE_WITHIN)
+        };
+        metrics
+            .membership_config
+            .membership()
+            .nodes()
+            .map(|(id, _)| {
+                let reachable = if *id == self.id {
+                    Some(true)
+                } else if leader == Some(self.id) {
+                    Some(heard(id))
+                } else if Some(*id) == leader {
+                    Some(self.quorum_reachable())
+                } else {
+                    None
+                };
+                (*id, reachable)
+            })
+            .collect()
+    }
+
     pub fn metrics(&self) -> openraft::RaftMetrics<types::TypeConfig> {
         self.raft().metrics().borrow_watched().clone()
     }
@@ -492,7 +553,6 @@ impl Node {
                 metrics = self.raft().metrics();
                 continue;
             }
-            publish_metrics(&raft, self.id);
             if let Some(uuid) = state.state.cluster_uuid
                 && self.identity.uuid() != Some(uuid)
             {
@@ -1025,34 +1085,5 @@ fn log_seed_difference(
             "the file's pools differ from the replicated config, which is the source of truth: \
              change pools with `raftlb ctl` or the admin API (the file only seeds a new cluster)"
         );
-    }
-}
-
-fn publish_metrics(raft: &openraft::RaftMetrics<types::TypeConfig>, me: NodeId) {
-    let voters: Vec<NodeId> = raft.membership_config.membership().voter_ids().collect();
-    let members = voters.len();
-    metrics::gauge!(m::RAFT_TERM).set(raft.current_term as f64);
-    metrics::gauge!(m::RAFT_IS_LEADER).set(if raft.state == ServerState::Leader {
-        1.0
-    } else {
-        0.0
-    });
-    metrics::gauge!(m::RAFT_COMMIT_INDEX)
-        .set(raft.local_committed.as_ref().map_or(0, |l| l.index) as f64);
-    metrics::gauge!(m::RAFT_APPLIED_INDEX)
-        .set(raft.last_applied.as_ref().map_or(0, |l| l.index) as f64);
-    metrics::gauge!(m::RAFT_MEMBERS).set(members as f64);
-    metrics::gauge!(m::RAFT_QUORUM).set((members / 2 + 1) as f64);
-    if let Some(heartbeat) = &raft.heartbeat {
-        for id in &voters {
-            let reachable = *id == me
-                || heartbeat
-                    .get(id)
-                    .cloned()
-                    .flatten()
-                    .is_some_and(|at| at.elapsed() < Duration::from_secs(3));
-            metrics::gauge!(m::RAFT_MEMBER_REACHABLE, "member" => id.to_string())
-                .set(if reachable { 1.0 } else { 0.0 });
-        }
     }
 }

@@ -159,6 +159,9 @@ enum Flush {
 #[derive(Clone)]
 pub struct Flusher {
     tx: mpsc::UnboundedSender<Flush>,
+    /// The last committed log id openraft reported (`None` until it reports one),
+    /// written with every durable commit: no write transaction of its own.
+    committed: Arc<std::sync::Mutex<Option<Option<LogId>>>>,
 }
 
 /// How long an applied state may wait for a log append to share its fsync.
@@ -168,8 +171,20 @@ impl Flusher {
     /// Starts the flusher task of `db`; it ends when the last `Flusher` is dropped.
     pub fn start(db: Arc<Database>) -> Flusher {
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(flush_batches(db, rx));
-        Flusher { tx }
+        let committed = Arc::default();
+        tokio::spawn(flush_batches(db, rx, Arc::clone(&committed)));
+        Flusher { tx, committed }
+    }
+
+    /// The committed log id last reported, if one was reported since the start.
+    fn committed(&self) -> Option<Option<LogId>> {
+        self.committed.lock().ok().and_then(|c| *c)
+    }
+
+    fn set_committed(&self, committed: Option<LogId>) {
+        if let Ok(mut c) = self.committed.lock() {
+            *c = Some(committed);
+        }
     }
 
     /// Writes `applied` and returns once it (and everything before it) is on disk.
@@ -188,7 +203,11 @@ impl Flusher {
     }
 }
 
-async fn flush_batches(db: Arc<Database>, mut rx: mpsc::UnboundedReceiver<Flush>) {
+async fn flush_batches(
+    db: Arc<Database>,
+    mut rx: mpsc::UnboundedReceiver<Flush>,
+    committed: Arc<std::sync::Mutex<Option<Option<LogId>>>>,
+) {
     while let Some(first) = rx.recv().await {
         let mut batch = vec![first];
         if matches!(batch[0], Flush::Applied(_, None)) {
@@ -204,10 +223,12 @@ async fn flush_batches(db: Arc<Database>, mut rx: mpsc::UnboundedReceiver<Flush>
             Flush::Applied(a, _) => Some(a.clone()),
             Flush::Append(_) => None,
         });
+        let committed = committed.lock().ok().and_then(|c| *c);
         let db = db.clone();
-        let result = tokio::task::spawn_blocking(move || durable_commit(&db, applied.as_deref()))
-            .await
-            .unwrap_or_else(|e| Err(io::Error::other(format!("the fsync task failed: {e}"))));
+        let result =
+            tokio::task::spawn_blocking(move || durable_commit(&db, applied.as_deref(), committed))
+                .await
+                .unwrap_or_else(|e| Err(io::Error::other(format!("the fsync task failed: {e}"))));
         if let Err(e) = &result {
             tracing::error!(error = %e, "cannot make the Raft store durable");
         }
@@ -229,11 +250,19 @@ async fn flush_batches(db: Arc<Database>, mut rx: mpsc::UnboundedReceiver<Flush>
     }
 }
 
-/// One durable (fsynced) commit, with the latest applied state if there is one:
-/// everything committed before it is on disk after it.
-fn durable_commit(db: &Database, applied: Option<&Applied>) -> io::Result<()> {
+/// One durable (fsynced) commit, with the latest applied state and committed log
+/// id if there are: everything committed before it is on disk after it.
+fn durable_commit(
+    db: &Database,
+    applied: Option<&Applied>,
+    committed: Option<Option<LogId>>,
+) -> io::Result<()> {
     let applied = applied
         .map(serde_json::to_vec)
+        .transpose()
+        .map_err(io::Error::other)?;
+    let committed = committed
+        .map(|c| serde_json::to_vec(&c))
         .transpose()
         .map_err(io::Error::other)?;
     let tx = db.begin_write().map_err(io::Error::other)?;
@@ -251,6 +280,11 @@ fn durable_commit(db: &Database, applied: Option<&Applied>) -> io::Result<()> {
         if let Some(applied) = &applied {
             table
                 .insert(APPLIED, applied.as_slice())
+                .map_err(io::Error::other)?;
+        }
+        if let Some(committed) = &committed {
+            table
+                .insert(COMMITTED, committed.as_slice())
                 .map_err(io::Error::other)?;
         }
     }
@@ -339,12 +373,19 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         put_meta(&self.db, VOTE, vote, true)
     }
 
+    /// Rides on the flusher's next durable commit. A durable redb commit persists
+    /// the appends before it, so a committed id is never on disk ahead of the log
+    /// entries this replica appended before it was reported.
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), io::Error> {
-        put_meta(&self.db, COMMITTED, &committed, false)
+        self.flusher.set_committed(committed);
+        Ok(())
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId>, io::Error> {
-        Ok(get_meta::<Option<LogId>>(&self.db, COMMITTED)?.flatten())
+        match self.flusher.committed() {
+            Some(committed) => Ok(committed),
+            None => Ok(get_meta::<Option<LogId>>(&self.db, COMMITTED)?.flatten()),
+        }
     }
 
     async fn append<I>(

@@ -42,8 +42,27 @@ pub async fn echo_once<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
     Ok(back)
 }
 
-/// A loopback port that was free a moment ago.
+/// A loopback port that was free a moment ago. Taken below the kernel's ephemeral
+/// range, so an outgoing connection (a peer dialling, a health check) cannot grab it
+/// before the process under test binds it, and never the same one twice in a binary.
 pub fn free_port() -> u16 {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    const LOW: u32 = 10_000;
+    let ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32_768);
+    if ephemeral > LOW + 1_000 {
+        let span = ephemeral - LOW;
+        let start = std::process::id().wrapping_mul(7_919) % span;
+        for _ in 0..span {
+            let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let port = (LOW + (start + n) % span) as u16;
+            if StdListener::bind(("127.0.0.1", port)).is_ok() {
+                return port;
+            }
+        }
+    }
     StdListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())

@@ -6,7 +6,8 @@ use std::fmt::Debug;
 use std::io::{self, Cursor};
 use std::ops::{Bound, RangeBounds};
 use std::path::Path;
-use std::sync::Arc;
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Instant;
 
 use futures_util::{Stream, TryStreamExt};
@@ -135,62 +136,85 @@ pub fn is_empty(db: &Database) -> io::Result<bool> {
         && meta.get(APPLIED).map_err(io::Error::other)?.is_none())
 }
 
-/// What the flusher is asked to make durable.
+type Done = tokio::sync::oneshot::Sender<io::Result<()>>;
+
+/// What the flusher is asked to write, in the order it was asked.
 enum Flush {
-    /// Appended log entries: tell openraft once they are on disk.
-    Append(IOFlushed<TypeConfig>),
+    /// Appended log entries (readable from the pending view meanwhile): openraft is
+    /// told once they are on disk.
+    Append(Vec<Entry>, IOFlushed<TypeConfig>),
+    /// Deletes the log from this index on (a follower's conflicting suffix).
+    Truncate(u64, Done),
+    /// Deletes the log up to this id (it is in a snapshot now).
+    Purge(LogId, Done),
     /// An applied state, written and made durable soon; told when, if anyone waits.
-    Applied(
-        Arc<Applied>,
-        Option<tokio::sync::oneshot::Sender<io::Result<()>>>,
-    ),
+    Applied(Arc<Applied>, Option<Done>),
 }
 
-/// Group commit: log appends and applied states are committed to redb without an
-/// fsync on the Raft task, then made durable by the flusher, many at a time.
-/// openraft counts an entry towards the quorum only once its callback ran, so the
-/// leader's fsync overlaps the followers' instead of preceding it. A durable redb
-/// commit persists every non-durable one before it, in order, so an applied state
-/// is never on disk without the log entries it came from.
+/// Group commit, write-behind: every change to the store that is on a write's path
+/// (log appends, truncation and purge, the applied state, the committed log id) is
+/// written by the flusher, many at a time, in one durable (fsynced) redb transaction.
+/// Appended entries are readable at once from an in-memory pending view until that
+/// transaction has them. openraft counts an entry towards the quorum only once its
+/// callback ran, so the leader's fsync overlaps the followers' instead of preceding
+/// it. Truncate and purge wait for their transaction, so the log in redb and the
+/// pending view never disagree about an index, and changes land in the order made:
+/// an applied state is never on disk without the log entries it came from.
 ///
-/// The flusher is a task that gathers a batch and runs its fsync on tokio's
+/// The flusher is a task that gathers a batch and runs its transaction on tokio's
 /// blocking pool: while that runs, a paused test clock does not jump ahead, so
 /// simulated time still sees a disk write as taking no time.
 #[derive(Clone)]
 pub struct Flusher {
     tx: mpsc::UnboundedSender<Flush>,
+    shared: Arc<Shared>,
+}
+
+#[derive(Default)]
+struct Shared {
+    /// Appended entries no transaction has written yet, by index: always a suffix
+    /// of the log after the last entry in redb.
+    pending: Mutex<BTreeMap<u64, Entry>>,
     /// The last committed log id openraft reported (`None` until it reports one),
     /// written with every durable commit: no write transaction of its own.
-    committed: Arc<std::sync::Mutex<Option<Option<LogId>>>>,
+    committed: Mutex<Option<Option<LogId>>>,
 }
 
 /// How long an applied state may wait for a log append to share its fsync.
 const APPLIED_FLUSH_DELAY: std::time::Duration = std::time::Duration::from_millis(5);
 
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Nothing leaves these maps half-changed, so a panicked holder left them usable.
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
 impl Flusher {
     /// Starts the flusher task of `db`; it ends when the last `Flusher` is dropped.
     pub fn start(db: Arc<Database>) -> Flusher {
         let (tx, rx) = mpsc::unbounded_channel();
-        let committed = Arc::default();
-        tokio::spawn(flush_batches(db, rx, Arc::clone(&committed)));
-        Flusher { tx, committed }
+        let shared = Arc::<Shared>::default();
+        tokio::spawn(flush_batches(db, rx, Arc::clone(&shared)));
+        Flusher { tx, shared }
     }
 
     /// The committed log id last reported, if one was reported since the start.
     fn committed(&self) -> Option<Option<LogId>> {
-        self.committed.lock().ok().and_then(|c| *c)
+        *lock(&self.shared.committed)
     }
 
     fn set_committed(&self, committed: Option<LogId>) {
-        if let Ok(mut c) = self.committed.lock() {
-            *c = Some(committed);
-        }
+        *lock(&self.shared.committed) = Some(committed);
     }
 
     /// Writes `applied` and returns once it (and everything before it) is on disk.
     pub async fn durably(&self, applied: Arc<Applied>) -> io::Result<()> {
+        self.wait(|done| Flush::Applied(applied, Some(done))).await
+    }
+
+    /// Sends a change and waits until the transaction that made it is on disk.
+    async fn wait(&self, flush: impl FnOnce(Done) -> Flush) -> io::Result<()> {
         let (done, durable) = tokio::sync::oneshot::channel();
-        self.send(Flush::Applied(applied, Some(done)))?;
+        self.send(flush(done))?;
         durable
             .await
             .map_err(|_| io::Error::other("the flusher stopped"))?
@@ -203,10 +227,17 @@ impl Flusher {
     }
 }
 
+/// A change as the write transaction makes it.
+enum Change {
+    Entries(Vec<Entry>),
+    Truncate(u64),
+    Purge(LogId),
+}
+
 async fn flush_batches(
     db: Arc<Database>,
     mut rx: mpsc::UnboundedReceiver<Flush>,
-    committed: Arc<std::sync::Mutex<Option<Option<LogId>>>>,
+    shared: Arc<Shared>,
 ) {
     while let Some(first) = rx.recv().await {
         let mut batch = vec![first];
@@ -219,18 +250,47 @@ async fn flush_batches(
         while let Ok(more) = rx.try_recv() {
             batch.push(more);
         }
-        let applied = batch.iter().rev().find_map(|f| match f {
-            Flush::Applied(a, _) => Some(a.clone()),
-            Flush::Append(_) => None,
-        });
-        let committed = committed.lock().ok().and_then(|c| *c);
+        let mut changes = Vec::new();
+        let mut applied = None;
+        let mut written = Vec::new();
+        let mut waiting = Vec::new();
+        let mut callbacks = Vec::new();
+        for flush in batch {
+            match flush {
+                Flush::Append(entries, callback) => {
+                    written.extend(entries.iter().map(|e| e.index()));
+                    changes.push(Change::Entries(entries));
+                    callbacks.push(callback);
+                }
+                Flush::Truncate(from, done) => {
+                    changes.push(Change::Truncate(from));
+                    waiting.push(done);
+                }
+                Flush::Purge(upto, done) => {
+                    changes.push(Change::Purge(upto));
+                    waiting.push(done);
+                }
+                Flush::Applied(a, done) => {
+                    applied = Some(a);
+                    waiting.extend(done);
+                }
+            }
+        }
+        let committed = *lock(&shared.committed);
         let db = db.clone();
-        let result =
-            tokio::task::spawn_blocking(move || durable_commit(&db, applied.as_deref(), committed))
-                .await
-                .unwrap_or_else(|e| Err(io::Error::other(format!("the fsync task failed: {e}"))));
-        if let Err(e) = &result {
-            tracing::error!(error = %e, "cannot make the Raft store durable");
+        let result = tokio::task::spawn_blocking(move || {
+            durable_commit(&db, &changes, applied.as_deref(), committed)
+        })
+        .await
+        .unwrap_or_else(|e| Err(io::Error::other(format!("the fsync task failed: {e}"))));
+        match &result {
+            Ok(()) => {
+                let mut pending = lock(&shared.pending);
+                for index in written {
+                    pending.remove(&index);
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "cannot make the Raft store durable"),
         }
         let outcome = || {
             result
@@ -238,53 +298,65 @@ async fn flush_batches(
                 .map(|_| ())
                 .map_err(|e| io::Error::new(e.kind(), e.to_string()))
         };
-        for flush in batch {
-            match flush {
-                Flush::Append(callback) => callback.io_completed(outcome()),
-                Flush::Applied(_, Some(done)) => {
-                    let _ = done.send(outcome());
-                }
-                Flush::Applied(_, None) => {}
-            }
+        for callback in callbacks {
+            callback.io_completed(outcome());
+        }
+        for done in waiting {
+            let _ = done.send(outcome());
         }
     }
 }
 
-/// One durable (fsynced) commit, with the latest applied state and committed log
-/// id if there are: everything committed before it is on disk after it.
+fn json<T: Serialize>(value: &T) -> io::Result<Vec<u8>> {
+    serde_json::to_vec(value).map_err(io::Error::other)
+}
+
+/// One durable (fsynced) transaction making `changes` in order, with the latest
+/// applied state and committed log id if there are.
 fn durable_commit(
     db: &Database,
+    changes: &[Change],
     applied: Option<&Applied>,
     committed: Option<Option<LogId>>,
 ) -> io::Result<()> {
-    let applied = applied
-        .map(serde_json::to_vec)
-        .transpose()
-        .map_err(io::Error::other)?;
-    let committed = committed
-        .map(|c| serde_json::to_vec(&c))
-        .transpose()
-        .map_err(io::Error::other)?;
     let tx = db.begin_write().map_err(io::Error::other)?;
     {
-        // A commit that changes something, so redb writes and syncs a new root.
-        let mut table = tx.open_table(META).map_err(io::Error::other)?;
-        let n = table
+        let mut log = tx.open_table(LOG).map_err(io::Error::other)?;
+        let mut meta = tx.open_table(META).map_err(io::Error::other)?;
+        for change in changes {
+            match change {
+                Change::Entries(entries) => {
+                    for entry in entries {
+                        log.insert(entry.index(), json(entry)?.as_slice())
+                            .map_err(io::Error::other)?;
+                    }
+                }
+                Change::Truncate(from) => {
+                    log.retain_in(*from.., |_, _| false)
+                        .map_err(io::Error::other)?;
+                }
+                Change::Purge(upto) => {
+                    meta.insert(PURGED, json(upto)?.as_slice())
+                        .map_err(io::Error::other)?;
+                    log.retain_in(..=upto.index(), |_, _| false)
+                        .map_err(io::Error::other)?;
+                }
+            }
+        }
+        // A transaction that changes something, so redb writes and syncs a new root.
+        let n = meta
             .get(FLUSHES)
             .map_err(io::Error::other)?
             .and_then(|v| v.value().try_into().ok().map(u64::from_le_bytes))
             .unwrap_or(0);
-        table
-            .insert(FLUSHES, n.wrapping_add(1).to_le_bytes().as_slice())
+        meta.insert(FLUSHES, n.wrapping_add(1).to_le_bytes().as_slice())
             .map_err(io::Error::other)?;
-        if let Some(applied) = &applied {
-            table
-                .insert(APPLIED, applied.as_slice())
+        if let Some(applied) = applied {
+            meta.insert(APPLIED, json(applied)?.as_slice())
                 .map_err(io::Error::other)?;
         }
-        if let Some(committed) = &committed {
-            table
-                .insert(COMMITTED, committed.as_slice())
+        if let Some(committed) = committed {
+            meta.insert(COMMITTED, json(&committed)?.as_slice())
                 .map_err(io::Error::other)?;
         }
     }
@@ -330,17 +402,24 @@ impl RaftLogReader<TypeConfig> for LogStore {
             Bound::Excluded(i) => i.saturating_add(1),
             Bound::Unbounded => 0,
         };
-        let tx = self.db.begin_read().map_err(io::Error::other)?;
+        let (mut entries, tx) = self.view(|pending| {
+            pending
+                .range(range.clone())
+                .map(|(i, e)| (*i, e.clone()))
+                .collect::<BTreeMap<u64, Entry>>()
+        })?;
         let table = tx.open_table(LOG).map_err(io::Error::other)?;
-        let mut entries = Vec::new();
         for item in table.range(start..).map_err(io::Error::other)? {
             let (index, bytes) = item.map_err(io::Error::other)?;
-            if !range.contains(&index.value()) {
+            let index = index.value();
+            if !range.contains(&index) {
                 break;
             }
-            entries.push(decode(bytes.value())?);
+            if let std::collections::btree_map::Entry::Vacant(slot) = entries.entry(index) {
+                slot.insert(decode(bytes.value())?);
+            }
         }
-        Ok(entries)
+        Ok(entries.into_values().collect())
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote>, io::Error> {
@@ -352,12 +431,17 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     type LogReader = Self;
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, io::Error> {
-        let last_purged: Option<LogId> = get_meta(&self.db, PURGED)?;
-        let tx = self.db.begin_read().map_err(io::Error::other)?;
+        let (pending_last, tx) = self.view(|pending| pending.values().last().map(|e| e.log_id()))?;
+        let table = tx.open_table(META).map_err(io::Error::other)?;
+        let last_purged: Option<LogId> = match table.get(PURGED).map_err(io::Error::other)? {
+            Some(bytes) => Some(decode(bytes.value())?),
+            None => None,
+        };
         let table = tx.open_table(LOG).map_err(io::Error::other)?;
-        let last = match table.last().map_err(io::Error::other)? {
-            Some((_, bytes)) => Some(decode::<Entry>(bytes.value())?.log_id()),
-            None => last_purged,
+        let last = match (pending_last, table.last().map_err(io::Error::other)?) {
+            (Some(last), _) => Some(last),
+            (None, Some((_, bytes))) => Some(decode::<Entry>(bytes.value())?.log_id()),
+            (None, None) => last_purged,
         };
         Ok(LogState {
             last_purged_log_id: last_purged,
@@ -397,57 +481,38 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let mut encoded = Vec::new();
-        for entry in entries {
-            encoded.push((
-                entry.index(),
-                serde_json::to_vec(&entry).map_err(io::Error::other)?,
-            ));
-        }
-        // Entries must be readable as soon as append returns: committed here without
-        // an fsync; the flusher makes them durable and then calls back.
-        let write = || -> io::Result<()> {
-            let mut tx = self.db.begin_write().map_err(io::Error::other)?;
-            tx.set_durability(Durability::None)
-                .map_err(io::Error::other)?;
-            {
-                let mut table = tx.open_table(LOG).map_err(io::Error::other)?;
-                for (index, bytes) in &encoded {
-                    table
-                        .insert(index, bytes.as_slice())
-                        .map_err(io::Error::other)?;
-                }
-            }
-            tx.commit().map_err(io::Error::other)
-        };
-        if let Err(e) = write() {
-            callback.io_completed(Err(io::Error::new(e.kind(), e.to_string())));
-            return Err(e);
-        }
-        self.flusher.send(Flush::Append(callback))
+        // Readable as soon as append returns; the flusher writes them, makes them
+        // durable and then calls back.
+        let entries: Vec<Entry> = entries.into_iter().collect();
+        lock(&self.flusher.shared.pending).extend(entries.iter().map(|e| (e.index(), e.clone())));
+        self.flusher.send(Flush::Append(entries, callback))
     }
 
     async fn truncate_after(&mut self, last_log_id: Option<LogId>) -> Result<(), io::Error> {
         let from = last_log_id.map_or(0, |id| id.index() + 1);
-        self.remove_range(from..)
+        lock(&self.flusher.shared.pending).retain(|i, _| *i < from);
+        self.flusher.wait(|done| Flush::Truncate(from, done)).await
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), io::Error> {
-        put_meta(&self.db, PURGED, &log_id, true)?;
-        self.remove_range(..=log_id.index())
+        lock(&self.flusher.shared.pending).retain(|i, _| *i > log_id.index());
+        self.flusher.wait(|done| Flush::Purge(log_id, done)).await
     }
 }
 
 impl LogStore {
-    fn remove_range(&self, range: impl RangeBounds<u64>) -> io::Result<()> {
-        let tx = self.db.begin_write().map_err(io::Error::other)?;
-        {
-            let mut table = tx.open_table(LOG).map_err(io::Error::other)?;
-            table
-                .retain_in(range, |_, _| false)
-                .map_err(io::Error::other)?;
-        }
-        tx.commit().map_err(io::Error::other)
+    /// The pending entries `f` picks and a read transaction, taken together: the
+    /// flusher drops entries from the pending view only after its transaction
+    /// committed, so between them they hold every appended entry.
+    fn view<T>(
+        &self,
+        f: impl FnOnce(&BTreeMap<u64, Entry>) -> T,
+    ) -> io::Result<(T, redb::ReadTransaction)> {
+        let pending = lock(&self.flusher.shared.pending);
+        let picked = f(&pending);
+        let tx = self.db.begin_read().map_err(io::Error::other)?;
+        drop(pending);
+        Ok((picked, tx))
     }
 }
 

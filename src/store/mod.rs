@@ -174,7 +174,7 @@ impl Node {
                     node_id: id,
                     uuid: None,
                 };
-                storage::put_meta(&db, storage::IDENTITY, &r, true).map_err(read)?;
+                storage::put_meta(&db, storage::IDENTITY, &r).map_err(read)?;
                 None
             }
         };
@@ -563,7 +563,7 @@ impl Node {
                     uuid: Some(uuid),
                 };
                 let recorded = match self.db() {
-                    Some(db) => storage::put_meta(&db, storage::IDENTITY, &r, true),
+                    Some(db) => storage::put_meta(&db, storage::IDENTITY, &r),
                     None => Err(io::Error::other("the store is being rebuilt")),
                 };
                 if let Err(e) = recorded {
@@ -648,7 +648,7 @@ impl Node {
             // The old instance's last tasks may hold the file for a moment.
             let attempt = async {
                 let db = storage::open(&self.data_dir).map_err(|e| e.to_string())?;
-                storage::put_meta(&db, storage::PROBE, &std::process::id(), true)
+                storage::put_meta(&db, storage::PROBE, &std::process::id())
                     .map_err(|e| format!("data_dir is not writable yet: {e}"))?;
                 let opened =
                     open_raft(self.id, &self.raft_config, &self.net, &db, &self.publish).await?;
@@ -681,7 +681,7 @@ impl Node {
     /// this data_dir, and stop.
     async fn removed(&self, why: &str) {
         if let Some(db) = self.db() {
-            let _ = storage::put_meta(&db, storage::REMOVED, &why.to_string(), true);
+            let _ = storage::put_meta(&db, storage::REMOVED, &why.to_string());
         }
         self.die(config_error(format!(
             "node {} was removed from the cluster ({why}); stopping. It refuses to start again on this data_dir",

@@ -2,11 +2,11 @@
 //! storage v2 traits). The state machine is persisted after every applied batch, so a
 //! restarted replica serves its last applied config before it reaches a quorum.
 
+use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::io::{self, Cursor};
 use std::ops::{Bound, RangeBounds};
 use std::path::Path;
-use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Instant;
 
@@ -17,7 +17,7 @@ use openraft::storage::{
     RaftStateMachine,
 };
 use openraft::{EntryPayload, OptionalSend};
-use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
@@ -70,19 +70,10 @@ pub fn get_meta<T: DeserializeOwned>(db: &Database, key: &str) -> io::Result<Opt
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("{key}: {e}")))
 }
 
-/// Writes one meta key; `durable` waits for the disk.
-pub fn put_meta<T: Serialize>(
-    db: &Database,
-    key: &str,
-    value: &T,
-    durable: bool,
-) -> io::Result<()> {
-    let bytes = serde_json::to_vec(value).map_err(io::Error::other)?;
-    let mut tx = db.begin_write().map_err(io::Error::other)?;
-    if !durable {
-        tx.set_durability(Durability::None)
-            .map_err(io::Error::other)?;
-    }
+/// Writes one meta key, durably.
+pub fn put_meta<T: Serialize>(db: &Database, key: &str, value: &T) -> io::Result<()> {
+    let bytes = json(value)?;
+    let tx = db.begin_write().map_err(io::Error::other)?;
     {
         let mut table = tx.open_table(META).map_err(io::Error::other)?;
         table
@@ -431,7 +422,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     type LogReader = Self;
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, io::Error> {
-        let (pending_last, tx) = self.view(|pending| pending.values().last().map(|e| e.log_id()))?;
+        let (pending_last, tx) =
+            self.view(|pending| pending.values().last().map(|e| e.log_id()))?;
         let table = tx.open_table(META).map_err(io::Error::other)?;
         let last_purged: Option<LogId> = match table.get(PURGED).map_err(io::Error::other)? {
             Some(bytes) => Some(decode(bytes.value())?),
@@ -454,7 +446,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_vote(&mut self, vote: &Vote) -> Result<(), io::Error> {
-        put_meta(&self.db, VOTE, vote, true)
+        put_meta(&self.db, VOTE, vote)
     }
 
     /// Rides on the flusher's next durable commit. A durable redb commit persists
@@ -601,7 +593,7 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
             meta: meta.clone(),
             data: data.clone(),
         };
-        put_meta(&self.db, SNAPSHOT, &stored, true)?;
+        put_meta(&self.db, SNAPSHOT, &stored)?;
         Ok(Snapshot {
             meta,
             snapshot: Cursor::new(data),
@@ -669,7 +661,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             meta: meta.clone(),
             data,
         };
-        put_meta(&self.db, SNAPSHOT, &stored, true)?;
+        put_meta(&self.db, SNAPSHOT, &stored)?;
         self.applied = Applied {
             last_applied: meta.last_log_id,
             membership: meta.last_membership.clone(),

@@ -41,8 +41,6 @@ pub const IDENTITY: &str = "identity";
 pub const REMOVED: &str = "removed";
 /// Written to check that a rebuilt store takes writes.
 pub const PROBE: &str = "probe";
-/// A counter the flusher bumps, so each durable commit changes the file.
-const FLUSHES: &str = "flushes";
 
 /// The file under `data_dir`.
 pub const FILE: &str = "raftlb.redb";
@@ -303,7 +301,8 @@ fn json<T: Serialize>(value: &T) -> io::Result<Vec<u8>> {
 }
 
 /// One durable (fsynced) transaction making `changes` in order, with the latest
-/// applied state and committed log id if there are.
+/// applied state and committed log id if there are. Every batch changes
+/// something (each message is a change), so redb always writes a new root.
 fn durable_commit(
     db: &Database,
     changes: &[Change],
@@ -334,14 +333,6 @@ fn durable_commit(
                 }
             }
         }
-        // A transaction that changes something, so redb writes and syncs a new root.
-        let n = meta
-            .get(FLUSHES)
-            .map_err(io::Error::other)?
-            .and_then(|v| v.value().try_into().ok().map(u64::from_le_bytes))
-            .unwrap_or(0);
-        meta.insert(FLUSHES, n.wrapping_add(1).to_le_bytes().as_slice())
-            .map_err(io::Error::other)?;
         if let Some(applied) = applied {
             meta.insert(APPLIED, json(applied)?.as_slice())
                 .map_err(io::Error::other)?;

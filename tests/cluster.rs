@@ -89,23 +89,50 @@ impl Cluster {
         Raftlb::spawn(&self.yaml(i, "new"), self.addrs[i].admin)
     }
 
+    /// Replica `i` of a cluster formed without the last replica (which is added later).
+    fn spawn_without_last(&self, i: usize) -> Raftlb {
+        let last = self.addrs.len();
+        let yaml = self
+            .yaml(i, "new")
+            .replace(&format!(", {last}: {}", self.addrs[last - 1].peer), "");
+        Raftlb::spawn(&yaml, self.addrs[i].admin)
+    }
+
+    /// How many voters `ctl members` on replica `i` lists.
+    fn voters_seen_by(&self, i: usize) -> usize {
+        let (_, out, _) = ctl(self.addrs[i].admin, &["-o", "json", "members"]);
+        let v: Value = serde_json::from_str(&out).unwrap_or(Value::Null);
+        v["members"]
+            .as_array()
+            .map_or(0, |m| m.iter().filter(|m| m["voter"] == true).count())
+    }
+
     /// Starts every replica and waits until they serve and agree on a leader; the
     /// leader's index.
     fn start_all(&self) -> (Vec<Raftlb>, usize) {
         let mut replicas: Vec<Raftlb> = (0..self.addrs.len()).map(|i| self.spawn(i)).collect();
         replicas.iter_mut().for_each(Raftlb::wait_ready);
-        (replicas, self.agreed_leader())
+        (replicas, self.agreed_leader(self.addrs.len()))
     }
 
-    /// Waits until every replica names the same Raft leader; its index.
-    fn agreed_leader(&self) -> usize {
+    /// Waits until the first `running` replicas name the same Raft leader and it has
+    /// heard from a quorum (until then a write is refused with 503, correctly); its
+    /// index.
+    fn agreed_leader(&self, running: usize) -> usize {
         let mut leader = None;
         assert!(
             eventually(Duration::from_secs(10), || {
                 leader = leader_of(self.addrs[0].admin);
-                leader.is_some() && self.addrs.iter().all(|a| leader_of(a.admin) == leader)
+                leader.is_some_and(|l| {
+                    self.addrs[..running]
+                        .iter()
+                        .all(|a| leader_of(a.admin) == Some(l))
+                        && self.addrs.get(l as usize - 1).is_some_and(|a| {
+                            status(a.admin)["cluster"]["quorum_reachable"] == Value::Bool(true)
+                        })
+                })
             }),
-            "the replicas do not agree on a Raft leader"
+            "the replicas do not agree on a Raft leader that has a quorum"
         );
         leader.expect("leader") as usize - 1
     }
@@ -175,7 +202,7 @@ async fn writes_on_a_follower_replicate_and_survive_the_leader_being_killed() {
             r.wait_ready();
         }
     });
-    let leader = blocking(|| cluster.agreed_leader());
+    let leader = blocking(|| cluster.agreed_leader(3));
     let follower = (leader + 1) % 3;
 
     // Drain through a follower: forwarded to the leader, applied everywhere.
@@ -446,14 +473,9 @@ async fn ctl_adds_promotes_and_removes_a_member_and_applies_config() {
     raise_nofile();
     let cluster = Cluster::new(4, backend_names(&["b1", "b2"]).await);
     // Nodes 1-3 form the cluster; node 4 joins later with initial_state: existing.
-    let three = |i: usize| {
-        let yaml = cluster
-            .yaml(i, "new")
-            .replace(&format!(", 4: {}", cluster.addrs[3].peer), "");
-        Raftlb::spawn(&yaml, cluster.addrs[i].admin)
-    };
-    let mut replicas: Vec<Raftlb> = (0..3).map(three).collect();
+    let mut replicas: Vec<Raftlb> = (0..3).map(|i| cluster.spawn_without_last(i)).collect();
     blocking(|| replicas.iter_mut().for_each(Raftlb::wait_ready));
+    blocking(|| cluster.agreed_leader(3));
     let admin = cluster.addrs[1].admin;
 
     let peer4 = cluster.addrs[3].peer.to_string();
@@ -462,13 +484,7 @@ async fn ctl_adds_promotes_and_removes_a_member_and_applies_config() {
     let mut fourth = Raftlb::spawn(&cluster.yaml(3, "existing"), cluster.addrs[3].admin);
     blocking(|| fourth.wait_ready());
     assert!(
-        blocking(|| eventually(Duration::from_secs(20), || {
-            let (_, out, _) = ctl(admin, &["-o", "json", "members"]);
-            let v: Value = serde_json::from_str(&out).unwrap_or(Value::Null);
-            v["members"]
-                .as_array()
-                .is_some_and(|m| m.iter().filter(|m| m["voter"] == true).count() == 4)
-        })),
+        blocking(|| eventually(Duration::from_secs(20), || cluster.voters_seen_by(1) == 4)),
         "node 4 was not promoted:\n{}",
         fourth.log()
     );
@@ -513,6 +529,55 @@ async fn ctl_adds_promotes_and_removes_a_member_and_applies_config() {
     let mut again = Raftlb::spawn(&cluster.yaml(3, "existing"), cluster.addrs[3].admin);
     let exit = blocking(|| again.wait_exit(Duration::from_secs(20)));
     assert_eq!(exit.and_then(|s| s.code()), Some(2), "{}", again.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_learner_added_before_a_leader_change_is_promoted_by_the_next_leader() {
+    raise_nofile();
+    let cluster = Cluster::new(4, backend_names(&["b1"]).await);
+    let mut replicas: Vec<Option<Raftlb>> = (0..3)
+        .map(|i| Some(cluster.spawn_without_last(i)))
+        .collect();
+    blocking(|| {
+        for r in replicas.iter_mut().flatten() {
+            r.wait_ready();
+        }
+    });
+    let leader = blocking(|| cluster.agreed_leader(3));
+
+    // Node 4 is added but not started, so it cannot catch up under this leader...
+    let peer4 = cluster.addrs[3].peer.to_string();
+    let (code, out, err) =
+        blocking(|| ctl(cluster.addrs[leader].admin, &["member", "add", "4", &peer4]));
+    assert_eq!(code, 0, "member add: {out}{err}");
+    // ...which dies first.
+    let mut killed = replicas[leader].take().expect("leader process");
+    blocking(|| {
+        killed.signal("KILL");
+        killed.wait_exit(Duration::from_secs(5));
+    });
+    let survivor = (leader + 1) % 3;
+    assert!(
+        blocking(|| eventually(Duration::from_secs(10), || {
+            leader_of(cluster.addrs[survivor].admin).is_some_and(|l| l as usize - 1 != leader)
+        })),
+        "no new leader after the kill"
+    );
+    let mut back = cluster.spawn_without_last(leader);
+    blocking(|| back.wait_ready());
+    replicas[leader] = Some(back);
+
+    // The next leader promotes node 4 once it has caught up.
+    let mut fourth = Raftlb::spawn(&cluster.yaml(3, "existing"), cluster.addrs[3].admin);
+    blocking(|| fourth.wait_ready());
+    assert!(
+        blocking(
+            || eventually(Duration::from_secs(20), || cluster.voters_seen_by(survivor)
+                == 4)
+        ),
+        "node 4 was not promoted by the next leader:\n{}",
+        fourth.log()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

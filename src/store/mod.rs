@@ -542,6 +542,7 @@ impl Node {
         let mut compared_seed = false;
         let mut was_member = false;
         let mut initializing: Option<tokio::task::JoinHandle<()>> = None;
+        let mut promoting: Option<tokio::task::JoinHandle<()>> = None;
         loop {
             let state = applied.borrow_and_update().clone();
             let raft = metrics.borrow_and_update().clone();
@@ -586,6 +587,27 @@ impl Node {
                     };
                     if let Err(e) = this.write(init).await {
                         tracing::warn!(error = %e, "cannot commit the cluster identity yet");
+                    }
+                }));
+            }
+            let promotion_in_flight = promoting.as_ref().is_some_and(|t| !t.is_finished());
+            if leader
+                && !promotion_in_flight
+                && let Some(id) = caught_up_learner(&raft, &state.state.promote)
+            {
+                let raft = self.raft();
+                promoting = Some(tokio::spawn(async move {
+                    let voter = ChangeMembers::AddVoterIds(BTreeSet::from([id]));
+                    match tokio::time::timeout(WRITE_TIMEOUT, raft.change_membership(voter, false))
+                        .await
+                    {
+                        Ok(Ok(_)) => {
+                            tracing::info!(node_id = id, "learner caught up: promoted to voter")
+                        }
+                        Ok(Err(e)) => {
+                            tracing::warn!(node_id = id, error = %e, "cannot promote the learner yet")
+                        }
+                        Err(_) => tracing::warn!(node_id = id, "promoting the learner timed out"),
                     }
                 }));
             }
@@ -837,7 +859,17 @@ impl Node {
                         .await,
                 );
                 if !learner && matches!(added, WriteReply::Done(_)) {
-                    tokio::spawn(promote_when_caught_up(self.raft().clone(), id));
+                    let later = tokio::time::timeout(
+                        WRITE_TIMEOUT,
+                        self.raft().client_write(Command::PromoteLater { node: id }),
+                    )
+                    .await;
+                    if !matches!(later, Ok(Ok(_))) {
+                        tracing::warn!(
+                            node_id = id,
+                            "added as a learner, but its promotion could not be recorded; promote it with `raftlb ctl member promote {id}`"
+                        );
+                    }
                 }
                 added
             }
@@ -996,35 +1028,23 @@ async fn open_raft(
     Ok((raft, flusher))
 }
 
-/// Promotes a learner to voter once it has caught up with the leader's log.
-async fn promote_when_caught_up(raft: Raft, id: NodeId) {
-    for _ in 0..600 {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        let metrics = raft.metrics().borrow_watched().clone();
-        if metrics.state != ServerState::Leader {
-            return;
-        }
-        let last = metrics.last_log_index.unwrap_or(0);
-        let matched = metrics
+/// A learner waiting to be promoted whose log is within a few entries of the
+/// leader's (as this leader's replication metrics see it).
+fn caught_up_learner(
+    raft: &openraft::RaftMetrics<types::TypeConfig>,
+    waiting: &BTreeSet<NodeId>,
+) -> Option<NodeId> {
+    let membership = raft.membership_config.membership();
+    let last = raft.last_log_index.unwrap_or(0);
+    waiting.iter().copied().find(|id| {
+        let learner = membership.learner_ids().any(|l| l == *id);
+        let matched = raft
             .replication
             .as_ref()
-            .and_then(|r| r.get(&id).cloned().flatten())
+            .and_then(|r| r.get(id).cloned().flatten())
             .map_or(0, |l| l.index);
-        if matched + 10 >= last && matched > 0 {
-            match raft
-                .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false)
-                .await
-            {
-                Ok(_) => tracing::info!(node_id = id, "learner caught up: promoted to voter"),
-                Err(e) => tracing::warn!(node_id = id, error = %e, "cannot promote the learner"),
-            }
-            return;
-        }
-    }
-    tracing::warn!(
-        node_id = id,
-        "learner did not catch up within a minute; promote it with `raftlb ctl member promote {id}`"
-    );
+        learner && matched > 0 && matched + 10 >= last
+    })
 }
 
 type Proposal<E> = Result<

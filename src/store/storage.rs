@@ -615,6 +615,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     Some(self.applied.state.apply(command))
                 }
                 EntryPayload::Membership(membership) => {
+                    self.applied.state.membership_changed(
+                        &membership.voter_ids().collect(),
+                        &membership.learner_ids().collect(),
+                    );
                     self.applied.membership = StoredMembership::new(Some(entry.log_id), membership);
                     None
                 }

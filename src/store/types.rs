@@ -65,6 +65,11 @@ pub enum Command {
     Joined {
         node: NodeId,
     },
+    /// A learner added to become a voter: whichever replica leads promotes it once
+    /// it has caught up (so a leader change while it catches up does not strand it).
+    PromoteLater {
+        node: NodeId,
+    },
     /// Compare-and-set on a generic record (the leader-election lease). `expect` is the
     /// record's version, 0 for "absent"; `value: None` deletes it.
     Cas {
@@ -96,6 +101,7 @@ impl fmt::Display for Command {
                 weight,
             } => write!(f, "weight={weight} {pool}/{backend}"),
             Command::Joined { node } => write!(f, "node {node} joined"),
+            Command::PromoteLater { node } => write!(f, "promote node {node} once caught up"),
             Command::Cas { key, expect, .. } => write!(f, "cas {key} at {expect}"),
         }
     }
@@ -138,9 +144,18 @@ pub struct Replicated {
     pub pools: BTreeMap<String, schema::Pool>,
     pub joined: BTreeSet<NodeId>,
     pub records: BTreeMap<String, Record>,
+    /// Learners the leader promotes to voters once they have caught up.
+    #[serde(default)]
+    pub promote: BTreeSet<NodeId>,
 }
 
 impl Replicated {
+    /// After a membership change: only learners still wait to be promoted.
+    pub fn membership_changed(&mut self, voters: &BTreeSet<NodeId>, learners: &BTreeSet<NodeId>) {
+        self.promote
+            .retain(|id| learners.contains(id) && !voters.contains(id));
+    }
+
     /// Applies one command; deterministic, so every replica ends in the same state.
     pub fn apply(&mut self, command: Command) -> Outcome {
         match command {
@@ -212,6 +227,12 @@ impl Replicated {
             } => self.change_backend(&pool, &backend, |b| b.weight.value = weight),
             Command::Joined { node } => {
                 self.joined.insert(node);
+                Outcome::Applied {
+                    config_version: self.config_version,
+                }
+            }
+            Command::PromoteLater { node } => {
+                self.promote.insert(node);
                 Outcome::Applied {
                     config_version: self.config_version,
                 }
@@ -360,5 +381,20 @@ mod tests {
         assert_eq!(s.apply(put(1, 3)), Outcome::Record { version: 2 });
         assert_eq!(s.records["lease"].value, serde_json::json!(3));
         assert_eq!(s.config_version, 0, "records are not config");
+    }
+
+    #[test]
+    fn a_learner_waits_to_be_promoted_until_it_is_a_voter_or_gone() {
+        let mut s = Replicated::default();
+        s.apply(Command::PromoteLater { node: 4 });
+        s.apply(Command::PromoteLater { node: 5 });
+        assert_eq!(s.promote, BTreeSet::from([4, 5]));
+        assert_eq!(s.config_version, 0, "not a config change");
+        // 4 became a voter, 5 is still a learner.
+        s.membership_changed(&BTreeSet::from([1, 2, 3, 4]), &BTreeSet::from([5]));
+        assert_eq!(s.promote, BTreeSet::from([5]));
+        // 5 was removed.
+        s.membership_changed(&BTreeSet::from([1, 2, 3, 4]), &BTreeSet::new());
+        assert!(s.promote.is_empty());
     }
 }

@@ -905,8 +905,7 @@ impl Node {
                         // Joint consensus leaves it a learner: drop it entirely.
                         let _ = change(ChangeMembers::RemoveNodes(BTreeSet::from([id]))).await;
                     }
-                    let mut client = PeerClient::new(self.net.clone(), id, addr);
-                    let _ = client.call(Request::Removed, Duration::from_secs(1)).await;
+                    tokio::spawn(tell_removed(self.net.clone(), id, addr));
                 }
                 reply
             }
@@ -1004,11 +1003,31 @@ impl network::Handler for Node {
                 if !member || metrics.current_leader == Some(from) {
                     self.removed(&format!("node {from}, the Raft leader, says so"))
                         .await;
+                    Reply::Ok
+                } else {
+                    Reply::Error(format!(
+                        "node {from} is not the leader this replica follows, and it is still a member here"
+                    ))
                 }
-                Reply::Ok
             }
         }
     }
+}
+
+/// Tells a removed replica so, until it acknowledges (the leader stops replicating
+/// to it, so it may never see its removal committed): a few tries over ~20 s.
+async fn tell_removed(net: Arc<Net>, id: NodeId, addr: String) {
+    for _ in 0..10 {
+        let mut client = PeerClient::new(net.clone(), id, addr.clone());
+        if let Ok(Reply::Ok) = client.call(Request::Removed, Duration::from_secs(2)).await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    tracing::warn!(
+        node_id = id,
+        "could not tell the removed replica it was removed; stop it by hand"
+    );
 }
 
 /// Starts openraft on the store `db`, publishing applied states on `publish`.

@@ -69,7 +69,7 @@ impl Cluster {
             "node: {{ name: lb-{id} }}\n\
              admin: {{ bind: {admin} }}\n\
              cluster:\n  cluster_id: {cluster_id}\n  node_id: {id}\n  initial_state: {initial_state}\n  bind: {peer}\n  data_dir: {data}\n  \
-             peers: {{ {peers} }}\n  heartbeat_interval: 50ms\n  election_timeout: 300ms\n{extra}\
+             peers: {{ {peers} }}\n  heartbeat_interval: 100ms\n  election_timeout: 1s\n{extra}\
              leader_election: {{ enabled: false }}\n\
              listeners:\n  front: {{ bind: {listen}, pool: web }}\n\
              pools:\n  web:\n    backends:\n{backends}\n",
@@ -451,7 +451,7 @@ async fn bad_input_on_the_peer_port_never_crashes_a_node() {
     assert!(node.log().contains("peer refused"), "{}", node.log());
     // Well after the start (beyond 2 x election_timeout): a single voter is its own
     // quorum, it has no followers to hear from.
-    std::thread::sleep(Duration::from_secs(2));
+    std::thread::sleep(Duration::from_secs(3));
     admin_ok(
         cluster.addrs[0].admin,
         "POST",
@@ -937,7 +937,7 @@ async fn a_late_first_start_catches_up_and_different_timing_is_warned_about() {
     // Node 3 starts for the first time afterwards, with another election timeout.
     let odd = cluster
         .yaml(2, "new")
-        .replace("election_timeout: 300ms", "election_timeout: 400ms");
+        .replace("election_timeout: 1s", "election_timeout: 1200ms");
     let mut late = Raftlb::spawn(&odd, cluster.addrs[2].admin);
     blocking(|| late.wait_ready());
     assert!(

@@ -542,7 +542,7 @@ impl Node {
         let mut compared_seed = false;
         let mut was_member = false;
         let mut initializing: Option<tokio::task::JoinHandle<()>> = None;
-        let mut promoting: Option<tokio::task::JoinHandle<()>> = None;
+        let mut promoting: Option<(tokio::task::JoinHandle<()>, std::time::Instant)> = None;
         loop {
             let state = applied.borrow_and_update().clone();
             let raft = metrics.borrow_and_update().clone();
@@ -590,13 +590,17 @@ impl Node {
                     }
                 }));
             }
-            let promotion_in_flight = promoting.as_ref().is_some_and(|t| !t.is_finished());
+            // One promotion at a time, and a second between attempts.
+            let promotion_due = promoting.as_ref().is_none_or(|(task, at)| {
+                task.is_finished() && at.elapsed() >= Duration::from_secs(1)
+            });
             if leader
-                && !promotion_in_flight
+                && promotion_due
                 && let Some(id) = caught_up_learner(&raft, &state.state.promote)
             {
                 let raft = self.raft();
-                promoting = Some(tokio::spawn(async move {
+                let started = std::time::Instant::now();
+                let task = tokio::spawn(async move {
                     let voter = ChangeMembers::AddVoterIds(BTreeSet::from([id]));
                     match tokio::time::timeout(WRITE_TIMEOUT, raft.change_membership(voter, false))
                         .await
@@ -609,7 +613,8 @@ impl Node {
                         }
                         Err(_) => tracing::warn!(node_id = id, "promoting the learner timed out"),
                     }
-                }));
+                });
+                promoting = Some((task, started));
             }
             let voters: BTreeSet<NodeId> = state.membership.membership().voter_ids().collect();
             let member = state.membership.membership().get_node(&self.id).is_some();

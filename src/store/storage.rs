@@ -58,7 +58,11 @@ pub fn open(data_dir: &Path) -> io::Result<Arc<Database>> {
 }
 
 pub fn get_meta<T: DeserializeOwned>(db: &Database, key: &str) -> io::Result<Option<T>> {
-    let tx = db.begin_read().map_err(io::Error::other)?;
+    read_meta(&db.begin_read().map_err(io::Error::other)?, key)
+}
+
+/// One meta key as of the read transaction `tx`.
+fn read_meta<T: DeserializeOwned>(tx: &redb::ReadTransaction, key: &str) -> io::Result<Option<T>> {
     let table = tx.open_table(META).map_err(io::Error::other)?;
     let Some(bytes) = table.get(key).map_err(io::Error::other)? else {
         return Ok(None);
@@ -415,11 +419,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, io::Error> {
         let (pending_last, tx) =
             self.view(|pending| pending.values().last().map(|e| e.log_id()))?;
-        let table = tx.open_table(META).map_err(io::Error::other)?;
-        let last_purged: Option<LogId> = match table.get(PURGED).map_err(io::Error::other)? {
-            Some(bytes) => Some(decode(bytes.value())?),
-            None => None,
-        };
+        let last_purged: Option<LogId> = read_meta(&tx, PURGED)?;
         let table = tx.open_table(LOG).map_err(io::Error::other)?;
         let last = match (pending_last, table.last().map_err(io::Error::other)?) {
             (Some(last), _) => Some(last),

@@ -59,6 +59,10 @@ fn written(state: &State, result: Result<Outcome, WriteError>, created: StatusCo
             config_version,
         ),
         Ok(Outcome::Record { version }) => json_reply(created, &json!({"version": version})),
+        Ok(Outcome::Lease { won, lease }) => json_reply(
+            if won { created } else { StatusCode::CONFLICT },
+            &json!({"lease": lease}),
+        ),
         Ok(Outcome::Refused { status, error: e }) => error(
             StatusCode::from_u16(status).unwrap_or(StatusCode::CONFLICT),
             &e,
@@ -232,7 +236,7 @@ pub async fn config(state: &State, node: &Node, req: Request<Incoming>) -> Reply
                 Err(reply) => return reply,
             };
             let body = Replicated {
-                pools: applied.state.pools,
+                pools: std::sync::Arc::unwrap_or_clone(applied.state.pools),
             };
             let reply = match crate::config::to_yaml_value(&body) {
                 Ok(yaml) => {

@@ -259,9 +259,10 @@ pub fn restore(
     let mut state = backup.state.clone();
     state.cluster_uuid = Some(uuid);
     // The new cluster's members say "joined" themselves; the old cluster's records
-    // (its lease) do not carry over.
+    // and lease do not carry over.
     state.joined.clear();
     state.records.clear();
+    state.lease = Default::default();
     let applied = Applied {
         last_applied: Some(log_id),
         membership: StoredMembership::new(Some(log_id), membership),

@@ -718,7 +718,63 @@ impl Node {
 
     /// Commits `command` through the Raft leader; a follower forwards it.
     pub async fn write(&self, command: Command) -> Result<Outcome, WriteError> {
-        self.committed(Request::Write(command)).await
+        self.write_within(command, WRITE_TIMEOUT).await
+    }
+
+    /// [`Node::write`], answering "outcome unknown" once `deadline` has passed: the
+    /// whole attempt, forwarding included, takes at most about that long.
+    pub async fn write_within(
+        &self,
+        command: Command,
+        deadline: Duration,
+    ) -> Result<Outcome, WriteError> {
+        let started = tokio::time::Instant::now();
+        let request = Request::Write {
+            command,
+            deadline_ms: millis(deadline),
+        };
+        match tokio::time::timeout(deadline, self.committed_within(request, deadline)).await {
+            Ok(result) => result,
+            Err(_) => Err(WriteError::Unknown(format!(
+                "not known committed within {:?}",
+                started.elapsed()
+            ))),
+        }
+    }
+
+    /// Asks for Raft leadership to move to node `to` (this replica when it becomes
+    /// active, so the death of a standby never stalls its renewals; `move-leader`).
+    pub async fn move_leader(&self, to: NodeId) -> Result<Outcome, WriteError> {
+        if self.leader().is_some_and(|(leader, _)| leader == to) {
+            return Ok(Outcome::Applied {
+                config_version: self.applied.borrow().state.config_version,
+            });
+        }
+        self.committed(Request::MoveLeader { to }).await
+    }
+
+    /// On the leader: hands leadership to `to`, which must be a voter.
+    async fn move_leader_here(&self, to: NodeId) -> WriteReply {
+        let metrics = self.metrics();
+        if !metrics
+            .membership_config
+            .membership()
+            .voter_ids()
+            .any(|v| v == to)
+        {
+            return WriteReply::Invalid(format!("node {to} is not a voter"));
+        }
+        if to == self.id {
+            return WriteReply::Done(Outcome::Applied {
+                config_version: self.applied.borrow().state.config_version,
+            });
+        }
+        match self.raft().trigger().transfer_leader(to).await {
+            Ok(()) => WriteReply::Done(Outcome::Applied {
+                config_version: self.applied.borrow().state.config_version,
+            }),
+            Err(e) => WriteReply::NotProposed(format!("cannot hand leadership to node {to}: {e}")),
+        }
     }
 
     /// Membership changes, on the leader (a follower forwards them).
@@ -727,7 +783,15 @@ impl Node {
     }
 
     async fn committed(&self, request: Request) -> Result<Outcome, WriteError> {
-        match self.forward_or_local(request).await? {
+        self.committed_within(request, WRITE_TIMEOUT).await
+    }
+
+    async fn committed_within(
+        &self,
+        request: Request,
+        deadline: Duration,
+    ) -> Result<Outcome, WriteError> {
+        match self.forward_or_local(request, deadline).await? {
             Reply::Write(reply) => write_result(reply),
             other => Err(WriteError::Unknown(format!("unexpected reply: {other:?}"))),
         }
@@ -735,7 +799,7 @@ impl Node {
 
     /// A linearizable read of the replicated state (through the leader).
     pub async fn read(&self) -> Result<Applied, WriteError> {
-        match self.forward_or_local(Request::Read).await? {
+        match self.forward_or_local(Request::Read, WRITE_TIMEOUT).await? {
             Reply::Read(Ok(value)) => serde_json::from_value(value)
                 .map_err(|e| WriteError::Unknown(format!("malformed read reply: {e}"))),
             Reply::Read(Err(e)) => Err(WriteError::NotProposed(e)),
@@ -743,7 +807,11 @@ impl Node {
         }
     }
 
-    async fn forward_or_local(&self, request: Request) -> Result<Reply, WriteError> {
+    async fn forward_or_local(
+        &self,
+        request: Request,
+        deadline: Duration,
+    ) -> Result<Reply, WriteError> {
         if let Err(e) = &self.metrics().running_state {
             return Err(WriteError::NotProposed(format!(
                 "this replica's Raft store failed ({e}) and is being rebuilt; nothing was changed"
@@ -755,11 +823,11 @@ impl Node {
             ));
         };
         if leader == self.id {
-            return Ok(self.on_leader(request).await);
+            return Ok(self.on_leader(request, deadline).await);
         }
         let mut client = self.forwarder(leader, addr);
         match client
-            .call(request, WRITE_TIMEOUT + Duration::from_secs(1))
+            .call(request, deadline + Duration::from_secs(1))
             .await
         {
             Ok(reply) => {
@@ -798,10 +866,10 @@ impl Node {
     }
 
     /// What the leader does with a write, a membership change or a read.
-    async fn on_leader(&self, request: Request) -> Reply {
+    async fn on_leader(&self, request: Request, deadline: Duration) -> Reply {
         // A leader elected a moment ago hears from its quorum within a heartbeat.
-        let deadline = tokio::time::Instant::now() + self.election_timeout;
-        while !self.quorum_reachable() && tokio::time::Instant::now() < deadline {
+        let until = tokio::time::Instant::now() + self.election_timeout.min(deadline);
+        while !self.quorum_reachable() && tokio::time::Instant::now() < until {
             tokio::time::sleep(self.heartbeat / 2).await;
         }
         if !self.quorum_reachable() {
@@ -813,9 +881,17 @@ impl Node {
             };
         }
         match request {
-            Request::Write(command) => Reply::Write(proposed(
-                tokio::time::timeout(WRITE_TIMEOUT, self.raft().client_write(command)).await,
-            )),
+            Request::Write {
+                command,
+                deadline_ms,
+            } => {
+                let deadline = Duration::from_millis(deadline_ms);
+                Reply::Write(proposed(
+                    tokio::time::timeout(deadline, self.raft().client_write(command)).await,
+                    deadline,
+                ))
+            }
+            Request::MoveLeader { to } => Reply::Write(self.move_leader_here(to).await),
             Request::Manage(op) => Reply::Write(self.change_members(op).await),
             Request::Read => {
                 let read = tokio::time::timeout(
@@ -845,6 +921,7 @@ impl Node {
         let change = |c| async move {
             proposed(
                 tokio::time::timeout(WRITE_TIMEOUT, self.raft().change_membership(c, false)).await,
+                WRITE_TIMEOUT,
             )
         };
         match op {
@@ -862,6 +939,7 @@ impl Node {
                 let added = proposed(
                     tokio::time::timeout(WRITE_TIMEOUT, self.raft().add_learner(id, node, false))
                         .await,
+                    WRITE_TIMEOUT,
                 );
                 if !learner && matches!(added, WriteReply::Done(_)) {
                     let later = tokio::time::timeout(
@@ -985,7 +1063,10 @@ impl network::Handler for Node {
                 }
                 reply
             }
-            Request::Write(_) | Request::Manage(_) | Request::Read => {
+            Request::Write { .. }
+            | Request::Manage(_)
+            | Request::Read
+            | Request::MoveLeader { .. } => {
                 if self.raft().metrics().borrow_watched().current_leader != Some(self.id) {
                     // Never forwarded twice: the caller answers 503 and nothing changed.
                     let why = format!("node {} is not the Raft leader any more", self.id);
@@ -994,7 +1075,11 @@ impl network::Handler for Node {
                         _ => Reply::Write(WriteReply::NotProposed(why)),
                     };
                 }
-                self.on_leader(request).await
+                let deadline = match &request {
+                    Request::Write { deadline_ms, .. } => Duration::from_millis(*deadline_ms),
+                    _ => WRITE_TIMEOUT,
+                };
+                self.on_leader(request, deadline).await
             }
             Request::Removed => {
                 // The leader stops replicating to a removed replica, so its word (the
@@ -1077,7 +1162,10 @@ type Proposal<E> = Result<
 >;
 
 /// Maps a proposal's result: not the leader any more means nothing was proposed.
-fn proposed(result: Proposal<ClientWriteError<types::TypeConfig>>) -> WriteReply {
+fn proposed(
+    result: Proposal<ClientWriteError<types::TypeConfig>>,
+    deadline: Duration,
+) -> WriteReply {
     match result {
         Ok(Ok(response)) => WriteReply::Done(response.data),
         Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
@@ -1089,7 +1177,7 @@ fn proposed(result: Proposal<ClientWriteError<types::TypeConfig>>) -> WriteReply
             WriteReply::Invalid(e.to_string())
         }
         Ok(Err(e)) => WriteReply::Unknown(e.to_string()),
-        Err(_) => WriteReply::Unknown(format!("not committed within {WRITE_TIMEOUT:?}")),
+        Err(_) => WriteReply::Unknown(format!("not committed within {deadline:?}")),
     }
 }
 

@@ -142,8 +142,17 @@ pub enum Request {
         data: Vec<u8>,
     },
     TransferLeader(TransferLeaderRequest<TypeConfig>),
-    /// A client write forwarded by a follower to the leader.
-    Write(Command),
+    /// A client write forwarded by a follower to the leader, with how long the
+    /// leader may wait for its commit.
+    Write {
+        command: Command,
+        deadline_ms: u64,
+    },
+    /// "Hand Raft leadership to node `to`": sent to the leader (openraft's transfer
+    /// works only there), by the active replica at takeover or by `move-leader`.
+    MoveLeader {
+        to: NodeId,
+    },
     Manage(Manage),
     /// A linearizable read of the replicated state, served by the leader.
     Read,

@@ -85,6 +85,42 @@ pub fn put_meta<T: Serialize>(db: &Database, key: &str, value: &T) -> io::Result
     tx.commit().map_err(io::Error::other)
 }
 
+/// [`put_meta`] on tokio's blocking pool: a durable commit (an fsync) never stalls
+/// a runtime worker thread, which the proxy shares (a Raft election saves a vote).
+pub async fn put_meta_blocking<T: Serialize>(
+    db: &Arc<Database>,
+    key: &'static str,
+    value: &T,
+) -> io::Result<()> {
+    let bytes = json(value)?;
+    let db = db.clone();
+    tokio::task::spawn_blocking(move || {
+        let tx = db.begin_write().map_err(io::Error::other)?;
+        {
+            let mut table = tx.open_table(META).map_err(io::Error::other)?;
+            table
+                .insert(key, bytes.as_slice())
+                .map_err(io::Error::other)?;
+        }
+        tx.commit().map_err(io::Error::other)
+    })
+    .await
+    .unwrap_or_else(|e| Err(io::Error::other(format!("the store task failed: {e}"))))
+}
+
+/// Publishes `applied` unless the watch holds a later state already: a store
+/// reopened in-process replays from an older applied state, and the proxy must
+/// never go back to it.
+fn publish_newer(publish: &watch::Sender<Arc<Applied>>, applied: Arc<Applied>) {
+    publish.send_if_modified(|current| {
+        let newer = applied.last_applied >= current.last_applied;
+        if newer {
+            *current = applied;
+        }
+        newer
+    });
+}
+
 /// Writes a new store holding `applied` as its snapshot and applied state, with
 /// the log purged up to it: what `raftlb snapshot restore` leaves in a data_dir.
 pub fn restore<I: Serialize>(data_dir: &Path, identity: &I, applied: &Applied) -> io::Result<()> {
@@ -437,7 +473,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_vote(&mut self, vote: &Vote) -> Result<(), io::Error> {
-        put_meta(&self.db, VOTE, vote)
+        put_meta_blocking(&self.db, VOTE, vote).await
     }
 
     /// Rides on the flusher's next durable commit. A durable redb commit persists
@@ -531,7 +567,7 @@ impl StateMachine {
         publish: watch::Sender<Arc<Applied>>,
     ) -> io::Result<Self> {
         let applied: Applied = get_meta(&db, APPLIED)?.unwrap_or_default();
-        publish.send_replace(Arc::new(applied.clone()));
+        publish_newer(&publish, Arc::new(applied.clone()));
         Ok(StateMachine {
             db,
             flusher,
@@ -552,7 +588,7 @@ impl StateMachine {
     fn persist(&self) -> io::Result<()> {
         let applied = Arc::new(self.applied.clone());
         self.flusher.send(Flush::Applied(applied.clone(), None))?;
-        self.publish.send_replace(applied);
+        publish_newer(&self.publish, applied);
         Ok(())
     }
 
@@ -560,7 +596,7 @@ impl StateMachine {
     async fn persist_durably(&self) -> io::Result<()> {
         let applied = Arc::new(self.applied.clone());
         self.flusher.durably(applied.clone()).await?;
-        self.publish.send_replace(applied);
+        publish_newer(&self.publish, applied);
         Ok(())
     }
 }
@@ -584,7 +620,7 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
             meta: meta.clone(),
             data: data.clone(),
         };
-        put_meta(&self.db, SNAPSHOT, &stored)?;
+        put_meta_blocking(&self.db, SNAPSHOT, &stored).await?;
         Ok(Snapshot {
             meta,
             snapshot: Cursor::new(data),
@@ -656,7 +692,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             meta: meta.clone(),
             data,
         };
-        put_meta(&self.db, SNAPSHOT, &stored)?;
+        put_meta_blocking(&self.db, SNAPSHOT, &stored).await?;
         self.applied = Applied {
             last_applied: meta.last_log_id,
             membership: meta.last_membership.clone(),

@@ -3,6 +3,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::io::Cursor;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -70,8 +71,14 @@ pub enum Command {
     PromoteLater {
         node: NodeId,
     },
-    /// Compare-and-set on a generic record (the leader-election lease). `expect` is the
-    /// record's version, 0 for "absent"; `value: None` deletes it.
+    /// Compare-and-set on the leader-election lease at version `expect`
+    /// (DESIGN-lease.md); the outcome is [`Outcome::Lease`].
+    Lease {
+        expect: u64,
+        op: LeaseOp,
+    },
+    /// Compare-and-set on a generic record. `expect` is the record's version, 0 for
+    /// "never written"; `value: None` deletes it (its version keeps growing).
     Cas {
         key: String,
         expect: u64,
@@ -102,6 +109,7 @@ impl fmt::Display for Command {
             } => write!(f, "weight={weight} {pool}/{backend}"),
             Command::Joined { node } => write!(f, "node {node} joined"),
             Command::PromoteLater { node } => write!(f, "promote node {node} once caught up"),
+            Command::Lease { expect, op } => write!(f, "lease {op} at {expect}"),
             Command::Cas { key, expect, .. } => write!(f, "cas {key} at {expect}"),
         }
     }
@@ -116,6 +124,9 @@ pub enum Outcome {
     Record { version: u64 },
     /// Not applied, and why; `status` is the HTTP status the admin API answers with.
     Refused { status: u16, error: String },
+    /// A lease compare-and-set: won (the record as written) or lost (the record as it
+    /// is, so the loser learns the version and holder in the same round trip).
+    Lease { won: bool, lease: Lease },
 }
 
 impl fmt::Display for Outcome {
@@ -124,15 +135,155 @@ impl fmt::Display for Outcome {
             Outcome::Applied { config_version } => write!(f, "applied at {config_version}"),
             Outcome::Record { version } => write!(f, "record at {version}"),
             Outcome::Refused { status, error } => write!(f, "refused ({status}): {error}"),
+            Outcome::Lease { won, lease } => {
+                let verdict = if *won { "won" } else { "lost" };
+                write!(f, "lease {verdict}: {lease}")
+            }
         }
     }
 }
 
-/// A generic versioned record.
+/// A generic versioned record; `value: None` once deleted (the version keeps growing).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Record {
     pub version: u64,
-    pub value: serde_json::Value,
+    pub value: Option<serde_json::Value>,
+}
+
+/// The leader-election lease (DESIGN-lease.md, "Record"). Times are wall-clock
+/// milliseconds since the Unix epoch, for display only: no decision reads them.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lease {
+    /// The holder's Raft node_id; `None`: free.
+    pub holder: Option<NodeId>,
+    /// The holder's `node.name`, for people.
+    pub holder_name: String,
+    /// The holding process's random instance; `None` with a holder: handed over to
+    /// that replica, which fills it in when it takes the lease.
+    pub instance: Option<String>,
+    /// Grows by one on every standby -> active change (the fencing token).
+    pub epoch: u64,
+    /// Grows by one on every change, never restarts.
+    pub version: u64,
+    /// The holder's own settings, written on every renew.
+    pub lease_duration_ms: u64,
+    pub renew_deadline_ms: u64,
+    pub acquire_time_ms: u64,
+    pub renew_time_ms: u64,
+}
+
+impl Lease {
+    /// Held by the process `instance` of `node`.
+    pub fn held_by(&self, node: NodeId, instance: &str) -> bool {
+        self.holder == Some(node) && self.instance.as_deref() == Some(instance)
+    }
+}
+
+impl fmt::Display for Lease {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (self.holder, &self.instance) {
+            (None, _) => write!(f, "free")?,
+            (Some(h), None) => write!(f, "handed to node {h}")?,
+            (Some(h), Some(_)) => write!(f, "held by node {h} ({})", self.holder_name)?,
+        }
+        write!(f, ", epoch {}, version {}", self.epoch, self.version)
+    }
+}
+
+/// A change to the lease, made only by compare-and-set on its version.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum LeaseOp {
+    /// Rules 3 and 4: take a free lease, one that expired as the sender saw it, or one
+    /// handed to the sender; the state machine writes epoch + 1.
+    Acquire { claim: Claim },
+    /// Rule 1: the holder (same node and instance) keeps it.
+    Renew { claim: Claim },
+    /// Rules 5 and 6: the holder gives it up, to nobody or to `to`.
+    Release {
+        node: NodeId,
+        instance: String,
+        to: Option<NodeId>,
+        now_ms: u64,
+    },
+}
+
+/// Who asks for the lease, and with what settings.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Claim {
+    pub node: NodeId,
+    pub name: String,
+    pub instance: String,
+    pub lease_duration_ms: u64,
+    pub renew_deadline_ms: u64,
+    pub now_ms: u64,
+}
+
+impl fmt::Display for LeaseOp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            LeaseOp::Acquire { claim } => write!(f, "acquire by node {}", claim.node),
+            LeaseOp::Renew { claim } => write!(f, "renew by node {}", claim.node),
+            LeaseOp::Release { node, to: None, .. } => write!(f, "release by node {node}"),
+            LeaseOp::Release {
+                node, to: Some(to), ..
+            } => {
+                write!(f, "transfer by node {node} to node {to}")
+            }
+        }
+    }
+}
+
+impl Lease {
+    /// Applies one compare-and-set. The state machine, not the caller, enforces the
+    /// rules that do not depend on time: epoch + 1 on every acquire (rule 3), only
+    /// the named successor takes a handed-over lease (rule 4), only the holder's own
+    /// instance renews or gives it away (rule 6).
+    pub fn apply(&mut self, expect: u64, op: LeaseOp) -> Outcome {
+        let won = expect == self.version
+            && match &op {
+                LeaseOp::Acquire { claim } => match (self.holder, &self.instance) {
+                    (None, _) => true,
+                    // Handed over: only the successor fills in its instance.
+                    (Some(h), None) => h == claim.node,
+                    // Expired as the sender observed it (rule 3); never its own lease.
+                    (Some(_), Some(i)) => *i != claim.instance,
+                },
+                LeaseOp::Renew { claim } => self.held_by(claim.node, &claim.instance),
+                LeaseOp::Release { node, instance, .. } => self.held_by(*node, instance),
+            };
+        if won {
+            self.version += 1;
+            match op {
+                LeaseOp::Acquire { claim } => {
+                    self.epoch += 1;
+                    self.acquire_time_ms = claim.now_ms;
+                    self.take(claim);
+                }
+                LeaseOp::Renew { claim } => self.take(claim),
+                LeaseOp::Release { to, now_ms, .. } => {
+                    self.holder = to;
+                    self.instance = None;
+                    self.renew_time_ms = now_ms;
+                    if to.is_none() {
+                        self.holder_name.clear();
+                    }
+                }
+            }
+        }
+        Outcome::Lease {
+            won,
+            lease: self.clone(),
+        }
+    }
+
+    fn take(&mut self, claim: Claim) {
+        self.holder = Some(claim.node);
+        self.holder_name = claim.name;
+        self.instance = Some(claim.instance);
+        self.lease_duration_ms = claim.lease_duration_ms;
+        self.renew_deadline_ms = claim.renew_deadline_ms;
+        self.renew_time_ms = claim.now_ms;
+    }
 }
 
 /// The replicated state: what every replica applies from the log.
@@ -141,9 +292,13 @@ pub struct Replicated {
     pub cluster_uuid: Option<Uuid>,
     /// Bumped by every change of the pools.
     pub config_version: u64,
-    pub pools: BTreeMap<String, schema::Pool>,
+    /// Shared, so the lease's renewals (every retry_period) do not copy the pools.
+    pub pools: Arc<BTreeMap<String, schema::Pool>>,
     pub joined: BTreeSet<NodeId>,
     pub records: BTreeMap<String, Record>,
+    /// The leader-election lease, apart from the pools.
+    #[serde(default)]
+    pub lease: Lease,
     /// Learners the leader promotes to voters once they have caught up.
     #[serde(default)]
     pub promote: BTreeSet<NodeId>,
@@ -177,7 +332,7 @@ impl Replicated {
                 _ => self.set_pools(pools),
             },
             Command::AddBackend { pool, backend } => {
-                let Some(p) = self.pools.get_mut(&pool) else {
+                let Some(p) = Arc::make_mut(&mut self.pools).get_mut(&pool) else {
                     return no_pool(&pool);
                 };
                 if p.backends
@@ -197,7 +352,7 @@ impl Replicated {
                 self.bump()
             }
             Command::RemoveBackend { pool, backend } => {
-                let Some(p) = self.pools.get_mut(&pool) else {
+                let Some(p) = Arc::make_mut(&mut self.pools).get_mut(&pool) else {
                     return no_pool(&pool);
                 };
                 let before = p.backends.value.len();
@@ -237,6 +392,7 @@ impl Replicated {
                     config_version: self.config_version,
                 }
             }
+            Command::Lease { expect, op } => self.lease.apply(expect, op),
             Command::Cas { key, expect, value } => {
                 let current = self.records.get(&key).map_or(0, |r| r.version);
                 if current != expect {
@@ -245,23 +401,15 @@ impl Replicated {
                         format!("record {key} is at version {current}, not {expect}"),
                     );
                 }
-                match value {
-                    Some(value) => {
-                        let version = current + 1;
-                        self.records.insert(key, Record { version, value });
-                        Outcome::Record { version }
-                    }
-                    None => {
-                        self.records.remove(&key);
-                        Outcome::Record { version: 0 }
-                    }
-                }
+                let version = current + 1;
+                self.records.insert(key, Record { version, value });
+                Outcome::Record { version }
             }
         }
     }
 
     fn set_pools(&mut self, pools: BTreeMap<String, schema::Pool>) -> Outcome {
-        self.pools = pools;
+        self.pools = Arc::new(pools);
         self.bump()
     }
 
@@ -271,7 +419,7 @@ impl Replicated {
         backend: &str,
         change: impl FnOnce(&mut schema::Backend),
     ) -> Outcome {
-        let Some(p) = self.pools.get_mut(pool) else {
+        let Some(p) = Arc::make_mut(&mut self.pools).get_mut(pool) else {
             return no_pool(pool);
         };
         let Some(b) = p
@@ -379,8 +527,230 @@ mod tests {
             Outcome::Refused { status: 412, .. }
         ));
         assert_eq!(s.apply(put(1, 3)), Outcome::Record { version: 2 });
-        assert_eq!(s.records["lease"].value, serde_json::json!(3));
+        assert_eq!(s.records["lease"].value, Some(serde_json::json!(3)));
         assert_eq!(s.config_version, 0, "records are not config");
+        // A deleted record keeps its version: it never restarts at 0.
+        let delete = Command::Cas {
+            key: "lease".into(),
+            expect: 2,
+            value: None,
+        };
+        assert_eq!(s.apply(delete), Outcome::Record { version: 3 });
+        assert!(matches!(
+            s.apply(put(0, 4)),
+            Outcome::Refused { status: 412, .. }
+        ));
+        assert_eq!(s.apply(put(3, 5)), Outcome::Record { version: 4 });
+    }
+
+    fn claim(node: NodeId, instance: &str) -> Claim {
+        Claim {
+            node,
+            name: format!("lb-{node}"),
+            instance: instance.into(),
+            lease_duration_ms: 15_000,
+            renew_deadline_ms: 10_000,
+            now_ms: 1,
+        }
+    }
+
+    fn lease(s: &mut Replicated, expect: u64, op: LeaseOp) -> (bool, Lease) {
+        match s.apply(Command::Lease { expect, op }) {
+            Outcome::Lease { won, lease } => (won, lease),
+            other => panic!("not a lease outcome: {other}"),
+        }
+    }
+
+    #[test]
+    fn lease_acquire_renew_and_lost_cas() {
+        let mut s = Replicated::default();
+        let (won, l) = lease(
+            &mut s,
+            0,
+            LeaseOp::Acquire {
+                claim: claim(1, "a"),
+            },
+        );
+        assert!(won);
+        assert_eq!((l.holder, l.epoch, l.version), (Some(1), 1, 1));
+        // B acquires on a stale version: lost, and told the current record.
+        let (won, l) = lease(
+            &mut s,
+            0,
+            LeaseOp::Acquire {
+                claim: claim(2, "b"),
+            },
+        );
+        assert!(!won);
+        assert_eq!((l.holder, l.version), (Some(1), 1));
+        // A renews: same epoch, new version.
+        let (won, l) = lease(
+            &mut s,
+            1,
+            LeaseOp::Renew {
+                claim: claim(1, "a"),
+            },
+        );
+        assert!(won);
+        assert_eq!((l.epoch, l.version), (1, 2));
+        // B renewing A's lease, or A's previous process: lost (rule 6).
+        assert!(
+            !lease(
+                &mut s,
+                2,
+                LeaseOp::Renew {
+                    claim: claim(2, "b")
+                }
+            )
+            .0
+        );
+        assert!(
+            !lease(
+                &mut s,
+                2,
+                LeaseOp::Renew {
+                    claim: claim(1, "old")
+                }
+            )
+            .0
+        );
+        assert_eq!(s.lease.version, 2, "a lost CAS changes nothing");
+        // B takes over after the lease expired as it saw version 2: epoch + 1.
+        let (won, l) = lease(
+            &mut s,
+            2,
+            LeaseOp::Acquire {
+                claim: claim(2, "b"),
+            },
+        );
+        assert!(won);
+        assert_eq!(
+            (l.holder, l.instance.as_deref(), l.epoch, l.version),
+            (Some(2), Some("b"), 2, 3)
+        );
+        assert_eq!(s.config_version, 0, "the lease is not config");
+    }
+
+    #[test]
+    fn a_restarted_holder_is_not_the_holder() {
+        let mut s = Replicated::default();
+        lease(
+            &mut s,
+            0,
+            LeaseOp::Acquire {
+                claim: claim(1, "before"),
+            },
+        );
+        // The restarted process renews with its new instance: lost.
+        assert!(
+            !lease(
+                &mut s,
+                1,
+                LeaseOp::Renew {
+                    claim: claim(1, "after")
+                }
+            )
+            .0
+        );
+        // It may acquire (after waiting, which the caller does): a new epoch.
+        let (won, l) = lease(
+            &mut s,
+            1,
+            LeaseOp::Acquire {
+                claim: claim(1, "after"),
+            },
+        );
+        assert!(won);
+        assert_eq!((l.epoch, l.instance.as_deref()), (2, Some("after")));
+    }
+
+    #[test]
+    fn only_the_holder_releases_and_only_the_successor_takes_a_transfer() {
+        let mut s = Replicated::default();
+        lease(
+            &mut s,
+            0,
+            LeaseOp::Acquire {
+                claim: claim(1, "a"),
+            },
+        );
+        let release = |node, instance: &str, to| LeaseOp::Release {
+            node,
+            instance: instance.into(),
+            to,
+            now_ms: 2,
+        };
+        // Rule 6: another replica cannot give A's lease away.
+        assert!(!lease(&mut s, 1, release(2, "b", Some(2))).0);
+        assert!(!lease(&mut s, 1, release(1, "old", None)).0);
+        // A hands it to 3.
+        let (won, l) = lease(&mut s, 1, release(1, "a", Some(3)));
+        assert!(won);
+        assert_eq!((l.holder, l.instance.clone(), l.epoch), (Some(3), None, 1));
+        // Rule 4: only 3 may take it.
+        assert!(
+            !lease(
+                &mut s,
+                2,
+                LeaseOp::Acquire {
+                    claim: claim(2, "b")
+                }
+            )
+            .0
+        );
+        assert!(
+            !lease(
+                &mut s,
+                2,
+                LeaseOp::Renew {
+                    claim: claim(3, "c")
+                }
+            )
+            .0
+        );
+        let (won, l) = lease(
+            &mut s,
+            2,
+            LeaseOp::Acquire {
+                claim: claim(3, "c"),
+            },
+        );
+        assert!(won);
+        assert_eq!(
+            (l.holder, l.instance.as_deref(), l.epoch),
+            (Some(3), Some("c"), 2)
+        );
+        // 3 releases to nobody: anyone may take it at once.
+        let (won, l) = lease(&mut s, 3, release(3, "c", None));
+        assert!(won);
+        assert_eq!((l.holder, l.epoch), (None, 2));
+        assert!(
+            lease(
+                &mut s,
+                4,
+                LeaseOp::Acquire {
+                    claim: claim(2, "b")
+                }
+            )
+            .0
+        );
+        assert_eq!(s.lease.epoch, 3);
+    }
+
+    #[test]
+    fn the_instance_survives_json_as_a_string() {
+        let instance = u128::MAX.to_string();
+        let mut s = Replicated::default();
+        lease(
+            &mut s,
+            0,
+            LeaseOp::Acquire {
+                claim: claim(1, &instance),
+            },
+        );
+        let json = serde_json::to_string(&s).expect("encode");
+        let back: Replicated = serde_json::from_str(&json).expect("decode");
+        assert_eq!(back.lease, s.lease);
     }
 
     #[test]

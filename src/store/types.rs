@@ -218,6 +218,17 @@ pub struct Claim {
     pub now_ms: u64,
 }
 
+impl LeaseOp {
+    /// Stamps the wall-clock time (display only) the sender sends it at.
+    pub fn stamped(mut self, now_ms: u64) -> Self {
+        match &mut self {
+            LeaseOp::Acquire { claim } | LeaseOp::Renew { claim } => claim.now_ms = now_ms,
+            LeaseOp::Release { now_ms: at, .. } => *at = now_ms,
+        }
+        self
+    }
+}
+
 impl fmt::Display for LeaseOp {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -245,8 +256,9 @@ impl Lease {
                     (None, _) => true,
                     // Handed over: only the successor fills in its instance.
                     (Some(h), None) => h == claim.node,
-                    // Expired as the sender observed it (rule 3); never its own lease.
-                    (Some(_), Some(i)) => *i != claim.instance,
+                    // Expired as the sender observed it (rule 3), or its own lease
+                    // taken again after its term ran out: the version decides.
+                    (Some(_), Some(_)) => true,
                 },
                 LeaseOp::Renew { claim } => self.held_by(claim.node, &claim.instance),
                 LeaseOp::Release { node, instance, .. } => self.held_by(*node, instance),

@@ -683,8 +683,10 @@ mod tests {
         let mut b = Elector::new(me(2, "b"), settings(), Lease::default(), s(0.0), 7);
         let (id, _, _) = sent(&poll_all(&mut b, s(0.0)));
         // Lost, but the record it learns is still free (a release raced in).
-        let mut freed = Lease::default();
-        freed.version = 5;
+        let freed = Lease {
+            version: 5,
+            ..Lease::default()
+        };
         b.on_result(id, CasResult::Lost(freed), s(0.1));
         let wake = b.next_wake().expect("a retry");
         assert!(wake >= s(0.1) && wake <= s(0.1) + RETRY, "{wake:?}");

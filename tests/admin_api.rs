@@ -639,3 +639,255 @@ async fn admin_api_over_https_with_ctl_cacert() {
         lb.log()
     );
 }
+
+/// Cross-site request forgery: a web page in the operator's browser must not be able
+/// to change anything, with or without `admin.token_file`.
+mod csrf {
+    use super::*;
+
+    const TOKEN: &str = "csrf-T0ken";
+    const DRAIN: &str = "/api/v1/pools/web/backends/b/drain";
+
+    /// A standalone raftlb over backends a and b, with `token` in `admin.token_file`.
+    async fn start_with_token(token: Option<&str>) -> (Raftlb, tempfile::TempDir) {
+        let a = echo_backend().await;
+        let b = echo_backend().await;
+        let (admin, listen) = (loopback(), loopback());
+        let secrets = tempfile::tempdir().expect("tempdir");
+        let mut yaml = Raftlb::standalone_yaml(admin, listen, "", "", &[("a", a), ("b", b)]);
+        if let Some(token) = token {
+            let token_file = secrets.path().join("token");
+            std::fs::write(&token_file, format!("{token}\n")).expect("write token");
+            yaml = yaml.replacen(
+                "admin:\n",
+                &format!("admin:\n  token_file: {}\n", token_file.display()),
+                1,
+            );
+        }
+        (start(&yaml, admin), secrets)
+    }
+
+    fn bearer() -> String {
+        format!("Bearer {TOKEN}")
+    }
+
+    fn basic() -> String {
+        format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(format!("operator:{TOKEN}"))
+        )
+    }
+
+    fn request(
+        lb: &Raftlb,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &str,
+    ) -> HttpResponse {
+        blocking(|| http_response(lb.admin, method, path, headers, body))
+            .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
+    }
+
+    /// (config_version, backend a's weight, whether b is drained), read with the bearer token.
+    fn state(lb: &Raftlb) -> (u64, u64, bool) {
+        let auth = bearer();
+        let r = get(lb, "/api/v1/backends", &[("Authorization", &auth)]);
+        assert_eq!(r.status, 200, "{r:?}");
+        let v = json(&r, "backends");
+        let backend = |name: &str| {
+            v["pools"][0]["backends"]
+                .as_array()
+                .and_then(|list| list.iter().find(|b| b["name"] == name))
+                .cloned()
+                .unwrap_or_else(|| panic!("no backend {name}: {v}"))
+        };
+        (
+            v["config_version"].as_u64().expect("config_version"),
+            backend("a")["weight"].as_u64().expect("weight"),
+            backend("b")["drained"].as_bool().expect("drained"),
+        )
+    }
+
+    /// Asserts a refusal: `status`, and an `{"error": ...}` that mentions `names`.
+    fn assert_refused(r: &HttpResponse, status: u16, names: &str, what: &str) {
+        assert_eq!(r.status, status, "{what}: {r:?}");
+        let error = json(r, what)["error"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        assert!(
+            error.contains(names),
+            "{what}: the error does not name {names:?}: {error:?}"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn basic_auth_reads_but_a_write_needs_the_bearer_token() {
+        raise_nofile();
+        let (lb, _secrets) = start_with_token(Some(TOKEN)).await;
+        let before = state(&lb);
+        assert!(!before.2, "b starts undrained");
+
+        // The status page login: the token as the basic-auth password still reads.
+        let basic = basic();
+        let read = get(&lb, "/api/v1/status", &[("Authorization", &basic)]);
+        assert_eq!(read.status, 200, "GET with basic auth: {read:?}");
+
+        // What a browser resends by itself on a cross-site form post: refused.
+        let r = request(&lb, "POST", DRAIN, &[("Authorization", &basic)], "");
+        assert_refused(&r, 401, "Bearer", "POST drain with basic auth");
+        assert!(
+            r.header("www-authenticate")
+                .is_some_and(|c| c.starts_with("Bearer")),
+            "a refused write must not ask the browser for a login: {r:?}"
+        );
+        let r = request(
+            &lb,
+            "PATCH",
+            "/api/v1/pools/web/backends/a",
+            &[
+                ("Authorization", &basic),
+                ("content-type", "application/json"),
+            ],
+            r#"{"weight": 3}"#,
+        );
+        assert_refused(&r, 401, "Bearer", "PATCH weight with basic auth");
+        assert_eq!(state(&lb), before, "a refused write changed the config");
+
+        let bearer = bearer();
+        let r = request(&lb, "POST", DRAIN, &[("Authorization", &bearer)], "");
+        assert_eq!(r.status, 200, "POST drain with the bearer token: {r:?}");
+        assert_eq!(state(&lb), (before.0 + 1, before.1, true));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn cross_site_writes_and_form_bodies_are_refused_even_with_the_token() {
+        raise_nofile();
+        let (lb, _secrets) = start_with_token(Some(TOKEN)).await;
+        let before = state(&lb);
+        let bearer = bearer();
+        let auth = ("Authorization", bearer.as_str());
+        let weight = "/api/v1/pools/web/backends/a";
+        let form = "application/x-www-form-urlencoded";
+        for (method, path, headers, body, status, names) in [
+            (
+                "POST",
+                DRAIN,
+                vec![auth, ("Origin", "http://evil.example")],
+                "",
+                403,
+                "Origin",
+            ),
+            (
+                "POST",
+                DRAIN,
+                vec![auth, ("Origin", "null")],
+                "",
+                403,
+                "Origin",
+            ),
+            (
+                "POST",
+                DRAIN,
+                vec![auth, ("Sec-Fetch-Site", "cross-site")],
+                "",
+                403,
+                "Sec-Fetch-Site",
+            ),
+            (
+                "POST",
+                DRAIN,
+                vec![auth, ("Sec-Fetch-Site", "same-site")],
+                "",
+                403,
+                "Sec-Fetch-Site",
+            ),
+            (
+                "POST",
+                DRAIN,
+                vec![auth, ("content-type", form)],
+                "x=1",
+                415,
+                "JSON",
+            ),
+            (
+                "POST",
+                DRAIN,
+                vec![auth, ("content-type", "multipart/form-data; boundary=x")],
+                "--x--\r\n",
+                415,
+                "JSON",
+            ),
+            (
+                "PATCH",
+                weight,
+                vec![auth, ("content-type", "text/plain;charset=UTF-8")],
+                r#"{"weight": 3}"#,
+                415,
+                "JSON",
+            ),
+        ] {
+            let r = request(&lb, method, path, &headers, body);
+            assert_refused(&r, status, names, &format!("{method} {path} {headers:?}"));
+        }
+        assert_eq!(state(&lb), before, "a refused write changed the config");
+
+        // A same-origin write (what a page served by this server would send) passes.
+        let origin = format!("http://{}", lb.admin);
+        let r = request(
+            &lb,
+            "PATCH",
+            weight,
+            &[
+                auth,
+                ("Origin", &origin),
+                ("Sec-Fetch-Site", "same-origin"),
+                ("content-type", "application/json"),
+            ],
+            r#"{"weight": 3}"#,
+        );
+        assert_eq!(r.status, 200, "a same-origin JSON write: {r:?}");
+        assert_eq!(state(&lb), (before.0 + 1, 3, false));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn without_a_token_cross_site_form_posts_are_still_refused() {
+        raise_nofile();
+        let (lb, _secrets) = start_with_token(None).await;
+        let before = state(&lb);
+        let form = ("content-type", "application/x-www-form-urlencoded");
+        // What <form method=POST action="http://127.0.0.1:9090/..."> sends from a web page.
+        let r = request(
+            &lb,
+            "POST",
+            DRAIN,
+            &[
+                ("Origin", "http://evil.example"),
+                ("Sec-Fetch-Site", "cross-site"),
+                form,
+            ],
+            "",
+        );
+        assert_eq!(r.status, 403, "a cross-site form post: {r:?}");
+        let r = request(&lb, "POST", DRAIN, &[("Origin", "http://evil.example")], "");
+        assert_refused(&r, 403, "Origin", "POST drain with a foreign Origin");
+        // An older browser that sends no Origin still cannot send a form body.
+        let r = request(&lb, "POST", DRAIN, &[form], "");
+        assert_refused(&r, 415, "JSON", "POST drain with a form content type");
+        assert_eq!(state(&lb), before, "a refused write changed the config");
+
+        // ctl (Content-Type: application/json, no Origin) and a bare POST still write.
+        let server = format!("http://{}", lb.admin);
+        let (code, out, err) =
+            blocking(|| raftlb_cmd(&["ctl", "--server", &server, "backend", "drain", "web", "b"]));
+        assert_eq!(code, 0, "ctl backend drain: {out}{err}");
+        assert!(out.contains("drained true"), "{out}");
+        let r = request(&lb, "POST", "/api/v1/pools/web/backends/b/undrain", &[], "");
+        assert_eq!(
+            r.status, 200,
+            "a POST with no body and no content type: {r:?}"
+        );
+        assert_eq!(state(&lb), (before.0 + 2, before.1, false));
+    }
+}

@@ -1,15 +1,15 @@
 //! The admin HTTP API (hyper): health, readiness, metrics and the status reads.
 
 mod cluster;
+mod guard;
 
 use std::convert::Infallible;
 use std::sync::Arc;
 
-use base64::Engine as _;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::header::{AUTHORIZATION, CONTENT_TYPE, ETAG, WWW_AUTHENTICATE};
+use hyper::header::{CONTENT_TYPE, ETAG};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
@@ -86,16 +86,10 @@ async fn route(state: &State, req: Request<Incoming>) -> Reply {
     let path = req.uri().path().to_string();
     let path = path.as_str();
     let open = matches!(path, "/healthz" | "/readyz" | "/metrics");
-    if !open && !authorized(state, &req) {
-        let mut reply = error(
-            StatusCode::UNAUTHORIZED,
-            "missing or wrong token: send Authorization: Bearer <token> (admin.token_file)",
-        );
-        reply.headers_mut().insert(
-            WWW_AUTHENTICATE,
-            "Basic realm=\"raftlb\"".parse().expect("static header"),
-        );
-        return reply;
+    let token = if open { None } else { state.token() };
+    if let Err(refusal) = guard::check(token.as_deref().map(String::as_str), &req) {
+        tracing::info!(method = %req.method(), path, error = %refusal, "admin request refused");
+        return refusal.reply();
     }
     match (req.method(), path) {
         (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
@@ -257,43 +251,6 @@ async fn read_json<T: serde::de::DeserializeOwned>(req: Request<Incoming>) -> Re
         .map_err(|e| error(StatusCode::BAD_REQUEST, &format!("invalid JSON body: {e}")))
 }
 
-fn authorized(state: &State, req: &Request<Incoming>) -> bool {
-    let Some(token) = state.token() else {
-        return true;
-    };
-    let Some(header) = req
-        .headers()
-        .get(AUTHORIZATION)
-        .and_then(|h| h.to_str().ok())
-    else {
-        return false;
-    };
-    let presented = if let Some(bearer) = header.strip_prefix("Bearer ") {
-        bearer.trim().as_bytes().to_vec()
-    } else if let Some(basic) = header.strip_prefix("Basic ") {
-        // A browser sends user:password; the token is the password, any user name.
-        match base64::engine::general_purpose::STANDARD.decode(basic.trim()) {
-            Ok(pair) => pair
-                .splitn(2, |&b| b == b':')
-                .nth(1)
-                .unwrap_or_default()
-                .to_vec(),
-            Err(_) => return false,
-        }
-    } else {
-        return false;
-    };
-    constant_time_eq(&presented, token.as_bytes())
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    let mut diff = a.len() ^ b.len();
-    for (i, &x) in a.iter().enumerate() {
-        diff |= usize::from(x ^ b.get(i % b.len().max(1)).copied().unwrap_or(0));
-    }
-    diff == 0
-}
-
 fn status(state: &State) -> Value {
     let errors = state
         .apply_errors
@@ -384,17 +341,4 @@ fn text(status: StatusCode, body: &'static str) -> Reply {
     let mut reply = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
     *reply.status_mut() = status;
     reply
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn token_comparison() {
-        assert!(constant_time_eq(b"s3cret", b"s3cret"));
-        assert!(!constant_time_eq(b"s3cre", b"s3cret"));
-        assert!(!constant_time_eq(b"s3creT", b"s3cret"));
-        assert!(!constant_time_eq(b"", b"s3cret"));
-    }
 }

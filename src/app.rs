@@ -17,8 +17,12 @@ use tokio_util::task::TaskTracker;
 
 use crate::balancer::Balancer;
 use crate::cli::{LogFormat, RunArgs};
-use crate::config::{self, Config, Loaded};
+use crate::config::schema::Standby;
+use crate::config::{self, Config, Loaded, Overrides};
+use crate::election::lease::{self, Role};
+use crate::election::{Election, Status};
 use crate::metrics as m;
+use crate::proxy::gate::Gate;
 use crate::proxy::listener::{self, Listener, Settings, Shared};
 use crate::store::Node;
 
@@ -35,14 +39,35 @@ pub struct State {
     pub cluster: Option<Arc<Node>>,
     /// Committed pools this replica could not apply, one line each (shown in status).
     pub apply_errors: std::sync::Mutex<Vec<String>>,
+    /// Leader election, in cluster mode unless `enabled: false`.
+    pub election: Option<Election>,
+    /// `standby: serve`: standbys accept too.
+    standby_serves: AtomicBool,
+    /// A config is applied and the process is not shutting down.
     ready: AtomicBool,
     token: ArcSwapOption<String>,
 }
 
 impl State {
-    /// Serving traffic on the listeners (standalone: the config is loaded and bound).
+    /// Serving traffic on the listeners: a config is applied, and this replica is
+    /// active (or election is off, or standbys serve).
     pub fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Relaxed)
+            && (self.standby_serves.load(Ordering::Relaxed) || self.role() == Role::Active)
+    }
+
+    /// This replica's role: election's, or active whenever it serves without one.
+    pub fn role(&self) -> Role {
+        match &self.election {
+            Some(e) => e.status().borrow().role,
+            None if self.ready.load(Ordering::Relaxed) => Role::Active,
+            None => Role::Standby,
+        }
+    }
+
+    /// The election's view, when election is on.
+    pub fn election_status(&self) -> Option<Status> {
+        self.election.as_ref().map(|e| e.status().borrow().clone())
     }
 
     pub fn token(&self) -> Option<Arc<String>> {
@@ -61,7 +86,8 @@ pub fn run(args: RunArgs) -> ExitCode {
         return ExitCode::from(EXIT_CONFIG);
     }
     let open_files = raise_open_files_limit();
-    let loaded = match config::load(&args.config, open_files) {
+    let overrides = args.overrides();
+    let loaded = match config::load_with(&args.config, open_files, overrides) {
         Ok(loaded) => loaded,
         Err(e) => {
             eprintln!("error: {e}");
@@ -92,7 +118,7 @@ pub fn run(args: RunArgs) -> ExitCode {
         Ok(rt) => rt,
         Err(code) => return code,
     };
-    let code = runtime.block_on(Server::start(loaded, open_files, token));
+    let code = runtime.block_on(Server::start(loaded, open_files, overrides, token));
     // Connection tasks still draining at a forced exit are dropped, not awaited.
     runtime.shutdown_timeout(Duration::from_millis(100));
     code
@@ -150,14 +176,22 @@ fn raise_open_files_limit() -> u64 {
 /// The parts of the schema this build parses and validates but does not run yet.
 pub fn supported(config: &Config) -> Result<(), String> {
     let mut missing = Vec::new();
-    if let Some(cluster) = &config.cluster {
-        if config.leader_election.as_ref().is_none_or(|le| le.enabled) {
+    if let Some(le) = config
+        .leader_election
+        .as_ref()
+        .filter(|_| config.cluster.is_some())
+    {
+        if le.vip.is_some() {
+            missing.push("leader_election.vip; remove it (a VIP is not built yet)".to_string());
+        }
+        if le.on_active.is_some() || le.on_standby.is_some() {
             missing.push(
-                "leader election (on by default in cluster mode); set leader_election.enabled: false \
-                 so that every replica serves"
+                "leader_election.on_active / on_standby hooks; remove them (not built yet)"
                     .to_string(),
             );
         }
+    }
+    if let Some(cluster) = &config.cluster {
         if cluster.store.value != config::schema::StoreKind::Embedded {
             missing.push("cluster.store: etcd; use store: embedded".to_string());
         }
@@ -231,19 +265,45 @@ impl std::fmt::Display for StartError {
     }
 }
 
-/// A running standalone replica.
+/// A running replica.
 struct Server {
     file: PathBuf,
     open_files: u64,
+    overrides: Overrides,
     config: Config,
     state: Arc<State>,
     shared: Shared,
     listeners: BTreeMap<String, (SocketAddr, Listener)>,
+    /// The gate the election opens while active (the listeners' gate unless
+    /// standbys serve).
+    lease_gate: Gate,
     stop_admin: CancellationToken,
 }
 
+/// The election's timing from the config.
+fn election_settings(le: &config::schema::LeaderElection) -> lease::Settings {
+    lease::Settings {
+        lease_duration: le.lease_duration.value.get(),
+        renew_deadline: le.renew_deadline.value.get(),
+        retry_period: le.retry_period.value.get(),
+    }
+}
+
+/// `leader_election` when it is in force: cluster mode and `enabled`.
+fn elected(config: &Config) -> Option<&config::schema::LeaderElection> {
+    config
+        .leader_election
+        .as_ref()
+        .filter(|le| le.enabled && config.cluster.is_some())
+}
+
 impl Server {
-    async fn start(loaded: Loaded, open_files: u64, token: Option<Arc<String>>) -> ExitCode {
+    async fn start(
+        loaded: Loaded,
+        open_files: u64,
+        overrides: Overrides,
+        token: Option<Arc<String>>,
+    ) -> ExitCode {
         let metrics = m::install();
         let balancer = Arc::new(Balancer::new());
         let cluster = match &loaded.config.cluster {
@@ -262,17 +322,39 @@ impl Server {
                 None
             }
         };
+        let node_name = loaded
+            .config
+            .node
+            .name
+            .clone()
+            .unwrap_or_else(config::hostname);
+        let le = elected(&loaded.config);
+        // Without election (or with standbys serving) the gate stays open; with it,
+        // it is open only until the active's lease deadline.
+        let gate = match le {
+            Some(_) => Gate::closed(),
+            None => Gate::always(),
+        };
+        let election = match (le, &cluster) {
+            (Some(le), Some(node)) => Some(Election::start(
+                node.clone(),
+                node_name.clone(),
+                election_settings(le),
+                gate.clone(),
+            )),
+            _ => None,
+        };
+        let standby_serves = le.is_none_or(|le| le.standby == Standby::Serve);
+        let lease_gate = gate.clone();
+        let gate = if standby_serves { Gate::always() } else { gate };
         let state = Arc::new(State {
-            node_name: loaded
-                .config
-                .node
-                .name
-                .clone()
-                .unwrap_or_else(config::hostname),
+            node_name,
             balancer: balancer.clone(),
             metrics,
             cluster: cluster.clone(),
             apply_errors: std::sync::Mutex::new(Vec::new()),
+            election,
+            standby_serves: AtomicBool::new(standby_serves),
             ready: AtomicBool::new(false),
             token: ArcSwapOption::new(token),
         });
@@ -303,21 +385,26 @@ impl Server {
         let mut server = Server {
             file: loaded.file,
             open_files,
+            overrides,
             config: loaded.config,
             state,
             shared: Shared {
                 balancer,
+                gate,
                 connections: TaskTracker::new(),
                 hard_stop: CancellationToken::new(),
             },
             listeners: BTreeMap::new(),
+            lease_gate,
             stop_admin,
         };
-        let listeners = server.config.listeners.clone();
-        for (name, l) in &listeners {
-            if let Err(e) = server.start_listener(name, l) {
-                tracing::error!("{e}");
-                return ExitCode::from(e.exit_code());
+        if server.accepts_now() {
+            let listeners = server.config.listeners.clone();
+            for (name, l) in &listeners {
+                if let Err(e) = server.start_listener(name, l).await {
+                    tracing::error!("{e}");
+                    return ExitCode::from(e.exit_code());
+                }
             }
         }
         // Handlers first: a SIGHUP or SIGTERM sent as soon as /readyz says 200 must not
@@ -338,19 +425,33 @@ impl Server {
             }
             Some(node) => {
                 tokio::spawn(follow_store(node.clone(), server.state.clone()));
-                tracing::info!(node = %server.state.node_name, node_id = node.id, "raftlb is serving (cluster, leader election off)");
+                let mode = match (&server.state.election, standby_serves) {
+                    (None, _) => "leader election off: every replica serves",
+                    (Some(_), true) => "leader election on, standbys serve",
+                    (Some(_), false) => "leader election on, only the active serves",
+                };
+                tracing::info!(node = %server.state.node_name, node_id = node.id, "raftlb is running (cluster, {mode})");
             }
         }
         let fatal = cluster.as_ref().map(|n| n.fatal());
         server.serve_until_signal(term, int, hup, fatal).await
     }
 
-    fn start_listener(
+    /// Whether the listeners should be open now: always without election or with
+    /// `standby: serve`, else only while active.
+    fn accepts_now(&self) -> bool {
+        self.state.standby_serves.load(Ordering::Relaxed) || self.state.role() == Role::Active
+    }
+
+    async fn start_listener(
         &mut self,
         name: &str,
         l: &config::schema::Listener,
     ) -> Result<(), StartError> {
         let settings = Settings::from_config(name, l).map_err(StartError::Config)?;
+        if let Some((_, old)) = self.listeners.remove(name) {
+            old.stop().await;
+        }
         let socket = listener::bind(l.bind.0).map_err(|e| {
             StartError::Runtime(format!(
                 "listeners.{name}.bind {}: cannot listen: {e}",
@@ -360,10 +461,45 @@ impl Server {
         let running = listener::spawn(name, socket, settings, self.shared.clone())
             .map_err(|e| StartError::Runtime(format!("listeners.{name}: {e}")))?;
         tracing::info!(listener = name, bind = %running.bind, pool = %l.pool.value, "listening");
-        if let Some((_, old)) = self.listeners.insert(name.to_string(), (l.bind.0, running)) {
-            old.stop();
-        }
+        self.listeners.insert(name.to_string(), (l.bind.0, running));
         Ok(())
+    }
+
+    /// Closes every listening socket, returning once they are closed.
+    async fn stop_listeners(&mut self) {
+        for (_, (_, l)) in std::mem::take(&mut self.listeners) {
+            l.stop().await;
+        }
+    }
+
+    /// Follows the election: an active opens its listeners (rule 7: one that cannot
+    /// gives the lease up), a standby with `close_listeners` closes them.
+    async fn follow_role(&mut self) {
+        let Some(election) = self.state.election.clone() else {
+            return;
+        };
+        if self.state.standby_serves.load(Ordering::Relaxed) {
+            return;
+        }
+        if self.state.role() != Role::Active {
+            if !self.listeners.is_empty() {
+                self.stop_listeners().await;
+                tracing::info!("standby: listeners closed");
+            }
+            return;
+        }
+        let listeners = self.config.listeners.clone();
+        for (name, l) in &listeners {
+            if self.listeners.contains_key(name) {
+                continue;
+            }
+            if let Err(e) = self.start_listener(name, l).await {
+                tracing::error!("{e}; giving the lease up (fault)");
+                self.stop_listeners().await;
+                election.fault(e.to_string());
+                return;
+            }
+        }
     }
 
     async fn serve_until_signal(
@@ -374,6 +510,7 @@ impl Server {
         fatal: Option<tokio::sync::watch::Receiver<Option<crate::store::Fatal>>>,
     ) -> ExitCode {
         let mut fatal = fatal;
+        let mut role = self.state.election.as_ref().map(Election::status);
         let code = loop {
             let died = async {
                 match &mut fatal {
@@ -388,10 +525,21 @@ impl Server {
                     None => std::future::pending().await,
                 }
             };
+            let role_changed = async {
+                match &mut role {
+                    Some(rx) => {
+                        if rx.changed().await.is_err() {
+                            std::future::pending::<()>().await;
+                        }
+                    }
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 _ = term.recv() => break None,
                 _ = int.recv() => break None,
                 _ = hup.recv() => self.reload().await,
+                () = role_changed => self.follow_role().await,
                 code = died => break Some(code),
             }
         };
@@ -407,11 +555,25 @@ impl Server {
         }
     }
 
-    /// SIGTERM/SIGINT: stop accepting, drain up to shutdown_grace, exit 0; a second signal exits at once.
-    async fn shutdown(self, term: &mut Signal, int: &mut Signal) -> ExitCode {
+    /// SIGTERM/SIGINT, in rule 5's order: stop accepting, release the lease, hand
+    /// Raft leadership to another replica, then drain up to shutdown_grace and exit
+    /// 0; a second signal exits at once.
+    async fn shutdown(mut self, term: &mut Signal, int: &mut Signal) -> ExitCode {
         self.state.ready.store(false, Ordering::Relaxed);
-        for (_, l) in self.listeners.values() {
-            l.stop();
+        self.shared.gate.close();
+        self.stop_listeners().await;
+        if let Some(election) = &self.state.election {
+            let limit = elected(&self.config)
+                .map_or(Duration::from_secs(10), |le| le.renew_deadline.value.get());
+            tokio::select! {
+                () = election.release(None, true) => {}
+                () = tokio::time::sleep(limit) => tracing::warn!("could not release the lease in time"),
+                _ = term.recv() => tracing::warn!("second signal: exiting now"),
+                _ = int.recv() => tracing::warn!("second signal: exiting now"),
+            }
+        }
+        if let Some(node) = &self.state.cluster {
+            node.hand_off_leadership().await;
         }
         let connections = self.shared.connections.clone();
         connections.close();
@@ -437,7 +599,7 @@ impl Server {
     /// SIGHUP: re-read the file and apply it without dropping connections; an invalid
     /// file is logged and the running config kept.
     async fn reload(&mut self) {
-        let loaded = config::load(&self.file, self.open_files);
+        let loaded = config::load_with(&self.file, self.open_files, self.overrides);
         let loaded = match loaded
             .map_err(|e| e.to_string())
             .and_then(|l| supported(&l.config).map(|()| l))
@@ -449,6 +611,12 @@ impl Server {
             Ok(token) => token,
             Err(e) => return reload_failed(&e),
         };
+        if elected(&loaded.config).is_some() != self.state.election.is_some() {
+            return reload_failed(
+                "leader_election.enabled changed: that takes a restart (the process runs the \
+                 election from its start or not at all)",
+            );
+        }
         for w in loaded.warning_lines() {
             tracing::warn!("{w}");
         }
@@ -475,31 +643,60 @@ impl Server {
             }
         };
         self.state.token.store(token);
+        if let (Some(election), Some(old), Some(le)) = (
+            self.state.election.clone(),
+            elected(&self.config),
+            elected(&new),
+        ) {
+            election.set_settings(election_settings(le));
+            // Rule 8: a change of what the role owns releases the lease first.
+            if old.standby != le.standby {
+                tracing::info!(
+                    "reload: leader_election.standby changed; releasing the lease first"
+                );
+                election.release(None, false).await;
+                let serves = le.standby == Standby::Serve;
+                self.state.standby_serves.store(serves, Ordering::Relaxed);
+                self.stop_listeners().await;
+                self.shared.gate = if serves {
+                    Gate::always()
+                } else {
+                    self.lease_gate.clone()
+                };
+            }
+        }
         for (name, settings) in updates {
             if let Some((_, running)) = self.listeners.get(&name) {
                 running.update(settings);
             }
         }
-        for (name, l) in &new.listeners {
-            match self.listeners.get(name) {
-                Some((bind, _)) if *bind == l.bind.0 => {}
-                _ => {
-                    if let Err(e) = self.start_listener(name, l) {
-                        tracing::error!(
-                            "reload: {e}; the listener keeps its previous address, if any"
-                        );
+        let removed: Vec<String> = self
+            .listeners
+            .keys()
+            .filter(|name| !new.listeners.contains_key(*name))
+            .cloned()
+            .collect();
+        for name in removed {
+            if let Some((_, running)) = self.listeners.remove(&name) {
+                running.stop().await;
+                tracing::info!(listener = %name, "listener removed; its open connections carry on");
+            }
+        }
+        // A standby that closes its listeners starts none.
+        if self.accepts_now() {
+            for (name, l) in &new.listeners {
+                match self.listeners.get(name) {
+                    Some((bind, _)) if *bind == l.bind.0 => {}
+                    _ => {
+                        if let Err(e) = self.start_listener(name, l).await {
+                            tracing::error!(
+                                "reload: {e}; the listener keeps its previous address, if any"
+                            );
+                        }
                     }
                 }
             }
         }
-        self.listeners.retain(|name, (_, running)| {
-            let keep = new.listeners.contains_key(name);
-            if !keep {
-                running.stop();
-                tracing::info!(listener = %name, "listener removed; its open connections carry on");
-            }
-            keep
-        });
         if new.admin.bind != self.config.admin.bind {
             tracing::warn!("reload: admin.bind changed; it takes effect at the next restart");
         }
@@ -511,6 +708,7 @@ impl Server {
             );
         }
         self.config = new;
+        self.follow_role().await;
         metrics::counter!(m::CONFIG_RELOADS_TOTAL, "result" => "ok").increment(1);
         tracing::info!(config_version = version, "reloaded the config");
     }

@@ -178,6 +178,30 @@ pub struct RunArgs {
     pub log_level: String,
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+    /// Leader election on or off (overrides leader_election.enabled; cluster mode).
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+    pub leader_elect: Option<bool>,
+    /// How long a standby waits before it may take the lease (leader_election.lease_duration).
+    #[arg(long, value_name = "DURATION")]
+    pub leader_elect_lease_duration: Option<crate::config::types::Dur>,
+    /// How long the active keeps trying to renew before it stops (leader_election.renew_deadline).
+    #[arg(long, value_name = "DURATION")]
+    pub leader_elect_renew_deadline: Option<crate::config::types::Dur>,
+    /// The wait between attempts to acquire or renew (leader_election.retry_period).
+    #[arg(long, value_name = "DURATION")]
+    pub leader_elect_retry_period: Option<crate::config::types::Dur>,
+}
+
+impl RunArgs {
+    /// The `--leader-elect*` flags, which override the file.
+    pub fn overrides(&self) -> crate::config::Overrides {
+        crate::config::Overrides {
+            leader_elect: self.leader_elect,
+            lease_duration: self.leader_elect_lease_duration,
+            renew_deadline: self.leader_elect_renew_deadline,
+            retry_period: self.leader_elect_retry_period,
+        }
+    }
 }
 
 #[derive(Debug, clap::Args)]

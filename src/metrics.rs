@@ -24,6 +24,9 @@ pub const RAFT_QUORUM: &str = "raftlb_raft_quorum";
 pub const RAFT_MEMBER_REACHABLE: &str = "raftlb_raft_member_reachable";
 pub const PEER_RPC_ERRORS_TOTAL: &str = "raftlb_peer_rpc_errors_total";
 pub const RAFT_APPLY_DURATION: &str = "raftlb_raft_apply_duration_seconds";
+pub const LEADER_ELECTION_IS_ACTIVE: &str = "raftlb_leader_election_is_active";
+pub const LEADER_ELECTION_EPOCH: &str = "raftlb_leader_election_epoch";
+pub const LEADER_ELECTION_TRANSITIONS_TOTAL: &str = "raftlb_leader_election_transitions_total";
 
 /// `connect_duration_seconds` buckets: 0.5 ms .. 2.5 s.
 const CONNECT_BUCKETS: &[f64] = &[
@@ -98,6 +101,18 @@ fn describe() {
     describe_counter!(
         CONFIG_APPLY_FAILURES_TOTAL,
         "Committed pools this replica could not apply (it keeps the previous version of the pool)."
+    );
+    describe_gauge!(
+        LEADER_ELECTION_IS_ACTIVE,
+        "1 while this replica holds the lease and accepts (leader election on)."
+    );
+    describe_gauge!(
+        LEADER_ELECTION_EPOCH,
+        "Epoch of the lease this replica last became active on (the fencing token)."
+    );
+    describe_counter!(
+        LEADER_ELECTION_TRANSITIONS_TOTAL,
+        "Role changes of this replica, by the role it changed to (active, standby, fault)."
     );
     describe_gauge!(RAFT_TERM, "Current Raft term.");
     describe_gauge!(RAFT_IS_LEADER, "1 when this replica is the Raft leader.");

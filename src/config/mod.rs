@@ -75,14 +75,57 @@ impl Loaded {
     }
 }
 
+/// Command-line flags that override the file (`raftlb run --leader-elect*`).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Overrides {
+    pub leader_elect: Option<bool>,
+    pub lease_duration: Option<types::Dur>,
+    pub renew_deadline: Option<types::Dur>,
+    pub retry_period: Option<types::Dur>,
+}
+
+impl Overrides {
+    fn apply(&self, config: &mut Config) {
+        let set = self.leader_elect.is_some()
+            || self.lease_duration.is_some()
+            || self.renew_deadline.is_some()
+            || self.retry_period.is_some();
+        if !set {
+            return;
+        }
+        let le = config.leader_election.get_or_insert_with(Default::default);
+        if let Some(on) = self.leader_elect {
+            le.enabled = on;
+        }
+        if let Some(d) = self.lease_duration {
+            le.lease_duration = schema::unplaced(d);
+        }
+        if let Some(d) = self.renew_deadline {
+            le.renew_deadline = schema::unplaced(d);
+        }
+        if let Some(d) = self.retry_period {
+            le.retry_period = schema::unplaced(d);
+        }
+    }
+}
+
 /// Reads, parses and validates `file`; `open_files` is the limit the process runs with.
 pub fn load(file: &Path, open_files: u64) -> Result<Loaded, ConfigError> {
+    load_with(file, open_files, Overrides::default())
+}
+
+/// [`load`], with command-line flags overriding the file before validation.
+pub fn load_with(
+    file: &Path,
+    open_files: u64,
+    overrides: Overrides,
+) -> Result<Loaded, ConfigError> {
     let label = file.display().to_string();
     let text = std::fs::read_to_string(file).map_err(|source| ConfigError::Read {
         file: label.clone(),
         source,
     })?;
-    let config = parse(&text, &label, open_files)?;
+    let config = parse_with(&text, &label, open_files, overrides)?;
     let warnings = validate::validate(&config, open_files).warnings;
     Ok(Loaded {
         file: file.to_path_buf(),
@@ -93,10 +136,24 @@ pub fn load(file: &Path, open_files: u64) -> Result<Loaded, ConfigError> {
 
 /// Parses and validates YAML text; `file` only labels the messages.
 pub fn parse(text: &str, file: &str, open_files: u64) -> Result<Config, ConfigError> {
+    parse_with(text, file, open_files, Overrides::default())
+}
+
+fn parse_with(
+    text: &str,
+    file: &str,
+    open_files: u64,
+    overrides: Overrides,
+) -> Result<Config, ConfigError> {
     let mut config: Config = serde_saphyr::from_str(text).map_err(|e| ConfigError::Yaml {
         file: file.to_string(),
         issue: yaml_issue(&e, text),
     })?;
+    // In cluster mode election is on unless the file or a flag says otherwise.
+    if config.cluster.is_some() && config.leader_election.is_none() {
+        config.leader_election = Some(Default::default());
+    }
+    overrides.apply(&mut config);
     let findings = validate::validate(&config, open_files);
     if !findings.errors.is_empty() {
         return Err(ConfigError::Invalid {

@@ -259,13 +259,14 @@ fn validate_leader_election(config: &Config, f: &mut Findings) {
         );
     }
     if let Some(c) = &config.cluster {
-        let outage = c.election_timeout.value.get() * 2 + retry * 2;
+        // openraft campaigns 3-4 election timeouts after the last heartbeat.
+        let outage = c.election_timeout.value.get() * 4 + retry * 2;
         if le.enabled && renew < outage {
             f.warn(
                 at(&le.renew_deadline),
                 "leader_election.renew_deadline",
                 format!(
-                    "renew_deadline ({}) is under 2 x election_timeout + 2 x retry_period ({}): a Raft election after a replica dies could make a healthy active step down",
+                    "renew_deadline ({}) is under 4 x election_timeout + 2 x retry_period ({}): a Raft election after a replica dies could make a healthy active step down",
                     le.renew_deadline.value,
                     Dur(outage)
                 ),

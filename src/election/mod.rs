@@ -1,3 +1,239 @@
-//! Leader election: one active replica, on a lease in the Raft store.
+//! Leader election: exactly one active replica, on a lease in the Raft store
+//! (DESIGN-lease.md). [`lease`] decides; the task here carries its decisions out:
+//! compare-and-sets through the store's write path, the gate the listeners check,
+//! and the role the process follows (listeners, VIP, hooks).
 
 pub mod lease;
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinSet;
+
+use crate::clock;
+use crate::metrics as m;
+use crate::proxy::gate::Gate;
+use crate::store::Node;
+use crate::store::types::{Command, Lease, NodeId, Outcome};
+use lease::{Action, CasResult, Elector, Me, Role, Settings};
+
+/// What the process and the admin API see of the election.
+#[derive(Clone, Debug)]
+pub struct Status {
+    pub role: Role,
+    pub epoch: u64,
+    /// The newest lease record known here, and when its version was first seen
+    /// (on [`clock::now`]).
+    pub record: Lease,
+    pub observed_at: Duration,
+    pub lease_duration: Duration,
+}
+
+impl Status {
+    /// How long ago this replica first saw the record's current version.
+    pub fn renewed_ago(&self) -> Duration {
+        clock::now().saturating_sub(self.observed_at)
+    }
+}
+
+enum Request {
+    Release {
+        to: Option<NodeId>,
+        stop: bool,
+        done: oneshot::Sender<()>,
+    },
+    Fault(String),
+    Settings(Settings),
+}
+
+/// The running election of this replica.
+#[derive(Clone)]
+pub struct Election {
+    status: watch::Receiver<Status>,
+    requests: mpsc::UnboundedSender<Request>,
+}
+
+impl Election {
+    /// Starts electing. `gate` is opened while this replica is active, until its
+    /// lease's deadline.
+    pub fn start(node: Arc<Node>, name: String, settings: Settings, gate: Gate) -> Election {
+        let me = Me {
+            node: node.id,
+            name,
+            instance: uuid::Uuid::new_v4().as_u128().to_string(),
+        };
+        let record = node.applied().borrow().state.lease.clone();
+        let now = clock::now();
+        let status = Status {
+            role: Role::Standby,
+            epoch: 0,
+            record: record.clone(),
+            observed_at: now,
+            lease_duration: settings.lease_duration,
+        };
+        let (publish, status) = watch::channel(status);
+        let (requests, inbox) = mpsc::unbounded_channel();
+        let elector = Elector::new(me, settings, record, now, fastrand::u64(..));
+        metrics::gauge!(m::LEADER_ELECTION_IS_ACTIVE).set(0.0);
+        tokio::spawn(drive(node, elector, gate, publish, inbox));
+        Election { status, requests }
+    }
+
+    pub fn status(&self) -> watch::Receiver<Status> {
+        self.status.clone()
+    }
+
+    /// Rule 5: stop accepting, then give the lease up (to `to`, or to any standby);
+    /// `stop` for shutdown (never acquire again). Returns once released, or when
+    /// the renew deadline made it moot.
+    pub async fn release(&self, to: Option<NodeId>, stop: bool) {
+        let (done, released) = oneshot::channel();
+        if self
+            .requests
+            .send(Request::Release { to, stop, done })
+            .is_ok()
+        {
+            let _ = released.await;
+        }
+    }
+
+    /// Rule 7: this active cannot serve; it gives the lease up and sits out.
+    pub fn fault(&self, why: String) {
+        let _ = self.requests.send(Request::Fault(why));
+    }
+
+    /// A reload's new timing (a renew already sent keeps its renew_deadline).
+    pub fn set_settings(&self, settings: Settings) {
+        let _ = self.requests.send(Request::Settings(settings));
+    }
+}
+
+async fn drive(
+    node: Arc<Node>,
+    mut elector: Elector,
+    gate: Gate,
+    publish: watch::Sender<Status>,
+    mut inbox: mpsc::UnboundedReceiver<Request>,
+) {
+    let mut applied = node.applied();
+    let mut writes: JoinSet<(u64, CasResult)> = JoinSet::new();
+    let mut releases: Vec<oneshot::Sender<()>> = Vec::new();
+    loop {
+        let now = clock::now();
+        while let Some(action) = elector.poll(now) {
+            match action {
+                Action::Send { id, expect, op } => {
+                    let node = node.clone();
+                    let deadline = elector.settings().retry_period;
+                    let command = Command::Lease {
+                        expect,
+                        op: op.stamped(wall_ms()),
+                    };
+                    writes.spawn(async move {
+                        let result = match node.write_within(command, deadline).await {
+                            Ok(Outcome::Lease { won: true, lease }) => CasResult::Won(lease),
+                            Ok(Outcome::Lease { won: false, lease }) => CasResult::Lost(lease),
+                            Ok(other) => {
+                                tracing::warn!(%other, "unexpected answer to a lease write");
+                                CasResult::Failed
+                            }
+                            Err(e) => {
+                                tracing::debug!(error = %e, "lease write failed");
+                                CasResult::Failed
+                            }
+                        };
+                        (id, result)
+                    });
+                }
+                Action::BecomeActive { epoch, deadline } => {
+                    gate.open_until(deadline);
+                    tracing::info!(
+                        epoch,
+                        node_id = node.id,
+                        "became active: this replica holds the lease"
+                    );
+                    metrics::gauge!(m::LEADER_ELECTION_IS_ACTIVE).set(1.0);
+                    metrics::gauge!(m::LEADER_ELECTION_EPOCH).set(epoch as f64);
+                    metrics::counter!(m::LEADER_ELECTION_TRANSITIONS_TOTAL, "to" => "active")
+                        .increment(1);
+                    // The active holds Raft leadership, so a dying standby never
+                    // stalls its renewals.
+                    let node = node.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = node.move_leader(node.id).await {
+                            tracing::info!(error = %e, "could not take Raft leadership yet");
+                        }
+                    });
+                }
+                Action::Renewed { deadline } => gate.open_until(deadline),
+                Action::StepDown { role, cause } => {
+                    gate.close();
+                    tracing::warn!(
+                        epoch = elector.epoch(),
+                        to = role.as_str(),
+                        %cause,
+                        "stepped down: no longer accepting"
+                    );
+                    metrics::gauge!(m::LEADER_ELECTION_IS_ACTIVE).set(0.0);
+                    metrics::counter!(m::LEADER_ELECTION_TRANSITIONS_TOTAL, "to" => role.as_str())
+                        .increment(1);
+                }
+                Action::Released => {
+                    tracing::info!(epoch = elector.epoch(), "released the lease");
+                    for done in releases.drain(..) {
+                        let _ = done.send(());
+                    }
+                }
+            }
+        }
+        let (record, observed_at) = elector.record();
+        let status = Status {
+            role: elector.role(),
+            epoch: elector.epoch(),
+            record: record.clone(),
+            observed_at,
+            lease_duration: elector.settings().lease_duration,
+        };
+        publish.send_if_modified(|s| {
+            let changed = s.role != status.role
+                || s.epoch != status.epoch
+                || s.record != status.record
+                || s.lease_duration != status.lease_duration;
+            *s = status;
+            changed
+        });
+        let wake = elector
+            .next_wake()
+            .map_or(Duration::from_secs(3600), |at| at.saturating_sub(now));
+        tokio::select! {
+            () = node.stop.cancelled() => return,
+            changed = applied.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                let lease = applied.borrow_and_update().state.lease.clone();
+                elector.on_applied(&lease, clock::now());
+            }
+            Some(Ok((id, result))) = writes.join_next(), if !writes.is_empty() => {
+                elector.on_result(id, result, clock::now());
+            }
+            request = inbox.recv() => match request {
+                Some(Request::Release { to, stop, done }) => {
+                    releases.push(done);
+                    elector.release(to, stop, clock::now());
+                }
+                Some(Request::Fault(why)) => elector.fault(why, clock::now()),
+                Some(Request::Settings(settings)) => elector.set_settings(settings),
+                None => return,
+            },
+            () = tokio::time::sleep(wake) => {}
+        }
+    }
+}
+
+fn wall_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}

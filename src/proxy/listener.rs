@@ -23,6 +23,7 @@ use tokio_rustls::rustls::server::Acceptor;
 use tokio_rustls::server::TlsStream as ServerTlsStream;
 use tokio_rustls::{LazyConfigAcceptor, TlsConnector};
 
+use super::gate::Gate;
 use super::proxy_protocol;
 use super::relay::{self, Meters, RelayEnd};
 use crate::balancer::{Backend, Balancer, Pool};
@@ -70,10 +71,12 @@ impl Settings {
     }
 }
 
-/// What every listener shares: the pools, the connection tracker, the hard stop.
+/// What every listener shares: the pools, the gate, the connection tracker, the hard stop.
 #[derive(Clone)]
 pub struct Shared {
     pub balancer: Arc<Balancer>,
+    /// Whether this replica may accept (its role); checked on every accept.
+    pub gate: Gate,
     /// Every connection task, so shutdown can wait for them to drain.
     pub connections: TaskTracker,
     /// Cancelled when the shutdown grace is over: open relays end.
@@ -86,6 +89,7 @@ pub struct Listener {
     pub bind: SocketAddr,
     settings: Arc<ArcSwap<Settings>>,
     stop_accepting: CancellationToken,
+    accepting: tokio::task::JoinHandle<()>,
 }
 
 impl Listener {
@@ -93,9 +97,11 @@ impl Listener {
         self.settings.store(Arc::new(settings));
     }
 
-    /// Closes the listening socket; established connections carry on.
-    pub fn stop(&self) {
+    /// Closes the listening socket and returns once it is closed (so the address
+    /// can be bound again at once); established connections carry on.
+    pub async fn stop(self) {
         self.stop_accepting.cancel();
+        let _ = self.accepting.await;
     }
 }
 
@@ -124,24 +130,26 @@ pub fn spawn(
     shared: Shared,
 ) -> io::Result<Listener> {
     let bind = socket.local_addr()?;
-    let listener = Listener {
-        name: name.into(),
-        bind,
-        settings: Arc::new(ArcSwap::from_pointee(settings)),
-        stop_accepting: CancellationToken::new(),
-    };
+    let name: Arc<str> = name.into();
+    let settings = Arc::new(ArcSwap::from_pointee(settings));
+    let stop_accepting = CancellationToken::new();
     let accept = AcceptLoop {
-        name: listener.name.clone(),
+        name: name.clone(),
         socket,
-        settings: listener.settings.clone(),
-        stop: listener.stop_accepting.clone(),
+        settings: settings.clone(),
+        stop: stop_accepting.clone(),
         active: Arc::new(AtomicU32::new(0)),
         starved: Arc::new(Notify::new()),
         meters: Arc::new(MeterCache::default()),
         shared,
     };
-    tokio::spawn(accept.run());
-    Ok(listener)
+    Ok(Listener {
+        name,
+        bind,
+        settings,
+        stop_accepting,
+        accepting: tokio::spawn(accept.run()),
+    })
 }
 
 struct AcceptLoop {
@@ -168,6 +176,13 @@ impl AcceptLoop {
                 () = self.starved.notified() => {}
                 accepted = self.socket.accept() => match accepted {
                     Ok((client, peer)) => {
+                        // Checked on every wake-up: a process resumed past its lease
+                        // deadline resets what waited in the backlog, never proxies it.
+                        if !self.shared.gate.is_open() {
+                            reset(client);
+                            tracing::warn!(listener = %self.name, "not active (lease deadline passed): closing the listener");
+                            break;
+                        }
                         if last_starved.is_none_or(|at| at.elapsed() > Duration::from_secs(1)) {
                             backoff = Duration::ZERO;
                         }
@@ -218,6 +233,13 @@ impl AcceptLoop {
         };
         self.shared.connections.spawn(conn.serve(client, peer));
     }
+}
+
+/// Closes with a reset (SO_LINGER 0) rather than a FIN: the client never mistakes
+/// it for a proxied connection.
+fn reset(client: TcpStream) {
+    let _ = SockRef::from(&client).set_linger(Some(Duration::ZERO));
+    drop(client);
 }
 
 fn out_of_resources(e: &io::Error) -> bool {

@@ -1,5 +1,6 @@
 //! The data path: listeners accept, pick a backend, and relay bytes untouched.
 
+pub mod gate;
 pub mod listener;
 pub mod proxy_protocol;
 pub mod relay;

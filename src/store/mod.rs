@@ -753,6 +753,37 @@ impl Node {
         self.committed(Request::MoveLeader { to }).await
     }
 
+    /// Shutdown: a leader hands Raft leadership to another voter and waits (up to
+    /// two election timeouts) for it to take over, so the cluster does not wait
+    /// for an election.
+    pub async fn hand_off_leadership(&self) {
+        let metrics = self.metrics();
+        if metrics.current_leader != Some(self.id) {
+            return;
+        }
+        let reachable = self.reachability(&metrics);
+        let Some(to) = metrics
+            .membership_config
+            .membership()
+            .voter_ids()
+            .find(|v| *v != self.id && reachable.get(v).copied().flatten() == Some(true))
+        else {
+            return;
+        };
+        if let Err(e) = self.raft().trigger().transfer_leader(to).await {
+            tracing::info!(error = %e, "cannot hand Raft leadership over");
+            return;
+        }
+        let until = tokio::time::Instant::now() + self.election_timeout * 2;
+        while tokio::time::Instant::now() < until {
+            if self.leader().is_some_and(|(leader, _)| leader != self.id) {
+                tracing::info!(to, "handed Raft leadership over");
+                return;
+            }
+            tokio::time::sleep(self.heartbeat / 2).await;
+        }
+    }
+
     /// On the leader: hands leadership to `to`, which must be a voter.
     async fn move_leader_here(&self, to: NodeId) -> WriteReply {
         let metrics = self.metrics();

@@ -218,7 +218,7 @@ impl Node {
             .peers
             .value
             .iter()
-            .map(|(id, addr)| (*id, addr.to_string()))
+            .map(|(id, addr)| (*id, addr.value.to_string()))
             .collect();
         let bind = cluster.bind.value.0;
         let socket = crate::proxy::listener::bind(bind)

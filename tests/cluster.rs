@@ -461,6 +461,84 @@ async fn bad_input_on_the_peer_port_never_crashes_a_node() {
     );
 }
 
+/// A replica whose peers map puts "node 2" at its own peer port, in a config the
+/// static check cannot fault: advertise is peers[1], and 127.0.0.2 is not 127.0.0.1,
+/// but the wildcard bind answers there too. Counting itself as node 2 it would have a
+/// quorum of 2 out of 3 alone; it must refuse itself and never bootstrap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_reaches_itself_as_another_peer_never_bootstraps() {
+    raise_nofile();
+    let backends = backend_names(&["b1"]).await;
+    let (admin, listen, absent) = (loopback(), loopback(), loopback());
+    let port = free_port();
+    let data = tempfile::tempdir().expect("tempdir");
+    let yaml = format!(
+        "admin: {{ bind: {admin} }}\n\
+         cluster:\n  cluster_id: test\n  node_id: 1\n  bind: 0.0.0.0:{port}\n  advertise: 127.0.0.1:{port}\n  \
+         data_dir: {data}\n  peers: {{ 1: 127.0.0.1:{port}, 2: 127.0.0.2:{port}, 3: {absent} }}\n  \
+         heartbeat_interval: 100ms\n  election_timeout: 1s\n\
+         leader_election: {{ enabled: false }}\n\
+         listeners:\n  front: {{ bind: {listen}, pool: web }}\n\
+         pools:\n  web:\n    backends:\n      - {{ name: b1, address: {b1} }}\n",
+        data = data.path().display(),
+        b1 = backends[0].1,
+    );
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let file = tmp.path().join("self.yaml");
+    std::fs::write(&file, &yaml).expect("write");
+    let (code, _, stderr) = check(&file);
+    assert_eq!(
+        code, 0,
+        "the static check must pass for this test: {stderr}"
+    );
+
+    let mut node = Raftlb::spawn(&yaml, admin);
+    let refused = format!(
+        "peers[2] at 127.0.0.2:{port} answered as node 1: two replicas share node_id 1, or peers is wrong"
+    );
+    assert!(
+        blocking(|| eventually(Duration::from_secs(15), || node.log().contains(&refused))),
+        "the client names the problem:\n{}",
+        node.log()
+    );
+    assert!(
+        node.log().contains("this replica's own node_id"),
+        "the replica refuses a request from itself:\n{}",
+        node.log()
+    );
+    // Several bootstrap rounds (one per election_timeout) later: still nothing.
+    std::thread::sleep(Duration::from_secs(4));
+    let (code, reply) = blocking(|| json(admin, "POST", "/api/v1/pools/web/backends/b1/drain", ""));
+    assert_eq!(
+        code,
+        503,
+        "a write must not commit: {reply}\n{}",
+        node.log()
+    );
+    assert_eq!(status(admin)["cluster"]["leader_id"], Value::Null);
+    assert!(
+        !node.log().contains("cluster initialised"),
+        "{}",
+        node.log()
+    );
+    let refusals: f64 = node
+        .metrics()
+        .lines()
+        .filter(|l| {
+            l.starts_with("raftlb_peer_rpc_errors_total{")
+                && l.contains("kind=\"refused\"")
+                && l.contains("peer=\"2\"")
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert!(refusals >= 1.0, "{}", node.metrics());
+    assert!(
+        node.child.try_wait().expect("try_wait").is_none(),
+        "a refusal is not fatal:\n{}",
+        node.log()
+    );
+}
+
 fn ctl(admin: SocketAddr, args: &[&str]) -> (i32, String, String) {
     let server = format!("http://{admin}");
     let mut all = vec!["ctl", "--server", &server];

@@ -103,6 +103,44 @@ fn every_example_config_passes_check() {
     }
 }
 
+/// The user's report: three copies of config/cluster-loopback.yaml, the second with
+/// its ports, name and data_dir changed but `node_id: 1` left as it was.
+#[test]
+fn a_copied_config_that_keeps_node_id_1_is_refused_by_check_and_run() {
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/cluster-loopback.yaml");
+    let text = std::fs::read_to_string(&example).expect("read the example");
+    let second = text
+        .replace("name: lb-1", "name: lb-2")
+        .replace("bind: 127.0.0.1:9091", "bind: 127.0.0.1:9092")
+        .replace("bind: 127.0.0.1:7401", "bind: 127.0.0.1:7402")
+        .replace("/tmp/raftlb-1", "/tmp/raftlb-2")
+        .replace("bind: 127.0.0.1:16443", "bind: 127.0.0.1:16444");
+    assert_eq!(
+        second.matches("127.0.0.1:7402").count(),
+        2,
+        "the example changed: the test no longer makes replica 2's copy\n{second}"
+    );
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let file = tmp.path().join("lb-2.yaml");
+    std::fs::write(&file, &second).expect("write");
+    let line = second
+        .lines()
+        .position(|l| l.trim_start().starts_with("node_id:"))
+        .expect("node_id line")
+        + 1;
+    let field = format!("lb-2.yaml:{line}:12: cluster.node_id: node_id is 1");
+
+    let (code, stdout, stderr) = check(&file);
+    assert_eq!(code, 2, "{stdout}{stderr}");
+    assert!(
+        stderr.contains(&field) && stderr.contains("peers[2]"),
+        "{stderr}"
+    );
+    let (code, _, stderr) = raftlb_cmd(&["run", "--config", file.to_str().expect("utf-8")]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains(&field), "{stderr}");
+}
+
 #[test]
 fn check_prints_defaults_filled_in() {
     let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/valid/minimal.yaml");

@@ -123,11 +123,11 @@ pub struct Cluster {
     pub bind: Spanned<BindAddr>,
     /// Defaults to this node's entry in `peers`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub advertise: Option<HostPort>,
+    pub advertise: Option<Spanned<HostPort>>,
     #[serde(default = "default_data_dir")]
     pub data_dir: PathBuf,
     #[serde(default = "default_peers")]
-    pub peers: Spanned<BTreeMap<u64, HostPort>>,
+    pub peers: Spanned<BTreeMap<u64, Spanned<HostPort>>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<PeerTls>,
     #[serde(default = "default_heartbeat")]
@@ -152,7 +152,7 @@ fn default_peer_bind() -> Spanned<BindAddr> {
 fn default_data_dir() -> PathBuf {
     PathBuf::from("/var/lib/raftlb")
 }
-fn default_peers() -> Spanned<BTreeMap<u64, HostPort>> {
+fn default_peers() -> Spanned<BTreeMap<u64, Spanned<HostPort>>> {
     unplaced(BTreeMap::new())
 }
 fn default_heartbeat() -> Spanned<Dur> {

@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use serde_saphyr::{Location, Spanned};
 
-use super::schema::{Config, InitialState, StoreKind, TlsMode};
-use super::types::Dur;
+use super::schema::{Cluster, Config, InitialState, StoreKind, TlsMode};
+use super::types::{Dur, HostPort};
 use super::{Issue, Place};
 
 /// Errors and warnings found in one config.
@@ -143,6 +143,7 @@ fn validate_cluster(config: &Config, f: &mut Findings) {
             "peer id 0 is not valid: ids start at 1",
         );
     }
+    validate_peer_addresses(c, f);
     let n = peers.len();
     if n > 0 && n % 2 == 0 {
         let quorum = n / 2 + 1;
@@ -203,6 +204,87 @@ fn validate_cluster(config: &Config, f: &mut Findings) {
             );
         }
         _ => {}
+    }
+}
+
+/// SPEC.md "Cluster identity": this replica is `peers[node_id]` and no other entry,
+/// and no two entries share an address; otherwise one process answers for two ids
+/// and counts itself twice towards a quorum.
+fn validate_peer_addresses(c: &Cluster, f: &mut Findings) {
+    let peers = &c.peers.value;
+    let mut seen: Vec<(u64, &HostPort)> = Vec::new();
+    for (id, addr) in peers {
+        if let Some((first, same)) = seen.iter().find(|(_, a)| same_address(a, &addr.value)) {
+            f.error(
+                at(addr),
+                format!("cluster.peers.{id}"),
+                format!(
+                    "{} is also peers[{first}] ({same}): each replica needs its own address, or the one listening there answers for both ids and counts twice towards the quorum",
+                    addr.value
+                ),
+            );
+        }
+        seen.push((*id, &addr.value));
+    }
+
+    let id = c.node_id.value;
+    let Some(mine) = peers.get(&id) else {
+        return; // reported above for initial_state: new; a joining replica may be unlisted
+    };
+    // What this replica says it is: advertise, else a bind that names one address
+    // (a hostname in peers may well resolve to the bind address).
+    let (field, place, own) = match &c.advertise {
+        Some(a) => ("cluster.advertise", at(a), a.value.clone()),
+        None if c.bind.value.0.ip().is_unspecified() => return,
+        None if matches!(mine.value, HostPort::Name(..)) => return,
+        None => ("cluster.bind", at(&c.bind), HostPort::Ip(c.bind.value.0)),
+    };
+    if same_address(&own, &mine.value) {
+        return;
+    }
+    let taken = peers
+        .iter()
+        .find(|(other, a)| **other != id && same_address(&own, &a.value));
+    match taken {
+        Some((other, _)) => f.error(
+            at(&c.node_id),
+            "cluster.node_id",
+            format!(
+                "node_id is {id}, but {field} {own} is peers[{other}] (peers[{id}] is {}): two replicas would share node_id {id}, and one would count itself twice towards the quorum; set node_id: {other}, or fix {field}",
+                mine.value
+            ),
+        ),
+        None => {
+            let fix = match field {
+                "cluster.advertise" => format!(
+                    "make them the same (advertise may be left out: it defaults to peers[{id}])"
+                ),
+                _ => format!(
+                    "fix cluster.bind or peers[{id}], or set cluster.advertise: {} if the peers reach this replica there (NAT)",
+                    mine.value
+                ),
+            };
+            f.error(
+                place,
+                field,
+                format!(
+                    "{own} is not peers[{id}] ({}), this replica's entry for node_id {id}: {fix}",
+                    mine.value
+                ),
+            );
+        }
+    }
+}
+
+/// Whether two peer addresses are the same: IPs as parsed (an IPv4-mapped IPv6
+/// address is its IPv4 address), hostnames as written (they are lowercased).
+fn same_address(a: &HostPort, b: &HostPort) -> bool {
+    match (a, b) {
+        (HostPort::Ip(a), HostPort::Ip(b)) => {
+            a.ip().to_canonical() == b.ip().to_canonical() && a.port() == b.port()
+        }
+        (HostPort::Name(a, p), HostPort::Name(b, q)) => a == b && p == q,
+        _ => false,
     }
 }
 
@@ -524,5 +606,24 @@ impl Place {
                 column: loc.column(),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peer_addresses_compare_as_parsed_ips_or_as_written_names() {
+        let same = |a: &str, b: &str| {
+            same_address(&a.parse().expect("address"), &b.parse().expect("address"))
+        };
+        assert!(same("10.0.0.1:7400", "10.0.0.1:7400"));
+        assert!(same("[::ffff:10.0.0.1]:7400", "10.0.0.1:7400"));
+        assert!(same("[0:0::1]:7400", "[::1]:7400"));
+        assert!(same("LB-1.example:7400", "lb-1.example:7400"));
+        assert!(!same("10.0.0.1:7400", "10.0.0.1:7401"));
+        assert!(!same("localhost:7400", "127.0.0.1:7400"));
+        assert!(!same("lb-1:7400", "lb-1.example:7400"));
     }
 }

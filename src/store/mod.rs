@@ -191,6 +191,7 @@ impl Node {
                 .value
                 .get()
                 .max(Duration::from_millis(500)),
+            logged: Default::default(),
         });
 
         let heartbeat = cluster.heartbeat_interval.value.get();
@@ -218,7 +219,7 @@ impl Node {
             .peers
             .value
             .iter()
-            .map(|(id, addr)| (*id, addr.to_string()))
+            .map(|(id, addr)| (*id, addr.value.to_string()))
             .collect();
         let bind = cluster.bind.value.0;
         let socket = crate::proxy::listener::bind(bind)
@@ -410,7 +411,9 @@ impl Node {
     }
 
     /// Waits for a quorum of `peers` to answer "empty, same cluster_id, same peers",
-    /// then initialises with exactly that membership. Never alone on silence.
+    /// then initialises with exactly that membership. Never alone on silence, and
+    /// never counting this replica twice: only distinct peers that answered as
+    /// themselves count (a reply from another node id is refused by the client).
     async fn bootstrap(self: Arc<Self>) {
         let quorum = self.peers.len() / 2 + 1;
         let mine: Vec<(NodeId, String)> = self.peers.iter().map(|(k, v)| (*k, v.clone())).collect();
@@ -419,7 +422,9 @@ impl Node {
             if self.stop.is_cancelled() || self.raft().is_initialized().await.unwrap_or(true) {
                 return;
             }
-            let mut ready = 1; // this replica: empty, same cluster_id, same peers
+            // This replica (empty, same cluster_id, same peers), then each peer that
+            // answered as itself.
+            let mut ready = BTreeSet::from([self.id]);
             for (peer, addr) in &self.peers {
                 if *peer == self.id {
                     continue;
@@ -432,6 +437,9 @@ impl Node {
                         tracing::warn!(peer, "bootstrap: {why}");
                         continue;
                     }
+                    // Another node (or this one) answered at its address: the
+                    // client logged it; it does not count.
+                    Err(CallError::WrongNode { .. }) => continue,
                     Err(_) => continue,
                 };
                 if hello.joined.contains(&self.id) {
@@ -459,8 +467,9 @@ impl Node {
                     );
                     continue;
                 }
-                ready += 1;
+                ready.insert(*peer);
             }
+            let ready = ready.len();
             if ready >= quorum {
                 let members: BTreeMap<NodeId, RaftNode> = self
                     .peers

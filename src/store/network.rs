@@ -1,14 +1,18 @@
 //! The peer channel: length-prefixed JSON frames over TCP (mutual TLS optional).
 //!
 //! Every frame is a 4-byte big-endian length and an [`Envelope`] naming the cluster
-//! (cluster_id and UUID) and the sender. A frame from another cluster is refused; a
-//! frame over [`MAX_FRAME`] or one that does not parse closes the connection. One
-//! request at a time per connection: openraft keeps one client per peer and stream.
+//! (cluster_id and UUID) and the sender, requests and replies alike. A frame from
+//! another cluster is refused, and so is a request that claims this replica's own
+//! node_id and a reply from a node other than the one dialled (one process answering
+//! for two ids would count twice towards a quorum); a frame over [`MAX_FRAME`] or
+//! one that does not parse closes the connection. One request at a time per
+//! connection: openraft keeps one client per peer and stream.
 
+use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::{Arc, RwLock};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use openraft::error::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
 use openraft::network::{RPCOption, RaftNetworkFactory, v2::RaftNetworkV2};
@@ -35,7 +39,10 @@ pub const MAX_FRAME: usize = 16 << 20;
 /// How long an accepted connection may take to send a frame before it is closed.
 const IDLE: Duration = Duration::from_secs(300);
 
-/// Who is talking: sent with every frame, checked by the receiver.
+/// A misconfiguration seen on every heartbeat is logged once per this long.
+const LOG_AGAIN_AFTER: Duration = Duration::from_secs(10);
+
+/// Who is talking: sent with every frame, request or reply, and checked on receipt.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Envelope<T> {
     pub cluster_id: String,
@@ -96,6 +103,17 @@ impl Identity {
             )),
             _ => None,
         }
+    }
+
+    /// Why a request `e` that claims to come from this replica itself is refused.
+    fn refuse_own_id<T>(&self, e: &Envelope<T>) -> Option<String> {
+        (e.from == self.node_id).then(|| {
+            format!(
+                "a request claims to come from node {id}, this replica's own node_id: \
+                 two replicas share node_id {id}, or a peers entry points at this replica",
+                id = e.from
+            )
+        })
     }
 }
 
@@ -196,6 +214,15 @@ pub enum CallError {
     Io(String),
     #[error("refused: {0}")]
     Refused(String),
+    /// Another node answered at the dialled peer's address.
+    #[error(
+        "peers[{dialled}] at {addr} answered as node {answered}: two replicas share node_id {answered}, or peers is wrong"
+    )]
+    WrongNode {
+        dialled: NodeId,
+        addr: String,
+        answered: NodeId,
+    },
 }
 
 impl CallError {
@@ -203,7 +230,7 @@ impl CallError {
         match self {
             CallError::Connect(_) => "connect",
             CallError::Io(_) => "io",
-            CallError::Refused(_) => "refused",
+            CallError::Refused(_) | CallError::WrongNode { .. } => "refused",
         }
     }
 }
@@ -251,6 +278,27 @@ pub struct Net {
     pub identity: Arc<Identity>,
     pub tls: Option<Tls>,
     pub connect_timeout: Duration,
+    pub logged: LoggedRecently,
+}
+
+/// Log lines that would repeat on every heartbeat, and when each was last written.
+#[derive(Default)]
+pub struct LoggedRecently(Mutex<HashMap<String, Instant>>);
+
+impl LoggedRecently {
+    /// True when `line` was not logged within [`LOG_AGAIN_AFTER`]; notes it as logged.
+    fn due(&self, line: &str) -> bool {
+        let Ok(mut logged) = self.0.lock() else {
+            return true;
+        };
+        let now = Instant::now();
+        logged.retain(|_, at| now.duration_since(*at) < LOG_AGAIN_AFTER);
+        if logged.contains_key(line) {
+            return false;
+        }
+        logged.insert(line.to_string(), now);
+        true
+    }
 }
 
 async fn read_frame(stream: &mut (impl AsyncRead + Unpin)) -> io::Result<Vec<u8>> {
@@ -333,6 +381,12 @@ impl PeerClient {
         let result = self.call_inner(body, timeout).await;
         if let Err(e) = &result {
             self.conn = None;
+            if let CallError::WrongNode { .. } = e {
+                let line = e.to_string();
+                if self.net.logged.due(&line) {
+                    tracing::error!("{line}");
+                }
+            }
             metrics::counter!(m::PEER_RPC_ERRORS_TOTAL, "peer" => self.target.to_string(), "kind" => e.kind())
                 .increment(1);
         }
@@ -364,6 +418,13 @@ impl PeerClient {
             .map_err(|e| CallError::Io(format!("{}: malformed reply: {e}", self.addr)))?;
         if let Some(why) = self.net.identity.refuse(&reply) {
             return Err(CallError::Refused(why));
+        }
+        if reply.from != self.target {
+            return Err(CallError::WrongNode {
+                dialled: self.target,
+                addr: self.addr.clone(),
+                answered: reply.from,
+            });
         }
         self.conn = Some(conn);
         match reply.body {
@@ -443,12 +504,16 @@ async fn connection<H: Handler>(mut stream: Stream, peer: SocketAddr, net: &Net,
                 return;
             }
         };
-        let reply = match net.identity.refuse(&request) {
-            Some(why) => {
-                tracing::warn!(%peer, "peer refused: {why}");
-                Reply::Error(format!("refused: {why}"))
+        let reply = if let Some(why) = net.identity.refuse(&request) {
+            tracing::warn!(%peer, "peer refused: {why}");
+            Reply::Error(format!("refused: {why}"))
+        } else if let Some(why) = net.identity.refuse_own_id(&request) {
+            if net.logged.due(&why) {
+                tracing::error!(%peer, "peer refused: {why}");
             }
-            None => handler.handle(request.from, request.body).await,
+            Reply::Error(format!("refused: {why}"))
+        } else {
+            handler.handle(request.from, request.body).await
         };
         let bytes = match serde_json::to_vec(&net.identity.wrap(reply)) {
             Ok(bytes) => bytes,
@@ -662,5 +727,80 @@ mod tests {
         e.uuid = Some(ours);
         e.cluster_id = "test".into();
         assert!(me.refuse(&e).is_some());
+    }
+
+    /// Answers every request that passes the envelope checks with `Ok`.
+    struct Answer;
+
+    impl Handler for Answer {
+        async fn handle(&self, _from: NodeId, _request: Request) -> Reply {
+            Reply::Ok
+        }
+    }
+
+    fn net(node_id: NodeId) -> Arc<Net> {
+        Arc::new(Net {
+            identity: Arc::new(Identity::new("prod".into(), node_id, None)),
+            tls: None,
+            connect_timeout: Duration::from_secs(2),
+            logged: LoggedRecently::default(),
+        })
+    }
+
+    #[tokio::test]
+    async fn a_replica_refuses_its_own_node_id_and_a_client_the_wrong_node() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr").to_string();
+        let stop = CancellationToken::new();
+        tokio::spawn(serve(listener, net(1), Arc::new(Answer), stop.clone()));
+        let timeout = Duration::from_secs(5);
+
+        let mut right = PeerClient::new(net(3), 1, addr.clone());
+        assert!(matches!(
+            right.call(Request::Hello, timeout).await,
+            Ok(Reply::Ok)
+        ));
+
+        // Node 3's peers say node 2 is at node 1's address.
+        let mut wrong = PeerClient::new(net(3), 2, addr.clone());
+        let err = wrong
+            .call(Request::Hello, timeout)
+            .await
+            .expect_err("node 1 answered for node 2");
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "peers[2] at {addr} answered as node 1: two replicas share node_id 1, or peers is wrong"
+            )
+        );
+        assert_eq!(err.kind(), "refused");
+
+        // Node 1 reaching itself as node 2: its own server refuses the request, and
+        // the client the reply.
+        let mut itself = PeerClient::new(net(1), 2, addr.clone());
+        let err = itself
+            .call(Request::Hello, timeout)
+            .await
+            .expect_err("refused");
+        assert!(
+            matches!(err, CallError::WrongNode { answered: 1, .. }),
+            "{err}"
+        );
+
+        // A request claiming the server's own id never reaches the handler.
+        let mut impostor = PeerClient::new(net(1), 1, addr.clone());
+        match impostor.call(Request::Hello, timeout).await {
+            Err(CallError::Refused(why)) => assert!(why.contains("own node_id"), "{why}"),
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+        stop.cancel();
+    }
+
+    #[test]
+    fn a_repeated_line_is_logged_once_per_interval() {
+        let logged = LoggedRecently::default();
+        assert!(logged.due("a"));
+        assert!(!logged.due("a"));
+        assert!(logged.due("b"));
     }
 }

@@ -191,10 +191,10 @@ pub fn supported(config: &Config) -> Result<(), String> {
             );
         }
     }
-    if let Some(cluster) = &config.cluster {
-        if cluster.store.value != config::schema::StoreKind::Embedded {
-            missing.push("cluster.store: etcd; use store: embedded".to_string());
-        }
+    if let Some(cluster) = &config.cluster
+        && cluster.store.value != config::schema::StoreKind::Embedded
+    {
+        missing.push("cluster.store: etcd; use store: embedded".to_string());
     }
     if missing.is_empty() {
         Ok(())

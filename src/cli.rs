@@ -104,6 +104,24 @@ pub enum CtlCommand {
     /// A consistent backup of the store (cluster mode), like `etcdctl snapshot save`.
     #[command(subcommand)]
     Snapshot(CtlSnapshotCommand),
+    /// The active replica (leader election).
+    #[command(subcommand)]
+    Leader(LeaderCommand),
+    /// Raft itself.
+    #[command(subcommand)]
+    Raft(RaftCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum LeaderCommand {
+    /// Planned hand-over of the active role, to node ID or to any standby.
+    Transfer { id: Option<u64> },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RaftCommand {
+    /// Move Raft leadership alone to node ID (like `etcdctl move-leader`).
+    MoveLeader { id: u64 },
 }
 
 #[derive(Debug, Subcommand)]

@@ -15,7 +15,8 @@ use tokio::net::TcpStream;
 
 use crate::app::{EXIT_CONFIG, EXIT_RUNTIME};
 use crate::cli::{
-    BackendCommand, ConfigCommand, CtlArgs, CtlCommand, CtlSnapshotCommand, MemberCommand, Output,
+    BackendCommand, ConfigCommand, CtlArgs, CtlCommand, CtlSnapshotCommand, LeaderCommand,
+    MemberCommand, Output, RaftCommand,
 };
 
 const TIMEOUT: Duration = Duration::from_secs(10);
@@ -87,6 +88,26 @@ async fn ctl(args: &CtlArgs) -> Result<String, CtlError> {
             };
             (client.call(method, &path, body).await?, members_table)
         }
+        CtlCommand::Leader(LeaderCommand::Transfer { id }) => (
+            client
+                .call(
+                    Method::POST,
+                    "/api/v1/leader/transfer",
+                    Some(json!({ "to": id })),
+                )
+                .await?,
+            transfer_line,
+        ),
+        CtlCommand::Raft(RaftCommand::MoveLeader { id }) => (
+            client
+                .call(
+                    Method::POST,
+                    "/api/v1/raft/move-leader",
+                    Some(json!({ "to": id })),
+                )
+                .await?,
+            |v: &Value| format!("Raft leadership moved to node {}\n", text(&v["to"])),
+        ),
         CtlCommand::Config(ConfigCommand::Get) => (
             client.call(Method::GET, "/api/v1/config", None).await?,
             text_body,
@@ -347,6 +368,20 @@ where
     Ok((status, bytes))
 }
 
+fn transfer_line(v: &Value) -> String {
+    let lease = &v["lease"];
+    format!(
+        "lease released by the active; now {} (epoch {}, version {})\n",
+        match (lease["holder"].as_u64(), lease["instance"].is_null()) {
+            (None, _) => "free for any standby".to_string(),
+            (Some(h), true) => format!("handed to node {h}"),
+            (Some(h), false) => format!("held by node {h}"),
+        },
+        text(&lease["epoch"]),
+        text(&lease["version"])
+    )
+}
+
 fn status_table(v: &Value) -> String {
     let mut out = String::new();
     let node = &v["node"];
@@ -390,10 +425,12 @@ fn status_table(v: &Value) -> String {
     } else {
         let _ = writeln!(
             out,
-            "lease           holder {} epoch {} renewed {} ms ago",
+            "lease           holder {} (node {}) epoch {} renewed {} ms ago, lease {} ms",
             text(&lease["holder"]),
+            text(&lease["holder_id"]),
             text(&lease["epoch"]),
-            text(&lease["renewed_ms_ago"])
+            text(&lease["renewed_ms_ago"]),
+            text(&lease["lease_duration_ms"])
         );
     }
     out

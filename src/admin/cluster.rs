@@ -332,6 +332,81 @@ pub async fn config(state: &State, node: &Node, req: Request<Incoming>) -> Reply
     }
 }
 
+#[derive(serde::Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct Target {
+    #[serde(default)]
+    to: Option<u64>,
+}
+
+/// Reads `{"to": N}` (optional unless `required`) from a POST; an empty body is `{}`.
+async fn read_target(req: Request<Incoming>, path: &str, required: bool) -> Result<Target, Reply> {
+    if req.method() != Method::POST {
+        return Err(error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            &format!("{} is not allowed on {path}: use POST", req.method()),
+        ));
+    }
+    let body = http_body_util::Limited::new(req.into_body(), super::MAX_BODY)
+        .collect()
+        .await
+        .map_err(|e| {
+            error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                &format!("cannot read the body: {e}"),
+            )
+        })?
+        .to_bytes();
+    let target = if body.iter().all(u8::is_ascii_whitespace) {
+        Target::default()
+    } else {
+        serde_json::from_slice(&body)
+            .map_err(|e| error(StatusCode::BAD_REQUEST, &format!("invalid JSON body: {e}")))?
+    };
+    if required && target.to.is_none() {
+        return Err(error(
+            StatusCode::BAD_REQUEST,
+            "say which node: {\"to\": ID}",
+        ));
+    }
+    Ok(target)
+}
+
+/// `POST /api/v1/leader/transfer {"to": N}`: forwarded to the active, which gives
+/// the lease to N (or any standby) in rule 5's order.
+pub async fn leader_transfer(state: &State, node: &Node, req: Request<Incoming>) -> Reply {
+    let target = match read_target(req, "/api/v1/leader/transfer", false).await {
+        Ok(t) => t,
+        Err(reply) => return reply,
+    };
+    tracing::info!(to = ?target.to, "admin: leader transfer");
+    match node.transfer_lease(target.to).await {
+        Ok(()) => {
+            let lease = node.applied().borrow().state.lease.clone();
+            json_reply(
+                StatusCode::OK,
+                &json!({"transferred": true, "to": target.to, "lease": lease}),
+            )
+        }
+        Err(e) => written(state, Err(e), StatusCode::OK),
+    }
+}
+
+/// `POST /api/v1/raft/move-leader {"to": N}`: Raft leadership alone (etcdctl's
+/// move-leader), e.g. before maintenance.
+pub async fn move_leader(state: &State, node: &Node, req: Request<Incoming>) -> Reply {
+    let target = match read_target(req, "/api/v1/raft/move-leader", true).await {
+        Ok(Target { to: Some(to) }) => to,
+        Ok(_) => return error(StatusCode::BAD_REQUEST, "say which node: {\"to\": ID}"),
+        Err(reply) => return reply,
+    };
+    tracing::info!(to = target, "admin: move Raft leadership");
+    match node.move_leader(target).await {
+        Ok(_) => json_reply(StatusCode::OK, &json!({"moved": true, "to": target})),
+        Err(e) => written(state, Err(e), StatusCode::OK),
+    }
+}
+
 /// `/api/v1/members[/{id}[/promote]]`.
 pub async fn members(state: &State, node: &Node, req: Request<Incoming>, rest: &str) -> Reply {
     let parts: Vec<&str> = rest.split('/').filter(|p| !p.is_empty()).collect();

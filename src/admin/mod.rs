@@ -122,13 +122,26 @@ async fn route(state: &State, req: Request<Incoming>) -> Reply {
         _ => match (&state.cluster, path) {
             (Some(node), "/api/v1/config") => cluster::config(state, node, req).await,
             (Some(node), "/api/v1/snapshot") => cluster::snapshot(state, node, req).await,
+            (Some(node), "/api/v1/leader/transfer") => {
+                cluster::leader_transfer(state, node, req).await
+            }
+            (Some(node), "/api/v1/raft/move-leader") => {
+                cluster::move_leader(state, node, req).await
+            }
             (Some(node), _)
                 if path == "/api/v1/members" || path.starts_with("/api/v1/members/") =>
             {
                 let rest = path.trim_start_matches("/api/v1/members").to_string();
                 cluster::members(state, node, req, &rest).await
             }
-            (None, "/api/v1/config" | "/api/v1/members" | "/api/v1/snapshot") => error(
+            (
+                None,
+                "/api/v1/config"
+                | "/api/v1/members"
+                | "/api/v1/snapshot"
+                | "/api/v1/leader/transfer"
+                | "/api/v1/raft/move-leader",
+            ) => error(
                 StatusCode::NOT_FOUND,
                 &format!(
                     "{path} exists in cluster mode only: this replica is standalone (no cluster: section)"
@@ -263,11 +276,27 @@ fn status(state: &State) -> Value {
             "id": state.cluster.as_ref().map(|n| n.id),
             "version": env!("CARGO_PKG_VERSION"),
         },
-        "role": if state.is_ready() { "active" } else { "standby" },
+        "role": state.role().as_str(),
         "config_version": state.config_version(),
         "config_apply_errors": errors,
         "cluster": state.cluster.as_ref().map_or(Value::Null, |n| cluster::status(n)),
-        "lease": Value::Null,
+        "lease": state.election_status().map_or(Value::Null, |s| lease_json(&s)),
+    })
+}
+
+/// SPEC.md's `lease` of `/api/v1/status`, with the record's epoch and version.
+fn lease_json(s: &crate::election::Status) -> Value {
+    let r = &s.record;
+    json!({
+        "holder_id": r.holder,
+        "holder": if r.holder.is_some() { Value::from(r.holder_name.clone()) } else { Value::Null },
+        "handed_over": r.holder.is_some() && r.instance.is_none(),
+        "epoch": r.epoch,
+        "version": r.version,
+        "renewed_ms_ago": u64::try_from(s.renewed_ago().as_millis()).unwrap_or(u64::MAX),
+        "lease_duration_ms": u64::try_from(s.lease_duration.as_millis()).unwrap_or(u64::MAX),
+        "holder_lease_duration_ms": r.lease_duration_ms,
+        "this_replica_epoch": s.epoch,
     })
 }
 

@@ -177,6 +177,10 @@ impl Elector {
         self.epoch
     }
 
+    pub fn instance(&self) -> &str {
+        &self.me.instance
+    }
+
     pub fn settings(&self) -> Settings {
         self.settings
     }

@@ -14,8 +14,8 @@ use tokio::task::JoinSet;
 use crate::clock;
 use crate::metrics as m;
 use crate::proxy::gate::Gate;
-use crate::store::Node;
 use crate::store::types::{Command, Lease, NodeId, Outcome};
+use crate::store::{LeaseTransfer, Node};
 use lease::{Action, CasResult, Elector, Me, Role, Settings};
 
 /// What the process and the admin API see of the election.
@@ -45,6 +45,7 @@ enum Request {
     },
     Fault(String),
     Settings(Settings),
+    Transfer(LeaseTransfer),
 }
 
 /// The running election of this replica.
@@ -76,6 +77,15 @@ impl Election {
         let (requests, inbox) = mpsc::unbounded_channel();
         let elector = Elector::new(me, settings, record, now, fastrand::u64(..));
         metrics::gauge!(m::LEADER_ELECTION_IS_ACTIVE).set(0.0);
+        // Transfers sent to this replica by others (rule 6: only the holder gives it away).
+        if let Some(mut transfers) = node.serve_lease_transfers() {
+            let requests = requests.clone();
+            tokio::spawn(async move {
+                while let Some(t) = transfers.recv().await {
+                    let _ = requests.send(Request::Transfer(t));
+                }
+            });
+        }
         tokio::spawn(drive(node, elector, gate, publish, inbox));
         Election { status, requests }
     }
@@ -119,6 +129,7 @@ async fn drive(
     let mut applied = node.applied();
     let mut writes: JoinSet<(u64, CasResult)> = JoinSet::new();
     let mut releases: Vec<oneshot::Sender<()>> = Vec::new();
+    let mut transfers: Vec<oneshot::Sender<Result<(), String>>> = Vec::new();
     loop {
         let now = clock::now();
         while let Some(action) = elector.poll(now) {
@@ -184,6 +195,14 @@ async fn drive(
                     for done in releases.drain(..) {
                         let _ = done.send(());
                     }
+                    let outcome = if elector.record().0.held_by(node.id, elector.instance()) {
+                        Err("the release did not commit before the term ended".to_string())
+                    } else {
+                        Ok(())
+                    };
+                    for done in transfers.drain(..) {
+                        let _ = done.send(outcome.clone());
+                    }
                 }
             }
         }
@@ -225,6 +244,15 @@ async fn drive(
                 }
                 Some(Request::Fault(why)) => elector.fault(why, clock::now()),
                 Some(Request::Settings(settings)) => elector.set_settings(settings),
+                Some(Request::Transfer(t)) => {
+                    if elector.role() == Role::Active {
+                        tracing::info!(to = ?t.to, "transferring the lease");
+                        transfers.push(t.done);
+                        elector.release(t.to, false, clock::now());
+                    } else {
+                        let _ = t.done.send(Err(format!("node {} is not the active replica", node.id)));
+                    }
+                }
                 None => return,
             },
             () = tokio::time::sleep(wake) => {}

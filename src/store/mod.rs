@@ -88,6 +88,13 @@ pub enum WriteError {
     Invalid(String),
 }
 
+/// A request to give the lease away, handed to whoever serves them here (the
+/// election, when it runs).
+pub struct LeaseTransfer {
+    pub to: Option<NodeId>,
+    pub done: tokio::sync::oneshot::Sender<Result<(), String>>,
+}
+
 /// One replica of the Raft group.
 pub struct Node {
     pub id: NodeId,
@@ -115,6 +122,8 @@ pub struct Node {
     forwarders: std::sync::Mutex<Vec<(PeerClient, std::time::Instant)>>,
     /// When the leader's last AppendEntries (heartbeat) arrived here.
     leader_contact: std::sync::Mutex<Option<std::time::Instant>>,
+    /// Where lease transfers sent to this replica go (set by the election).
+    lease_transfers: std::sync::OnceLock<tokio::sync::mpsc::UnboundedSender<LeaseTransfer>>,
     pub stop: CancellationToken,
 }
 
@@ -244,6 +253,7 @@ impl Node {
             fatal,
             forwarders: std::sync::Mutex::new(Vec::new()),
             leader_contact: std::sync::Mutex::new(None),
+            lease_transfers: std::sync::OnceLock::new(),
             stop: CancellationToken::new(),
         });
         tokio::spawn(network::serve(socket, net, node.clone(), node.stop.clone()));
@@ -762,6 +772,75 @@ impl Node {
         self.committed(Request::MoveLeader { to }).await
     }
 
+    /// Lease transfers sent to this replica, for the election to serve; `None` if
+    /// someone serves them already.
+    pub fn serve_lease_transfers(
+        &self,
+    ) -> Option<tokio::sync::mpsc::UnboundedReceiver<LeaseTransfer>> {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        self.lease_transfers.set(tx).ok().map(|()| rx)
+    }
+
+    /// `POST /api/v1/leader/transfer`: asks the lease's holder, wherever it runs,
+    /// to give the lease to `to` (any standby: `None`); returns once it did.
+    pub async fn transfer_lease(&self, to: Option<NodeId>) -> Result<(), WriteError> {
+        let lease = self.applied.borrow().state.lease.clone();
+        let metrics = self.metrics();
+        let membership = metrics.membership_config.membership();
+        let Some(holder) = lease.holder.filter(|_| lease.instance.is_some()) else {
+            return Err(WriteError::NotProposed(
+                "no replica holds the lease right now; nothing was changed".into(),
+            ));
+        };
+        if let Some(to) = to {
+            if !membership.voter_ids().any(|v| v == to) {
+                return Err(WriteError::Invalid(format!("node {to} is not a voter")));
+            }
+            if to == holder {
+                return Err(WriteError::Invalid(format!(
+                    "node {to} is the active replica already"
+                )));
+            }
+        }
+        if holder == self.id {
+            return self
+                .transfer_here(to)
+                .await
+                .map_err(WriteError::NotProposed);
+        }
+        let Some(addr) = membership.get_node(&holder).map(|n| n.addr.clone()) else {
+            return Err(WriteError::NotProposed(format!(
+                "the lease's holder, node {holder}, is not a member"
+            )));
+        };
+        let mut client = PeerClient::new(self.net.clone(), holder, addr);
+        match client
+            .call(Request::TransferLease { to }, WRITE_TIMEOUT * 3)
+            .await
+        {
+            Ok(Reply::Ok) => Ok(()),
+            Ok(Reply::Error(e)) => Err(WriteError::NotProposed(e)),
+            Ok(other) => Err(WriteError::Unknown(format!("unexpected reply: {other:?}"))),
+            Err(e @ (CallError::Connect(_) | CallError::Refused(_))) => Err(
+                WriteError::NotProposed(format!("cannot reach the active, node {holder}: {e}")),
+            ),
+            Err(e) => Err(WriteError::Unknown(format!("node {holder}: {e}"))),
+        }
+    }
+
+    async fn transfer_here(&self, to: Option<NodeId>) -> Result<(), String> {
+        let Some(serve) = self.lease_transfers.get() else {
+            return Err(format!("leader election is off on node {}", self.id));
+        };
+        let (done, result) = tokio::sync::oneshot::channel();
+        serve
+            .send(LeaseTransfer { to, done })
+            .map_err(|_| "the election stopped".to_string())?;
+        result
+            .await
+            .map_err(|_| "the election stopped".to_string())?
+    }
+
     /// Shutdown: a leader hands Raft leadership to another voter and waits (up to
     /// two election timeouts) for it to take over, so the cluster does not wait
     /// for an election.
@@ -1103,6 +1182,10 @@ impl network::Handler for Node {
                 }
                 reply
             }
+            Request::TransferLease { to } => match self.transfer_here(to).await {
+                Ok(()) => Reply::Ok,
+                Err(e) => Reply::Error(e),
+            },
             Request::Write { .. }
             | Request::Manage(_)
             | Request::Read

@@ -166,6 +166,11 @@ pub enum Request {
         command: Command,
         deadline_ms: u64,
     },
+    /// "Give the lease to `to` (any standby: `None`)": sent to the lease's holder,
+    /// which alone may give it away (rule 6).
+    TransferLease {
+        to: Option<NodeId>,
+    },
     /// "Hand Raft leadership to node `to`": sent to the leader (openraft's transfer
     /// works only there), by the active replica at takeover or by `move-leader`.
     MoveLeader {

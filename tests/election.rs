@@ -1,0 +1,378 @@
+//! Leader election with real `raftlb run` processes on loopback (`standby:
+//! close_listeners`): exactly one replica accepts; kill -9 of the active, as Raft
+//! leader and not; SIGSTOP past the lease then SIGCONT; SIGTERM hand-over; planned
+//! transfer; an active cut off from the quorum steps down. Bounds get a second of
+//! slack: speed is the failover benchmark's business.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::Value;
+use tokio::io::AsyncReadExt;
+
+const LEASE: Duration = Duration::from_secs(4);
+const RENEW: Duration = Duration::from_secs(3);
+const RETRY: Duration = Duration::from_millis(500);
+const ELECTION_TIMEOUT: Duration = Duration::from_millis(500);
+const SLACK: Duration = Duration::from_secs(1);
+
+#[derive(Clone, Copy)]
+struct Addrs {
+    admin: SocketAddr,
+    peer: SocketAddr,
+    listen: SocketAddr,
+}
+
+struct Cluster {
+    addrs: Vec<Addrs>,
+    data: Vec<tempfile::TempDir>,
+    backend: SocketAddr,
+}
+
+impl Cluster {
+    async fn new(n: usize) -> Cluster {
+        raise_nofile();
+        Cluster {
+            addrs: (0..n)
+                .map(|_| Addrs {
+                    admin: loopback(),
+                    peer: loopback(),
+                    listen: loopback(),
+                })
+                .collect(),
+            data: (0..n)
+                .map(|_| tempfile::tempdir().expect("tempdir"))
+                .collect(),
+            backend: named_backend("backend").await,
+        }
+    }
+
+    fn yaml(&self, i: usize) -> String {
+        let a = self.addrs[i];
+        let peers: Vec<String> = self
+            .addrs
+            .iter()
+            .enumerate()
+            .map(|(j, p)| format!("{}: {}", j + 1, p.peer))
+            .collect();
+        format!(
+            "node: {{ name: lb-{id} }}\n\
+             admin: {{ bind: {admin} }}\n\
+             runtime: {{ shutdown_grace: 2s }}\n\
+             cluster:\n  cluster_id: election\n  node_id: {id}\n  bind: {peer}\n  data_dir: {data}\n  \
+             peers: {{ {peers} }}\n  heartbeat_interval: 100ms\n  election_timeout: {et}ms\n\
+             leader_election:\n  lease_duration: {lease}ms\n  renew_deadline: {renew}ms\n  retry_period: {retry}ms\n  standby: close_listeners\n\
+             listeners:\n  front: {{ bind: {listen}, pool: web }}\n\
+             pools:\n  web:\n    backends:\n      - {{ name: b, address: {backend} }}\n",
+            id = i + 1,
+            admin = a.admin,
+            peer = a.peer,
+            listen = a.listen,
+            data = self.data[i].path().display(),
+            peers = peers.join(", "),
+            et = ELECTION_TIMEOUT.as_millis(),
+            lease = LEASE.as_millis(),
+            renew = RENEW.as_millis(),
+            retry = RETRY.as_millis(),
+            backend = self.backend,
+        )
+    }
+
+    fn spawn(&self, i: usize) -> Raftlb {
+        Raftlb::spawn(&self.yaml(i), self.addrs[i].admin)
+    }
+
+    /// Starts every replica; waits until exactly one is active; its index.
+    fn start_all(&self) -> (Vec<Raftlb>, usize) {
+        let replicas: Vec<Raftlb> = (0..self.addrs.len()).map(|i| self.spawn(i)).collect();
+        let active = self.one_active(&[], Duration::from_secs(20));
+        (replicas, active)
+    }
+
+    /// Waits until exactly one replica (not among `dead`) says it is active and the
+    /// others, standby; its index.
+    fn one_active(&self, dead: &[usize], within: Duration) -> usize {
+        let mut found = None;
+        let ok = eventually(within, || {
+            let roles: Vec<(usize, String)> = (0..self.addrs.len())
+                .filter(|i| !dead.contains(i))
+                .map(|i| (i, role(self.addrs[i].admin)))
+                .collect();
+            let active: Vec<usize> = roles
+                .iter()
+                .filter(|(_, r)| r == "active")
+                .map(|(i, _)| *i)
+                .collect();
+            found = active.first().copied();
+            active.len() == 1 && roles.iter().all(|(_, r)| r == "active" || r == "standby")
+        });
+        assert!(ok, "no single active replica within {within:?}");
+        found.expect("active")
+    }
+
+    /// Which replicas proxy a new connection right now.
+    async fn accepting(&self, among: &[usize]) -> Vec<usize> {
+        let mut yes = Vec::new();
+        for &i in among {
+            if proxies(self.addrs[i].listen).await {
+                yes.push(i);
+            }
+        }
+        yes
+    }
+}
+
+fn status(addr: SocketAddr) -> Value {
+    match http_get(addr, "/api/v1/status") {
+        Ok((200, body)) => serde_json::from_str(&body).unwrap_or(Value::Null),
+        _ => Value::Null,
+    }
+}
+
+fn role(addr: SocketAddr) -> String {
+    status(addr)["role"].as_str().unwrap_or("down").to_string()
+}
+
+fn epoch(addr: SocketAddr) -> u64 {
+    status(addr)["lease"]["epoch"].as_u64().unwrap_or(0)
+}
+
+fn ready(addr: SocketAddr) -> bool {
+    http_get(addr, "/readyz").is_ok_and(|(code, _)| code == 200)
+}
+
+/// A new connection through `listen` reaches the backend.
+async fn proxies(listen: SocketAddr) -> bool {
+    let attempt = async {
+        let mut s = tokio::net::TcpStream::connect(listen).await.ok()?;
+        let mut line = String::new();
+        let mut buf = [0u8; 64];
+        loop {
+            let n = s.read(&mut buf).await.ok()?;
+            if n == 0 {
+                break;
+            }
+            line.push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+        Some(line)
+    };
+    tokio::time::timeout(Duration::from_secs(2), attempt)
+        .await
+        .ok()
+        .flatten()
+        .is_some_and(|l| l.trim() == "backend")
+}
+
+/// Index of the replica `id` (1-based) in the cluster.
+fn index_of(id: u64) -> usize {
+    id as usize - 1
+}
+
+fn raft_leader(addr: SocketAddr) -> Option<u64> {
+    status(addr)["cluster"]["leader_id"].as_u64()
+}
+
+fn ctl(admin: SocketAddr, args: &[&str]) -> (i32, String, String) {
+    let server = format!("http://{admin}");
+    let mut all = vec!["ctl", "--server", server.as_str()];
+    all.extend_from_slice(args);
+    raftlb_cmd(&all)
+}
+
+/// Waits for a failover after the active `dead` went away at `since`: one other
+/// replica active with a higher epoch, proxying; the time it took.
+async fn failover(c: &Cluster, dead: usize, old_epoch: u64, since: Instant) -> (usize, Duration) {
+    let new = c.one_active(&[dead], LEASE + RETRY + ELECTION_TIMEOUT * 4 + SLACK * 3);
+    let took = since.elapsed();
+    assert_ne!(new, dead);
+    assert!(
+        epoch(c.addrs[new].admin) > old_epoch,
+        "a takeover makes a new epoch"
+    );
+    assert!(proxies(c.addrs[new].listen).await, "the new active proxies");
+    (new, took)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exactly_one_active_accepts_and_a_killed_active_is_replaced() {
+    let c = Cluster::new(3).await;
+    let (mut replicas, active) = blocking(|| c.start_all());
+    let all = [0, 1, 2];
+    assert_eq!(
+        c.accepting(&all).await,
+        vec![active],
+        "only the active accepts"
+    );
+    for i in all {
+        assert_eq!(
+            ready(c.addrs[i].admin),
+            i == active,
+            "/readyz of replica {i}"
+        );
+    }
+    let s = status(c.addrs[active].admin);
+    assert_eq!(s["lease"]["holder_id"], (active + 1) as u64);
+    assert_eq!(s["lease"]["holder"], format!("lb-{}", active + 1));
+    // The active asks for Raft leadership at takeover.
+    assert!(
+        eventually(Duration::from_secs(5), || raft_leader(
+            c.addrs[active].admin
+        ) == Some((active + 1) as u64)),
+        "the active did not become the Raft leader"
+    );
+    let metrics = replicas[active].metrics();
+    assert!(
+        metrics.contains("raftlb_leader_election_is_active 1"),
+        "{metrics}"
+    );
+    let old_epoch = epoch(c.addrs[active].admin);
+
+    replicas[active].signal("KILL");
+    let killed = Instant::now();
+    let (new, took) = failover(&c, active, old_epoch, killed).await;
+    eprintln!("kill -9 of the active (Raft leader): replica {new} active after {took:?}");
+    assert!(
+        took >= LEASE - RETRY * 2,
+        "a standby waited the lease out ({took:?})"
+    );
+    let rest: Vec<usize> = all.into_iter().filter(|i| *i != active).collect();
+    assert_eq!(c.accepting(&rest).await, vec![new]);
+    let log = replicas[new].log();
+    assert!(log.contains("became active"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_active_that_is_not_the_raft_leader_is_replaced() {
+    let c = Cluster::new(3).await;
+    let (mut replicas, active) = blocking(|| c.start_all());
+    assert!(eventually(Duration::from_secs(5), || raft_leader(
+        c.addrs[active].admin
+    ) == Some(
+        (active + 1) as u64
+    )));
+    // Move Raft leadership to a standby, as an operator before maintenance would.
+    let standby = (active + 1) % 3;
+    let to = (standby + 1).to_string();
+    let (code, out, err) = blocking(|| ctl(c.addrs[active].admin, &["raft", "move-leader", &to]));
+    assert_eq!(code, 0, "move-leader: {out}{err}");
+    assert!(
+        eventually(Duration::from_secs(5), || raft_leader(c.addrs[0].admin)
+            == Some((standby + 1) as u64)),
+        "Raft leadership did not move"
+    );
+    assert_eq!(role(c.addrs[active].admin), "active", "the lease stays put");
+    let old_epoch = epoch(c.addrs[active].admin);
+    replicas[active].signal("KILL");
+    let (new, took) = failover(&c, active, old_epoch, Instant::now()).await;
+    eprintln!("kill -9 of the active (not the Raft leader): replica {new} active after {took:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_active_paused_past_its_lease_never_accepts_after_it_resumes() {
+    let c = Cluster::new(3).await;
+    let (replicas, active) = blocking(|| c.start_all());
+    let old_epoch = epoch(c.addrs[active].admin);
+    replicas[active].signal("STOP");
+    let stopped = Instant::now();
+    let (new, _) = failover(&c, active, old_epoch, stopped).await;
+    // The paused process's kernel still completes handshakes into its backlog.
+    let queued = tokio::spawn(proxies(c.addrs[active].listen));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    replicas[active].signal("CONT");
+    assert!(
+        !queued.await.expect("join"),
+        "a client queued while the old active was paused must not be proxied"
+    );
+    assert!(
+        !proxies(c.addrs[active].listen).await,
+        "the resumed old active accepts"
+    );
+    assert!(
+        eventually(Duration::from_secs(5), || role(c.addrs[active].admin)
+            == "standby"),
+        "the resumed old active did not turn standby"
+    );
+    assert_eq!(c.accepting(&[0, 1, 2]).await, vec![new]);
+    let log = replicas[active].log();
+    assert!(log.contains("stepped down"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_hands_the_lease_over_without_waiting_for_it_to_expire() {
+    let c = Cluster::new(3).await;
+    let (mut replicas, active) = blocking(|| c.start_all());
+    let old_epoch = epoch(c.addrs[active].admin);
+    replicas[active].signal("TERM");
+    let sent = Instant::now();
+    let new = c.one_active(&[active], LEASE);
+    let took = sent.elapsed();
+    eprintln!("SIGTERM hand-over: replica {new} active after {took:?}");
+    assert!(
+        took < RETRY + SLACK,
+        "the standby took over after {took:?}: the release was not used"
+    );
+    assert!(epoch(c.addrs[new].admin) > old_epoch);
+    let exit = blocking(|| replicas[active].wait_exit(Duration::from_secs(10)));
+    assert!(exit.is_some_and(|s| s.success()), "exit 0 after SIGTERM");
+    let log = replicas[active].log();
+    assert!(log.contains("released the lease"), "{log}");
+    assert!(proxies(c.addrs[new].listen).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transfer_sent_to_any_replica_moves_the_active_role() {
+    let c = Cluster::new(3).await;
+    let (_replicas, active) = blocking(|| c.start_all());
+    let old_epoch = epoch(c.addrs[active].admin);
+    let target = (active + 2) % 3;
+    let via = (active + 1) % 3;
+    let to = (target + 1).to_string();
+    // Sent to a standby: forwarded to the active, which alone may give it away.
+    let (code, out, err) = blocking(|| ctl(c.addrs[via].admin, &["leader", "transfer", &to]));
+    assert_eq!(code, 0, "leader transfer: {out}{err}");
+    assert!(
+        out.contains(&format!("handed to node {to}")) || out.contains("held by"),
+        "{out}"
+    );
+    let new = c.one_active(&[], Duration::from_secs(5));
+    assert_eq!(new, target, "the chosen replica became active");
+    assert!(epoch(c.addrs[new].admin) > old_epoch);
+    assert!(proxies(c.addrs[target].listen).await);
+    // A transfer to an unknown node is refused and changes nothing.
+    let (code, _, err) = blocking(|| ctl(c.addrs[via].admin, &["leader", "transfer", "9"]));
+    assert_ne!(code, 0);
+    assert!(err.contains("not a voter"), "{err}");
+    assert_eq!(c.one_active(&[], Duration::from_secs(2)), target);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_active_cut_off_from_the_quorum_steps_down_within_its_renew_deadline() {
+    let c = Cluster::new(3).await;
+    let (replicas, active) = blocking(|| c.start_all());
+    let others: Vec<usize> = (0..3).filter(|i| *i != active).collect();
+    for &i in &others {
+        replicas[i].signal("STOP");
+    }
+    let cut = Instant::now();
+    assert!(
+        eventually(RENEW + SLACK * 2, || role(c.addrs[active].admin)
+            == "standby"),
+        "the survivor is still active after {:?}",
+        cut.elapsed()
+    );
+    let took = cut.elapsed();
+    eprintln!("survivor stepped down after {took:?}");
+    assert!(took <= RENEW + SLACK, "stepped down after {took:?}");
+    assert!(
+        !proxies(c.addrs[active].listen).await,
+        "a minority replica accepts"
+    );
+    assert!(!ready(c.addrs[active].admin));
+    for &i in &others {
+        replicas[i].signal("CONT");
+    }
+    c.one_active(&[], LEASE * 3);
+}

@@ -166,11 +166,6 @@ async fn proxies(listen: SocketAddr) -> bool {
         .is_some_and(|l| l.trim() == "backend")
 }
 
-/// Index of the replica `id` (1-based) in the cluster.
-fn index_of(id: u64) -> usize {
-    id as usize - 1
-}
-
 fn raft_leader(addr: SocketAddr) -> Option<u64> {
     status(addr)["cluster"]["leader_id"].as_u64()
 }
@@ -199,7 +194,7 @@ async fn failover(c: &Cluster, dead: usize, old_epoch: u64, since: Instant) -> (
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exactly_one_active_accepts_and_a_killed_active_is_replaced() {
     let c = Cluster::new(3).await;
-    let (mut replicas, active) = blocking(|| c.start_all());
+    let (replicas, active) = blocking(|| c.start_all());
     let all = [0, 1, 2];
     assert_eq!(
         c.accepting(&all).await,
@@ -247,7 +242,7 @@ async fn exactly_one_active_accepts_and_a_killed_active_is_replaced() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_active_that_is_not_the_raft_leader_is_replaced() {
     let c = Cluster::new(3).await;
-    let (mut replicas, active) = blocking(|| c.start_all());
+    let (replicas, active) = blocking(|| c.start_all());
     assert!(eventually(Duration::from_secs(5), || raft_leader(
         c.addrs[active].admin
     ) == Some(

@@ -38,15 +38,17 @@ fn the_demo_runs_both_parts() {
     for expected in [
         "stopped backend-2",
         "cluster initialised",
-        "forwarded the write to the leader",
+        "forwarded the write to the Raft leader",
         "SIGKILL to replica",
         "committed by the two survivors",
+        "SIGTERM to replica",
+        "no lease to wait out",
     ] {
         assert!(out.contains(expected), "missing {expected:?} in:\n{out}");
     }
     // After the drain, no replica sends a new connection to the drained backend.
     let drained: Vec<&str> = out
-        .split("every replica now sends new connections elsewhere:")
+        .split("only the active accepts, and it sends new connections elsewhere:")
         .nth(1)
         .and_then(|rest| rest.split("SIGKILL").next())
         .map(|s| {
@@ -57,4 +59,7 @@ fn the_demo_runs_both_parts() {
         .unwrap_or_default();
     assert_eq!(drained.len(), 3, "{out}");
     assert!(drained.iter().all(|l| !l.contains("backend-3")), "{out}");
+    // Exactly one replica accepts; the standbys refuse.
+    let serving = drained.iter().filter(|l| !l.contains("refused")).count();
+    assert_eq!(serving, 1, "{out}");
 }

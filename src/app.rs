@@ -573,7 +573,12 @@ impl Server {
             }
         }
         if let Some(node) = &self.state.cluster {
-            node.hand_off_leadership().await;
+            // A standby takes a released lease within one commit; wait a little
+            // longer than a retry for it, then hand Raft leadership to it.
+            let wait = elected(&self.config)
+                .filter(|_| self.state.election.is_some())
+                .map_or(Duration::ZERO, |le| le.retry_period.value.get() * 2);
+            node.hand_off_leadership(wait).await;
         }
         let connections = self.shared.connections.clone();
         connections.close();

@@ -299,6 +299,12 @@ async fn an_active_paused_past_its_lease_never_accepts_after_it_resumes() {
 async fn sigterm_hands_the_lease_over_without_waiting_for_it_to_expire() {
     let c = Cluster::new(3).await;
     let (mut replicas, active) = blocking(|| c.start_all());
+    // Steady state: the active took Raft leadership after its takeover.
+    assert!(eventually(Duration::from_secs(5), || raft_leader(
+        c.addrs[active].admin
+    ) == Some(
+        (active + 1) as u64
+    )));
     let old_epoch = epoch(c.addrs[active].admin);
     replicas[active].signal("TERM");
     let sent = Instant::now();

@@ -96,8 +96,11 @@ pub enum Action {
 pub enum CasResult {
     Won(Lease),
     Lost(Lease),
-    /// Not committed in time, not proposed, or no answer: it may still commit.
+    /// Not committed in time, or no answer: it may still commit.
     Failed,
+    /// Refused before it was proposed (no Raft leader, a leader change under way):
+    /// nothing changed, so it is tried again soon rather than a retry_period later.
+    NotProposed,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -256,6 +259,9 @@ impl Elector {
                     let cause = Cause::Superseded(self.record.clone());
                     self.step_down(Role::Standby, cause);
                 }
+            }
+            (_, CasResult::NotProposed) => {
+                self.next_attempt = now + self.settings.retry_period / 5;
             }
             (Kind::Release, _) | (_, CasResult::Failed) => {}
         }
@@ -583,6 +589,19 @@ mod tests {
             }
         );
         assert_eq!(e.role(), Role::Standby);
+    }
+
+    #[test]
+    fn an_attempt_that_was_not_proposed_is_tried_again_soon() {
+        let (mut e, _) = active_at(s(0.0));
+        e.release(None, true, s(1.0));
+        let actions = poll_all(&mut e, s(1.0));
+        let (id, _, _) = sent(&actions[1..]);
+        // A Raft leader change was under way: nothing was proposed.
+        e.on_result(id, CasResult::NotProposed, s(1.01));
+        assert_eq!(e.next_wake(), Some(s(1.01) + RETRY / 5));
+        let (_, _, op) = sent(&poll_all(&mut e, s(1.01) + RETRY / 5));
+        assert!(matches!(op, LeaseOp::Release { .. }));
     }
 
     #[test]

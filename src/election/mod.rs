@@ -149,6 +149,10 @@ async fn drive(
                                 tracing::warn!(%other, "unexpected answer to a lease write");
                                 CasResult::Failed
                             }
+                            Err(e @ crate::store::WriteError::NotProposed(_)) => {
+                                tracing::debug!(error = %e, "lease write not proposed");
+                                CasResult::NotProposed
+                            }
                             Err(e) => {
                                 tracing::debug!(error = %e, "lease write failed");
                                 CasResult::Failed

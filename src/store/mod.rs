@@ -843,18 +843,29 @@ impl Node {
 
     /// Shutdown: a leader hands Raft leadership to another voter and waits (up to
     /// two election timeouts) for it to take over, so the cluster does not wait
-    /// for an election.
-    pub async fn hand_off_leadership(&self) {
+    /// for an election. It first waits up to `for_new_holder` for a standby to take
+    /// the lease it just released, and hands leadership to that replica: the new
+    /// active wants it anyway, and its takeover write is not caught by the move.
+    pub async fn hand_off_leadership(&self, for_new_holder: Duration) {
+        let mut applied = self.applied.clone();
+        let taken = applied.wait_for(|a| {
+            let lease = &a.state.lease;
+            lease.instance.is_some() && lease.holder.is_some_and(|h| h != self.id)
+        });
+        let holder = match tokio::time::timeout(for_new_holder, taken).await {
+            Ok(Ok(a)) => a.state.lease.holder,
+            _ => None,
+        };
         let metrics = self.metrics();
         if metrics.current_leader != Some(self.id) {
             return;
         }
         let reachable = self.reachability(&metrics);
-        let Some(to) = metrics
-            .membership_config
-            .membership()
-            .voter_ids()
-            .find(|v| *v != self.id && reachable.get(v).copied().flatten() == Some(true))
+        let voters: Vec<NodeId> = metrics.membership_config.membership().voter_ids().collect();
+        let up = |v: &NodeId| *v != self.id && reachable.get(v).copied().flatten() == Some(true);
+        let Some(to) = holder
+            .filter(|h| voters.contains(h) && up(h))
+            .or_else(|| voters.iter().copied().find(up))
         else {
             return;
         };
@@ -1005,10 +1016,17 @@ impl Node {
                 deadline_ms,
             } => {
                 let deadline = Duration::from_millis(deadline_ms);
-                Reply::Write(proposed(
+                let lease = matches!(command, Command::Lease { .. });
+                let reply = proposed(
                     tokio::time::timeout(deadline, self.raft().client_write(command)).await,
                     deadline,
-                ))
+                );
+                if lease && matches!(reply, WriteReply::Done(_)) {
+                    // Followers learn the commit with the next heartbeat: send it now,
+                    // so a standby acts on a release at once, not a heartbeat later.
+                    let _ = self.raft().trigger().heartbeat().await;
+                }
+                Reply::Write(reply)
             }
             Request::MoveLeader { to } => Reply::Write(self.move_leader_here(to).await),
             Request::Manage(op) => Reply::Write(self.change_members(op).await),

@@ -30,6 +30,14 @@ use crate::store::Node;
 pub const EXIT_RUNTIME: u8 = 1;
 pub const EXIT_CONFIG: u8 = 2;
 
+/// The exit code of a replica that cannot start or must stop.
+fn exit_code(kind: crate::store::FatalKind) -> u8 {
+    match kind {
+        crate::store::FatalKind::Config => EXIT_CONFIG,
+        crate::store::FatalKind::Runtime => EXIT_RUNTIME,
+    }
+}
+
 /// What the admin API reads.
 pub struct State {
     pub node_name: String,
@@ -311,7 +319,7 @@ impl Server {
                 Ok(node) => Some(node),
                 Err(fatal) => {
                     eprintln!("error: {}", fatal.message);
-                    return ExitCode::from(fatal.code);
+                    return ExitCode::from(exit_code(fatal.kind));
                 }
             },
             None => {
@@ -359,7 +367,7 @@ impl Server {
             token: ArcSwapOption::new(token),
         });
         let admin_bind = loaded.config.admin.bind.0;
-        let admin = match listener::bind(admin_bind) {
+        let admin = match crate::net::listen(admin_bind) {
             Ok(socket) => socket,
             Err(e) => {
                 tracing::error!("admin.bind {admin_bind}: cannot listen: {e}");
@@ -452,7 +460,7 @@ impl Server {
         if let Some((_, old)) = self.listeners.remove(name) {
             old.stop().await;
         }
-        let socket = listener::bind(l.bind.0).map_err(|e| {
+        let socket = crate::net::listen(l.bind.0).map_err(|e| {
             StartError::Runtime(format!(
                 "listeners.{name}.bind {}: cannot listen: {e}",
                 l.bind
@@ -520,7 +528,7 @@ impl Server {
                             .await
                             .ok()
                             .and_then(|f| f.clone());
-                        dead.map_or(EXIT_RUNTIME, |f| f.code)
+                        dead.map_or(EXIT_RUNTIME, |f| exit_code(f.kind))
                     }
                     None => std::future::pending().await,
                 }

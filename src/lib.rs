@@ -12,6 +12,7 @@ pub mod demo;
 pub mod election;
 pub mod health;
 pub mod metrics;
+pub mod net;
 pub mod proxy;
 pub mod store;
 pub mod tls;

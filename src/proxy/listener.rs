@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use metrics::{Counter, Gauge, Histogram};
-use socket2::{Domain, Protocol, SockRef, Socket, TcpKeepalive, Type};
+use socket2::{SockRef, TcpKeepalive};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
 use tokio::time::Instant;
@@ -31,9 +31,6 @@ use crate::config::schema::{self, ProxyProtocol, TlsMode};
 use crate::health;
 use crate::metrics as m;
 use crate::tls::{self, Reloading};
-
-/// Kernel accept backlog; new connections are accepted at once, even past max_connections.
-const BACKLOG: i32 = 4096;
 
 /// A listener's settings that a reload may change without rebinding.
 #[derive(Clone)]
@@ -103,23 +100,6 @@ impl Listener {
         self.stop_accepting.cancel();
         let _ = self.accepting.await;
     }
-}
-
-/// Binds a listening socket: SO_REUSEADDR, and IP_FREEBIND so a bind on a virtual IP
-/// works before the IP is assigned.
-pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
-    socket.set_reuse_address(true)?;
-    if addr.is_ipv6() {
-        socket.set_only_v6(true)?;
-        socket.set_freebind_v6(true)?;
-    } else {
-        socket.set_freebind_v4(true)?;
-    }
-    socket.set_nonblocking(true)?;
-    socket.bind(&addr.into())?;
-    socket.listen(BACKLOG)?;
-    TcpListener::from_std(socket.into())
 }
 
 /// Starts accepting on `socket` for the listener `name`.

@@ -53,23 +53,30 @@ struct Recorded {
     uuid: Option<Uuid>,
 }
 
-/// Why a replica cannot start (or must stop): the exit code and what to tell the operator.
+/// Why a replica cannot start (or must stop): its config or data_dir (exit 2), or
+/// the system (exit 1), and what to tell the operator.
 #[derive(Clone, Debug)]
 pub struct Fatal {
-    pub code: u8,
+    pub kind: FatalKind,
     pub message: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FatalKind {
+    Config,
+    Runtime,
 }
 
 fn config_error(message: impl Into<String>) -> Fatal {
     Fatal {
-        code: crate::app::EXIT_CONFIG,
+        kind: FatalKind::Config,
         message: message.into(),
     }
 }
 
 fn runtime_error(message: impl Into<String>) -> Fatal {
     Fatal {
-        code: crate::app::EXIT_RUNTIME,
+        kind: FatalKind::Runtime,
         message: message.into(),
     }
 }
@@ -231,7 +238,7 @@ impl Node {
             .map(|(id, addr)| (*id, addr.value.to_string()))
             .collect();
         let bind = cluster.bind.value.0;
-        let socket = crate::proxy::listener::bind(bind)
+        let socket = crate::net::listen(bind)
             .map_err(|e| runtime_error(format!("cluster.bind {bind}: cannot listen: {e}")))?;
         let (fatal, _) = watch::channel(None);
         let node = Arc::new(Node {

@@ -377,3 +377,35 @@ async fn an_active_cut_off_from_the_quorum_steps_down_within_its_renew_deadline(
     }
     c.one_active(&[], LEASE * 3);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_active_that_cannot_bind_its_listener_gives_the_lease_up() {
+    let c = Cluster::new(3).await;
+    let (replicas, active) = blocking(|| c.start_all());
+    // Something else (a kube-apiserver, say) holds the listener's port on replica X.
+    let x = (active + 1) % 3;
+    let squatter = std::net::TcpListener::bind(c.addrs[x].listen).expect("hold the port");
+    let to = (x + 1).to_string();
+    let (code, out, err) = blocking(|| ctl(c.addrs[active].admin, &["leader", "transfer", &to]));
+    assert_eq!(code, 0, "leader transfer: {out}{err}");
+    assert!(
+        eventually(Duration::from_secs(5), || role(c.addrs[x].admin) == "fault"),
+        "replica {x} did not go to fault"
+    );
+    // It released the lease: another replica takes it (a free lease at once).
+    let new = c.one_active(&[x], LEASE + SLACK);
+    assert_ne!(new, x);
+    assert!(proxies(c.addrs[new].listen).await);
+    let metrics = replicas[x].metrics();
+    assert!(
+        metrics.contains("raftlb_leader_election_transitions_total{to=\"fault\"} 1"),
+        "{metrics}"
+    );
+    assert!(replicas[x].log().contains("giving the lease up"));
+    // It sits out lease_duration, then is an ordinary standby again.
+    assert!(
+        eventually(LEASE + SLACK * 2, || role(c.addrs[x].admin) == "standby"),
+        "replica {x} stayed in fault"
+    );
+    drop(squatter);
+}

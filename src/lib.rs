@@ -8,6 +8,7 @@ pub mod cli;
 pub mod config;
 pub mod ctl;
 pub mod demo;
+pub mod election;
 pub mod health;
 pub mod metrics;
 pub mod proxy;

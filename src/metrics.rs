@@ -24,6 +24,7 @@ pub const RAFT_QUORUM: &str = "raftlb_raft_quorum";
 pub const RAFT_MEMBER_REACHABLE: &str = "raftlb_raft_member_reachable";
 pub const PEER_RPC_ERRORS_TOTAL: &str = "raftlb_peer_rpc_errors_total";
 pub const RAFT_APPLY_DURATION: &str = "raftlb_raft_apply_duration_seconds";
+pub const HOOK_FAILURES_TOTAL: &str = "raftlb_leader_election_hook_failures_total";
 
 /// `connect_duration_seconds` buckets: 0.5 ms .. 2.5 s.
 const CONNECT_BUCKETS: &[f64] = &[
@@ -119,5 +120,9 @@ fn describe() {
     describe_histogram!(
         RAFT_APPLY_DURATION,
         "Time to apply and persist one batch of committed entries, in seconds."
+    );
+    describe_counter!(
+        HOOK_FAILURES_TOTAL,
+        "Role hooks that failed to start, exited non-zero or were killed at the timeout, by hook: on_active, on_standby, on_fault."
     );
 }

@@ -1,1 +1,2 @@
+pub mod hooks;
 pub mod vip;

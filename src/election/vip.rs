@@ -69,13 +69,14 @@ pub enum VipError {
         command: String,
         timeout: Duration,
     },
-    #[error("VIP {vip} on {interface}: `{command}` failed ({status}): {stderr}")]
+    #[error("VIP {vip} on {interface}: `{command}` failed ({status}): {stderr}{hint}")]
     Failed {
         vip: String,
         interface: String,
         command: String,
         status: std::process::ExitStatus,
         stderr: String,
+        hint: &'static str,
     },
     #[error("VIP {vip} on {interface}: cannot read what `{command}` printed: {reason}")]
     Output {
@@ -85,13 +86,22 @@ pub enum VipError {
         reason: String,
     },
     #[error(
-        "VIP {vip} on {interface}: cannot send the unsolicited neighbour advertisement: {source}"
+        "VIP {vip} on {interface}: cannot send the unsolicited neighbour advertisement: {source}{}",
+        permission_hint(source.kind() == std::io::ErrorKind::PermissionDenied)
     )]
     Advertise {
         vip: String,
         interface: String,
         source: std::io::Error,
     },
+}
+
+fn permission_hint(denied: bool) -> &'static str {
+    if denied {
+        " (the VIP needs CAP_NET_ADMIN and CAP_NET_RAW: run as root or grant them, as packaging/raftlb.service does)"
+    } else {
+        ""
+    }
 }
 
 /// The lifetime to give the address on a refresh: the whole seconds left until the
@@ -349,13 +359,17 @@ impl Vip {
                 hint: "",
             }),
             Ok(Ok(out)) if out.status.success() => Ok(out.stdout),
-            Ok(Ok(out)) => Err(VipError::Failed {
-                vip: self.cidr(),
-                interface: self.interface.clone(),
-                command,
-                status: out.status,
-                stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-            }),
+            Ok(Ok(out)) => {
+                let stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
+                Err(VipError::Failed {
+                    vip: self.cidr(),
+                    interface: self.interface.clone(),
+                    command,
+                    status: out.status,
+                    hint: permission_hint(stderr.contains("Operation not permitted")),
+                    stderr,
+                })
+            }
         }
     }
 }

@@ -209,16 +209,20 @@ impl Vip {
 
     fn replace_args(&self, lifetime: Duration) -> Vec<String> {
         let secs = lifetime.as_secs().clamp(1, FOREVER - 1).to_string();
-        let mut args: Vec<String> = ["addr", "replace", &self.cidr(), "dev", &self.interface]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
-        args.extend([
-            "valid_lft".into(),
-            secs.clone(),
-            "preferred_lft".into(),
-            secs,
-        ]);
+        let cidr = self.cidr();
+        let mut args = [
+            "addr",
+            "replace",
+            &cidr,
+            "dev",
+            &self.interface,
+            "valid_lft",
+            &secs,
+            "preferred_lft",
+            &secs,
+        ]
+        .map(String::from)
+        .to_vec();
         if self.ip.is_ipv6() {
             args.push("nodad".into());
         }

@@ -14,8 +14,9 @@ COPY src ./src
 RUN touch src/main.rs src/lib.rs && cargo build --release --locked --bin raftlb
 
 FROM debian:bookworm-slim
+# iproute2 (`ip addr`) and iputils-arping (gratuitous ARP) move the VIP.
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends ca-certificates \
+    && apt-get install -y --no-install-recommends ca-certificates iproute2 iputils-arping \
     && rm -rf /var/lib/apt/lists/* \
     && useradd --system --uid 10001 --home-dir /var/lib/raftlb --shell /usr/sbin/nologin raftlb \
     && mkdir -p /etc/raftlb /var/lib/raftlb \
@@ -27,8 +28,11 @@ USER raftlb
 VOLUME ["/var/lib/raftlb"]
 # 6443 apiserver listener, 9090 admin API and metrics, 7400 Raft peers.
 EXPOSE 6443 9090 7400
-# A virtual IP (leader_election.vip) needs CAP_NET_ADMIN and CAP_NET_RAW:
-#   docker run --cap-add NET_ADMIN --cap-add NET_RAW --network host ...
+# A virtual IP (leader_election.vip) needs CAP_NET_ADMIN and CAP_NET_RAW in the host's
+# network namespace. Docker gives added capabilities to root only (it sets no ambient
+# capabilities for another user), so a replica that holds a VIP runs as root in the
+# container:  docker run --user 0 --cap-add NET_ADMIN --cap-add NET_RAW --network host ...
+# (on a host with systemd, packaging/raftlb.service runs it as a non-root user instead).
 # The example config listens on loopback; mount your own at /etc/raftlb/raftlb.yaml.
 ENTRYPOINT ["raftlb"]
 CMD ["run", "--config", "/etc/raftlb/raftlb.yaml"]

@@ -27,6 +27,7 @@ pub const RAFT_APPLY_DURATION: &str = "raftlb_raft_apply_duration_seconds";
 pub const LEADER_ELECTION_IS_ACTIVE: &str = "raftlb_leader_election_is_active";
 pub const LEADER_ELECTION_EPOCH: &str = "raftlb_leader_election_epoch";
 pub const LEADER_ELECTION_TRANSITIONS_TOTAL: &str = "raftlb_leader_election_transitions_total";
+pub const HOOK_FAILURES_TOTAL: &str = "raftlb_leader_election_hook_failures_total";
 
 /// `connect_duration_seconds` buckets: 0.5 ms .. 2.5 s.
 const CONNECT_BUCKETS: &[f64] = &[
@@ -134,5 +135,9 @@ fn describe() {
     describe_histogram!(
         RAFT_APPLY_DURATION,
         "Time to apply and persist one batch of committed entries, in seconds."
+    );
+    describe_counter!(
+        HOOK_FAILURES_TOTAL,
+        "Role hooks that failed to start, exited non-zero or were killed at the timeout, by hook: on_active, on_standby, on_fault."
     );
 }

@@ -228,3 +228,52 @@ fn run_refuses_an_invalid_config_and_unsupported_sections() {
         "{stderr}"
     );
 }
+
+#[test]
+fn check_prints_every_role_hook() {
+    let file =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/valid/vip_ipv6_and_hooks.yaml");
+    let (code, stdout, stderr) = check(&file);
+    assert_eq!(code, 0, "{stderr}");
+    for hook in [
+        "on_active: /usr/local/bin/notify active",
+        "on_standby: /usr/local/bin/notify standby",
+        "on_fault: /usr/local/bin/notify fault",
+    ] {
+        assert!(
+            stdout.contains(hook),
+            "effective config lacks {hook:?}:\n{stdout}"
+        );
+    }
+}
+
+/// DESIGN-lease.md: the kernel deletes a lapsed VIP up to about a second after its
+/// lifetime of max(1 s, floor(renew_deadline)), so a shorter lease lets a killed
+/// holder's VIP coexist with the new holder's for a moment.
+#[test]
+fn a_vip_with_a_lease_shorter_than_its_kernel_lifetime_is_a_warning() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let cases = [
+        ("600ms", "450ms", "100ms", true),
+        ("2900ms", "2s", "250ms", true),
+        ("2s", "1500ms", "250ms", false),
+        ("3s", "2500ms", "250ms", false),
+        ("15s", "10s", "2s", false),
+    ];
+    for (lease, renew, retry, warns) in cases {
+        let file = tmp.path().join(format!("lease-{lease}.yaml"));
+        std::fs::write(
+            &file,
+            format!(
+                "cluster:\n  node_id: 1\n  bind: 127.0.0.1:7400\n  peers: {{ 1: 127.0.0.1:7400, 2: 127.0.0.1:7401, 3: 127.0.0.1:7402 }}\n  heartbeat_interval: 30ms\n  election_timeout: 100ms\nleader_election:\n  lease_duration: {lease}\n  renew_deadline: {renew}\n  retry_period: {retry}\n  vip: {{ address: 192.0.2.50/24, interface: eth0 }}\nlisteners:\n  a: {{ bind: 127.0.0.1:7001, pool: p }}\npools:\n  p: {{ backends: [ {{ name: a, address: 127.0.0.1:8001 }} ] }}\n"
+            ),
+        )
+        .expect("write");
+        let (code, _, stderr) = check(&file);
+        assert_eq!(code, 0, "lease {lease}: {stderr}");
+        let warned = stderr.contains("warning:")
+            && stderr.contains("leader_election.lease_duration")
+            && stderr.contains("can briefly coexist");
+        assert_eq!(warned, warns, "lease {lease} renew {renew}:\n{stderr}");
+    }
+}

@@ -199,6 +199,9 @@ pub struct LeaderElection {
     pub on_active: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub on_standby: Option<String>,
+    /// Run when an active replica cannot serve and gives the lease up (keepalived's FAULT).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_fault: Option<String>,
 }
 
 impl Default for LeaderElection {
@@ -212,6 +215,7 @@ impl Default for LeaderElection {
             vip: None,
             on_active: None,
             on_standby: None,
+            on_fault: None,
         }
     }
 }

@@ -3,14 +3,14 @@
 //! warnings SPEC.md asks for. It reads the config and never changes it.
 
 use std::collections::{BTreeSet, HashSet};
-use std::net::IpAddr;
 use std::time::Duration;
 
 use serde_saphyr::{Location, Spanned};
 
-use super::schema::{Cluster, Config, InitialState, StoreKind, TlsMode};
+use super::schema::{Cluster, Config, InitialState, LeaderElection, StoreKind, TlsMode, Vip};
 use super::types::{Dur, HostPort};
 use super::{Issue, Place};
+use crate::election::vip;
 
 /// Errors and warnings found in one config.
 #[derive(Debug, Default)]
@@ -355,33 +355,74 @@ fn validate_leader_election(config: &Config, f: &mut Findings) {
             );
         }
     }
-    if let Some(vip) = &le.vip {
-        let ok = vip
-            .address
-            .value
-            .split_once('/')
-            .is_some_and(|(ip, prefix)| match ip.parse::<IpAddr>() {
-                Ok(IpAddr::V4(_)) => prefix.parse::<u8>().is_ok_and(|p| p <= 32),
-                Ok(IpAddr::V6(_)) => prefix.parse::<u8>().is_ok_and(|p| p <= 128),
-                Err(_) => false,
-            });
-        if !ok {
+    for (field, command) in [
+        ("on_active", &le.on_active),
+        ("on_standby", &le.on_standby),
+        ("on_fault", &le.on_fault),
+    ] {
+        if command.as_deref().is_some_and(|c| c.trim().is_empty()) {
             f.error(
-                at(&vip.address),
-                "leader_election.vip.address",
-                format!(
-                    "{:?} is not IP/prefix, e.g. 10.0.0.100/24",
-                    vip.address.value
-                ),
+                Place::Unknown,
+                format!("leader_election.{field}"),
+                "is empty: name a command (split on whitespace, no shell), or remove the key",
             );
         }
-        if vip.interface.trim().is_empty() {
-            f.error(
-                at(&vip.address),
-                "leader_election.vip.interface",
-                "must name a network interface, e.g. eth0",
-            );
-        }
+    }
+    if let Some(v) = &le.vip {
+        validate_vip(config, le, v, f);
+    }
+}
+
+fn validate_vip(config: &Config, le: &LeaderElection, v: &Vip, f: &mut Findings) {
+    let place = at(&v.address);
+    if let Err(reason) = vip::parse_address(&v.address.value) {
+        f.error(
+            place,
+            "leader_election.vip.address",
+            format!("{:?} {reason}", v.address.value),
+        );
+    }
+    if !vip::valid_interface(&v.interface) {
+        f.error(
+            place,
+            "leader_election.vip.interface",
+            format!(
+                "{:?} is not an interface name: use the name `ip link` shows, e.g. eth0 (1-15 characters, no spaces, '/' or ':')",
+                v.interface
+            ),
+        );
+    }
+    if config.cluster.is_none() {
+        f.error(
+            place,
+            "leader_election.vip",
+            "a VIP follows the active replica, and standalone mode (no cluster section) has no election: remove vip, or add a cluster section",
+        );
+        return;
+    }
+    if !le.enabled {
+        f.error(
+            place,
+            "leader_election.vip",
+            "a VIP follows the active replica, and with enabled: false every replica serves: remove vip, or set enabled: true",
+        );
+        return;
+    }
+    // The VIP's kernel lifetime is at most the whole seconds of renew_deadline, and the
+    // kernel deletes a lapsed address up to about a second late.
+    let (lease, renew) = (le.lease_duration.value.get(), le.renew_deadline.value.get());
+    let gone_by = vip::lifetime(renew) + Duration::from_secs(1);
+    if lease < gone_by {
+        f.warn(
+            at(&le.lease_duration),
+            "leader_election.lease_duration",
+            format!(
+                "lease_duration ({}) is under max(1s, whole seconds of renew_deadline) + 1s = {}: a killed holder's VIP can briefly coexist with the new holder's; use a lease of at least {} to rule that out",
+                le.lease_duration.value,
+                Dur(gone_by),
+                Dur(gone_by)
+            ),
+        );
     }
 }
 

@@ -3,7 +3,9 @@
 //! compare-and-sets through the store's write path, the gate the listeners check,
 //! and the role the process follows (listeners, VIP, hooks).
 
+pub mod hooks;
 pub mod lease;
+pub mod vip;
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};

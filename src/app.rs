@@ -19,7 +19,9 @@ use crate::balancer::Balancer;
 use crate::cli::{LogFormat, RunArgs};
 use crate::config::schema::Standby;
 use crate::config::{self, Config, Loaded, Overrides};
+use crate::election::hooks::Hooks;
 use crate::election::lease::{self, Role};
+use crate::election::vip::Vip;
 use crate::election::{Election, Status};
 use crate::metrics as m;
 use crate::proxy::gate::Gate;
@@ -184,21 +186,6 @@ fn raise_open_files_limit() -> u64 {
 /// The parts of the schema this build parses and validates but does not run yet.
 pub fn supported(config: &Config) -> Result<(), String> {
     let mut missing = Vec::new();
-    if let Some(le) = config
-        .leader_election
-        .as_ref()
-        .filter(|_| config.cluster.is_some())
-    {
-        if le.vip.is_some() {
-            missing.push("leader_election.vip; remove it (a VIP is not built yet)".to_string());
-        }
-        if le.on_active.is_some() || le.on_standby.is_some() {
-            missing.push(
-                "leader_election.on_active / on_standby hooks; remove them (not built yet)"
-                    .to_string(),
-            );
-        }
-    }
     if let Some(cluster) = &config.cluster
         && cluster.store.value != config::schema::StoreKind::Embedded
     {
@@ -344,12 +331,23 @@ impl Server {
             None => Gate::always(),
         };
         let election = match (le, &cluster) {
-            (Some(le), Some(node)) => Some(Election::start(
-                node.clone(),
-                node_name.clone(),
-                election_settings(le),
-                gate.clone(),
-            )),
+            (Some(le), Some(node)) => {
+                let vip = match le.vip.as_ref().map(Vip::from_config).transpose() {
+                    Ok(vip) => vip,
+                    Err(e) => {
+                        eprintln!("error: leader_election.vip: {e}");
+                        return ExitCode::from(EXIT_CONFIG);
+                    }
+                };
+                Some(Election::start(
+                    node.clone(),
+                    node_name.clone(),
+                    election_settings(le),
+                    gate.clone(),
+                    vip,
+                    Hooks::from_config(le),
+                ))
+            }
             _ => None,
         };
         let standby_serves = le.is_none_or(|le| le.standby == Standby::Serve);
@@ -662,6 +660,21 @@ impl Server {
             elected(&new),
         ) {
             election.set_settings(election_settings(le));
+            election.reload_hooks(le);
+            let vip_changed =
+                serde_json::to_value(&old.vip).ok() != serde_json::to_value(&le.vip).ok();
+            if vip_changed {
+                match le.vip.as_ref().map(Vip::from_config).transpose() {
+                    Ok(vip) => {
+                        tracing::info!(
+                            "reload: leader_election.vip changed; releasing the lease first"
+                        );
+                        election.release(None, false).await;
+                        election.set_vip(vip);
+                    }
+                    Err(e) => tracing::error!("reload: leader_election.vip: {e}; keeping the VIP"),
+                }
+            }
             // Rule 8: a change of what the role owns releases the lease first.
             if old.standby != le.standby {
                 tracing::info!(

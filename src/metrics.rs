@@ -27,6 +27,7 @@ pub const RAFT_APPLY_DURATION: &str = "raftlb_raft_apply_duration_seconds";
 pub const LEADER_ELECTION_IS_ACTIVE: &str = "raftlb_leader_election_is_active";
 pub const LEADER_ELECTION_EPOCH: &str = "raftlb_leader_election_epoch";
 pub const LEADER_ELECTION_TRANSITIONS_TOTAL: &str = "raftlb_leader_election_transitions_total";
+pub const VIP_READDS_TOTAL: &str = "raftlb_leader_election_vip_readds_total";
 pub const HOOK_FAILURES_TOTAL: &str = "raftlb_leader_election_hook_failures_total";
 
 /// `connect_duration_seconds` buckets: 0.5 ms .. 2.5 s.
@@ -114,6 +115,10 @@ fn describe() {
     describe_counter!(
         LEADER_ELECTION_TRANSITIONS_TOTAL,
         "Role changes of this replica, by the role it changed to (active, standby, fault)."
+    );
+    describe_counter!(
+        VIP_READDS_TOTAL,
+        "Times the VIP had expired while this replica held it and was added again."
     );
     describe_gauge!(RAFT_TERM, "Current Raft term.");
     describe_gauge!(RAFT_IS_LEADER, "1 when this replica is the Raft leader.");

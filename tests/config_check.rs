@@ -219,12 +219,20 @@ fn run_refuses_an_invalid_config_and_unsupported_sections() {
     assert_eq!(code, 2, "{stderr}");
     assert!(stderr.contains("does not exist"), "{stderr}");
 
+    // An external etcd store is validated but not built: run refuses it by name.
     let cluster =
         Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/valid/cluster_three_peers.yaml");
-    let (code, _, stderr) = raftlb_cmd(&["run", "--config", cluster.to_str().expect("utf-8")]);
+    let yaml = std::fs::read_to_string(cluster).expect("fixture").replace(
+        "store: embedded",
+        "store: etcd\n  etcd_servers: [\"http://127.0.0.1:2379\"]",
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let etcd = dir.path().join("etcd.yaml");
+    std::fs::write(&etcd, yaml).expect("write");
+    let (code, _, stderr) = raftlb_cmd(&["run", "--config", etcd.to_str().expect("utf-8")]);
     assert_eq!(code, 2, "{stderr}");
     assert!(
-        stderr.contains("not supported by this build yet") && stderr.contains("cluster"),
+        stderr.contains("not supported by this build yet") && stderr.contains("cluster.store"),
         "{stderr}"
     );
 }

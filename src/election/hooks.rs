@@ -28,34 +28,7 @@ use crate::metrics::HOOK_FAILURES_TOTAL;
 /// How long a hook may run before it is killed, as in production.
 pub const HOOK_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The role a replica moves to; each has its hook.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Role {
-    Active,
-    Standby,
-    /// Rule 7 of DESIGN-lease.md: active but unable to serve, lease given up.
-    Fault,
-}
-
-impl Role {
-    /// As `RAFTLB_ROLE` and `/api/v1/status` spell it.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Role::Active => "active",
-            Role::Standby => "standby",
-            Role::Fault => "fault",
-        }
-    }
-
-    /// The config key of its hook, also the `hook` label of the failure metric.
-    pub fn hook_name(self) -> &'static str {
-        match self {
-            Role::Active => "on_active",
-            Role::Standby => "on_standby",
-            Role::Fault => "on_fault",
-        }
-    }
-}
+pub use super::lease::Role;
 
 impl fmt::Display for Role {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

@@ -29,7 +29,7 @@ pub struct Me {
     pub instance: String,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Role {
     Standby,
     Active,
@@ -38,11 +38,21 @@ pub enum Role {
 }
 
 impl Role {
+    /// As `/api/v1/status`, the metrics and `RAFTLB_ROLE` spell it.
     pub fn as_str(self) -> &'static str {
         match self {
             Role::Standby => "standby",
             Role::Active => "active",
             Role::Fault => "fault",
+        }
+    }
+
+    /// The config key of its hook, also the `hook` label of the failure metric.
+    pub fn hook_name(self) -> &'static str {
+        match self {
+            Role::Active => "on_active",
+            Role::Standby => "on_standby",
+            Role::Fault => "on_fault",
         }
     }
 }

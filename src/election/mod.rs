@@ -3,6 +3,7 @@
 //! compare-and-sets through the store's write path, the gate the listeners check,
 //! and the role the process follows (listeners, VIP, hooks).
 
+mod follow;
 pub mod hooks;
 pub mod lease;
 pub mod vip;
@@ -18,7 +19,10 @@ use crate::metrics as m;
 use crate::proxy::gate::Gate;
 use crate::store::types::{Command, Lease, NodeId, Outcome};
 use crate::store::{LeaseTransfer, Node};
+use follow::Want;
+use hooks::Hooks;
 use lease::{Action, CasResult, Elector, Me, Role, Settings};
+use vip::Vip;
 
 /// What the process and the admin API see of the election.
 #[derive(Clone, Debug)]
@@ -48,6 +52,8 @@ enum Request {
     Fault(String),
     Settings(Settings),
     Transfer(LeaseTransfer),
+    SetVip(Option<Vip>),
+    Hooks(Box<crate::config::schema::LeaderElection>),
 }
 
 /// The running election of this replica.
@@ -59,8 +65,15 @@ pub struct Election {
 
 impl Election {
     /// Starts electing. `gate` is opened while this replica is active, until its
-    /// lease's deadline.
-    pub fn start(node: Arc<Node>, name: String, settings: Settings, gate: Gate) -> Election {
+    /// lease's deadline; the VIP and the hooks follow the role.
+    pub fn start(
+        node: Arc<Node>,
+        name: String,
+        settings: Settings,
+        gate: Gate,
+        vip: Option<Vip>,
+        hooks: Hooks,
+    ) -> Election {
         let me = Me {
             node: node.id,
             name,
@@ -88,7 +101,17 @@ impl Election {
                 }
             });
         }
-        tokio::spawn(drive(node, elector, gate, publish, inbox));
+        let follower = Follower::start(vip, settings, requests.clone());
+        tokio::spawn(drive(
+            node,
+            elector,
+            gate,
+            follower,
+            hooks,
+            publish,
+            requests.clone(),
+            inbox,
+        ));
         Election { status, requests }
     }
 
@@ -119,13 +142,88 @@ impl Election {
     pub fn set_settings(&self, settings: Settings) {
         let _ = self.requests.send(Request::Settings(settings));
     }
+
+    /// A reload's new hook commands, for the transitions that follow.
+    pub fn reload_hooks(&self, le: &crate::config::schema::LeaderElection) {
+        let _ = self.requests.send(Request::Hooks(Box::new(le.clone())));
+    }
+
+    /// A reload's new VIP (release the lease first: rule 8).
+    pub fn set_vip(&self, vip: Option<Vip>) {
+        let _ = self.requests.send(Request::SetVip(vip));
+    }
 }
 
+/// The VIP's task, seen from the lease task.
+struct Follower {
+    want: watch::Sender<(u64, Want)>,
+    done: watch::Receiver<u64>,
+    generation: u64,
+    has_vip: bool,
+}
+
+impl Follower {
+    fn start(
+        vip: Option<Vip>,
+        settings: Settings,
+        requests: mpsc::UnboundedSender<Request>,
+    ) -> Follower {
+        let (want, wanted) = watch::channel((0, Want::Down));
+        let (done_tx, done) = watch::channel(0);
+        let has_vip = vip.is_some();
+        if let Some(vip) = vip {
+            let (faults, mut fault_rx) = mpsc::unbounded_channel();
+            tokio::spawn(follow::run(vip, settings, wanted, done_tx, faults));
+            tokio::spawn(async move {
+                while let Some(why) = fault_rx.recv().await {
+                    let _ = requests.send(Request::Fault(why));
+                }
+            });
+        }
+        Follower {
+            want,
+            done,
+            generation: 0,
+            has_vip,
+        }
+    }
+
+    fn set(&mut self, want: Want) {
+        self.generation += 1;
+        self.want.send_replace((self.generation, want));
+    }
+
+    /// The term of the VIP held: a winning renew moves its deadline.
+    fn renewed(&mut self, deadline: Duration) {
+        self.want.send_if_modified(|(_, w)| match w {
+            Want::Up { deadline: d, .. } => {
+                *d = deadline;
+                true
+            }
+            Want::Down => false,
+        });
+    }
+
+    /// Rule 5's order: the VIP is gone before the lease is released (bounded wait).
+    async fn down(&mut self) {
+        self.set(Want::Down);
+        if self.has_vip {
+            let generation = self.generation;
+            let removed = self.done.wait_for(|g| *g >= generation);
+            let _ = tokio::time::timeout(Duration::from_secs(2), removed).await;
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)] // the task's whole world, handed over once
 async fn drive(
     node: Arc<Node>,
     mut elector: Elector,
     gate: Gate,
+    mut follower: Follower,
+    hooks: Hooks,
     publish: watch::Sender<Status>,
+    requests: mpsc::UnboundedSender<Request>,
     mut inbox: mpsc::UnboundedReceiver<Request>,
 ) {
     let mut applied = node.applied();
@@ -165,6 +263,12 @@ async fn drive(
                 }
                 Action::BecomeActive { epoch, deadline } => {
                     gate.open_until(deadline);
+                    follower.set(Want::Up {
+                        epoch,
+                        since: now,
+                        deadline,
+                    });
+                    hooks.fire(Role::Active, epoch);
                     tracing::info!(
                         epoch,
                         node_id = node.id,
@@ -183,9 +287,14 @@ async fn drive(
                         }
                     });
                 }
-                Action::Renewed { deadline } => gate.open_until(deadline),
+                Action::Renewed { deadline } => {
+                    gate.open_until(deadline);
+                    follower.renewed(deadline);
+                }
                 Action::StepDown { role, cause } => {
                     gate.close();
+                    follower.down().await;
+                    hooks.fire(role, elector.epoch());
                     tracing::warn!(
                         epoch = elector.epoch(),
                         to = role.as_str(),
@@ -250,6 +359,11 @@ async fn drive(
                 }
                 Some(Request::Fault(why)) => elector.fault(why, clock::now()),
                 Some(Request::Settings(settings)) => elector.set_settings(settings),
+                Some(Request::Hooks(le)) => hooks.reload(&le),
+                Some(Request::SetVip(vip)) => {
+                    follower.down().await;
+                    follower = Follower::start(vip, elector.settings(), requests.clone());
+                }
                 Some(Request::Transfer(t)) => {
                     if elector.role() == Role::Active {
                         tracing::info!(to = ?t.to, "transferring the lease");

@@ -285,3 +285,40 @@ fn a_vip_with_a_lease_shorter_than_its_kernel_lifetime_is_a_warning() {
         assert_eq!(warned, warns, "lease {lease} renew {renew}:\n{stderr}");
     }
 }
+
+#[test]
+fn leader_elect_flags_override_the_file_and_are_validated_with_it() {
+    let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/cluster-loopback.yaml");
+    let file = file.to_str().expect("utf-8");
+    // The file says 15s / 10s / 2s: a renew deadline above the lease is refused, naming both.
+    let (code, _, stderr) = raftlb_cmd(&[
+        "run",
+        "--config",
+        file,
+        "--leader-elect-renew-deadline",
+        "20s",
+    ]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(
+        stderr.contains("renew_deadline (20s) must be less than lease_duration (15s)"),
+        "{stderr}"
+    );
+    let (code, _, stderr) = raftlb_cmd(&[
+        "run",
+        "--config",
+        file,
+        "--leader-elect-lease-duration",
+        "30s",
+        "--leader-elect-renew-deadline",
+        "20s",
+        "--leader-elect-retry-period",
+        "25s",
+    ]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(
+        stderr.contains("retry_period (25s) must be less than renew_deadline (20s)"),
+        "{stderr}"
+    );
+    let (code, _, stderr) = raftlb_cmd(&["run", "--config", file, "--leader-elect=maybe"]);
+    assert_eq!(code, 2, "a bad boolean is a usage error: {stderr}");
+}

@@ -409,3 +409,15 @@ async fn an_active_that_cannot_bind_its_listener_gives_the_lease_up() {
     );
     drop(squatter);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_one_member_cluster_elects_itself_through_the_same_lease() {
+    let c = Cluster::new(1).await;
+    let (_replicas, active) = blocking(|| c.start_all());
+    assert_eq!(active, 0);
+    let s = status(c.addrs[0].admin);
+    assert_eq!(s["lease"]["holder_id"], 1);
+    assert!(s["lease"]["epoch"].as_u64() >= Some(1));
+    assert!(proxies(c.addrs[0].listen).await);
+    assert!(ready(c.addrs[0].admin));
+}

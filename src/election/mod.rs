@@ -102,16 +102,16 @@ impl Election {
             });
         }
         let follower = Follower::start(vip, settings, requests.clone());
-        tokio::spawn(drive(
+        tokio::spawn(drive(Driver {
             node,
             elector,
             gate,
             follower,
             hooks,
             publish,
-            requests.clone(),
+            requests: requests.clone(),
             inbox,
-        ));
+        }));
         Election { status, requests }
     }
 
@@ -215,17 +215,29 @@ impl Follower {
     }
 }
 
-#[allow(clippy::too_many_arguments)] // the task's whole world, handed over once
-async fn drive(
+/// The lease task's world, handed over once.
+struct Driver {
     node: Arc<Node>,
-    mut elector: Elector,
+    elector: Elector,
     gate: Gate,
-    mut follower: Follower,
+    follower: Follower,
     hooks: Hooks,
     publish: watch::Sender<Status>,
     requests: mpsc::UnboundedSender<Request>,
-    mut inbox: mpsc::UnboundedReceiver<Request>,
-) {
+    inbox: mpsc::UnboundedReceiver<Request>,
+}
+
+async fn drive(driver: Driver) {
+    let Driver {
+        node,
+        mut elector,
+        gate,
+        mut follower,
+        hooks,
+        publish,
+        requests,
+        mut inbox,
+    } = driver;
     let mut applied = node.applied();
     let mut writes: JoinSet<(u64, CasResult)> = JoinSet::new();
     let mut releases: Vec<oneshot::Sender<()>> = Vec::new();

@@ -3,13 +3,12 @@
 
 use std::collections::BTreeMap;
 
-use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::header::{CONTENT_TYPE, IF_MATCH};
 use hyper::{Method, Request, StatusCode};
 use serde_json::{Value, json};
 
-use super::{MAX_BODY, Reply, error, json_reply, read_json, versioned, with_etag};
+use super::{Reply, error, json_reply, read_json, versioned, with_etag};
 use crate::app::State;
 use crate::config::schema;
 use crate::store::backup::Backup;
@@ -273,17 +272,9 @@ pub async fn config(state: &State, node: &Node, req: Request<Incoming>) -> Reply
                 .get(CONTENT_TYPE)
                 .and_then(|v| v.to_str().ok())
                 .is_some_and(|t| t.contains("yaml"));
-            let body = match http_body_util::Limited::new(req.into_body(), MAX_BODY)
-                .collect()
-                .await
-            {
-                Ok(b) => b.to_bytes(),
-                Err(e) => {
-                    return error(
-                        StatusCode::PAYLOAD_TOO_LARGE,
-                        &format!("cannot read the body: {e}"),
-                    );
-                }
+            let body = match super::read_body(req).await {
+                Ok(b) => b,
+                Err(reply) => return reply,
             };
             let parsed: Result<Value, String> = if yaml {
                 std::str::from_utf8(&body)
@@ -347,16 +338,7 @@ async fn read_target(req: Request<Incoming>, path: &str, required: bool) -> Resu
             &format!("{} is not allowed on {path}: use POST", req.method()),
         ));
     }
-    let body = http_body_util::Limited::new(req.into_body(), super::MAX_BODY)
-        .collect()
-        .await
-        .map_err(|e| {
-            error(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                &format!("cannot read the body: {e}"),
-            )
-        })?
-        .to_bytes();
+    let body = super::read_body(req).await?;
     let target = if body.iter().all(u8::is_ascii_whitespace) {
         Target::default()
     } else {

@@ -249,8 +249,9 @@ async fn read_weight(req: Request<Incoming>) -> Result<u32, Reply> {
     Ok(weight)
 }
 
-async fn read_json<T: serde::de::DeserializeOwned>(req: Request<Incoming>) -> Result<T, Reply> {
-    let body = http_body_util::Limited::new(req.into_body(), MAX_BODY)
+/// The request's body, at most [`MAX_BODY`] bytes (413 beyond).
+async fn read_body(req: Request<Incoming>) -> Result<Bytes, Reply> {
+    Ok(http_body_util::Limited::new(req.into_body(), MAX_BODY)
         .collect()
         .await
         .map_err(|e| {
@@ -259,7 +260,11 @@ async fn read_json<T: serde::de::DeserializeOwned>(req: Request<Incoming>) -> Re
                 &format!("cannot read the body: {e}"),
             )
         })?
-        .to_bytes();
+        .to_bytes())
+}
+
+async fn read_json<T: serde::de::DeserializeOwned>(req: Request<Incoming>) -> Result<T, Reply> {
+    let body = read_body(req).await?;
     serde_json::from_slice(&body)
         .map_err(|e| error(StatusCode::BAD_REQUEST, &format!("invalid JSON body: {e}")))
 }

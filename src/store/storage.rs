@@ -74,13 +74,14 @@ fn read_meta<T: DeserializeOwned>(tx: &redb::ReadTransaction, key: &str) -> io::
 
 /// Writes one meta key, durably.
 pub fn put_meta<T: Serialize>(db: &Database, key: &str, value: &T) -> io::Result<()> {
-    let bytes = json(value)?;
+    put_meta_bytes(db, key, &json(value)?)
+}
+
+fn put_meta_bytes(db: &Database, key: &str, bytes: &[u8]) -> io::Result<()> {
     let tx = db.begin_write().map_err(io::Error::other)?;
     {
         let mut table = tx.open_table(META).map_err(io::Error::other)?;
-        table
-            .insert(key, bytes.as_slice())
-            .map_err(io::Error::other)?;
+        table.insert(key, bytes).map_err(io::Error::other)?;
     }
     tx.commit().map_err(io::Error::other)
 }
@@ -94,18 +95,9 @@ pub async fn put_meta_blocking<T: Serialize>(
 ) -> io::Result<()> {
     let bytes = json(value)?;
     let db = db.clone();
-    tokio::task::spawn_blocking(move || {
-        let tx = db.begin_write().map_err(io::Error::other)?;
-        {
-            let mut table = tx.open_table(META).map_err(io::Error::other)?;
-            table
-                .insert(key, bytes.as_slice())
-                .map_err(io::Error::other)?;
-        }
-        tx.commit().map_err(io::Error::other)
-    })
-    .await
-    .unwrap_or_else(|e| Err(io::Error::other(format!("the store task failed: {e}"))))
+    tokio::task::spawn_blocking(move || put_meta_bytes(&db, key, &bytes))
+        .await
+        .unwrap_or_else(|e| Err(io::Error::other(format!("the store task failed: {e}"))))
 }
 
 /// Publishes `applied` unless the watch holds a later state already: a store

@@ -301,8 +301,19 @@ fn lease_json(s: &crate::election::Status) -> Value {
         "renewed_ms_ago": u64::try_from(s.renewed_ago().as_millis()).unwrap_or(u64::MAX),
         "lease_duration_ms": u64::try_from(s.lease_duration.as_millis()).unwrap_or(u64::MAX),
         "holder_lease_duration_ms": r.lease_duration_ms,
+        "acquired_at": wall_time(r.acquire_time_ms),
+        "renewed_at": wall_time(r.renew_time_ms),
         "this_replica_epoch": s.epoch,
     })
+}
+
+/// A wall-clock time of the lease record (display only), RFC 3339.
+fn wall_time(ms: u64) -> Value {
+    if ms == 0 {
+        return Value::Null;
+    }
+    let at = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms);
+    Value::from(humantime::format_rfc3339_millis(at).to_string())
 }
 
 fn backends(state: &State) -> Value {

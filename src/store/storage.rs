@@ -734,3 +734,33 @@ mod tests {
         Suite::test_all(RedbBuilder).await.expect("storage suite");
     }
 }
+
+#[cfg(test)]
+mod publish_tests {
+    use super::*;
+
+    fn at(index: u64) -> Arc<Applied> {
+        use openraft::vote::RaftLeaderIdExt as _;
+        let mut applied = Applied {
+            last_applied: Some(LogId::new(
+                <openraft::alias::LeaderIdOf<TypeConfig>>::new_committed(1, 1),
+                index,
+            )),
+            ..Applied::default()
+        };
+        applied.state.config_version = index;
+        Arc::new(applied)
+    }
+
+    #[test]
+    fn the_applied_watch_never_goes_back_to_an_older_state() {
+        let (publish, watch) = watch::channel(Arc::<Applied>::default());
+        publish_newer(&publish, at(5));
+        assert_eq!(watch.borrow().state.config_version, 5);
+        // A store reopened in-process replays from what was on disk: older.
+        publish_newer(&publish, at(3));
+        assert_eq!(watch.borrow().state.config_version, 5);
+        publish_newer(&publish, at(6));
+        assert_eq!(watch.borrow().state.config_version, 6);
+    }
+}

@@ -6,6 +6,7 @@
 use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
 
 use super::vip::{self, Vip};
 use crate::clock;
@@ -42,10 +43,13 @@ pub async fn run(
     }
     let mut held: Option<u64> = None;
     let mut failing_since: Option<Duration> = None;
+    // The pending announcements of the current hold, cancelled when it ends.
+    let mut announcing = CancellationToken::new();
     loop {
         let (generation, current) = want.borrow_and_update().clone();
         match current {
             Want::Down => {
+                announcing.cancel();
                 if held.take().is_some() {
                     match vip.remove().await {
                         Ok(()) => tracing::info!(%vip, "VIP removed"),
@@ -71,12 +75,14 @@ pub async fn run(
                             if held != Some(epoch) {
                                 held = Some(epoch);
                                 tracing::info!(%vip, epoch, "VIP added");
-                                takeover_announcements(&vip, settings);
+                                announcing.cancel();
+                                announcing = CancellationToken::new();
+                                takeover_announcements(&vip, settings, &announcing);
                             } else if absent {
                                 // Expired while held (a stall longer than its lifetime).
                                 metrics::counter!(m::VIP_READDS_TOTAL).increment(1);
                                 tracing::warn!(%vip, epoch, "VIP had expired; added again");
-                                announce(&vip, Duration::ZERO);
+                                announce(&vip, Duration::ZERO, &announcing);
                             }
                         }
                         Err(e) => {
@@ -98,6 +104,7 @@ pub async fn run(
         tokio::select! {
             changed = want.changed() => if changed.is_err() {
                 // The lease task is gone (shutdown): nothing holds the VIP any more.
+                announcing.cancel();
                 if held.is_some() {
                     let _ = vip.remove().await;
                 }
@@ -114,23 +121,28 @@ pub async fn run(
 /// when a previous holder's address must have expired by itself (its lifetime
 /// was at most its renew_deadline, counted from before this replica's lease
 /// began, plus the kernel's one-second sweep).
-fn takeover_announcements(vip: &Vip, settings: super::lease::Settings) {
+fn takeover_announcements(vip: &Vip, settings: super::lease::Settings, hold: &CancellationToken) {
     for i in 0..3 {
-        announce(vip, Duration::from_millis(200) * i);
+        announce(vip, Duration::from_millis(200) * i, hold);
     }
     let expired = (settings.renew_deadline + Duration::from_secs(2))
         .saturating_sub(settings.lease_duration)
         .max(Duration::from_secs(1));
-    announce(vip, expired);
+    announce(vip, expired, hold);
 }
 
-/// One announcement after `delay`, on its own task (arping waits a second).
-fn announce(vip: &Vip, delay: Duration) {
-    let vip = vip.clone();
+/// One announcement after `delay`, on its own task (arping waits a second),
+/// unless the hold ends first.
+fn announce(vip: &Vip, delay: Duration, hold: &CancellationToken) {
+    let (vip, hold) = (vip.clone(), hold.clone());
     tokio::spawn(async move {
-        tokio::time::sleep(delay).await;
-        if let Err(e) = vip.announce().await {
-            tracing::warn!("{e}");
+        tokio::select! {
+            () = hold.cancelled() => {}
+            () = tokio::time::sleep(delay) => {
+                if let Err(e) = vip.announce().await {
+                    tracing::warn!("{e}");
+                }
+            }
         }
     });
 }

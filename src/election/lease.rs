@@ -862,6 +862,37 @@ mod tests {
     }
 
     #[test]
+    fn a_lease_handed_to_a_successor_that_never_takes_it_is_taken_a_lease_later() {
+        // A hands the lease to node 3, which dies before it takes it.
+        let (mut a, lease) = active_at(s(0.0));
+        a.release(Some(3), false, s(1.0));
+        let actions = poll_all(&mut a, s(1.0));
+        let (_, expect, op) = sent(&actions[1..]);
+        let (_, handed) = applied(&lease, expect, op);
+        // B treats it as held: nothing for a whole lease after it saw it...
+        let mut b = Elector::new(me(2, "b"), settings(), lease, s(0.0), 2);
+        b.on_applied(&handed, s(1.2));
+        assert!(poll_all(&mut b, s(16.1)).is_empty());
+        // ...then it takes it, and it is B's: a new epoch, B's instance.
+        let (id, expect, op) = sent(&poll_all(&mut b, s(16.2)));
+        assert!(matches!(op, LeaseOp::Acquire { .. }));
+        let (won, taken) = applied(&handed, expect, op);
+        assert!(won, "a dead successor keeps the lease from everyone else");
+        assert_eq!(
+            (taken.holder, taken.instance.as_deref(), taken.epoch),
+            (Some(2), Some("b"), 2)
+        );
+        b.on_result(id, CasResult::Won(taken), s(16.3));
+        assert_eq!(
+            poll_all(&mut b, s(16.3)),
+            vec![Action::BecomeActive {
+                epoch: 2,
+                deadline: s(16.2) + RENEW
+            }]
+        );
+    }
+
+    #[test]
     fn a_reload_between_send_and_win_keeps_the_sent_renew_deadline() {
         let (mut e, lease) = active_at(s(0.0));
         let (id, expect, op) = sent(&poll_all(&mut e, s(2.0)));

@@ -193,8 +193,9 @@ impl fmt::Display for Lease {
 /// A change to the lease, made only by compare-and-set on its version.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum LeaseOp {
-    /// Rules 3 and 4: take a free lease, one that expired as the sender saw it, or one
-    /// handed to the sender; the state machine writes epoch + 1.
+    /// Rules 3 and 4: take a free lease, one handed to the sender, or one that expired
+    /// as the sender saw it (held, or handed to a successor that did not take it); the
+    /// state machine writes epoch + 1.
     Acquire { claim: Claim },
     /// Rule 1: the holder (same node and instance) keeps it.
     Renew { claim: Claim },
@@ -247,19 +248,18 @@ impl fmt::Display for LeaseOp {
 impl Lease {
     /// Applies one compare-and-set. The state machine, not the caller, enforces the
     /// rules that do not depend on time: epoch + 1 on every acquire (rule 3), only
-    /// the named successor takes a handed-over lease (rule 4), only the holder's own
-    /// instance renews or gives it away (rule 6).
+    /// the holder's own instance renews or gives it away (rule 6). When a replica may
+    /// acquire is the caller's rule (it depends on time); which acquire wins is the
+    /// version's.
     pub fn apply(&mut self, expect: u64, op: LeaseOp) -> Outcome {
         let won = expect == self.version
             && match &op {
-                LeaseOp::Acquire { claim } => match (self.holder, &self.instance) {
-                    (None, _) => true,
-                    // Handed over: only the successor fills in its instance.
-                    (Some(h), None) => h == claim.node,
-                    // Expired as the sender observed it (rule 3), or its own lease
-                    // taken again after its term ran out: the version decides.
-                    (Some(_), Some(_)) => true,
-                },
+                // Free; handed over, to the sender (rule 4: at once) or to a
+                // successor that did not take it before it expired as the sender
+                // saw it (everyone else treats it as held); held and expired as the
+                // sender saw it (rule 3); or its own lease taken again after its term
+                // ran out. A successor that died must not keep the lease from others.
+                LeaseOp::Acquire { .. } => true,
                 LeaseOp::Renew { claim } => self.held_by(claim.node, &claim.instance),
                 LeaseOp::Release { node, instance, .. } => self.held_by(*node, instance),
             };
@@ -677,7 +677,7 @@ mod tests {
     }
 
     #[test]
-    fn only_the_holder_releases_and_only_the_successor_takes_a_transfer() {
+    fn only_the_holder_releases_and_a_transfer_is_taken_by_its_successor_or_once_expired() {
         let mut s = Replicated::default();
         lease(
             &mut s,
@@ -699,17 +699,22 @@ mod tests {
         let (won, l) = lease(&mut s, 1, release(1, "a", Some(3)));
         assert!(won);
         assert_eq!((l.holder, l.instance.clone(), l.epoch), (Some(3), None, 1));
-        // Rule 4: only 3 may take it.
-        assert!(
-            !lease(
-                &mut s,
-                2,
-                LeaseOp::Acquire {
-                    claim: claim(2, "b")
-                }
-            )
-            .0
+        // Rule 4: 3 takes it at once; anyone else treats it as held, and may take it
+        // once it expired (the caller waits): if 3 died first, 2 does.
+        let mut successor_died = s.clone();
+        let (won, l) = lease(
+            &mut successor_died,
+            2,
+            LeaseOp::Acquire {
+                claim: claim(2, "b"),
+            },
         );
+        assert!(won);
+        assert_eq!(
+            (l.holder, l.instance.as_deref(), l.epoch),
+            (Some(2), Some("b"), 2)
+        );
+        // It is nobody's to renew until taken.
         assert!(
             !lease(
                 &mut s,

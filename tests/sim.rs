@@ -1,120 +1,40 @@
 //! Simulated clusters: the real Raft store (openraft + the redb storage + the state
-//! machine + the peer protocol's messages and RPC code) on an in-memory network that
-//! can be partitioned, with replicas crashed and restarted from their data_dir.
-//! Time is tokio's paused clock, so a schedule of minutes runs in a moment.
+//! machine + the peer protocol's messages and RPC code) on an in-memory network
+//! ([`net`]) that can be partitioned, delay and reorder messages and freeze paused
+//! replicas, with replicas crashed and restarted from their data_dir. Time is
+//! tokio's paused clock, so a schedule of minutes runs in a moment.
 //!
-//! `SIM_SCHEDULES` sets how many randomized schedules run (default 100); each one's
-//! seed is printed on failure and `SIM_SEED=<seed>` replays that schedule alone. The
-//! seed fixes the fault schedule; openraft's election timeouts stay random, so a
-//! replay follows the same faults, not necessarily the same elections.
+//! Here: the store's scenarios (no acknowledged write is lost). In [`lease`]: the
+//! leader-election lease on top, "never two active replicas".
+//!
+//! `SIM_SCHEDULES` sets how many randomized schedules each run (default 100); each
+//! one's seed is printed on failure and `SIM_SEED=<seed>` replays that schedule
+//! alone. The seed fixes the fault schedule; openraft's election timeouts stay
+//! random, so a replay follows the same faults, not necessarily the same elections.
+
+#[path = "sim/lease.rs"]
+mod lease;
+#[path = "sim/net.rs"]
+mod net;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use openraft::network::RaftNetworkFactory;
+use net::{Router, SimFactory, Timing};
 use openraft::type_config::async_runtime::WatchReceiver;
-use openraft::{BasicNode, Instant as _, ServerState, SnapshotPolicy};
-use raftlb::store::network::{self, CallError, Network, Reply, Request, Transport};
+use openraft::{BasicNode, Instant as _, ServerState};
 use raftlb::store::storage::{self, Applied};
-use raftlb::store::types::{Command, NodeId, Outcome, Raft, TypeConfig};
+use raftlb::store::types::{Command, NodeId, Outcome, Raft};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-/// Which replicas are up and which links are cut.
-#[derive(Default)]
-struct Router {
-    up: Mutex<BTreeMap<NodeId, Raft>>,
-    cut: Mutex<BTreeSet<(NodeId, NodeId)>>,
-}
-
-impl Router {
-    fn linked(&self, a: NodeId, b: NodeId) -> bool {
-        let cut = self.cut.lock().expect("cut");
-        !cut.contains(&(a.min(b), a.max(b)))
-    }
-
-    fn target(&self, from: NodeId, to: NodeId) -> Result<Raft, CallError> {
-        if !self.linked(from, to) {
-            return Err(CallError::Connect(format!("{from} -> {to}: partitioned")));
-        }
-        let up = self.up.lock().expect("up");
-        if !up.contains_key(&from) {
-            return Err(CallError::Connect(format!("{from} is down")));
-        }
-        up.get(&to)
-            .cloned()
-            .ok_or_else(|| CallError::Connect(format!("{to} is down")))
-    }
-
-    /// Cuts every link between `side` and the rest.
-    fn partition(&self, side: &BTreeSet<NodeId>, all: &[NodeId]) {
-        let mut cut = self.cut.lock().expect("cut");
-        cut.clear();
-        for a in side {
-            for b in all.iter().filter(|b| !side.contains(b)) {
-                cut.insert((*a.min(b), *a.max(b)));
-            }
-        }
-    }
-
-    fn heal(&self) {
-        self.cut.lock().expect("cut").clear();
-    }
-}
-
-/// Every message goes through the peer protocol's JSON, as on the wire.
-fn wire<T: serde::Serialize + serde::de::DeserializeOwned>(value: &T) -> Result<T, CallError> {
-    serde_json::to_vec(value)
-        .and_then(|b| serde_json::from_slice(&b))
-        .map_err(|e| CallError::Io(format!("encoding: {e}")))
-}
-
-struct SimClient {
-    from: NodeId,
-    to: NodeId,
-    router: Arc<Router>,
-}
-
-impl Transport for SimClient {
-    fn call(
-        &mut self,
-        body: Request,
-        timeout: Duration,
-    ) -> impl Future<Output = Result<Reply, CallError>> + Send {
-        let (from, to, router) = (self.from, self.to, self.router.clone());
-        async move {
-            let raft = router.target(from, to)?;
-            let body = wire(&body)?;
-            tokio::time::sleep(Duration::from_millis(1)).await;
-            let reply = tokio::time::timeout(timeout, network::raft_rpc(&raft, body))
-                .await
-                .map_err(|_| CallError::Io("timed out".into()))?
-                .map_err(|r| CallError::Io(format!("not a Raft RPC: {r:?}")))?;
-            // A link cut while the request was in flight loses the reply.
-            router.target(from, to)?;
-            wire(&reply)
-        }
-    }
-}
-
-struct SimFactory {
-    from: NodeId,
-    router: Arc<Router>,
-}
-
-impl RaftNetworkFactory<TypeConfig> for SimFactory {
-    type Network = Network<SimClient>;
-
-    async fn new_client(&mut self, target: NodeId, _node: &BasicNode) -> Self::Network {
-        Network::new(SimClient {
-            from: self.from,
-            to: target,
-            router: self.router.clone(),
-        })
-    }
-}
+/// The store scenarios' Raft timing (`heartbeat_interval: 50ms`, `election_timeout: 150ms`).
+const STORE_TIMING: Timing = Timing {
+    heartbeat: Duration::from_millis(50),
+    election_timeout: Duration::from_millis(150),
+};
 
 struct SimNode {
     dir: PathBuf,
@@ -160,18 +80,7 @@ async fn start_raft(
             Err(e) => panic!("node {id}: cannot reopen its store: {e}"),
         }
     };
-    let config = openraft::Config {
-        cluster_name: "sim".into(),
-        heartbeat_interval: 50,
-        election_timeout_min: 150,
-        election_timeout_max: 300,
-        // Small, so lagging replicas are caught up by snapshot install.
-        snapshot_policy: SnapshotPolicy::LogsSinceLast(20),
-        max_in_snapshot_log_to_keep: 5,
-        ..Default::default()
-    }
-    .validate()
-    .expect("config");
+    let config = router.timing.raft_config().validate().expect("config");
     let (log, sm) =
         storage::raft_storage(db, watch::channel(Arc::default()).0).expect("state machine");
     let applied = sm.subscribe();
@@ -182,14 +91,14 @@ async fn start_raft(
     let raft = Raft::new(id, Arc::new(config), factory, log, sm)
         .await
         .expect("raft");
-    router.up.lock().expect("up").insert(id, raft.clone());
+    router.register(id, raft.clone());
     (raft, applied)
 }
 
 impl Sim {
-    async fn new(n: u64) -> Sim {
+    async fn new(n: u64, timing: Timing, seed: u64) -> Sim {
         let root = scratch();
-        let router = Arc::new(Router::default());
+        let router = Router::new(timing, seed);
         let ids: Vec<NodeId> = (1..=n).collect();
         let mut nodes = BTreeMap::new();
         for id in &ids {
@@ -241,7 +150,7 @@ impl Sim {
     }
 
     async fn crash(&mut self, id: NodeId) {
-        self.router.up.lock().expect("up").remove(&id);
+        self.router.remove(id);
         if let Some(raft) = self.nodes.get_mut(&id).and_then(|n| n.raft.take()) {
             let _ = raft.shutdown().await;
         }
@@ -262,7 +171,7 @@ impl Sim {
             let Some(index) = applied.last_applied.map(|l| l.index) else {
                 continue;
             };
-            let state = serde_json::to_string(&applied.state.records).map_err(|e| e.to_string())?;
+            let state = serde_json::to_string(&applied.state).map_err(|e| e.to_string())?;
             match self.seen.get(&index) {
                 Some(before) if *before != state => {
                     return Err(format!(
@@ -372,7 +281,7 @@ async fn wait_for_leader(sim: &Sim, among: &[NodeId]) -> Option<NodeId> {
 #[test]
 fn a_minority_cannot_commit_the_majority_can_and_healing_converges() {
     paused_runtime().block_on(async {
-        let mut sim = Sim::new(5).await;
+        let mut sim = Sim::new(5, STORE_TIMING, 0).await;
         let old = wait_for_leader(&sim, &sim.ids.clone())
             .await
             .expect("a leader");
@@ -430,7 +339,7 @@ fn a_minority_cannot_commit_the_majority_can_and_healing_converges() {
 #[test]
 fn a_replica_behind_the_purged_log_is_caught_up_by_a_snapshot() {
     paused_runtime().block_on(async {
-        let mut sim = Sim::new(3).await;
+        let mut sim = Sim::new(3, STORE_TIMING, 0).await;
         let leader = wait_for_leader(&sim, &sim.ids.clone())
             .await
             .expect("a leader");
@@ -489,7 +398,7 @@ fn a_replica_behind_the_purged_log_is_caught_up_by_a_snapshot() {
 async fn schedule(seed: u64) -> Result<usize, String> {
     let mut rng = fastrand::Rng::with_seed(seed);
     let n = if seed.is_multiple_of(2) { 3 } else { 5 };
-    let mut sim = Sim::new(n).await;
+    let mut sim = Sim::new(n, STORE_TIMING, seed).await;
     let mut writes: Vec<JoinHandle<(String, bool)>> = Vec::new();
     for step in 0..40 {
         match rng.u32(0..100) {
@@ -575,9 +484,9 @@ async fn schedule(seed: u64) -> Result<usize, String> {
     Ok(acked.len())
 }
 
-#[test]
-fn no_acknowledged_write_is_lost_across_random_crash_and_partition_schedules() {
-    let seeds: Vec<u64> = match std::env::var("SIM_SEED") {
+/// The seeds to run: `SIM_SEED` alone, else 1..=`SIM_SCHEDULES` (default 100).
+fn seeds() -> Vec<u64> {
+    match std::env::var("SIM_SEED") {
         Ok(seed) => vec![seed.parse().expect("SIM_SEED is a number")],
         Err(_) => {
             let n: u64 = std::env::var("SIM_SCHEDULES")
@@ -586,10 +495,17 @@ fn no_acknowledged_write_is_lost_across_random_crash_and_partition_schedules() {
                 .unwrap_or(100);
             (1..=n).collect()
         }
-    };
-    // Two schedules at a time (two cores), each on its own paused runtime.
+    }
+}
+
+/// Runs `schedule` for every seed, two at a time (two cores), each on its own
+/// paused runtime; a failure names its seed and how to replay it.
+fn run_each<T: Send>(
+    seeds: &[u64],
+    schedule: impl Fn(u64) -> Result<T, String> + Sync,
+) -> Vec<Result<T, String>> {
     let next = std::sync::atomic::AtomicUsize::new(0);
-    let results: Vec<Result<usize, String>> = std::thread::scope(|scope| {
+    std::thread::scope(|scope| {
         let workers: Vec<_> = (0..2)
             .map(|_| {
                 scope.spawn(|| {
@@ -599,7 +515,7 @@ fn no_acknowledged_write_is_lost_across_random_crash_and_partition_schedules() {
                         let Some(seed) = seeds.get(i) else {
                             return out;
                         };
-                        out.push(paused_runtime().block_on(schedule(*seed)).map_err(|why| {
+                        out.push(schedule(*seed).map_err(|why| {
                             format!("schedule {seed}: {why}\nreplay it with SIM_SEED={seed}")
                         }));
                     }
@@ -610,7 +526,13 @@ fn no_acknowledged_write_is_lost_across_random_crash_and_partition_schedules() {
             .into_iter()
             .flat_map(|w| w.join().expect("worker"))
             .collect()
-    });
+    })
+}
+
+#[test]
+fn no_acknowledged_write_is_lost_across_random_crash_and_partition_schedules() {
+    let seeds = seeds();
+    let results = run_each(&seeds, |seed| paused_runtime().block_on(schedule(seed)));
     let mut acked = 0;
     for result in results {
         match result {

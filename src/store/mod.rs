@@ -220,6 +220,10 @@ impl Node {
             install_snapshot_timeout: millis(election_timeout).max(2000),
             snapshot_policy: SnapshotPolicy::LogsSinceLast(SNAPSHOT_EVERY),
             max_in_snapshot_log_to_keep: 100,
+            // Like etcd: a replica back from a partition with a stale log first asks
+            // whether it could win, instead of deposing a healthy leader (whose
+            // commits the active's renewals need) with a higher term.
+            enable_pre_vote: Some(true),
             ..Default::default()
         }
         .validate()

@@ -40,6 +40,7 @@ impl Timing {
             // Small, so lagging replicas are caught up by snapshot install.
             snapshot_policy: SnapshotPolicy::LogsSinceLast(20),
             max_in_snapshot_log_to_keep: 5,
+            enable_pre_vote: Some(true),
             ..Default::default()
         }
     }

@@ -30,6 +30,10 @@ struct Cluster {
     addrs: Vec<Addrs>,
     data: Vec<tempfile::TempDir>,
     backend: SocketAddr,
+    /// `leader_election.standby`.
+    standby: &'static str,
+    /// More lines of `leader_election:` (indented two spaces), e.g. hooks.
+    election_extra: String,
 }
 
 impl Cluster {
@@ -47,6 +51,8 @@ impl Cluster {
                 .map(|_| tempfile::tempdir().expect("tempdir"))
                 .collect(),
             backend: named_backend("backend").await,
+            standby: "close_listeners",
+            election_extra: String::new(),
         }
     }
 
@@ -64,7 +70,7 @@ impl Cluster {
              runtime: {{ shutdown_grace: 2s }}\n\
              cluster:\n  cluster_id: election\n  node_id: {id}\n  bind: {peer}\n  data_dir: {data}\n  \
              peers: {{ {peers} }}\n  heartbeat_interval: 100ms\n  election_timeout: {et}ms\n\
-             leader_election:\n  lease_duration: {lease}ms\n  renew_deadline: {renew}ms\n  retry_period: {retry}ms\n  standby: close_listeners\n\
+             leader_election:\n  lease_duration: {lease}ms\n  renew_deadline: {renew}ms\n  retry_period: {retry}ms\n  standby: {standby}\n{extra}\
              listeners:\n  front: {{ bind: {listen}, pool: web }}\n\
              pools:\n  web:\n    backends:\n      - {{ name: b, address: {backend} }}\n",
             id = i + 1,
@@ -78,6 +84,8 @@ impl Cluster {
             renew = RENEW.as_millis(),
             retry = RETRY.as_millis(),
             backend = self.backend,
+            standby = self.standby,
+            extra = self.election_extra,
         )
     }
 
@@ -420,4 +428,52 @@ async fn a_one_member_cluster_elects_itself_through_the_same_lease() {
     assert!(s["lease"]["epoch"].as_u64() >= Some(1));
     assert!(proxies(c.addrs[0].listen).await);
     assert!(ready(c.addrs[0].admin));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_standby_serve_every_replica_accepts_and_only_the_hooks_follow_the_role() {
+    let mut c = Cluster::new(3).await;
+    c.standby = "serve";
+    let dir = tempfile::tempdir().expect("tempdir");
+    let hook = dir.path().join("hook.sh");
+    let log = dir.path().join("hooks.log");
+    std::fs::write(
+        &hook,
+        format!(
+            "#!/bin/sh\necho \"$1 $RAFTLB_ROLE $RAFTLB_EPOCH\" >> {}\n",
+            log.display()
+        ),
+    )
+    .expect("hook");
+    std::fs::set_permissions(&hook, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .expect("chmod");
+    c.election_extra = format!(
+        "  on_active: {hook} on_active\n  on_standby: {hook} on_standby\n",
+        hook = hook.display()
+    );
+    let (replicas, active) = blocking(|| c.start_all());
+    let all = [0, 1, 2];
+    assert_eq!(c.accepting(&all).await, vec![0, 1, 2], "standbys serve too");
+    for i in all {
+        assert!(ready(c.addrs[i].admin), "/readyz of replica {i}");
+    }
+    let first = epoch(c.addrs[active].admin);
+    assert!(
+        eventually(Duration::from_secs(5), || std::fs::read_to_string(&log)
+            .is_ok_and(|l| l.contains(&format!("on_active active {first}")))),
+        "on_active did not run: {:?}",
+        std::fs::read_to_string(&log)
+    );
+    // A SIGTERM hand-over: the old active runs on_standby, the new one on_active.
+    replicas[active].signal("TERM");
+    let new = c.one_active(&[active], LEASE);
+    let new_epoch = epoch(c.addrs[new].admin);
+    assert!(
+        eventually(Duration::from_secs(5), || std::fs::read_to_string(&log)
+            .is_ok_and(|l| l.contains("on_standby standby")
+                && l.contains(&format!("on_active active {new_epoch}")))),
+        "hooks: {:?}",
+        std::fs::read_to_string(&log)
+    );
+    eprintln!("hooks ran: {:?}", std::fs::read_to_string(&log));
 }

@@ -55,6 +55,8 @@ pub struct State {
     standby_serves: AtomicBool,
     /// A config is applied and the process is not shutting down.
     ready: AtomicBool,
+    /// The active's listeners are open (`standby: close_listeners`).
+    listening: AtomicBool,
     token: ArcSwapOption<String>,
 }
 
@@ -63,7 +65,8 @@ impl State {
     /// active (or election is off, or standbys serve).
     pub fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Relaxed)
-            && (self.standby_serves.load(Ordering::Relaxed) || self.role() == Role::Active)
+            && (self.standby_serves.load(Ordering::Relaxed)
+                || (self.role() == Role::Active && self.listening.load(Ordering::Relaxed)))
     }
 
     /// This replica's role: election's, or active whenever it serves without one.
@@ -362,6 +365,7 @@ impl Server {
             election,
             standby_serves: AtomicBool::new(standby_serves),
             ready: AtomicBool::new(false),
+            listening: AtomicBool::new(false),
             token: ArcSwapOption::new(token),
         });
         let admin_bind = loaded.config.admin.bind.0;
@@ -473,6 +477,7 @@ impl Server {
 
     /// Closes every listening socket, returning once they are closed.
     async fn stop_listeners(&mut self) {
+        self.state.listening.store(false, Ordering::Relaxed);
         for (_, (_, l)) in std::mem::take(&mut self.listeners) {
             l.stop().await;
         }
@@ -506,6 +511,7 @@ impl Server {
                 return;
             }
         }
+        self.state.listening.store(true, Ordering::Relaxed);
     }
 
     async fn serve_until_signal(

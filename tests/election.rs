@@ -115,7 +115,10 @@ impl Cluster {
                 .map(|(i, _)| *i)
                 .collect();
             found = active.first().copied();
-            active.len() == 1 && roles.iter().all(|(_, r)| r == "active" || r == "standby")
+            // Ready: its listeners are open, not only its role.
+            active.len() == 1
+                && roles.iter().all(|(_, r)| r == "active" || r == "standby")
+                && ready(self.addrs[active[0]].admin)
         });
         assert!(ok, "no single active replica within {within:?}");
         found.expect("active")

@@ -401,17 +401,24 @@ def observe(rec, t_sig, old, pl, proc):
     return got, t_exit
 
 
-def run_raftlb(profile, rounds, run_dir, binary, deadline):
-    setting = f'raftlb-{profile}'
+def prepare(run_dir, setting, deadline):
+    """One setting's results dir, fresh namespaces, the VIP monitor, the MACs, the
+    backend and client support processes, and the probe log: the same for every side."""
     sdir = f'{run_dir}/{setting}'
     os.makedirs(sdir)
-    pr = PROFILES[profile]
     setup_net()
     mon = VipMonitor(sdir)
     mac = macs()
     budget = min(deadline - time.monotonic() + 30, 1800)
     support = start_support(sdir, budget)
     pl = ProbeLog(f'{sdir}/probe.log')
+    return sdir, mon, mac, support, pl
+
+
+def run_raftlb(profile, rounds, run_dir, binary, deadline):
+    setting = f'raftlb-{profile}'
+    sdir, mon, mac, support, pl = prepare(run_dir, setting, deadline)
+    pr = PROFILES[profile]
     reps = {n: Replica(n, sdir, profile, binary) for n in NODES}
     for r in reps.values():
         r.start()
@@ -556,14 +563,7 @@ def ka_settled(pl, master='r1', timeout=60.0):
 
 def run_keepalived(kset, rounds, run_dir, deadline):
     setting = f'keepalived-{kset}'
-    sdir = f'{run_dir}/{setting}'
-    os.makedirs(sdir)
-    setup_net()
-    mon = VipMonitor(sdir)
-    mac = macs()
-    budget = min(deadline - time.monotonic() + 30, 1800)
-    support = start_support(sdir, budget)
-    pl = ProbeLog(f'{sdir}/probe.log')
+    sdir, mon, mac, support, pl = prepare(run_dir, setting, deadline)
     fwd = [popen(['ip', 'netns', 'exec', NS[n], 'socat', f'TCP-LISTEN:{PORT},fork,reuseaddr',
                   f'TCP:{IP["be"]}:{BACKEND_PORT},connect-timeout=1'], f'{sdir}/socat-{n}.log') for n in NODES]
     kas = {n: KA(n, sdir, kset) for n in NODES}

@@ -167,7 +167,7 @@ pub fn save_offline(data_dir: &Path) -> Result<Backup, String> {
             file.display()
         )
     })?;
-    let applied: Applied = storage::get_meta(&db, storage::APPLIED)
+    let applied: Applied = storage::load_applied(&db)
         .map_err(|e| format!("{}: {e}", file.display()))?
         .ok_or_else(|| format!("{}: nothing was ever applied here", file.display()))?;
     let recorded: super::Recorded = storage::get_meta(&db, storage::IDENTITY)

@@ -1,6 +1,8 @@
 //! Raft log, vote and state machine in one redb file under `data_dir` (openraft's
 //! storage v2 traits). The state machine is persisted after every applied batch, so a
-//! restarted replica serves its last applied config before it reaches a quorum.
+//! restarted replica serves its last applied config before it reaches a quorum. The
+//! pools are stored under a key of their own and written only when they change: the
+//! lease is renewed every retry_period, the pools change when an operator changes them.
 
 use std::collections::BTreeMap;
 use std::fmt::Debug;
@@ -25,7 +27,10 @@ use tokio::sync::{mpsc, watch};
 use super::types::{
     Entry, LogId, Replicated, Snapshot, SnapshotMeta, StoredMembership, TypeConfig, Vote,
 };
+use crate::config::schema;
 use crate::metrics as m;
+
+type Pools = Arc<BTreeMap<String, schema::Pool>>;
 
 /// Log entries by index.
 const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
@@ -35,7 +40,9 @@ const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const VOTE: &str = "vote";
 const COMMITTED: &str = "committed";
 const PURGED: &str = "last_purged";
-pub const APPLIED: &str = "applied";
+const APPLIED: &str = "applied";
+/// The applied pools, apart from the rest of the applied state.
+const POOLS: &str = "pools";
 const SNAPSHOT: &str = "snapshot";
 pub const IDENTITY: &str = "identity";
 pub const REMOVED: &str = "removed";
@@ -70,6 +77,39 @@ fn read_meta<T: DeserializeOwned>(tx: &redb::ReadTransaction, key: &str) -> io::
     serde_json::from_slice(bytes.value())
         .map(Some)
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("{key}: {e}")))
+}
+
+/// The applied state stored in `db`: the record under APPLIED with its pools from
+/// POOLS (a store written before the pools had a key of their own keeps them in
+/// the record).
+pub fn load_applied(db: &Database) -> io::Result<Option<Applied>> {
+    let tx = db.begin_read().map_err(io::Error::other)?;
+    let Some(mut applied) = read_meta::<Applied>(&tx, APPLIED)? else {
+        return Ok(None);
+    };
+    if let Some(pools) = read_meta::<BTreeMap<String, schema::Pool>>(&tx, POOLS)? {
+        applied.state.pools = Arc::new(pools);
+    }
+    Ok(Some(applied))
+}
+
+/// Writes `applied` into `meta`, its pools only when they are not `written`
+/// already (the same `Arc`: pools are replaced, never changed in place).
+fn insert_applied(
+    meta: &mut redb::Table<&str, &[u8]>,
+    applied: &Applied,
+    written: Option<&Pools>,
+) -> io::Result<()> {
+    let pools = &applied.state.pools;
+    if !written.is_some_and(|w| Arc::ptr_eq(w, pools)) {
+        meta.insert(POOLS, json(pools.as_ref())?.as_slice())
+            .map_err(io::Error::other)?;
+    }
+    let mut head = applied.clone();
+    head.state.pools = Arc::default();
+    meta.insert(APPLIED, json(&head)?.as_slice())
+        .map_err(io::Error::other)?;
+    Ok(())
 }
 
 /// Writes one meta key, durably.
@@ -126,7 +166,6 @@ pub fn restore<I: Serialize>(data_dir: &Path, identity: &I, applied: &Applied) -
     };
     let values = [
         (IDENTITY, serde_json::to_vec(identity)),
-        (APPLIED, serde_json::to_vec(applied)),
         (SNAPSHOT, serde_json::to_vec(&snapshot)),
         (PURGED, serde_json::to_vec(&applied.last_applied)),
     ];
@@ -139,6 +178,7 @@ pub fn restore<I: Serialize>(data_dir: &Path, identity: &I, applied: &Applied) -
                 .insert(key, value.as_slice())
                 .map_err(io::Error::other)?;
         }
+        insert_applied(&mut table, applied, None)?;
     }
     tx.commit().map_err(io::Error::other)
 }
@@ -260,6 +300,8 @@ async fn flush_batches(
     mut rx: mpsc::UnboundedReceiver<Flush>,
     shared: Arc<Shared>,
 ) {
+    // The pools the store holds: a batch writes them only when they changed.
+    let mut pools_written: Option<Pools> = None;
     while let Some(first) = rx.recv().await {
         let mut batch = vec![first];
         if matches!(batch[0], Flush::Applied(_, None)) {
@@ -299,13 +341,23 @@ async fn flush_batches(
         }
         let committed = *lock(&shared.committed);
         let db = db.clone();
+        let pools = applied.as_ref().map(|a| a.state.pools.clone());
+        let known = pools_written.take();
+        let on_disk = known.clone();
         let result = tokio::task::spawn_blocking(move || {
-            durable_commit(&db, &changes, applied.as_deref(), committed)
+            durable_commit(
+                &db,
+                &changes,
+                applied.as_deref(),
+                on_disk.as_ref(),
+                committed,
+            )
         })
         .await
         .unwrap_or_else(|e| Err(io::Error::other(format!("the fsync task failed: {e}"))));
         match &result {
             Ok(()) => {
+                pools_written = pools.or(known);
                 let mut pending = lock(&shared.pending);
                 for index in written {
                     pending.remove(&index);
@@ -339,6 +391,7 @@ fn durable_commit(
     db: &Database,
     changes: &[Change],
     applied: Option<&Applied>,
+    pools_written: Option<&Pools>,
     committed: Option<Option<LogId>>,
 ) -> io::Result<()> {
     let tx = db.begin_write().map_err(io::Error::other)?;
@@ -366,8 +419,7 @@ fn durable_commit(
             }
         }
         if let Some(applied) = applied {
-            meta.insert(APPLIED, json(applied)?.as_slice())
-                .map_err(io::Error::other)?;
+            insert_applied(&mut meta, applied, pools_written)?;
         }
         if let Some(committed) = committed {
             meta.insert(COMMITTED, json(&committed)?.as_slice())
@@ -558,7 +610,7 @@ impl StateMachine {
         flusher: Flusher,
         publish: watch::Sender<Arc<Applied>>,
     ) -> io::Result<Self> {
-        let applied: Applied = get_meta(&db, APPLIED)?.unwrap_or_default();
+        let applied = load_applied(&db)?.unwrap_or_default();
         publish_newer(&publish, Arc::new(applied.clone()));
         Ok(StateMachine {
             db,
@@ -762,5 +814,92 @@ mod publish_tests {
         assert_eq!(watch.borrow().state.config_version, 5);
         publish_newer(&publish, at(6));
         assert_eq!(watch.borrow().state.config_version, 6);
+    }
+}
+
+#[cfg(test)]
+mod pools_tests {
+    use super::*;
+
+    fn pools(address: &str) -> Pools {
+        let pool: schema::Pool = serde_json::from_value(
+            serde_json::json!({ "backends": [{ "name": "b", "address": address }] }),
+        )
+        .expect("pool");
+        Arc::new(BTreeMap::from([("api".to_string(), pool)]))
+    }
+
+    fn address(applied: &Applied) -> String {
+        serde_json::to_value(applied.state.pools.as_ref()).expect("json")["api"]["backends"][0]
+            ["address"]
+            .to_string()
+    }
+
+    fn raw(db: &Database, key: &str) -> Option<Vec<u8>> {
+        let tx = db.begin_read().expect("read");
+        let table = tx.open_table(META).expect("meta");
+        table.get(key).expect("get").map(|v| v.value().to_vec())
+    }
+
+    fn overwrite(db: &Database, key: &str, bytes: &[u8]) {
+        put_meta_bytes(db, key, bytes).expect("write");
+    }
+
+    #[tokio::test]
+    async fn the_pools_are_written_only_when_they_change() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = open(dir.path()).expect("open");
+        let flusher = Flusher::start(db.clone());
+        let mut applied = Applied::default();
+        applied.state.pools = pools("127.0.0.1:1");
+        flusher
+            .durably(Arc::new(applied.clone()))
+            .await
+            .expect("flush");
+        assert_eq!(
+            address(&load_applied(&db).expect("load").expect("applied")),
+            "\"127.0.0.1:1\""
+        );
+        let record = raw(&db, APPLIED).expect("applied record");
+        assert!(
+            !String::from_utf8_lossy(&record).contains("127.0.0.1:1"),
+            "the record carries no pools"
+        );
+
+        // A renew-like batch: the same pools, a new lease. The stored pools are not
+        // rewritten (the marker stays).
+        overwrite(&db, POOLS, b"{}");
+        applied.state.lease.version += 1;
+        flusher
+            .durably(Arc::new(applied.clone()))
+            .await
+            .expect("flush");
+        assert_eq!(raw(&db, POOLS).as_deref(), Some(&b"{}"[..]));
+        let loaded = load_applied(&db).expect("load").expect("applied");
+        assert_eq!(loaded.state.lease.version, 1);
+
+        // Changed pools are written with the batch that changed them.
+        applied.state.pools = pools("127.0.0.1:2");
+        flusher
+            .durably(Arc::new(applied.clone()))
+            .await
+            .expect("flush");
+        assert_eq!(
+            address(&load_applied(&db).expect("load").expect("applied")),
+            "\"127.0.0.1:2\""
+        );
+    }
+
+    #[test]
+    fn a_store_written_before_the_pools_had_their_own_key_keeps_them() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = open(dir.path()).expect("open");
+        let mut applied = Applied::default();
+        applied.state.pools = pools("127.0.0.1:3");
+        overwrite(&db, APPLIED, &json(&applied).expect("json"));
+        assert_eq!(
+            address(&load_applied(&db).expect("load").expect("applied")),
+            "\"127.0.0.1:3\""
+        );
     }
 }

@@ -484,3 +484,58 @@ async fn with_standby_serve_every_replica_accepts_and_only_the_hooks_follow_the_
     );
     eprintln!("hooks ran: {:?}", std::fs::read_to_string(&log));
 }
+
+/// Rule 8: a SIGHUP that changes `standby` on the active releases the lease before
+/// the new setting applies (a new epoch follows); every replica then serves with
+/// `standby: serve`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_that_changes_standby_releases_the_lease_first() {
+    let mut c = Cluster::new(3).await;
+    let (replicas, active) = blocking(|| c.start_all());
+    let all = [0, 1, 2];
+    let standbys: Vec<usize> = all.iter().copied().filter(|i| *i != active).collect();
+    assert_eq!(
+        c.accepting(&all).await,
+        vec![active],
+        "close_listeners: only the active accepts"
+    );
+    let first = epoch(c.addrs[active].admin);
+    c.standby = "serve";
+    for i in standbys.iter().copied().chain([active]) {
+        replicas[i].rewrite_config(&c.yaml(i));
+        replicas[i].signal("HUP");
+    }
+    let log = |i: usize| replicas[i].log();
+    assert!(
+        eventually(Duration::from_secs(5), || log(active)
+            .contains("reloaded the config")),
+        "the active did not reload\n{}",
+        log(active)
+    );
+    let text = log(active);
+    let released = text
+        .find("leader_election.standby changed; releasing the lease first")
+        .unwrap_or_else(|| panic!("the active did not release first\n{text}"));
+    let reloaded = text.find("reloaded the config").expect("reloaded");
+    assert!(
+        released < reloaded,
+        "released after the reload applied\n{text}"
+    );
+    assert!(
+        replicas[active].metric("raftlb_leader_election_transitions_total{to=\"standby\"}") >= 1.0
+    );
+    // Someone holds a new epoch; everyone serves.
+    let new = blocking(|| c.one_active(&[], LEASE * 2 + SLACK));
+    assert!(epoch(c.addrs[new].admin) > first);
+    assert!(
+        eventually(Duration::from_secs(10), || all
+            .iter()
+            .all(|i| ready(c.addrs[*i].admin))),
+        "with standby: serve every replica is ready"
+    );
+    assert_eq!(
+        c.accepting(&all).await,
+        vec![0, 1, 2],
+        "standbys serve after the reload"
+    );
+}

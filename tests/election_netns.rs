@@ -47,7 +47,18 @@ struct Cluster {
 impl Cluster {
     /// Three replicas with `vip` (`192.0.2.50` or `2001:db8::50`), a backend.
     fn start(vip: &str) -> Cluster {
+        Cluster::start_with(vip, |_| {}, |_| &[])
+    }
+
+    /// The same, with `prepare` run on the topology before any replica starts and
+    /// replica `i` started under the command `wrap(i)` (empty: none).
+    fn start_with(
+        vip: &str,
+        prepare: impl FnOnce(&Topology),
+        wrap: impl Fn(usize) -> &'static [&'static str],
+    ) -> Cluster {
         let topo = Topology::builder().replicas(3).build();
+        prepare(&topo);
         let vip: IpAddr = vip.parse().expect("VIP");
         let six = vip.is_ipv6();
         let backend = backend(topo.backends(), six);
@@ -83,8 +94,15 @@ impl Cluster {
             let config = dir.path().join("raftlb.yaml");
             std::fs::write(&config, yaml).expect("config");
             let log = std::fs::File::create(dir.path().join("raftlb.log")).expect("log");
-            let child = ns
-                .command(env!("CARGO_BIN_EXE_raftlb"))
+            let (program, wrapper) = match wrap(i).split_first() {
+                Some((program, args)) => (*program, args),
+                None => (env!("CARGO_BIN_EXE_raftlb"), &[][..]),
+            };
+            let mut command = ns.command(program);
+            if !wrapper.is_empty() {
+                command.args(wrapper).arg(env!("CARGO_BIN_EXE_raftlb"));
+            }
+            let child = command
                 .args(["run", "--config"])
                 .arg(&config)
                 .args(["--log-level", "info"])
@@ -145,6 +163,25 @@ impl Cluster {
             s.read_to_string(&mut got).ok()?;
             Some(got.trim() == "backend")
         }) == Some(true)
+    }
+
+    /// Replica `i`'s counter of transitions to `role` (0 if it does not answer).
+    fn transitions_to(&self, i: usize, role: &str) -> f64 {
+        let body = self.topo.replica(i).run_inside(|| {
+            common::http_get(ADMIN.parse().expect("admin"), "/metrics")
+                .map(|(_, b)| b)
+                .unwrap_or_default()
+        });
+        let series = format!("raftlb_leader_election_transitions_total{{to=\"{role}\"}} ");
+        body.lines()
+            .find_map(|l| l.strip_prefix(series.as_str()))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0.0)
+    }
+
+    /// Polls until replica `i` reports `role` in its status; false after `within`.
+    fn sees_role(&self, i: usize, role: &str, within: Duration) -> bool {
+        eventually(within, || self.role(i) == role)
     }
 
     fn holders(&self) -> Vec<usize> {
@@ -274,4 +311,207 @@ fn an_active_cut_off_withdraws_its_vip_and_a_majority_replica_takes_it() {
     std::thread::sleep(LEASE);
     assert_eq!(c.one_active(LEASE), new);
     assert_eq!(c.holders(), vec![new]);
+}
+
+/// A VIP left on the interfaces by an earlier process (kill -9 and a restart within
+/// its lifetime, or an address added by hand) is removed at start by every replica
+/// that does not hold the lease: only the active's namespace holds it.
+#[test]
+fn a_vip_left_by_an_earlier_process_is_removed_at_start() {
+    let c = Cluster::start_with(
+        "192.0.2.50",
+        |topo| {
+            for ns in topo.replicas() {
+                ns.exec_ok(&["ip", "addr", "add", "192.0.2.50/24", "dev", "eth0"]);
+            }
+        },
+        |_| &[],
+    );
+    let active = c.one_active(Duration::from_secs(20));
+    assert!(
+        eventually(Duration::from_secs(5), || c.holders() == vec![active]),
+        "replicas that are not active kept the stale VIP: holders {:?}\n{}",
+        c.holders(),
+        c.logs()
+    );
+    for i in (0..3).filter(|i| *i != active) {
+        let log = c.replicas[i].as_ref().expect("live").log();
+        assert!(
+            log.contains("removing a VIP this replica does not hold"),
+            "replica {i} did not say it removed the stale VIP\n{}",
+            tail(&log)
+        );
+    }
+    assert!(
+        eventually(Duration::from_secs(5), || c.client_reaches_backend()),
+        "the client does not reach the backend through the VIP\n{}",
+        c.logs()
+    );
+}
+
+/// Rule 7: an active that cannot add its VIP (here: a replica started without
+/// CAP_NET_ADMIN, as a systemd unit missing its ambient capabilities would run it)
+/// gives the lease up and sits out as `fault`; another replica takes over with the
+/// VIP and serves the client.
+#[test]
+fn an_active_that_cannot_add_the_vip_goes_to_fault_and_another_takes_over() {
+    const NO_NET_ADMIN: &[&str] = &[
+        "setpriv",
+        "--bounding-set",
+        "-net_admin",
+        "--inh-caps",
+        "-net_admin",
+    ];
+    let c = Cluster::start_with(
+        "192.0.2.50",
+        |_| {},
+        |i| if i == 0 { NO_NET_ADMIN } else { &[] },
+    );
+    // Replica 0 cannot hold the VIP, so the first active holding it is another one.
+    let first = c.one_active(Duration::from_secs(20));
+    assert_ne!(first, 0);
+    // Hand the lease to replica 0 (node_id 1).
+    let (status, body) = c.topo.replica(first).run_inside(|| {
+        common::http_request(
+            ADMIN.parse().expect("admin"),
+            "POST",
+            "/api/v1/leader/transfer",
+            &[("Content-Type", "application/json")],
+            r#"{"to": 1}"#,
+        )
+        .expect("transfer")
+    });
+    assert_eq!(status, 200, "transfer: {body}");
+    assert!(
+        c.sees_role(0, "fault", LEASE + SLACK),
+        "replica 0 took the lease but never reported fault (role {})\n{}",
+        c.role(0),
+        c.logs()
+    );
+    assert!(c.transitions_to(0, "fault") >= 1.0);
+    let log = c.replicas[0].as_ref().expect("live").log();
+    assert!(log.contains("cannot add the VIP"), "{}", tail(&log));
+    // Replica 0 gave the lease up: another takes it and the VIP, and serves.
+    let new = c.one_active(LEASE * 2 + SLACK);
+    assert_ne!(new, 0);
+    assert!(!c.topo.replica(0).has_addr(c.vip));
+    assert!(
+        eventually(Duration::from_secs(5), || c.client_reaches_backend()),
+        "the client does not reach the backend after the fault\n{}",
+        c.logs()
+    );
+}
+
+/// Rule 7: the VIP's interface going down on the active is a fault (noticed within a
+/// retry_period, before its renew_deadline would end it): it gives the lease up and
+/// sits out as `fault`; a majority replica takes the VIP; back up, the replica
+/// returns as a standby and the VIP stays with the new active.
+#[test]
+fn the_vip_interface_going_down_on_the_active_is_a_fault() {
+    let c = Cluster::start("192.0.2.50");
+    let active = c.one_active(Duration::from_secs(20));
+    c.topo.replica(active).link_down();
+    let down = Instant::now();
+    // Its admin API (on loopback) still answers: the role says fault, not standby.
+    assert!(
+        c.sees_role(active, "fault", RENEW),
+        "the active whose VIP interface went down is {}\n{}",
+        c.role(active),
+        c.logs()
+    );
+    assert!(c.transitions_to(active, "fault") >= 1.0);
+    assert!(!c.topo.replica(active).has_addr(c.vip));
+    let new = c.one_active(LEASE * 2 + SLACK);
+    assert_ne!(new, active);
+    eprintln!(
+        "interface down: replica {new} active after {:?}",
+        down.elapsed()
+    );
+    assert!(
+        eventually(Duration::from_secs(5), || c.client_reaches_backend()),
+        "the client does not reach the backend through the new active\n{}",
+        c.logs()
+    );
+    c.topo.replica(active).link_up();
+    assert!(
+        c.sees_role(active, "standby", LEASE * 2 + SLACK),
+        "back up, the faulted replica is {}\n{}",
+        c.role(active),
+        c.logs()
+    );
+    assert_eq!(c.one_active(LEASE), new);
+    assert_eq!(c.holders(), vec![new]);
+}
+
+/// Rule 8: a SIGHUP that changes the VIP releases the lease first: the old address
+/// leaves every namespace, and a new epoch's active holds the new one.
+#[test]
+fn a_reload_that_changes_the_vip_releases_first_and_the_new_address_follows() {
+    let c = Cluster::start("192.0.2.50");
+    let active = c.one_active(Duration::from_secs(20));
+    let epoch = |i: usize| -> u64 {
+        let body = c.topo.replica(i).run_inside(|| {
+            common::http_get(ADMIN.parse().expect("admin"), "/api/v1/status")
+                .map(|(_, b)| b)
+                .unwrap_or_default()
+        });
+        serde_json::from_str::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|v| v["lease"]["epoch"].as_u64())
+            .unwrap_or(0)
+    };
+    let first = epoch(active);
+    let order = (0..3).filter(|i| *i != active).chain([active]);
+    for i in order {
+        let replica = c.replicas[i].as_ref().expect("live");
+        let path = replica.dir.path().join("raftlb.yaml");
+        let yaml = std::fs::read_to_string(&path).expect("config");
+        std::fs::write(
+            &path,
+            yaml.replace("address: \"192.0.2.50/24\"", "address: \"192.0.2.51/24\""),
+        )
+        .expect("rewrite");
+        let pid = replica.child.id().to_string();
+        assert!(
+            std::process::Command::new("kill")
+                .args(["-HUP", &pid])
+                .status()
+                .expect("kill")
+                .success()
+        );
+    }
+    let new_vip: IpAddr = "192.0.2.51".parse().expect("ip");
+    let holders =
+        |ip: IpAddr| -> Vec<usize> { (0..3).filter(|i| c.topo.replica(*i).has_addr(ip)).collect() };
+    let mut new = None;
+    assert!(
+        eventually(LEASE * 2 + SLACK, || {
+            let active: Vec<usize> = (0..3).filter(|i| c.role(*i) == "active").collect();
+            new = active.first().copied();
+            active.len() == 1 && holders(new_vip) == active && holders(c.vip).is_empty()
+        }),
+        "after the reload: holders of the old VIP {:?}, of the new {:?}\n{}",
+        holders(c.vip),
+        holders(new_vip),
+        c.logs()
+    );
+    let new = new.expect("active");
+    assert!(
+        epoch(new) > first,
+        "no new epoch: the lease was not released"
+    );
+    let log = c.replicas[active].as_ref().expect("live").log();
+    assert!(
+        log.contains("leader_election.vip changed; releasing the lease first"),
+        "{}",
+        tail(&log)
+    );
+    // And it stays that way.
+    std::thread::sleep(LEASE);
+    assert!(
+        holders(c.vip).is_empty(),
+        "the old VIP came back: {:?}",
+        holders(c.vip)
+    );
+    assert_eq!(holders(new_vip), vec![new]);
 }

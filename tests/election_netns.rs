@@ -47,17 +47,18 @@ struct Cluster {
 impl Cluster {
     /// Three replicas with `vip` (`192.0.2.50` or `2001:db8::50`), a backend.
     fn start(vip: &str) -> Cluster {
-        Cluster::start_with(vip, |_| {}, |_| &[])
+        Cluster::start_with(3, vip, |_| {}, |_| &[])
     }
 
     /// The same, with `prepare` run on the topology before any replica starts and
     /// replica `i` started under the command `wrap(i)` (empty: none).
     fn start_with(
+        n: usize,
         vip: &str,
         prepare: impl FnOnce(&Topology),
         wrap: impl Fn(usize) -> &'static [&'static str],
     ) -> Cluster {
-        let topo = Topology::builder().replicas(3).build();
+        let topo = Topology::builder().replicas(n).build();
         prepare(&topo);
         let vip: IpAddr = vip.parse().expect("VIP");
         let six = vip.is_ipv6();
@@ -136,7 +137,9 @@ impl Cluster {
     fn one_active(&self, within: Duration) -> usize {
         let mut found = None;
         let ok = eventually(within, || {
-            let live: Vec<usize> = (0..3).filter(|i| self.replicas[*i].is_some()).collect();
+            let live: Vec<usize> = (0..self.replicas.len())
+                .filter(|i| self.replicas[*i].is_some())
+                .collect();
             let active: Vec<usize> = live
                 .iter()
                 .copied()
@@ -185,7 +188,7 @@ impl Cluster {
     }
 
     fn holders(&self) -> Vec<usize> {
-        (0..3)
+        (0..self.replicas.len())
             .filter(|i| self.topo.replica(*i).has_addr(self.vip))
             .collect()
     }
@@ -319,6 +322,7 @@ fn an_active_cut_off_withdraws_its_vip_and_a_majority_replica_takes_it() {
 #[test]
 fn a_vip_left_by_an_earlier_process_is_removed_at_start() {
     let c = Cluster::start_with(
+        3,
         "192.0.2.50",
         |topo| {
             for ns in topo.replicas() {
@@ -334,7 +338,7 @@ fn a_vip_left_by_an_earlier_process_is_removed_at_start() {
         c.holders(),
         c.logs()
     );
-    for i in (0..3).filter(|i| *i != active) {
+    for i in (0..c.replicas.len()).filter(|i| *i != active) {
         let log = c.replicas[i].as_ref().expect("live").log();
         assert!(
             log.contains("removing a VIP this replica does not hold"),
@@ -363,6 +367,7 @@ fn an_active_that_cannot_add_the_vip_goes_to_fault_and_another_takes_over() {
         "-net_admin",
     ];
     let c = Cluster::start_with(
+        3,
         "192.0.2.50",
         |_| {},
         |i| if i == 0 { NO_NET_ADMIN } else { &[] },
@@ -447,7 +452,18 @@ fn the_vip_interface_going_down_on_the_active_is_a_fault() {
 /// leaves every namespace, and a new epoch's active holds the new one.
 #[test]
 fn a_reload_that_changes_the_vip_releases_first_and_the_new_address_follows() {
-    let c = Cluster::start("192.0.2.50");
+    reload_moves_the_vip(3);
+}
+
+/// The same with a lone replica, which has nobody to hand the lease to and takes it
+/// back itself: the new VIP follows it all the same.
+#[test]
+fn a_lone_replica_reloaded_with_a_new_vip_holds_the_new_address() {
+    reload_moves_the_vip(1);
+}
+
+fn reload_moves_the_vip(n: usize) {
+    let c = Cluster::start_with(n, "192.0.2.50", |_| {}, |_| &[]);
     let active = c.one_active(Duration::from_secs(20));
     let epoch = |i: usize| -> u64 {
         let body = c.topo.replica(i).run_inside(|| {
@@ -461,7 +477,9 @@ fn a_reload_that_changes_the_vip_releases_first_and_the_new_address_follows() {
             .unwrap_or(0)
     };
     let first = epoch(active);
-    let order = (0..3).filter(|i| *i != active).chain([active]);
+    let order = (0..c.replicas.len())
+        .filter(|i| *i != active)
+        .chain([active]);
     for i in order {
         let replica = c.replicas[i].as_ref().expect("live");
         let path = replica.dir.path().join("raftlb.yaml");
@@ -481,12 +499,17 @@ fn a_reload_that_changes_the_vip_releases_first_and_the_new_address_follows() {
         );
     }
     let new_vip: IpAddr = "192.0.2.51".parse().expect("ip");
-    let holders =
-        |ip: IpAddr| -> Vec<usize> { (0..3).filter(|i| c.topo.replica(*i).has_addr(ip)).collect() };
+    let holders = |ip: IpAddr| -> Vec<usize> {
+        (0..c.replicas.len())
+            .filter(|i| c.topo.replica(*i).has_addr(ip))
+            .collect()
+    };
     let mut new = None;
     assert!(
         eventually(LEASE * 2 + SLACK, || {
-            let active: Vec<usize> = (0..3).filter(|i| c.role(*i) == "active").collect();
+            let active: Vec<usize> = (0..c.replicas.len())
+                .filter(|i| c.role(*i) == "active")
+                .collect();
             new = active.first().copied();
             active.len() == 1 && holders(new_vip) == active && holders(c.vip).is_empty()
         }),

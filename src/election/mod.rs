@@ -333,22 +333,7 @@ async fn drive(driver: Driver) {
                 }
             }
         }
-        let (record, observed_at) = elector.record();
-        let status = Status {
-            role: elector.role(),
-            epoch: elector.epoch(),
-            record: record.clone(),
-            observed_at,
-            lease_duration: elector.settings().lease_duration,
-        };
-        publish.send_if_modified(|s| {
-            let changed = s.role != status.role
-                || s.epoch != status.epoch
-                || s.record != status.record
-                || s.lease_duration != status.lease_duration;
-            *s = status;
-            changed
-        });
+        publish_status(&publish, &elector);
         let wake = elector
             .next_wake()
             .map_or(Duration::from_secs(3600), |at| at.saturating_sub(now));
@@ -375,6 +360,15 @@ async fn drive(driver: Driver) {
                 Some(Request::SetVip(vip)) => {
                     follower.down().await;
                     follower = Follower::start(vip, elector.settings(), requests.clone());
+                    // Active again by now (a lone replica retakes what it released):
+                    // the new VIP follows the role at once, not from the next term.
+                    if let (Role::Active, Some(deadline)) = (elector.role(), elector.deadline()) {
+                        follower.set(Want::Up {
+                            epoch: elector.epoch(),
+                            since: clock::now(),
+                            deadline,
+                        });
+                    }
                 }
                 Some(Request::Transfer(t)) => {
                     if elector.role() == Role::Active {
@@ -390,6 +384,33 @@ async fn drive(driver: Driver) {
             () = tokio::time::sleep(wake) => {}
         }
     }
+}
+
+/// Publishes the elector's status when it changed (most wake-ups change nothing:
+/// the record is cloned only when it did).
+fn publish_status(publish: &watch::Sender<Status>, elector: &Elector) {
+    let (record, observed_at) = elector.record();
+    let (role, epoch) = (elector.role(), elector.epoch());
+    let lease_duration = elector.settings().lease_duration;
+    publish.send_if_modified(|s| {
+        if s.role == role
+            && s.epoch == epoch
+            && s.record == *record
+            && s.lease_duration == lease_duration
+        {
+            // Keeps the time of observation current without waking anyone.
+            s.observed_at = observed_at;
+            return false;
+        }
+        *s = Status {
+            role,
+            epoch,
+            record: record.clone(),
+            observed_at,
+            lease_duration,
+        };
+        true
+    });
 }
 
 fn wall_ms() -> u64 {

@@ -13,14 +13,6 @@ use common::*;
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-/// The addresses of one replica.
-#[derive(Clone, Copy)]
-struct Addrs {
-    admin: SocketAddr,
-    peer: SocketAddr,
-    listen: SocketAddr,
-}
-
 struct Cluster {
     cluster_id: &'static str,
     /// Extra lines of the cluster: section (indented two spaces), e.g. tls.
@@ -32,16 +24,8 @@ struct Cluster {
 
 impl Cluster {
     fn new(n: usize, backends: Vec<(String, SocketAddr)>) -> Cluster {
-        let addrs = (0..n)
-            .map(|_| Addrs {
-                admin: loopback(),
-                peer: loopback(),
-                listen: loopback(),
-            })
-            .collect();
-        let data = (0..n)
-            .map(|_| tempfile::tempdir().expect("tempdir"))
-            .collect();
+        let addrs = Addrs::for_replicas(n);
+        let data = data_dirs(n);
         Cluster {
             cluster_id: "test",
             cluster_extra: String::new(),
@@ -54,12 +38,6 @@ impl Cluster {
     /// Replica `i` (0-based; node_id i+1).
     fn yaml(&self, i: usize, initial_state: &str) -> String {
         let a = self.addrs[i];
-        let peers: Vec<String> = self
-            .addrs
-            .iter()
-            .enumerate()
-            .map(|(j, p)| format!("{}: {}", j + 1, p.peer))
-            .collect();
         let backends: Vec<String> = self
             .backends
             .iter()
@@ -80,7 +58,7 @@ impl Cluster {
             peer = a.peer,
             listen = a.listen,
             data = self.data[i].path().display(),
-            peers = peers.join(", "),
+            peers = Addrs::peers(&self.addrs),
             backends = backends.join("\n"),
         )
     }

@@ -19,13 +19,6 @@ const RETRY: Duration = Duration::from_millis(500);
 const ELECTION_TIMEOUT: Duration = Duration::from_millis(500);
 const SLACK: Duration = Duration::from_secs(1);
 
-#[derive(Clone, Copy)]
-struct Addrs {
-    admin: SocketAddr,
-    peer: SocketAddr,
-    listen: SocketAddr,
-}
-
 struct Cluster {
     addrs: Vec<Addrs>,
     data: Vec<tempfile::TempDir>,
@@ -40,16 +33,8 @@ impl Cluster {
     async fn new(n: usize) -> Cluster {
         raise_nofile();
         Cluster {
-            addrs: (0..n)
-                .map(|_| Addrs {
-                    admin: loopback(),
-                    peer: loopback(),
-                    listen: loopback(),
-                })
-                .collect(),
-            data: (0..n)
-                .map(|_| tempfile::tempdir().expect("tempdir"))
-                .collect(),
+            addrs: Addrs::for_replicas(n),
+            data: data_dirs(n),
             backend: named_backend("backend").await,
             standby: "close_listeners",
             election_extra: String::new(),
@@ -58,12 +43,6 @@ impl Cluster {
 
     fn yaml(&self, i: usize) -> String {
         let a = self.addrs[i];
-        let peers: Vec<String> = self
-            .addrs
-            .iter()
-            .enumerate()
-            .map(|(j, p)| format!("{}: {}", j + 1, p.peer))
-            .collect();
         format!(
             "node: {{ name: lb-{id} }}\n\
              admin: {{ bind: {admin} }}\n\
@@ -78,7 +57,7 @@ impl Cluster {
             peer = a.peer,
             listen = a.listen,
             data = self.data[i].path().display(),
-            peers = peers.join(", "),
+            peers = Addrs::peers(&self.addrs),
             et = ELECTION_TIMEOUT.as_millis(),
             lease = LEASE.as_millis(),
             renew = RENEW.as_millis(),

@@ -121,12 +121,18 @@ impl Cluster {
         }
     }
 
-    fn role(&self, i: usize) -> String {
-        let body = self.topo.replica(i).run_inside(|| {
-            common::http_get(ADMIN.parse().expect("admin"), "/api/v1/status")
+    /// GET `path` of replica `i`'s admin API, from inside its namespace ("" if it
+    /// does not answer).
+    fn admin_get(&self, i: usize, path: &str) -> String {
+        self.topo.replica(i).run_inside(|| {
+            common::http_get(ADMIN.parse().expect("admin"), path)
                 .map(|(_, b)| b)
                 .unwrap_or_default()
-        });
+        })
+    }
+
+    fn role(&self, i: usize) -> String {
+        let body = self.admin_get(i, "/api/v1/status");
         serde_json::from_str::<serde_json::Value>(&body)
             .ok()
             .and_then(|v| v["role"].as_str().map(str::to_string))
@@ -170,11 +176,7 @@ impl Cluster {
 
     /// Replica `i`'s counter of transitions to `role` (0 if it does not answer).
     fn transitions_to(&self, i: usize, role: &str) -> f64 {
-        let body = self.topo.replica(i).run_inside(|| {
-            common::http_get(ADMIN.parse().expect("admin"), "/metrics")
-                .map(|(_, b)| b)
-                .unwrap_or_default()
-        });
+        let body = self.admin_get(i, "/metrics");
         let series = format!("raftlb_leader_election_transitions_total{{to=\"{role}\"}} ");
         body.lines()
             .find_map(|l| l.strip_prefix(series.as_str()))
@@ -185,6 +187,15 @@ impl Cluster {
     /// Polls until replica `i` reports `role` in its status; false after `within`.
     fn sees_role(&self, i: usize, role: &str, within: Duration) -> bool {
         eventually(within, || self.role(i) == role)
+    }
+
+    /// Asserts that the client reaches the backend through the VIP (within 5 s).
+    fn assert_client_served(&self, when: &str) {
+        assert!(
+            eventually(Duration::from_secs(5), || self.client_reaches_backend()),
+            "the client does not reach the backend through the VIP {when}\n{}",
+            self.logs()
+        );
     }
 
     fn holders(&self) -> Vec<usize> {
@@ -231,11 +242,7 @@ fn backend(ns: &Netns, six: bool) -> SocketAddr {
 fn killed_active_moves_the_vip(vip: &str) {
     let mut c = Cluster::start(vip);
     let active = c.one_active(Duration::from_secs(20));
-    assert!(
-        eventually(Duration::from_secs(5), || c.client_reaches_backend()),
-        "the client does not reach the backend through the VIP\n{}",
-        c.logs()
-    );
+    c.assert_client_served("at first");
     // A standby holds no VIP (removed at start, never added).
     assert_eq!(c.holders(), vec![active]);
     c.replicas[active].take();
@@ -266,11 +273,7 @@ fn killed_active_moves_the_vip(vip: &str) {
     );
     let new = c.one_active(LEASE * 2 + SLACK);
     assert_ne!(new, active);
-    assert!(
-        eventually(Duration::from_secs(5), || c.client_reaches_backend()),
-        "the client does not reach the backend through the new holder\n{}",
-        c.logs()
-    );
+    c.assert_client_served("of the new holder");
     assert_eq!(c.holders(), vec![new]);
 }
 
@@ -304,11 +307,7 @@ fn an_active_cut_off_withdraws_its_vip_and_a_majority_replica_takes_it() {
         "partition: VIP withdrawn after {withdrawn:?}, replica {new} active after {:?}",
         cut.elapsed()
     );
-    assert!(
-        eventually(Duration::from_secs(5), || c.client_reaches_backend()),
-        "the client does not reach the backend through the majority's VIP\n{}",
-        c.logs()
-    );
+    c.assert_client_served("held by the majority");
     c.topo.replica(active).heal();
     // Healed: it stays a standby, and only one namespace holds the VIP.
     std::thread::sleep(LEASE);
@@ -346,11 +345,7 @@ fn a_vip_left_by_an_earlier_process_is_removed_at_start() {
             tail(&log)
         );
     }
-    assert!(
-        eventually(Duration::from_secs(5), || c.client_reaches_backend()),
-        "the client does not reach the backend through the VIP\n{}",
-        c.logs()
-    );
+    c.assert_client_served("at first");
 }
 
 /// Rule 7: an active that cannot add its VIP (here: a replica started without
@@ -400,11 +395,7 @@ fn an_active_that_cannot_add_the_vip_goes_to_fault_and_another_takes_over() {
     let new = c.one_active(LEASE * 2 + SLACK);
     assert_ne!(new, 0);
     assert!(!c.topo.replica(0).has_addr(c.vip));
-    assert!(
-        eventually(Duration::from_secs(5), || c.client_reaches_backend()),
-        "the client does not reach the backend after the fault\n{}",
-        c.logs()
-    );
+    c.assert_client_served("after the fault");
 }
 
 /// Rule 7: the VIP's interface going down on the active is a fault (noticed within a
@@ -432,11 +423,7 @@ fn the_vip_interface_going_down_on_the_active_is_a_fault() {
         "interface down: replica {new} active after {:?}",
         down.elapsed()
     );
-    assert!(
-        eventually(Duration::from_secs(5), || c.client_reaches_backend()),
-        "the client does not reach the backend through the new active\n{}",
-        c.logs()
-    );
+    c.assert_client_served("of the new active");
     c.topo.replica(active).link_up();
     assert!(
         c.sees_role(active, "standby", LEASE * 2 + SLACK),
@@ -466,11 +453,7 @@ fn reload_moves_the_vip(n: usize) {
     let c = Cluster::start_with(n, "192.0.2.50", |_| {}, |_| &[]);
     let active = c.one_active(Duration::from_secs(20));
     let epoch = |i: usize| -> u64 {
-        let body = c.topo.replica(i).run_inside(|| {
-            common::http_get(ADMIN.parse().expect("admin"), "/api/v1/status")
-                .map(|(_, b)| b)
-                .unwrap_or_default()
-        });
+        let body = c.admin_get(i, "/api/v1/status");
         serde_json::from_str::<serde_json::Value>(&body)
             .ok()
             .and_then(|v| v["lease"]["epoch"].as_u64())

@@ -845,6 +845,15 @@ mod pools_tests {
         put_meta_bytes(db, key, bytes).expect("write");
     }
 
+    /// Makes `applied` durable through the flusher and reads back what is stored.
+    async fn flush_and_load(flusher: &Flusher, db: &Database, applied: &Applied) -> Applied {
+        flusher
+            .durably(Arc::new(applied.clone()))
+            .await
+            .expect("flush");
+        load_applied(db).expect("load").expect("applied")
+    }
+
     #[tokio::test]
     async fn the_pools_are_written_only_when_they_change() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -852,14 +861,8 @@ mod pools_tests {
         let flusher = Flusher::start(db.clone());
         let mut applied = Applied::default();
         applied.state.pools = pools("127.0.0.1:1");
-        flusher
-            .durably(Arc::new(applied.clone()))
-            .await
-            .expect("flush");
-        assert_eq!(
-            address(&load_applied(&db).expect("load").expect("applied")),
-            "\"127.0.0.1:1\""
-        );
+        let loaded = flush_and_load(&flusher, &db, &applied).await;
+        assert_eq!(address(&loaded), "\"127.0.0.1:1\"");
         let record = raw(&db, APPLIED).expect("applied record");
         assert!(
             !String::from_utf8_lossy(&record).contains("127.0.0.1:1"),
@@ -870,24 +873,14 @@ mod pools_tests {
         // rewritten (the marker stays).
         overwrite(&db, POOLS, b"{}");
         applied.state.lease.version += 1;
-        flusher
-            .durably(Arc::new(applied.clone()))
-            .await
-            .expect("flush");
+        let loaded = flush_and_load(&flusher, &db, &applied).await;
         assert_eq!(raw(&db, POOLS).as_deref(), Some(&b"{}"[..]));
-        let loaded = load_applied(&db).expect("load").expect("applied");
         assert_eq!(loaded.state.lease.version, 1);
 
         // Changed pools are written with the batch that changed them.
         applied.state.pools = pools("127.0.0.1:2");
-        flusher
-            .durably(Arc::new(applied.clone()))
-            .await
-            .expect("flush");
-        assert_eq!(
-            address(&load_applied(&db).expect("load").expect("applied")),
-            "\"127.0.0.1:2\""
-        );
+        let loaded = flush_and_load(&flusher, &db, &applied).await;
+        assert_eq!(address(&loaded), "\"127.0.0.1:2\"");
     }
 
     #[test]

@@ -451,3 +451,41 @@ pub fn http_response(
             .map_err(|_| std::io::Error::other("HTTP client thread panicked"))?
     })
 }
+
+/// The loopback addresses of one replica of a test cluster.
+#[derive(Clone, Copy, Debug)]
+pub struct Addrs {
+    pub admin: SocketAddr,
+    pub peer: SocketAddr,
+    pub listen: SocketAddr,
+}
+
+impl Addrs {
+    /// Free addresses for `n` replicas.
+    pub fn for_replicas(n: usize) -> Vec<Addrs> {
+        (0..n)
+            .map(|_| Addrs {
+                admin: loopback(),
+                peer: loopback(),
+                listen: loopback(),
+            })
+            .collect()
+    }
+
+    /// The `peers:` map of a cluster whose replica `i` (node_id i+1) has `all[i]`:
+    /// `1: ADDR, 2: ADDR, ...`.
+    pub fn peers(all: &[Addrs]) -> String {
+        all.iter()
+            .enumerate()
+            .map(|(j, p)| format!("{}: {}", j + 1, p.peer))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+/// A data_dir per replica.
+pub fn data_dirs(n: usize) -> Vec<tempfile::TempDir> {
+    (0..n)
+        .map(|_| tempfile::tempdir().expect("tempdir"))
+        .collect()
+}

@@ -49,8 +49,9 @@ pub struct State {
     pub cluster: Option<Arc<Node>>,
     /// Committed pools this replica could not apply, one line each (shown in status).
     pub apply_errors: std::sync::Mutex<Vec<String>>,
-    /// Leader election, in cluster mode unless `enabled: false`.
-    pub election: Option<Election>,
+    /// Leader election, in cluster mode unless `enabled: false` (a reload may turn
+    /// it on or off).
+    election: ArcSwapOption<Election>,
     /// `standby: serve`: standbys accept too.
     standby_serves: AtomicBool,
     /// A config is applied and the process is not shutting down.
@@ -71,7 +72,7 @@ impl State {
 
     /// This replica's role: election's, or active whenever it serves without one.
     pub fn role(&self) -> Role {
-        match &self.election {
+        match &*self.election.load() {
             Some(e) => e.status().borrow().role,
             None if self.ready.load(Ordering::Relaxed) => Role::Active,
             None => Role::Standby,
@@ -80,7 +81,12 @@ impl State {
 
     /// The election's view, when election is on.
     pub fn election_status(&self) -> Option<Status> {
-        self.election.as_ref().map(|e| e.status().borrow().clone())
+        self.election().map(|e| e.status().borrow().clone())
+    }
+
+    /// The running election, if it is on.
+    pub fn election(&self) -> Option<Arc<Election>> {
+        self.election.load_full()
     }
 
     pub fn token(&self) -> Option<Arc<String>> {
@@ -362,7 +368,7 @@ impl Server {
             metrics,
             cluster: cluster.clone(),
             apply_errors: std::sync::Mutex::new(Vec::new()),
-            election,
+            election: ArcSwapOption::new(election.map(Arc::new)),
             standby_serves: AtomicBool::new(standby_serves),
             ready: AtomicBool::new(false),
             listening: AtomicBool::new(false),
@@ -435,7 +441,7 @@ impl Server {
             }
             Some(node) => {
                 tokio::spawn(follow_store(node.clone(), server.state.clone()));
-                let mode = match (&server.state.election, standby_serves) {
+                let mode = match (server.state.election(), standby_serves) {
                     (None, _) => "leader election off: every replica serves",
                     (Some(_), true) => "leader election on, standbys serve",
                     (Some(_), false) => "leader election on, only the active serves",
@@ -486,7 +492,7 @@ impl Server {
     /// Follows the election: an active opens its listeners (rule 7: one that cannot
     /// gives the lease up), a standby with `close_listeners` closes them.
     async fn follow_role(&mut self) {
-        let Some(election) = self.state.election.clone() else {
+        let Some(election) = self.state.election() else {
             return;
         };
         if self.state.standby_serves.load(Ordering::Relaxed) {
@@ -522,7 +528,7 @@ impl Server {
         fatal: Option<tokio::sync::watch::Receiver<Option<crate::store::Fatal>>>,
     ) -> ExitCode {
         let mut fatal = fatal;
-        let mut role = self.state.election.as_ref().map(Election::status);
+        let mut role = self.state.election().map(|e| e.status());
         let code = loop {
             let died = async {
                 match &mut fatal {
@@ -550,7 +556,14 @@ impl Server {
             tokio::select! {
                 _ = term.recv() => break None,
                 _ = int.recv() => break None,
-                _ = hup.recv() => self.reload().await,
+                _ = hup.recv() => {
+                    let had = role.is_some();
+                    self.reload().await;
+                    // A reload may have turned election on or off.
+                    if self.state.election().is_some() != had {
+                        role = self.state.election().map(|e| e.status());
+                    }
+                }
                 () = role_changed => self.follow_role().await,
                 code = died => break Some(code),
             }
@@ -574,7 +587,7 @@ impl Server {
         self.state.ready.store(false, Ordering::Relaxed);
         self.shared.gate.close();
         self.stop_listeners().await;
-        if let Some(election) = &self.state.election {
+        if let Some(election) = self.state.election() {
             let limit = elected(&self.config)
                 .map_or(Duration::from_secs(10), |le| le.renew_deadline.value.get());
             tokio::select! {
@@ -588,7 +601,7 @@ impl Server {
             // A standby takes a released lease within one commit; wait a little
             // longer than a retry for it, then hand Raft leadership to it.
             let wait = elected(&self.config)
-                .filter(|_| self.state.election.is_some())
+                .filter(|_| self.state.election().is_some())
                 .map_or(Duration::ZERO, |le| le.retry_period.value.get() * 2);
             node.hand_off_leadership(wait).await;
         }
@@ -613,6 +626,50 @@ impl Server {
         ExitCode::SUCCESS
     }
 
+    /// A reload turned election off: release the lease first (rule 8), then every
+    /// replica serves, as without election.
+    async fn stop_election(&mut self, election: &Election) {
+        tracing::info!("reload: leader_election turned off; releasing the lease first");
+        let limit = elected(&self.config)
+            .map_or(Duration::from_secs(10), |le| le.renew_deadline.value.get());
+        election.stop(limit).await;
+        self.state.election.store(None);
+        self.stop_listeners().await;
+        self.state.standby_serves.store(true, Ordering::Relaxed);
+        self.lease_gate = Gate::always();
+        self.shared.gate = Gate::always();
+        tracing::info!("leader election off: every replica serves");
+    }
+
+    /// A reload turned election on: this replica starts as a standby (its
+    /// listeners close unless standbys serve) and campaigns for the lease.
+    async fn start_election(&mut self, le: &config::schema::LeaderElection, vip: Option<Vip>) {
+        let Some(node) = self.state.cluster.clone() else {
+            return;
+        };
+        tracing::info!("reload: leader_election turned on; this replica starts as a standby");
+        let serves = le.standby == Standby::Serve;
+        self.lease_gate = Gate::closed();
+        if !serves {
+            self.stop_listeners().await;
+        }
+        self.state.standby_serves.store(serves, Ordering::Relaxed);
+        self.shared.gate = if serves {
+            Gate::always()
+        } else {
+            self.lease_gate.clone()
+        };
+        let election = Election::start(
+            node,
+            self.state.node_name.clone(),
+            election_settings(le),
+            self.lease_gate.clone(),
+            vip,
+            Hooks::from_config(le),
+        );
+        self.state.election.store(Some(Arc::new(election)));
+    }
+
     /// SIGHUP: re-read the file and apply it without dropping connections; an invalid
     /// file is logged and the running config kept.
     async fn reload(&mut self) {
@@ -628,12 +685,16 @@ impl Server {
             Ok(token) => token,
             Err(e) => return reload_failed(&e),
         };
-        if elected(&loaded.config).is_some() != self.state.election.is_some() {
-            return reload_failed(
-                "leader_election.enabled changed: that takes a restart (the process runs the \
-                 election from its start or not at all)",
-            );
-        }
+        // Rule 8: turning election on needs a valid VIP before anything changes.
+        let enabling = match elected(&loaded.config) {
+            Some(le) if self.state.election().is_none() => {
+                match le.vip.as_ref().map(Vip::from_config).transpose() {
+                    Ok(vip) => Some(vip),
+                    Err(e) => return reload_failed(&format!("leader_election.vip: {e}")),
+                }
+            }
+            _ => None,
+        };
         for w in loaded.warning_lines() {
             tracing::warn!("{w}");
         }
@@ -660,11 +721,17 @@ impl Server {
             }
         };
         self.state.token.store(token);
-        if let (Some(election), Some(old), Some(le)) = (
-            self.state.election.clone(),
-            elected(&self.config),
-            elected(&new),
-        ) {
+        match (self.state.election(), elected(&new)) {
+            (Some(election), None) => self.stop_election(&election).await,
+            (None, Some(le)) => {
+                let vip = enabling.unwrap_or_default();
+                self.start_election(le, vip).await;
+            }
+            _ => {}
+        }
+        if let (Some(election), Some(old), Some(le)) =
+            (self.state.election(), elected(&self.config), elected(&new))
+        {
             election.set_settings(election_settings(le));
             election.reload_hooks(le);
             let vip_changed =

@@ -518,3 +518,64 @@ async fn a_reload_that_changes_standby_releases_the_lease_first() {
         "standbys serve after the reload"
     );
 }
+
+/// Rule 8 for `enabled`: a SIGHUP that turns election off releases the lease first
+/// and then every replica serves; turning it on again elects one active, and only
+/// it accepts (`close_listeners`), with a new epoch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_turns_election_off_and_on_again() {
+    let mut c = Cluster::new(3).await;
+    let (replicas, active) = blocking(|| c.start_all());
+    let all = [0, 1, 2];
+    assert_eq!(c.accepting(&all).await, vec![active]);
+    let first = epoch(c.addrs[active].admin);
+    let reload_all = |c: &Cluster| {
+        for i in all.iter().copied().filter(|i| *i != active).chain([active]) {
+            replicas[i].rewrite_config(&c.yaml(i));
+            replicas[i].signal("HUP");
+        }
+    };
+
+    c.election_extra = "  enabled: false\n".into();
+    reload_all(&c);
+    assert!(
+        eventually(Duration::from_secs(10), || replicas[active]
+            .log()
+            .contains("leader election off: every replica serves")),
+        "the active did not turn election off\n{}",
+        replicas[active].log()
+    );
+    let text = replicas[active].log();
+    let released = text
+        .find("leader_election turned off; releasing the lease first")
+        .unwrap_or_else(|| panic!("no release first\n{text}"));
+    assert!(released < text.find("released the lease").expect("released"));
+    assert!(
+        eventually(Duration::from_secs(10), || all
+            .iter()
+            .all(|i| ready(c.addrs[*i].admin))),
+        "with election off every replica is ready"
+    );
+    assert_eq!(
+        c.accepting(&all).await,
+        vec![0, 1, 2],
+        "every replica serves"
+    );
+    assert!(
+        status(c.addrs[active].admin)["lease"].is_null(),
+        "no lease shown with election off"
+    );
+
+    c.election_extra = String::new();
+    reload_all(&c);
+    let new = blocking(|| c.one_active(&[], LEASE * 2 + SLACK));
+    assert!(
+        epoch(c.addrs[new].admin) > first,
+        "a new epoch after election came back"
+    );
+    assert_eq!(
+        c.accepting(&all).await,
+        vec![new],
+        "only the new active accepts"
+    );
+}

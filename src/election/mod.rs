@@ -53,6 +53,8 @@ enum Request {
     Settings(Settings),
     Transfer(LeaseTransfer),
     SetVip(Option<Vip>),
+    /// A reload turned election off: the lease task ends (after a release).
+    Stop,
     Hooks(Box<crate::config::schema::LeaderElection>),
 }
 
@@ -96,8 +98,15 @@ impl Election {
         if let Some(mut transfers) = node.serve_lease_transfers() {
             let requests = requests.clone();
             tokio::spawn(async move {
-                while let Some(t) = transfers.recv().await {
-                    let _ = requests.send(Request::Transfer(t));
+                // Until the lease task ends (a reload may stop it).
+                loop {
+                    tokio::select! {
+                        () = requests.closed() => return,
+                        t = transfers.recv() => match t {
+                            Some(t) => { let _ = requests.send(Request::Transfer(t)); }
+                            None => return,
+                        },
+                    }
                 }
             });
         }
@@ -131,6 +140,19 @@ impl Election {
         {
             let _ = released.await;
         }
+    }
+
+    /// A reload turned election off (rule 8): gives the lease up as at shutdown
+    /// (bounded by `limit`), then ends the lease task; this replica never
+    /// campaigns again, and the transfers it served go unanswered ("election off").
+    pub async fn stop(&self, limit: Duration) {
+        if tokio::time::timeout(limit, self.release(None, true))
+            .await
+            .is_err()
+        {
+            tracing::warn!("could not release the lease in time");
+        }
+        let _ = self.requests.send(Request::Stop);
     }
 
     /// Rule 7: this active cannot serve; it gives the lease up and sits out.
@@ -355,6 +377,13 @@ async fn drive(driver: Driver) {
                     elector.release(to, stop, clock::now());
                 }
                 Some(Request::Fault(why)) => elector.fault(why, clock::now()),
+                Some(Request::Stop) => {
+                    gate.close();
+                    follower.down().await;
+                    metrics::gauge!(m::LEADER_ELECTION_IS_ACTIVE).set(0.0);
+                    tracing::info!("leader election stopped");
+                    return;
+                }
                 Some(Request::Settings(settings)) => elector.set_settings(settings),
                 Some(Request::Hooks(le)) => hooks.reload(&le),
                 Some(Request::SetVip(vip)) => {

@@ -130,7 +130,7 @@ pub struct Node {
     /// When the leader's last AppendEntries (heartbeat) arrived here.
     leader_contact: std::sync::Mutex<Option<std::time::Instant>>,
     /// Where lease transfers sent to this replica go (set by the election).
-    lease_transfers: std::sync::OnceLock<tokio::sync::mpsc::UnboundedSender<LeaseTransfer>>,
+    lease_transfers: std::sync::Mutex<Option<tokio::sync::mpsc::UnboundedSender<LeaseTransfer>>>,
     pub stop: CancellationToken,
 }
 
@@ -264,7 +264,7 @@ impl Node {
             fatal,
             forwarders: std::sync::Mutex::new(Vec::new()),
             leader_contact: std::sync::Mutex::new(None),
-            lease_transfers: std::sync::OnceLock::new(),
+            lease_transfers: std::sync::Mutex::new(None),
             stop: CancellationToken::new(),
         });
         tokio::spawn(network::serve(socket, net, node.clone(), node.stop.clone()));
@@ -784,12 +784,20 @@ impl Node {
     }
 
     /// Lease transfers sent to this replica, for the election to serve; `None` if
-    /// someone serves them already.
+    /// a running election serves them already (one stopped by a reload does not).
     pub fn serve_lease_transfers(
         &self,
     ) -> Option<tokio::sync::mpsc::UnboundedReceiver<LeaseTransfer>> {
+        let mut serving = self
+            .lease_transfers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if serving.as_ref().is_some_and(|tx| !tx.is_closed()) {
+            return None;
+        }
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        self.lease_transfers.set(tx).ok().map(|()| rx)
+        *serving = Some(tx);
+        Some(rx)
     }
 
     /// `POST /api/v1/leader/transfer`: asks the lease's holder, wherever it runs,
@@ -840,7 +848,13 @@ impl Node {
     }
 
     async fn transfer_here(&self, to: Option<NodeId>) -> Result<(), String> {
-        let Some(serve) = self.lease_transfers.get() else {
+        let serve = self
+            .lease_transfers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+            .filter(|tx| !tx.is_closed());
+        let Some(serve) = serve else {
             return Err(format!("leader election is off on node {}", self.id));
         };
         let (done, result) = tokio::sync::oneshot::channel();

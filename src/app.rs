@@ -587,12 +587,14 @@ impl Server {
         self.state.ready.store(false, Ordering::Relaxed);
         self.shared.gate.close();
         self.stop_listeners().await;
+        // The hooks fired by the release (on_standby) run while connections drain.
+        let mut hooks_done: Option<tokio::sync::oneshot::Receiver<()>> = None;
         if let Some(election) = self.state.election() {
-            let limit = elected(&self.config)
-                .map_or(Duration::from_secs(10), |le| le.renew_deadline.value.get());
+            let limit = self.release_limit();
             tokio::select! {
-                () = election.release(None, true) => {}
-                () = tokio::time::sleep(limit) => tracing::warn!("could not release the lease in time"),
+                finished = election.stop(limit) => {
+                    hooks_done = Some(finished);
+                }
                 _ = term.recv() => tracing::warn!("second signal: exiting now"),
                 _ = int.recv() => tracing::warn!("second signal: exiting now"),
             }
@@ -622,17 +624,28 @@ impl Server {
             _ = term.recv() => tracing::warn!("second signal: exiting now"),
             _ = int.recv() => tracing::warn!("second signal: exiting now"),
         }
+        if let Some(finished) = hooks_done {
+            tokio::select! {
+                _ = finished => {}
+                _ = term.recv() => tracing::warn!("second signal: not waiting for the hooks"),
+                _ = int.recv() => tracing::warn!("second signal: not waiting for the hooks"),
+            }
+        }
         self.stop_admin.cancel();
         ExitCode::SUCCESS
+    }
+
+    /// How long a release may take: the running renew_deadline.
+    fn release_limit(&self) -> Duration {
+        elected(&self.config).map_or(Duration::from_secs(10), |le| le.renew_deadline.value.get())
     }
 
     /// A reload turned election off: release the lease first (rule 8), then every
     /// replica serves, as without election.
     async fn stop_election(&mut self, election: &Election) {
         tracing::info!("reload: leader_election turned off; releasing the lease first");
-        let limit = elected(&self.config)
-            .map_or(Duration::from_secs(10), |le| le.renew_deadline.value.get());
-        election.stop(limit).await;
+        // The queued hooks still run; nothing waits for them here.
+        drop(election.stop(self.release_limit()).await);
         self.state.election.store(None);
         self.stop_listeners().await;
         self.state.standby_serves.store(true, Ordering::Relaxed);

@@ -579,3 +579,37 @@ async fn a_reload_turns_election_off_and_on_again() {
         "only the new active accepts"
     );
 }
+
+/// Rule 5 at shutdown: the on_standby hook the release fires runs to its end
+/// before the process exits (each hook bounded by its timeout).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_waits_for_the_on_standby_hook_before_exiting() {
+    let mut c = Cluster::new(1).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let hook = dir.path().join("hook.sh");
+    let out = dir.path().join("hooks.log");
+    std::fs::write(
+        &hook,
+        format!(
+            "#!/bin/sh\nsleep 3\necho \"done $RAFTLB_ROLE\" >> {}\n",
+            out.display()
+        ),
+    )
+    .expect("hook");
+    std::fs::set_permissions(&hook, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .expect("chmod");
+    c.election_extra = format!("  on_standby: {}\n", hook.display());
+    let (mut replicas, _) = blocking(|| c.start_all());
+    replicas[0].signal("TERM");
+    let exit = blocking(|| replicas[0].wait_exit(Duration::from_secs(20)));
+    assert!(
+        exit.is_some_and(|e| e.success()),
+        "exit: {exit:?}\n{}",
+        replicas[0].log()
+    );
+    assert_eq!(
+        std::fs::read_to_string(&out).unwrap_or_default(),
+        "done standby\n",
+        "the on_standby hook did not finish before the exit"
+    );
+}

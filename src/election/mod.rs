@@ -53,8 +53,9 @@ enum Request {
     Settings(Settings),
     Transfer(LeaseTransfer),
     SetVip(Option<Vip>),
-    /// A reload turned election off: the lease task ends (after a release).
-    Stop,
+    /// Election off (a reload, or shutdown): the lease task ends after the hooks
+    /// already queued have run, and then says so.
+    Stop(oneshot::Sender<()>),
     Hooks(Box<crate::config::schema::LeaderElection>),
 }
 
@@ -142,17 +143,21 @@ impl Election {
         }
     }
 
-    /// A reload turned election off (rule 8): gives the lease up as at shutdown
-    /// (bounded by `limit`), then ends the lease task; this replica never
-    /// campaigns again, and the transfers it served go unanswered ("election off").
-    pub async fn stop(&self, limit: Duration) {
+    /// Shutdown, or a reload that turned election off (rules 5 and 8): gives the
+    /// lease up (waiting at most `limit`), then ends the lease task; this replica
+    /// never campaigns again, and transfers sent to it are answered "election
+    /// off". The receiver resolves once the hooks already queued (`on_standby`)
+    /// have run, each bounded by its timeout.
+    pub async fn stop(&self, limit: Duration) -> oneshot::Receiver<()> {
         if tokio::time::timeout(limit, self.release(None, true))
             .await
             .is_err()
         {
             tracing::warn!("could not release the lease in time");
         }
-        let _ = self.requests.send(Request::Stop);
+        let (done, finished) = oneshot::channel();
+        let _ = self.requests.send(Request::Stop(done));
+        finished
     }
 
     /// Rule 7: this active cannot serve; it gives the lease up and sits out.
@@ -377,11 +382,13 @@ async fn drive(driver: Driver) {
                     elector.release(to, stop, clock::now());
                 }
                 Some(Request::Fault(why)) => elector.fault(why, clock::now()),
-                Some(Request::Stop) => {
+                Some(Request::Stop(done)) => {
                     gate.close();
                     follower.down().await;
                     metrics::gauge!(m::LEADER_ELECTION_IS_ACTIVE).set(0.0);
                     tracing::info!("leader election stopped");
+                    hooks.finish().await;
+                    let _ = done.send(());
                     return;
                 }
                 Some(Request::Settings(settings)) => elector.set_settings(settings),

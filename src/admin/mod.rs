@@ -131,6 +131,12 @@ async fn route(state: &State, req: Request<Incoming>) -> Reply {
             Bytes::from_static(page::SCRIPT.as_bytes()),
             "text/javascript; charset=utf-8",
         ),
+        // Browsers ask for it with every page: nothing, rather than a 404 in their console.
+        (&Method::GET | &Method::HEAD, "/favicon.ico") => {
+            let mut reply = page_reply(Bytes::new(), "image/x-icon");
+            *reply.status_mut() = StatusCode::NO_CONTENT;
+            reply
+        }
         (&Method::GET, "/api/v1/status") => versioned(state, status(state)),
         (&Method::GET, "/api/v1/backends") => versioned(state, backends(state)),
         (

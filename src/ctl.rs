@@ -128,9 +128,10 @@ fn table(header: &[&str], rows: &[Vec<(String, Tone)>], colour: bool) -> String 
                 .map(|h| (h.to_string(), Tone::Plain))
                 .collect()
         )
+        .trim_end()
     );
     for row in rows {
-        let _ = writeln!(out, "{}", line(row.clone()));
+        let _ = writeln!(out, "{}", line(row.clone()).trim_end());
     }
     out
 }

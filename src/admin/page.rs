@@ -390,7 +390,8 @@ fn backend_row(out: &mut String, b: &Value) {
     let count = |value: &Value| value.as_u64().map_or_else(|| "-".into(), bytes);
     let _ = writeln!(
         out,
-        "<tr data-backend=\"{name}\" data-drained=\"{drained}\" data-health=\"{health_attr}\">\
+        "<tr data-backend=\"{name}\" data-drained=\"{drained}\" data-health=\"{health_attr}\" \
+         data-bytes-to-backend=\"{raw_to_backend}\" data-bytes-to-client=\"{raw_to_client}\">\
          <td>{name}</td><td>{address}</td><td class=\"n\">{weight}</td>\
          <td class=\"{health_class}\">{health_text}</td><td>{last_check}</td>\
          <td class=\"{state_class}\">{state}</td><td class=\"n\">{active}</td>\
@@ -406,6 +407,8 @@ fn backend_row(out: &mut String, b: &Value) {
         to_backend = esc(&count(&b["bytes"]["to_backend"])),
         to_client = esc(&count(&b["bytes"]["to_client"])),
         flip = v(&b["last_flip"]),
+        raw_to_backend = v(&b["bytes"]["to_backend"]),
+        raw_to_client = v(&b["bytes"]["to_client"]),
     );
 }
 

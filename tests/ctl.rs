@@ -181,6 +181,21 @@ async fn ctl_errors_say_what_was_reached_and_what_to_try() {
     let (code, out, _) = blocking(|| raftlb_cmd(&["ctl", "--server", &server, "backends"]));
     assert_eq!(code, 0);
     assert!(!out.contains('\x1b'), "{out:?}");
+    // On a terminal (script(1) gives it one): health in colour, unless NO_COLOR.
+    let on_tty = |no_color: &str| {
+        let command = format!("{BIN} ctl --server {server} backends");
+        blocking(|| {
+            std::process::Command::new("script")
+                .args(["-qec", &command, "/dev/null"])
+                .env("NO_COLOR", no_color)
+                .output()
+        })
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .expect("script(1) from bsdutils")
+    };
+    let coloured = on_tty("");
+    assert!(coloured.contains("\x1b[32mup\x1b[0m"), "{coloured:?}");
+    assert!(!on_tty("1").contains('\x1b'), "NO_COLOR");
     let header = out.lines().next().unwrap_or_default();
     let row = out.lines().nth(1).unwrap_or_default();
     assert_eq!(

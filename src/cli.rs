@@ -71,6 +71,7 @@ pub struct CtlArgs {
     /// for `ctl endpoint status`.
     #[arg(
         long,
+        global = true,
         env = "RAFTLB_SERVER",
         default_value = "http://127.0.0.1:9090",
         value_delimiter = ',',
@@ -78,13 +79,14 @@ pub struct CtlArgs {
     )]
     pub server: Vec<String>,
     /// A file holding the admin token (admin.token_file).
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, global = true, value_name = "FILE")]
     pub token_file: Option<PathBuf>,
     /// The CA that signed the admin API's certificate (https:// servers, admin.tls);
     /// without it the system roots are used.
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, global = true, value_name = "FILE")]
     pub cacert: Option<PathBuf>,
-    #[arg(long, short = 'o', value_enum, default_value_t = Output::Table)]
+    /// Tables for people; json or yaml (the API's answer) for scripts. Anywhere on the line.
+    #[arg(long, short = 'o', global = true, value_enum, default_value_t = Output::Table)]
     pub output: Output,
     #[command(subcommand)]
     pub command: CtlCommand,

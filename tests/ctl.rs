@@ -65,7 +65,7 @@ async fn ctl_reads_and_changes_backends_through_the_admin_api() {
         out.starts_with("set the weight of web/a to 7: ") && out.contains("weight 7"),
         "{out}"
     );
-    let (code, out, _) = ctl(&["-o", "yaml", "backend", "undrain", "web", "b"]);
+    let (code, out, _) = ctl(&["backend", "undrain", "web", "b", "-o", "yaml"]);
     assert_eq!(code, 0);
     let v: Value = serde_saphyr::from_str(&out).expect("-o yaml prints YAML");
     assert_eq!(v["name"], "b", "{out}");

@@ -295,6 +295,13 @@ def main():
     except Exception as e:  # noqa: BLE001: any failure is reported, then cleaned up
         code = 1
         print(f"FAIL: {type(e).__name__}: {e}", file=sys.stderr)
+        for d in drivers:
+            failed = os.path.splitext(args.screenshot)[0] + "-failed.png"
+            try:
+                d.save_screenshot(failed)
+                print(f"the page as it was: {failed}", file=sys.stderr)
+            except WebDriverException:
+                pass
         for i in range(len(procs)):
             path = os.path.join(scratch, f"raftlb-{i + 1}.log")
             if os.path.exists(path):

@@ -31,6 +31,12 @@ pub enum Command {
     /// Offline backup and restore of a replica's data_dir (disaster recovery).
     #[command(subcommand)]
     Snapshot(SnapshotCommand),
+    /// Print a shell completion script: `source <(raftlb completions bash)`, or save it
+    /// where the shell loads completions from.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -61,17 +67,26 @@ pub enum SnapshotCommand {
 
 #[derive(Debug, clap::Args)]
 pub struct CtlArgs {
-    /// The admin API of a replica.
-    #[arg(long, env = "RAFTLB_SERVER", default_value = "http://127.0.0.1:9090")]
-    pub server: String,
+    /// The admin API of a replica (admin.bind). Several, comma-separated or repeated,
+    /// for `ctl endpoint status`.
+    #[arg(
+        long,
+        global = true,
+        env = "RAFTLB_SERVER",
+        default_value = "http://127.0.0.1:9090",
+        value_delimiter = ',',
+        value_name = "URL"
+    )]
+    pub server: Vec<String>,
     /// A file holding the admin token (admin.token_file).
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, global = true, value_name = "FILE")]
     pub token_file: Option<PathBuf>,
     /// The CA that signed the admin API's certificate (https:// servers, admin.tls);
     /// without it the system roots are used.
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, global = true, value_name = "FILE")]
     pub cacert: Option<PathBuf>,
-    #[arg(long, short = 'o', value_enum, default_value_t = Output::Table)]
+    /// Tables for people; json or yaml (the API's answer) for scripts. Anywhere on the line.
+    #[arg(long, short = 'o', global = true, value_enum, default_value_t = Output::Table)]
     pub output: Output,
     #[command(subcommand)]
     pub command: CtlCommand,
@@ -110,6 +125,16 @@ pub enum CtlCommand {
     /// Raft itself.
     #[command(subcommand)]
     Raft(RaftCommand),
+    /// Every --server at once, like `etcdctl endpoint status`.
+    #[command(subcommand)]
+    Endpoint(EndpointCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum EndpointCommand {
+    /// One row per --server: node, role, Raft term and leader, config_version, errors.
+    /// Exit 1 when any of them cannot be read.
+    Status,
 }
 
 #[derive(Debug, Subcommand)]

@@ -15,8 +15,8 @@ use tokio::net::TcpStream;
 
 use crate::app::{EXIT_CONFIG, EXIT_RUNTIME};
 use crate::cli::{
-    BackendCommand, ConfigCommand, CtlArgs, CtlCommand, CtlSnapshotCommand, LeaderCommand,
-    MemberCommand, Output, RaftCommand,
+    BackendCommand, ConfigCommand, CtlArgs, CtlCommand, CtlSnapshotCommand, EndpointCommand,
+    LeaderCommand, MemberCommand, Output, RaftCommand,
 };
 
 const TIMEOUT: Duration = Duration::from_secs(10);
@@ -27,9 +27,13 @@ pub fn run(args: CtlArgs) -> ExitCode {
         Err(code) => return code,
     };
     match runtime.block_on(ctl(&args)) {
-        Ok(text) => {
+        Ok((text, complete)) => {
             print!("{text}");
-            ExitCode::SUCCESS
+            if complete {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(EXIT_RUNTIME)
+            }
         }
         Err(CtlError::Usage(e)) => {
             eprintln!("error: {e}");
@@ -49,27 +53,144 @@ enum CtlError {
     Failed(String),
 }
 
-async fn ctl(args: &CtlArgs) -> Result<String, CtlError> {
-    let client = Client::new(args)?;
-    let (reply, table): (Value, fn(&Value) -> String) = match &args.command {
+/// How a table cell is coloured on a terminal.
+#[derive(Clone, Copy)]
+enum Tone {
+    Plain,
+    Good,
+    Warn,
+    Bad,
+}
+
+/// Whether to colour: stdout is a terminal and NO_COLOR is not set.
+fn colour() -> bool {
+    use std::io::IsTerminal as _;
+    std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
+}
+
+/// The tone of a state word (role, health, reachability).
+fn tone(word: &str) -> Tone {
+    match word {
+        "active" | "up" | "leader" | "true" | "reachable" => Tone::Good,
+        "standby" | "unknown" | "learner" => Tone::Warn,
+        "fault" | "down" | "false" | "unreachable" => Tone::Bad,
+        _ => Tone::Plain,
+    }
+}
+
+fn paint(text: &str, tone: Tone, colour: bool) -> String {
+    let code = match tone {
+        Tone::Plain => return text.to_string(),
+        _ if !colour => return text.to_string(),
+        Tone::Good => "32",
+        Tone::Warn => "33",
+        Tone::Bad => "31",
+    };
+    format!("\x1b[{code}m{text}\x1b[0m")
+}
+
+/// An aligned table: a header row and rows of (text, tone); columns padded to the
+/// widest cell, colour (on a terminal) added after padding so alignment holds.
+fn table(header: &[&str], rows: &[Vec<(String, Tone)>], colour: bool) -> String {
+    let widths: Vec<usize> = (0..header.len())
+        .map(|c| {
+            rows.iter()
+                .filter_map(|r| r.get(c))
+                .map(|(t, _)| t.chars().count())
+                .chain([header[c].len()])
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let mut out = String::new();
+    let line = |cells: Vec<(String, Tone)>| {
+        let last = cells.len().saturating_sub(1);
+        cells
+            .into_iter()
+            .enumerate()
+            .map(|(i, (t, tone))| {
+                let pad = if i == last {
+                    0
+                } else {
+                    widths[i].saturating_sub(t.chars().count())
+                };
+                format!("{}{}", paint(&t, tone, colour), " ".repeat(pad))
+            })
+            .collect::<Vec<_>>()
+            .join("  ")
+    };
+    let _ = writeln!(
+        out,
+        "{}",
+        line(
+            header
+                .iter()
+                .map(|h| (h.to_string(), Tone::Plain))
+                .collect()
+        )
+        .trim_end()
+    );
+    for row in rows {
+        let _ = writeln!(out, "{}", line(row.clone()).trim_end());
+    }
+    out
+}
+
+/// A cell whose tone follows its text.
+fn cell(v: &Value) -> (String, Tone) {
+    let t = text(v);
+    let tone = tone(&t);
+    (t, tone)
+}
+
+fn plain(v: &Value) -> (String, Tone) {
+    (text(v), Tone::Plain)
+}
+
+/// What a command printed for people, from the server's JSON.
+type Table = Box<dyn Fn(&Value, bool) -> String>;
+
+async fn ctl(args: &CtlArgs) -> Result<(String, bool), CtlError> {
+    if let CtlCommand::Endpoint(EndpointCommand::Status) = &args.command {
+        return endpoint_status(args).await;
+    }
+    let server = match args.server.as_slice() {
+        [one] => one,
+        [] => return Err(CtlError::Usage("--server: give the admin API's URL".into())),
+        [_, ..] => {
+            return Err(CtlError::Usage(format!(
+                "{} servers given ({}): only `ctl endpoint status` talks to several; give one --server",
+                args.server.len(),
+                args.server.join(", ")
+            )));
+        }
+    };
+    let client = Client::new(server, args)?;
+    let (reply, table): (Value, Table) = match &args.command {
+        CtlCommand::Endpoint(EndpointCommand::Status) => return endpoint_status(args).await,
         CtlCommand::Status => (
             client.call(Method::GET, "/api/v1/status", None).await?,
-            status_table,
+            Box::new(status_table),
         ),
         CtlCommand::Backends => (
             client.call(Method::GET, "/api/v1/backends", None).await?,
-            backends_table,
+            Box::new(backends_table),
         ),
         CtlCommand::Backend(cmd) => {
             let (method, path, body) = backend_request(cmd);
-            (client.call(method, &path, body).await?, backend_line)
+            let what = backend_change(cmd);
+            let reply = client.call(method, &path, body).await?;
+            (
+                reply,
+                Box::new(move |v: &Value, _| format!("{what}: {}", backend_line(v))),
+            )
         }
         CtlCommand::Members => (
             client.call(Method::GET, "/api/v1/members", None).await?,
-            members_table,
+            Box::new(members_table),
         ),
         CtlCommand::Member(cmd) => {
-            let (method, path, body) = match cmd {
+            let (method, path, body, what) = match cmd {
                 MemberCommand::Add {
                     id,
                     address,
@@ -78,15 +199,31 @@ async fn ctl(args: &CtlArgs) -> Result<String, CtlError> {
                     Method::POST,
                     "/api/v1/members".to_string(),
                     Some(json!({"id": id, "address": address, "learner": learner})),
+                    if *learner {
+                        format!("added node {id} ({address}) as a learner")
+                    } else {
+                        format!(
+                            "added node {id} ({address}) as a learner; it becomes a voter once caught up"
+                        )
+                    },
                 ),
-                MemberCommand::Promote { id } => {
-                    (Method::POST, format!("/api/v1/members/{id}/promote"), None)
-                }
-                MemberCommand::Remove { id } => {
-                    (Method::DELETE, format!("/api/v1/members/{id}"), None)
-                }
+                MemberCommand::Promote { id } => (
+                    Method::POST,
+                    format!("/api/v1/members/{id}/promote"),
+                    None,
+                    format!("promoted node {id} to voter"),
+                ),
+                MemberCommand::Remove { id } => (
+                    Method::DELETE,
+                    format!("/api/v1/members/{id}"),
+                    None,
+                    format!("removed node {id}"),
+                ),
             };
-            (client.call(method, &path, body).await?, members_table)
+            (
+                client.call(method, &path, body).await?,
+                Box::new(move |v: &Value, c| format!("{what}\n{}", members_table(v, c))),
+            )
         }
         CtlCommand::Leader(LeaderCommand::Transfer { id }) => (
             client
@@ -96,7 +233,7 @@ async fn ctl(args: &CtlArgs) -> Result<String, CtlError> {
                     Some(json!({ "to": id })),
                 )
                 .await?,
-            transfer_line,
+            Box::new(|v: &Value, _| transfer_line(v)),
         ),
         CtlCommand::Raft(RaftCommand::MoveLeader { id }) => (
             client
@@ -106,12 +243,21 @@ async fn ctl(args: &CtlArgs) -> Result<String, CtlError> {
                     Some(json!({ "to": id })),
                 )
                 .await?,
-            |v: &Value| format!("Raft leadership moved to node {}\n", text(&v["to"])),
+            Box::new(|v: &Value, _| format!("Raft leadership moved to node {}\n", text(&v["to"]))),
         ),
-        CtlCommand::Config(ConfigCommand::Get) => (
-            client.call(Method::GET, "/api/v1/config", None).await?,
-            text_body,
-        ),
+        CtlCommand::Config(ConfigCommand::Get) => {
+            let reply = client.call(Method::GET, "/api/v1/config", None).await?;
+            // The YAML as it came for people; as data for -o json|yaml.
+            let data = match (&reply, args.output) {
+                (Value::String(yaml), Output::Json | Output::Yaml) => {
+                    serde_saphyr::from_str::<Value>(yaml).map_err(|e| {
+                        CtlError::Failed(format!("the server sent a config that is not YAML: {e}"))
+                    })?
+                }
+                _ => reply,
+            };
+            (data, Box::new(|v: &Value, _| text_body(v)))
+        }
         CtlCommand::Snapshot(CtlSnapshotCommand::Save { file }) => {
             let bytes = client.download("/api/v1/snapshot").await?;
             let (backup, sum) = crate::store::backup::Backup::verify(&bytes)
@@ -127,7 +273,7 @@ async fn ctl(args: &CtlArgs) -> Result<String, CtlError> {
                     "index": backup.last_applied.map_or(0, |l| l.index()),
                     "summary": backup.summary(),
                 }),
-                saved_line,
+                Box::new(|v: &Value, _| saved_line(v)),
             )
         }
         CtlCommand::Config(ConfigCommand::Apply { file, if_version }) => {
@@ -144,18 +290,150 @@ async fn ctl(args: &CtlArgs) -> Result<String, CtlError> {
                         if_match,
                     )
                     .await?,
-                version_line,
+                Box::new(|v: &Value, _| version_line(v)),
             )
         }
     };
-    Ok(match args.output {
-        Output::Table => table(&reply),
+    Ok((render(args.output, &reply, &*table), true))
+}
+
+fn render(output: Output, reply: &Value, table: &dyn Fn(&Value, bool) -> String) -> String {
+    match output {
+        Output::Table => table(reply, colour()),
         Output::Json => format!(
             "{}\n",
-            serde_json::to_string_pretty(&reply).unwrap_or_default()
+            serde_json::to_string_pretty(reply).unwrap_or_default()
         ),
-        Output::Yaml => serde_saphyr::to_string(&reply).unwrap_or_default(),
+        Output::Yaml => serde_saphyr::to_string(reply).unwrap_or_default(),
+    }
+}
+
+/// `ctl endpoint status`: every --server's status at once, one row each; the rows
+/// that could not be read say why. Complete only when every server answered.
+async fn endpoint_status(args: &CtlArgs) -> Result<(String, bool), CtlError> {
+    if args.server.is_empty() {
+        return Err(CtlError::Usage("--server: give at least one URL".into()));
+    }
+    let clients = args
+        .server
+        .iter()
+        .map(|s| Client::new(s, args).map(|c| (s.clone(), c)))
+        .collect::<Result<Vec<_>, _>>()?;
+    let answers = futures_util::future::join_all(clients.iter().map(|(server, client)| async {
+        let status = client.call(Method::GET, "/api/v1/status", None).await;
+        (server.clone(), status)
+    }))
+    .await;
+    let complete = answers.iter().all(|(_, a)| a.is_ok());
+    let rows: Vec<Value> = answers
+        .into_iter()
+        .map(|(endpoint, answer)| match answer {
+            Ok(status) => endpoint_row(&endpoint, &status),
+            Err(CtlError::Failed(e) | CtlError::Usage(e)) => {
+                json!({"endpoint": endpoint, "error": e})
+            }
+        })
+        .collect();
+    let reply = Value::Array(rows);
+    Ok((render(args.output, &reply, &endpoint_table), complete))
+}
+
+/// One endpoint's row (also its `-o json` object).
+fn endpoint_row(endpoint: &str, status: &Value) -> Value {
+    let cluster = &status["cluster"];
+    let id = status["node"]["id"].clone();
+    let raft_role = if cluster.is_null() {
+        Value::Null
+    } else {
+        cluster["members"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|m| m["id"] == id)
+            .map_or(Value::Null, |m| m["role"].clone())
+    };
+    let mut errors: Vec<String> = status["config_apply_errors"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(text)
+        .collect();
+    if !cluster.is_null() && cluster["quorum_reachable"] != true {
+        errors.push("quorum not reachable".into());
+    }
+    json!({
+        "endpoint": endpoint,
+        "node_id": id,
+        "name": status["node"]["name"],
+        "version": status["node"]["version"],
+        "role": status["role"],
+        "raft_role": raft_role,
+        "raft_term": cluster["term"],
+        "leader_id": cluster["leader_id"],
+        "raft_applied_index": cluster["applied_index"],
+        "config_version": status["config_version"],
+        "lease_epoch": status["lease"]["epoch"],
+        "errors": errors,
     })
+}
+
+fn endpoint_table(v: &Value, colour: bool) -> String {
+    let rows: Vec<Vec<(String, Tone)>> = v
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|r| {
+            let errors = match (&r["error"], r["errors"].as_array()) {
+                (Value::String(e), _) => (e.clone(), Tone::Bad),
+                (_, Some(list)) if !list.is_empty() => (
+                    list.iter().map(text).collect::<Vec<_>>().join("; "),
+                    Tone::Bad,
+                ),
+                _ => (String::new(), Tone::Plain),
+            };
+            vec![
+                plain(&r["endpoint"]),
+                plain(&r["node_id"]),
+                plain(&r["name"]),
+                cell(&r["role"]),
+                cell(&r["raft_role"]),
+                plain(&r["raft_term"]),
+                plain(&r["leader_id"]),
+                plain(&r["raft_applied_index"]),
+                plain(&r["config_version"]),
+                errors,
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "ENDPOINT",
+            "NODE ID",
+            "NAME",
+            "ROLE",
+            "RAFT ROLE",
+            "RAFT TERM",
+            "LEADER",
+            "APPLIED",
+            "CONFIG VERSION",
+            "ERRORS",
+        ],
+        &rows,
+        colour,
+    )
+}
+
+/// What a backend command changed, for the line it prints.
+fn backend_change(cmd: &BackendCommand) -> String {
+    match cmd {
+        BackendCommand::Add { pool, name, .. } => format!("added {pool}/{name}"),
+        BackendCommand::Remove { pool, name } => format!("removed {pool}/{name}"),
+        BackendCommand::Drain { pool, name } => format!("drained {pool}/{name}"),
+        BackendCommand::Undrain { pool, name } => format!("undrained {pool}/{name}"),
+        BackendCommand::Weight { pool, name, weight } => {
+            format!("set the weight of {pool}/{name} to {weight}")
+        }
+    }
 }
 
 fn backend_request(cmd: &BackendCommand) -> (Method, String, Option<Value>) {
@@ -186,7 +464,18 @@ fn backend_request(cmd: &BackendCommand) -> (Method, String, Option<Value>) {
     }
 }
 
+/// What a 2xx answer of raftlb's admin API carries.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Expect {
+    /// JSON (or YAML for `GET /api/v1/config`).
+    Document,
+    /// A backup stream.
+    Bytes,
+}
+
 struct Client {
+    /// The URL as given, for messages.
+    url: String,
     authority: String,
     token: Option<String>,
     /// For https:// servers: the TLS client and the name to verify.
@@ -197,11 +486,10 @@ struct Client {
 }
 
 impl Client {
-    fn new(args: &CtlArgs) -> Result<Client, CtlError> {
-        let uri: Uri = args
-            .server
+    fn new(server: &str, args: &CtlArgs) -> Result<Client, CtlError> {
+        let uri: Uri = server
             .parse()
-            .map_err(|e| CtlError::Usage(format!("--server {:?}: not a URL: {e}", args.server)))?;
+            .map_err(|e| CtlError::Usage(format!("--server {server:?}: not a URL: {e}")))?;
         let tls = match uri.scheme_str() {
             Some("http") => None,
             Some("https") => {
@@ -223,15 +511,14 @@ impl Client {
             }
             _ => {
                 return Err(CtlError::Usage(format!(
-                    "--server {:?}: use http://HOST:PORT or https://HOST:PORT",
-                    args.server
+                    "--server {server:?}: use http://HOST:PORT or https://HOST:PORT"
                 )));
             }
         };
         let authority = uri
             .authority()
             .map(|a| a.as_str().to_string())
-            .ok_or_else(|| CtlError::Usage(format!("--server {:?}: no host:port", args.server)))?;
+            .ok_or_else(|| CtlError::Usage(format!("--server {server:?}: no host:port")))?;
         let token = match &args.token_file {
             Some(file) => Some(
                 std::fs::read_to_string(file)
@@ -242,6 +529,10 @@ impl Client {
             None => None,
         };
         Ok(Client {
+            url: format!(
+                "{}://{authority}",
+                if tls.is_some() { "https" } else { "http" }
+            ),
             authority,
             token,
             tls,
@@ -261,7 +552,7 @@ impl Client {
     }
 
     /// One request with a body of `content_type`; the reply as JSON (or as a string
-    /// when it is not JSON, like the YAML of `config get`).
+    /// when it is YAML, like the answer of `config get`).
     async fn send(
         &self,
         method: Method,
@@ -271,7 +562,7 @@ impl Client {
         if_match: Option<String>,
     ) -> Result<Value, CtlError> {
         let bytes = self
-            .exchange(method, path, body, content_type, if_match)
+            .exchange(method, path, body, content_type, if_match, Expect::Document)
             .await?;
         Ok(serde_json::from_slice(&bytes)
             .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned())))
@@ -279,12 +570,20 @@ impl Client {
 
     /// A GET whose successful answer is raw bytes (a backup).
     async fn download(&self, path: &str) -> Result<Bytes, CtlError> {
-        self.exchange(Method::GET, path, String::new(), "application/json", None)
-            .await
+        self.exchange(
+            Method::GET,
+            path,
+            String::new(),
+            "application/json",
+            None,
+            Expect::Bytes,
+        )
+        .await
     }
 
     /// One HTTP/1.1 exchange, bounded by [`TIMEOUT`]: the body of a 2xx answer, the
-    /// server's error otherwise.
+    /// server's error otherwise; what was reached and what to try when it is not
+    /// raftlb's admin API.
     async fn exchange(
         &self,
         method: Method,
@@ -292,6 +591,7 @@ impl Client {
         body: String,
         content_type: &str,
         if_match: Option<String>,
+        expect: Expect,
     ) -> Result<Bytes, CtlError> {
         let mut request = Request::builder()
             .method(method.clone())
@@ -307,46 +607,126 @@ impl Client {
             .header(CONTENT_TYPE, content_type)
             .body(Full::new(Bytes::from(body)))
             .map_err(|e| CtlError::Usage(e.to_string()))?;
-        let server = &self.authority;
+        let url = &self.url;
         let exchange = async {
-            let stream = TcpStream::connect(server)
-                .await
-                .map_err(|e| format!("cannot reach {server}: {e}"))?;
+            let stream = TcpStream::connect(&self.authority).await.map_err(|e| {
+                format!(
+                    "cannot reach {url}: {}: is raftlb running? set --server or RAFTLB_SERVER to its admin API (admin.bind)",
+                    connect_error(&e)
+                )
+            })?;
             match &self.tls {
-                None => http(stream, request).await,
+                None => http(stream, request).await.map_err(|e| not_http(url, &e)),
                 Some((connector, name)) => {
-                    let stream = connector
-                        .connect(name.clone(), stream)
-                        .await
-                        .map_err(|e| format!("TLS with {server}: {e}"))?;
-                    http(stream, request).await
+                    let stream = match connector.connect(name.clone(), stream).await {
+                        Ok(s) => s,
+                        Err(e) => return Err(self.tls_failed(&e).await),
+                    };
+                    http(stream, request).await.map_err(|e| not_http(url, &e))
                 }
             }
-            .map_err(|e| format!("{server}: {e}"))
         };
-        let (status, bytes) = tokio::time::timeout(TIMEOUT, exchange)
+        let (status, kind, bytes) = tokio::time::timeout(TIMEOUT, exchange)
             .await
-            .map_err(|_| CtlError::Failed(format!("{server} did not answer within {TIMEOUT:?}")))?
+            .map_err(|_| {
+                CtlError::Failed(format!(
+                    "{url} did not answer within {TIMEOUT:?}: is it raftlb's admin API (admin.bind)?"
+                ))
+            })?
             .map_err(CtlError::Failed)?;
+        let raftlb = match expect {
+            _ if !status.is_success() => kind.starts_with("application/json"),
+            Expect::Document => {
+                kind.starts_with("application/json") || kind.starts_with("application/yaml")
+            }
+            Expect::Bytes => kind.starts_with("application/octet-stream"),
+        };
+        if !raftlb {
+            return Err(CtlError::Failed(format!(
+                "{url} answered {method} {path} with HTTP {} ({}), which is not raftlb's admin API: set --server or RAFTLB_SERVER to a replica's admin.bind address",
+                status.as_u16(),
+                if kind.is_empty() {
+                    "no content type"
+                } else {
+                    kind.as_str()
+                },
+            )));
+        }
         if !status.is_success() {
-            return Err(failure(&method, path, status, &bytes));
+            return Err(self.failure(&method, path, status, &bytes));
         }
         Ok(bytes)
     }
+
+    /// Why the TLS handshake failed, in words: a plain-HTTP admin API (no admin.tls)
+    /// is told apart by asking it over plain HTTP.
+    async fn tls_failed(&self, e: &std::io::Error) -> String {
+        let plain = format!("http://{}", self.authority);
+        let probe = async {
+            let stream = TcpStream::connect(&self.authority).await.ok()?;
+            let request = Request::builder()
+                .uri("/healthz")
+                .header(HOST, &self.authority)
+                .body(Full::new(Bytes::new()))
+                .ok()?;
+            http(stream, request).await.ok()
+        };
+        if let Ok(Some(_)) = tokio::time::timeout(Duration::from_secs(3), probe).await {
+            return format!(
+                "{} speaks plain HTTP, not HTTPS (the admin API has no admin.tls): use --server {plain}",
+                self.url
+            );
+        }
+        let reason = e.to_string();
+        if reason.contains("UnknownIssuer") || reason.contains("certificate") {
+            format!(
+                "{} presented a certificate this client does not trust ({}): pass the CA that signed admin.tls's certificate with --cacert",
+                self.url,
+                reason.trim_start_matches("invalid peer certificate: ")
+            )
+        } else {
+            format!(
+                "{} did not complete a TLS handshake ({reason}): is it raftlb's admin API with admin.tls? for a plain admin API use {plain}",
+                self.url
+            )
+        }
+    }
+
+    /// A refused request: the server's `{"error": ...}`, with a hint for a 401.
+    fn failure(&self, method: &Method, path: &str, status: StatusCode, body: &[u8]) -> CtlError {
+        let value: Value = serde_json::from_slice(body).unwrap_or_default();
+        let mut message = value["error"].as_str().map_or_else(
+            || String::from_utf8_lossy(body).into_owned(),
+            str::to_string,
+        );
+        if status == StatusCode::UNAUTHORIZED && self.token.is_none() {
+            message.push_str(" (this server has admin.token_file set: pass --token-file FILE)");
+        }
+        CtlError::Failed(format!("{method} {path}: {} {message}", status.as_u16()))
+    }
 }
 
-/// A refused request: the server's `{"error": ...}`, or its body as text.
-fn failure(method: &Method, path: &str, status: StatusCode, body: &[u8]) -> CtlError {
-    let value: Value = serde_json::from_slice(body).unwrap_or_default();
-    let message = value["error"].as_str().map_or_else(
-        || String::from_utf8_lossy(body).into_owned(),
-        str::to_string,
-    );
-    CtlError::Failed(format!("{method} {path}: {} {message}", status.as_u16()))
+/// A failed connect in words.
+fn connect_error(e: &std::io::Error) -> String {
+    match e.kind() {
+        std::io::ErrorKind::ConnectionRefused => "connection refused".into(),
+        std::io::ErrorKind::TimedOut => "connection timed out".into(),
+        _ => e.to_string(),
+    }
 }
 
-/// One HTTP/1.1 request and its whole answer over `stream`.
-async fn http<S>(stream: S, request: Request<Full<Bytes>>) -> Result<(StatusCode, Bytes), String>
+/// Something answered the connection but not with HTTP: a peer port, a TLS port.
+fn not_http(url: &str, e: &str) -> String {
+    format!(
+        "{url} accepted the connection but did not answer HTTP ({e}): it may be a raftlb peer port (cluster.bind) or a TLS port; the admin API is admin.bind, https:// when it has admin.tls"
+    )
+}
+
+/// One HTTP/1.1 request and its whole answer over `stream`: status, content type, body.
+async fn http<S>(
+    stream: S,
+    request: Request<Full<Bytes>>,
+) -> Result<(StatusCode, String, Bytes), String>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
@@ -359,14 +739,22 @@ where
         .await
         .map_err(|e| e.to_string())?;
     let status = response.status();
-    let bytes = response
-        .into_body()
+    let kind = response
+        .headers()
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_ascii_lowercase();
+    let bytes = http_body_util::Limited::new(response.into_body(), MAX_ANSWER)
         .collect()
         .await
         .map_err(|e| e.to_string())?
         .to_bytes();
-    Ok((status, bytes))
+    Ok((status, kind, bytes))
 }
+
+/// The largest answer read (a backup of a big store fits).
+const MAX_ANSWER: usize = 1 << 30;
 
 fn transfer_line(v: &Value) -> String {
     let lease = &v["lease"];
@@ -382,7 +770,7 @@ fn transfer_line(v: &Value) -> String {
     )
 }
 
-fn status_table(v: &Value) -> String {
+fn status_table(v: &Value, colour: bool) -> String {
     let mut out = String::new();
     let node = &v["node"];
     let _ = writeln!(
@@ -392,8 +780,16 @@ fn status_table(v: &Value) -> String {
         text(&node["id"]),
         text(&node["version"])
     );
-    let _ = writeln!(out, "role            {}", text(&v["role"]));
+    let role = text(&v["role"]);
+    let _ = writeln!(out, "role            {}", paint(&role, tone(&role), colour));
     let _ = writeln!(out, "config_version  {}", text(&v["config_version"]));
+    for e in v["config_apply_errors"].as_array().into_iter().flatten() {
+        let _ = writeln!(
+            out,
+            "apply error     {}",
+            paint(&text(e), Tone::Bad, colour)
+        );
+    }
     let cluster = &v["cluster"];
     if cluster.is_null() {
         let _ = writeln!(out, "cluster         none (standalone)");
@@ -412,12 +808,12 @@ fn status_table(v: &Value) -> String {
             out,
             "quorum          {}",
             if cluster["quorum_reachable"] == true {
-                "reachable"
+                paint("reachable", Tone::Good, colour)
             } else {
-                "NOT reachable: writes fail with 503"
+                paint("NOT reachable: writes fail with 503", Tone::Bad, colour)
             }
         );
-        out.push_str(&members_table(cluster));
+        out.push_str(&members_table(cluster, colour));
     }
     let lease = &v["lease"];
     if lease.is_null() {
@@ -436,9 +832,28 @@ fn status_table(v: &Value) -> String {
     out
 }
 
-fn backends_table(v: &Value) -> String {
-    let mut rows = vec![
-        [
+fn backends_table(v: &Value, colour: bool) -> String {
+    let mut rows = Vec::new();
+    for pool in v["pools"].as_array().into_iter().flatten() {
+        for b in pool["backends"].as_array().into_iter().flatten() {
+            rows.push(vec![
+                plain(&pool["name"]),
+                plain(&b["name"]),
+                plain(&b["address"]),
+                plain(&b["weight"]),
+                cell(&b["health"]),
+                if b["drained"] == true {
+                    ("true".to_string(), Tone::Warn)
+                } else {
+                    plain(&b["drained"])
+                },
+                plain(&b["active_connections"]),
+                last_check(&b["last_check"]),
+            ]);
+        }
+    }
+    table(
+        &[
             "POOL",
             "BACKEND",
             "ADDRESS",
@@ -447,46 +862,18 @@ fn backends_table(v: &Value) -> String {
             "DRAINED",
             "CONNS",
             "LAST CHECK",
-        ]
-        .map(String::from)
-        .to_vec(),
-    ];
-    for pool in v["pools"].as_array().into_iter().flatten() {
-        for b in pool["backends"].as_array().into_iter().flatten() {
-            rows.push(vec![
-                text(&pool["name"]),
-                text(&b["name"]),
-                text(&b["address"]),
-                text(&b["weight"]),
-                text(&b["health"]),
-                text(&b["drained"]),
-                text(&b["active_connections"]),
-                last_check(&b["last_check"]),
-            ]);
-        }
-    }
-    let widths: Vec<usize> = (0..rows[0].len())
-        .map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0))
-        .collect();
-    let mut out = String::new();
-    for row in rows {
-        let line: Vec<String> = row
-            .iter()
-            .zip(&widths)
-            .map(|(cell, w)| format!("{cell:<w$}"))
-            .collect();
-        let _ = writeln!(out, "{}", line.join("  ").trim_end());
-    }
-    out
+        ],
+        &rows,
+        colour,
+    )
 }
 
 fn backend_line(v: &Value) -> String {
-    if v.is_null() {
+    if v.is_null() || v["address"].is_null() {
         return "ok\n".into();
     }
     format!(
-        "{} {}: weight {}, health {}, drained {}, {} connections\n",
-        text(&v["name"]),
+        "{}: weight {}, health {}, drained {}, {} connections\n",
         text(&v["address"]),
         text(&v["weight"]),
         text(&v["health"]),
@@ -495,12 +882,22 @@ fn backend_line(v: &Value) -> String {
     )
 }
 
-fn last_check(c: &Value) -> String {
+fn last_check(c: &Value) -> (String, Tone) {
     if c.is_null() {
-        return "-".into();
+        return ("-".into(), Tone::Plain);
     }
-    let ok = if c["ok"] == true { "ok" } else { "fail" };
-    format!("{ok} {} ms", text(&c["latency_ms"]))
+    if c["ok"] == true {
+        (format!("ok {} ms", text(&c["latency_ms"])), Tone::Plain)
+    } else {
+        let error = c["error"]
+            .as_str()
+            .map(|e| format!(": {e}"))
+            .unwrap_or_default();
+        (
+            format!("fail {} ms{error}", text(&c["latency_ms"])),
+            Tone::Bad,
+        )
+    }
 }
 
 fn text(v: &Value) -> String {
@@ -511,20 +908,26 @@ fn text(v: &Value) -> String {
     }
 }
 
-fn members_table(v: &Value) -> String {
+fn members_table(v: &Value, colour: bool) -> String {
     let members = v["members"].as_array().cloned().unwrap_or_default();
-    let mut out = String::from("ID  ADDRESS                ROLE      VOTER  REACHABLE\n");
-    for m in &members {
-        let _ = writeln!(
-            out,
-            "{:<3} {:<22} {:<9} {:<6} {}",
-            text(&m["id"]),
-            text(&m["address"]),
-            text(&m["role"]),
-            text(&m["voter"]),
-            text(&m["reachable"])
-        );
-    }
+    let rows: Vec<Vec<(String, Tone)>> = members
+        .iter()
+        .map(|m| {
+            vec![
+                plain(&m["id"]),
+                plain(&m["name"]),
+                plain(&m["address"]),
+                cell(&m["role"]),
+                plain(&m["voter"]),
+                cell(&m["reachable"]),
+            ]
+        })
+        .collect();
+    let mut out = table(
+        &["ID", "NAME", "ADDRESS", "ROLE", "VOTER", "REACHABLE"],
+        &rows,
+        colour,
+    );
     let voters = members.iter().filter(|m| m["voter"] == true).count();
     if voters > 0 && voters % 2 == 0 {
         let quorum = voters / 2 + 1;

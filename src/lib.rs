@@ -29,6 +29,11 @@ pub fn main(cli: Cli) -> ExitCode {
         Command::Demo(args) => demo::run(args),
         Command::Ctl(args) => ctl::run(args),
         Command::Snapshot(cmd) => snapshot(cmd),
+        Command::Completions { shell } => {
+            let mut command = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut command, "raftlb", &mut std::io::stdout());
+            ExitCode::SUCCESS
+        }
     }
 }
 

@@ -628,10 +628,21 @@ async fn admin_api_over_https_with_ctl_cacert() {
     // Without the CA the server is not trusted; plain HTTP gets no answer.
     let (code, _, err) = blocking(|| ctl(&["status"]));
     assert_eq!(code, 1, "an unknown CA must fail");
-    assert!(err.to_lowercase().contains("certificate"), "{err}");
+    assert!(
+        err.contains("does not trust") && err.contains("--cacert"),
+        "{err}"
+    );
     assert!(
         !matches!(http_get(admin, "/healthz"), Ok((200, _))),
         "plain HTTP on the HTTPS port must not be answered"
+    );
+    // ctl with http:// at the HTTPS port says what to try.
+    let plain = format!("http://127.0.0.1:{}", admin.port());
+    let (code, _, err) = blocking(|| raftlb_cmd(&["ctl", "--server", &plain, "status"]));
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("did not answer HTTP") && err.contains("https://"),
+        "{err}"
     );
     assert!(
         lb.child.try_wait().expect("try_wait").is_none(),

@@ -146,8 +146,57 @@ pub async fn backend_write(
         }
     };
     tracing::info!(%command, "admin write");
-    written(state, node.write(command).await, created)
+    let (pool, name) = match &command {
+        Command::AddBackend { pool, backend } => (pool.clone(), backend.name.value.clone()),
+        Command::RemoveBackend { pool, backend }
+        | Command::SetWeight { pool, backend, .. }
+        | Command::SetDrained { pool, backend, .. } => (pool.clone(), backend.clone()),
+        _ => return written(state, node.write(command).await, created),
+    };
+    // A removed backend is answered as it was just before (what the write removed).
+    let before = backend_now(state, &pool, &name);
+    match node.write(command).await {
+        Ok(Outcome::Applied { config_version }) => {
+            let body = if method == Method::DELETE {
+                before
+            } else {
+                applied_backend(state, config_version, &pool, &name).await
+            };
+            let body = body.unwrap_or_else(|| json!({"name": name, "pool": pool}));
+            with_etag(json_reply(created, &body), config_version)
+        }
+        other => written(state, other, created),
+    }
 }
+
+/// The backend as this replica's balancer has it now (the backends API's shape).
+fn backend_now(state: &State, pool: &str, name: &str) -> Option<Value> {
+    let snapshot = state.balancer.snapshot();
+    snapshot
+        .pools
+        .get(pool)
+        .and_then(|p| p.backends.iter().find(|b| &*b.name == name))
+        .map(super::backend_json)
+}
+
+/// The backend once this replica has applied `config_version` (the same shape as the
+/// standalone answer: SPEC.md's "201 + the backend"); waits a bounded time for the
+/// local apply, which follows the commit by a moment.
+async fn applied_backend(
+    state: &State,
+    config_version: u64,
+    pool: &str,
+    name: &str,
+) -> Option<Value> {
+    let deadline = tokio::time::Instant::now() + APPLY_WAIT;
+    while state.config_version() < config_version && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    backend_now(state, pool, name)
+}
+
+/// How long a backend write waits for this replica to apply what it committed.
+const APPLY_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// A backend as the config file would have it, checked like the file's.
 fn backend_from(new: &NewBackend) -> Result<schema::Backend, String> {

@@ -2,6 +2,7 @@
 
 mod cluster;
 mod guard;
+mod page;
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -113,9 +114,36 @@ async fn route(state: &State, req: Request<Incoming>) -> Reply {
             );
             reply
         }
+        (&Method::GET | &Method::HEAD, "/") => {
+            let body = page::render(&status(state), &backends(state));
+            let mut reply = with_etag(
+                page_reply(body.into(), "text/html; charset=utf-8"),
+                state.config_version(),
+            );
+            if let Ok(csp) = page::csp().parse() {
+                reply
+                    .headers_mut()
+                    .insert(hyper::header::CONTENT_SECURITY_POLICY, csp);
+            }
+            reply
+        }
+        (&Method::GET | &Method::HEAD, "/status.js") => page_reply(
+            Bytes::from_static(page::SCRIPT.as_bytes()),
+            "text/javascript; charset=utf-8",
+        ),
+        // Browsers ask for it with every page: nothing, rather than a 404 in their console.
+        (&Method::GET | &Method::HEAD, "/favicon.ico") => {
+            let mut reply = page_reply(Bytes::new(), "image/x-icon");
+            *reply.status_mut() = StatusCode::NO_CONTENT;
+            reply
+        }
         (&Method::GET, "/api/v1/status") => versioned(state, status(state)),
         (&Method::GET, "/api/v1/backends") => versioned(state, backends(state)),
-        (_, "/healthz" | "/readyz" | "/metrics" | "/api/v1/status" | "/api/v1/backends") => error(
+        (
+            _,
+            "/" | "/status.js" | "/healthz" | "/readyz" | "/metrics" | "/api/v1/status"
+            | "/api/v1/backends",
+        ) => error(
             StatusCode::METHOD_NOT_ALLOWED,
             &format!("{} is not allowed on {path}: use GET", req.method()),
         ),
@@ -348,6 +376,10 @@ fn backend_json(b: &Backend) -> Value {
         "health": b.state.health().as_str(),
         "drained": b.drained,
         "active_connections": b.active(),
+        "bytes": {
+            "to_backend": b.state.bytes_to_backend.load(std::sync::atomic::Ordering::Relaxed),
+            "to_client": b.state.bytes_to_client.load(std::sync::atomic::Ordering::Relaxed),
+        },
         "last_check": last_check,
         "consecutive_ok": detail.probes.ok_run,
         "consecutive_fail": detail.probes.fail_run,
@@ -380,6 +412,26 @@ fn json_reply(status: StatusCode, body: &Value) -> Reply {
 
 fn error(status: StatusCode, message: &str) -> Reply {
     json_reply(status, &json!({ "error": message }))
+}
+
+/// The status page or its script: never cached, never sniffed, never framed.
+fn page_reply(body: Bytes, content_type: &'static str) -> Reply {
+    let mut reply = Response::new(Full::new(body));
+    let headers = reply.headers_mut();
+    headers.insert(CONTENT_TYPE, content_type.parse().expect("static header"));
+    headers.insert(
+        hyper::header::CACHE_CONTROL,
+        "no-store".parse().expect("static header"),
+    );
+    headers.insert(
+        hyper::header::X_CONTENT_TYPE_OPTIONS,
+        "nosniff".parse().expect("static header"),
+    );
+    headers.insert(
+        hyper::header::X_FRAME_OPTIONS,
+        "DENY".parse().expect("static header"),
+    );
+    reply
 }
 
 fn text(status: StatusCode, body: &'static str) -> Reply {

@@ -26,6 +26,9 @@ use tokio_rustls::rustls::ClientConfig;
 #[derive(Debug)]
 pub struct BackendState {
     pub active: AtomicU64,
+    /// Bytes relayed to this backend and back to clients (status page, backends API).
+    pub bytes_to_backend: AtomicU64,
+    pub bytes_to_client: AtomicU64,
     health: AtomicU8,
     /// The backend's addresses; re-resolved every `resolve_interval` for hostnames.
     addrs: ArcSwap<Vec<SocketAddr>>,
@@ -39,6 +42,8 @@ impl BackendState {
     fn new(health: Health) -> Self {
         BackendState {
             active: AtomicU64::new(0),
+            bytes_to_backend: AtomicU64::new(0),
+            bytes_to_client: AtomicU64::new(0),
             health: AtomicU8::new(health as u8),
             addrs: ArcSwap::from_pointee(Vec::new()),
             detail: Mutex::new(Detail::default()),

@@ -372,8 +372,14 @@ impl Connection {
         let meters = &conn.meters;
         meters.active.increment(1.0);
         let io = Meters {
-            to_backend: &meters.to_backend,
-            to_client: &meters.to_client,
+            to_backend: relay::Tally {
+                metric: &meters.to_backend,
+                total: &backend.state.bytes_to_backend,
+            },
+            to_client: relay::Tally {
+                metric: &meters.to_client,
+                total: &backend.state.bytes_to_client,
+            },
         };
         let idle = self.settings.idle_timeout;
         let stop = &self.shared.hard_stop;

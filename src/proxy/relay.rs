@@ -32,8 +32,23 @@ pub enum RelayEnd {
 
 /// Byte counters for the two directions.
 pub struct Meters<'a> {
-    pub to_backend: &'a Counter,
-    pub to_client: &'a Counter,
+    pub to_backend: Tally<'a>,
+    pub to_client: Tally<'a>,
+}
+
+/// One direction's bytes: the metric and the backend's own total (status).
+#[derive(Clone, Copy)]
+pub struct Tally<'a> {
+    pub metric: &'a Counter,
+    pub total: &'a AtomicU64,
+}
+
+impl Tally<'_> {
+    fn add(self, n: usize) {
+        let n = n as u64;
+        self.metric.increment(n);
+        self.total.fetch_add(n, Ordering::Relaxed);
+    }
 }
 
 pub async fn relay(
@@ -111,7 +126,7 @@ async fn pump_io<R, W>(
     mut from: R,
     mut to: W,
     last_activity: &Activity,
-    bytes: &Counter,
+    bytes: Tally<'_>,
 ) -> io::Result<()>
 where
     R: AsyncRead + Unpin,
@@ -127,7 +142,7 @@ where
         last_activity.touch();
         to.write_all(&buf[..n]).await?;
         to.flush().await?;
-        bytes.increment(n as u64);
+        bytes.add(n);
     }
 }
 
@@ -137,7 +152,7 @@ async fn pump(
     mut from: ReadHalf<'_>,
     mut to: WriteHalf<'_>,
     last_activity: &Activity,
-    bytes: &Counter,
+    bytes: Tally<'_>,
 ) -> io::Result<()> {
     loop {
         from.readable().await?;
@@ -151,7 +166,7 @@ async fn pump(
         }
         last_activity.touch();
         to.write_all(&buf).await?;
-        bytes.increment(n as u64);
+        bytes.add(n);
     }
 }
 

@@ -310,8 +310,14 @@ impl Server {
     ) -> ExitCode {
         let metrics = m::install();
         let balancer = Arc::new(Balancer::new());
+        let node_name = loaded
+            .config
+            .node
+            .name
+            .clone()
+            .unwrap_or_else(config::hostname);
         let cluster = match &loaded.config.cluster {
-            Some(c) => match Node::start(c, &loaded.config.pools).await {
+            Some(c) => match Node::start(c, &node_name, &loaded.config.pools).await {
                 Ok(node) => Some(node),
                 Err(fatal) => {
                     eprintln!("error: {}", fatal.message);
@@ -326,12 +332,6 @@ impl Server {
                 None
             }
         };
-        let node_name = loaded
-            .config
-            .node
-            .name
-            .clone()
-            .unwrap_or_else(config::hostname);
         let le = elected(&loaded.config);
         // Without election (or with standbys serving) the gate stays open; with it,
         // it is open only until the active's lease deadline.

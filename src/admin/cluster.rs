@@ -502,6 +502,8 @@ fn member_list(node: &Node) -> Vec<Value> {
     let voters: std::collections::BTreeSet<u64> = membership.voter_ids().collect();
     let reachability = node.reachability(&metrics);
     let leader = metrics.current_leader;
+    let protocols = node.identity.protocols();
+    let infos = node.applied().borrow().state.nodes.clone();
     membership
         .nodes()
         .map(|(id, n)| {
@@ -513,7 +515,17 @@ fn member_list(node: &Node) -> Vec<Value> {
                 "learner"
             };
             let reachable = reachability.get(id).copied().flatten();
-            json!({"id": id, "address": n.addr, "role": role, "voter": voters.contains(id), "reachable": reachable})
+            let info = infos.get(id);
+            json!({
+                "id": id,
+                "name": info.map(|i| i.name.clone()),
+                "address": n.addr,
+                "role": role,
+                "voter": voters.contains(id),
+                "reachable": reachable,
+                "version": info.map(|i| i.version.clone()),
+                "protocol": protocols.get(id),
+            })
         })
         .collect()
 }
@@ -533,6 +545,8 @@ pub fn status(node: &Node) -> Value {
         "quorum": quorum,
         "fault_tolerance": voters.saturating_sub(quorum),
         "quorum_reachable": node.quorum_reachable(),
+        "protocol": crate::store::network::protocol(),
+        "cluster_version": node.applied().borrow().state.cluster_version(),
         "members": member_list(node),
     })
 }

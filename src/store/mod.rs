@@ -32,7 +32,7 @@ use network::{
     WriteReply,
 };
 use storage::Applied;
-use types::{Command, Node as RaftNode, NodeId, Outcome, Raft};
+use types::{Command, Node as RaftNode, NodeId, NodeInfo, Outcome, Raft};
 
 /// How long a write may wait for its commit before the answer is "outcome unknown".
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -123,6 +123,8 @@ pub struct Node {
     heartbeat: Duration,
     election_timeout: Duration,
     seed: BTreeMap<String, schema::Pool>,
+    /// `node.name`, told to the others (status `members[].name`).
+    name: String,
     fatal: watch::Sender<Option<Fatal>>,
     /// Kept-open connections to the leader for forwarded requests, with the time
     /// each went idle.
@@ -139,6 +141,7 @@ impl Node {
     /// restarted replica serves its last applied state before it reaches a quorum.
     pub async fn start(
         cluster: &schema::Cluster,
+        name: &str,
         seed: &BTreeMap<String, schema::Pool>,
     ) -> Result<Arc<Node>, Fatal> {
         let id = cluster.node_id.value;
@@ -261,6 +264,7 @@ impl Node {
             heartbeat,
             election_timeout,
             seed: seed.clone(),
+            name: name.to_string(),
             fatal,
             forwarders: std::sync::Mutex::new(Vec::new()),
             leader_contact: std::sync::Mutex::new(None),
@@ -573,6 +577,9 @@ impl Node {
         let mut was_member = false;
         let mut initializing: Option<tokio::task::JoinHandle<()>> = None;
         let mut promoting: Option<(tokio::task::JoinHandle<()>, std::time::Instant)> = None;
+        // Raising the cluster's version, or saying who this replica is.
+        let mut versioning: Option<tokio::task::JoinHandle<()>> = None;
+        let mut warned_names = BTreeSet::new();
         loop {
             let state = applied.borrow_and_update().clone();
             let raft = metrics.borrow_and_update().clone();
@@ -668,6 +675,53 @@ impl Node {
                 } else if self.write(Command::Joined { node: self.id }).await.is_ok() {
                     tracing::info!(node_id = self.id, "joined the cluster");
                     said_joined = true;
+                }
+            }
+            let shared = shared_names(&state.state.nodes);
+            if shared != warned_names {
+                if !shared.is_empty() {
+                    tracing::warn!(
+                        names = ?shared,
+                        "several replicas call themselves the same: set node.name on each"
+                    );
+                }
+                warned_names = shared;
+            }
+            let upgrading = versioning.as_ref().is_some_and(|t| !t.is_finished());
+            if !upgrading && state.state.cluster_uuid.is_some() {
+                let info = NodeInfo {
+                    name: self.name.clone(),
+                    version: env!("CARGO_PKG_VERSION").to_string(),
+                    protocol: network::protocol(),
+                };
+                let due = if leader {
+                    self.cluster_version_due(&state)
+                } else {
+                    None
+                };
+                let command = match due {
+                    Some(version) => Some(Command::ClusterVersion { version }),
+                    None if said_joined
+                        && state.state.cluster_version() >= 2
+                        && state.state.nodes.get(&self.id) != Some(&info) =>
+                    {
+                        Some(Command::NodeInfo {
+                            node: self.id,
+                            info,
+                        })
+                    }
+                    None => None,
+                };
+                if let Some(command) = command {
+                    let this = self.clone();
+                    versioning = Some(tokio::spawn(async move {
+                        match this.write(command.clone()).await {
+                            Ok(_) => tracing::info!(%command, "committed"),
+                            Err(e) => tracing::debug!(%command, error = %e, "not committed yet"),
+                        }
+                        // One attempt per second at most.
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }));
                 }
             }
             tokio::select! {
@@ -1040,6 +1094,9 @@ impl Node {
                 command,
                 deadline_ms,
             } => {
+                if let Some(why) = self.too_new(&command) {
+                    return Reply::Write(WriteReply::NotProposed(why));
+                }
                 let deadline = Duration::from_millis(deadline_ms);
                 let lease = matches!(command, Command::Lease { .. });
                 let reply = proposed(
@@ -1073,6 +1130,45 @@ impl Node {
             }
             other => Reply::Error(format!("not a leader request: {other:?}")),
         }
+    }
+
+    /// Why `command` must wait: a replica that has not been upgraded could not
+    /// decode it (etcd's cluster version).
+    fn too_new(&self, command: &Command) -> Option<String> {
+        let cluster = self.applied.borrow().state.cluster_version();
+        let needs = command.protocol();
+        (needs > cluster).then(|| {
+            let behind: Vec<String> = self
+                .net
+                .identity
+                .protocols()
+                .into_iter()
+                .filter(|(_, p)| *p < needs)
+                .map(|(id, p)| format!("node {id} speaks {p}"))
+                .collect();
+            format!(
+                "\"{command}\" needs peer protocol {needs}; the cluster runs protocol {cluster} \
+                 until every voter is upgraded ({}); nothing was changed",
+                if behind.is_empty() {
+                    "waiting to hear from every voter".to_string()
+                } else {
+                    behind.join(", ")
+                }
+            )
+        })
+    }
+
+    /// The leader raises the cluster's version once every voter announced a later
+    /// protocol than it records.
+    fn cluster_version_due(&self, state: &Applied) -> Option<u32> {
+        let heard = self.net.identity.protocols();
+        let voters = state.membership.membership().voter_ids();
+        let lowest = voters
+            .map(|id| heard.get(&id).copied())
+            .collect::<Option<Vec<u32>>>()?
+            .into_iter()
+            .min()?;
+        (lowest > state.state.cluster_version()).then_some(lowest)
     }
 
     async fn change_members(&self, op: Manage) -> WriteReply {
@@ -1356,6 +1452,16 @@ fn write_result(reply: WriteReply) -> Result<Outcome, WriteError> {
     }
 }
 
+/// The names more than one replica goes by.
+fn shared_names(nodes: &BTreeMap<NodeId, NodeInfo>) -> BTreeSet<String> {
+    let mut seen = BTreeSet::new();
+    nodes
+        .values()
+        .filter(|info| !seen.insert(info.name.as_str()))
+        .map(|info| info.name.clone())
+        .collect()
+}
+
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
@@ -1383,5 +1489,22 @@ fn log_seed_difference(
             "the file's pools differ from the replicated config, which is the source of truth: \
              change pools with `raftlb ctl` or the admin API (the file only seeds a new cluster)"
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_shared_by_several_replicas_are_found() {
+        let info = |name: &str| NodeInfo {
+            name: name.into(),
+            ..NodeInfo::default()
+        };
+        let nodes = BTreeMap::from([(1, info("lb-1")), (2, info("lb-1")), (3, info("lb-3"))]);
+        assert_eq!(shared_names(&nodes), BTreeSet::from(["lb-1".to_string()]));
+        let nodes = BTreeMap::from([(1, info("lb-1")), (2, info("lb-2"))]);
+        assert!(shared_names(&nodes).is_empty());
     }
 }

@@ -42,6 +42,33 @@ const IDLE: Duration = Duration::from_secs(300);
 /// A misconfiguration seen on every heartbeat is logged once per this long.
 const LOG_AGAIN_AFTER: Duration = Duration::from_secs(10);
 
+/// The peer protocol this build speaks. 1: the commands up to leader election;
+/// 2: adds `ClusterVersion` and `NodeInfo`. A command is proposed only once the
+/// cluster's version (every voter announced at least that much, etcd's cluster
+/// version) covers it, so a replica not yet upgraded never meets one it cannot decode.
+pub const PROTOCOL: u32 = 2;
+
+/// Set only by tests: the protocol this replica announces (an older build).
+const TEST_PROTOCOL_ENV: &str = "RAFTLB_TEST_PROTOCOL";
+
+/// The protocol this replica announces: [`PROTOCOL`], or the older one a
+/// mixed-version test holds it at.
+pub fn protocol() -> u32 {
+    static ANNOUNCED: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *ANNOUNCED.get_or_init(|| {
+        std::env::var(TEST_PROTOCOL_ENV)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .filter(|v| (1..=PROTOCOL).contains(v))
+            .unwrap_or(PROTOCOL)
+    })
+}
+
+/// Frames from builds before the protocol was announced.
+fn first_protocol() -> u32 {
+    1
+}
+
 /// Who is talking: sent with every frame, request or reply, and checked on receipt.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Envelope<T> {
@@ -49,6 +76,9 @@ pub struct Envelope<T> {
     /// None until the cluster's first leader has committed it.
     pub uuid: Option<Uuid>,
     pub from: NodeId,
+    /// The sender's [`protocol`].
+    #[serde(default = "first_protocol")]
+    pub protocol: u32,
     pub body: T,
 }
 
@@ -57,6 +87,8 @@ pub struct Identity {
     pub cluster_id: String,
     pub node_id: NodeId,
     uuid: RwLock<Option<Uuid>>,
+    /// The protocol each peer announced in its last accepted frame.
+    heard: Mutex<std::collections::BTreeMap<NodeId, u32>>,
 }
 
 impl Identity {
@@ -65,7 +97,27 @@ impl Identity {
             cluster_id,
             node_id,
             uuid: RwLock::new(uuid),
+            heard: Mutex::default(),
         }
+    }
+
+    /// The protocol each peer announced last (this replica's own included).
+    pub fn protocols(&self) -> std::collections::BTreeMap<NodeId, u32> {
+        let mut heard = self
+            .heard
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        heard.insert(self.node_id, protocol());
+        heard
+    }
+
+    /// Records the protocol of an accepted frame's sender.
+    fn heard<T>(&self, e: &Envelope<T>) {
+        self.heard
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(e.from, e.protocol);
     }
 
     pub fn uuid(&self) -> Option<Uuid> {
@@ -83,6 +135,7 @@ impl Identity {
             cluster_id: self.cluster_id.clone(),
             uuid: self.uuid(),
             from: self.node_id,
+            protocol: protocol(),
             body,
         }
     }
@@ -431,6 +484,7 @@ impl PeerClient {
                 answered: reply.from,
             });
         }
+        self.net.identity.heard(&reply);
         self.conn = Some(conn);
         match reply.body {
             Reply::Error(e) => Err(CallError::Refused(e)),
@@ -518,6 +572,7 @@ async fn connection<H: Handler>(mut stream: Stream, peer: SocketAddr, net: &Net,
             }
             Reply::Error(format!("refused: {why}"))
         } else {
+            net.identity.heard(&request);
             handler.handle(request.from, request.body).await
         };
         let bytes = match serde_json::to_vec(&net.identity.wrap(reply)) {
@@ -719,6 +774,7 @@ mod tests {
         let ours = Uuid::new_v4();
         let me = Identity::new("prod".into(), 1, Some(ours));
         let mut e = Envelope {
+            protocol: PROTOCOL,
             cluster_id: "prod".into(),
             uuid: Some(ours),
             from: 2,

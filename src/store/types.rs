@@ -84,6 +84,40 @@ pub enum Command {
         expect: u64,
         value: Option<serde_json::Value>,
     },
+    /// Protocol 2: every voter announced `version`; commands of that protocol may
+    /// be proposed from now on. Never lowers the cluster's version.
+    ClusterVersion {
+        version: u32,
+    },
+    /// Protocol 2: a replica's name and build, for status (`members[].name`).
+    NodeInfo {
+        node: NodeId,
+        info: NodeInfo,
+    },
+}
+
+/// What a replica says of itself in the replicated state.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeInfo {
+    pub name: String,
+    /// Its raftlb version.
+    pub version: String,
+    /// The peer protocol it speaks.
+    pub protocol: u32,
+}
+
+impl Command {
+    /// The peer protocol a replica needs to decode this command: proposed only
+    /// when the cluster's version is at least this.
+    pub fn protocol(&self) -> u32 {
+        match self {
+            Command::NodeInfo { .. } => 2,
+            // Its own gate: the leader proposes it only once every voter announced
+            // `version`, so every voter decodes it.
+            Command::ClusterVersion { .. } => 1,
+            _ => 1,
+        }
+    }
 }
 
 impl fmt::Display for Command {
@@ -111,6 +145,10 @@ impl fmt::Display for Command {
             Command::PromoteLater { node } => write!(f, "promote node {node} once caught up"),
             Command::Lease { expect, op } => write!(f, "lease {op} at {expect}"),
             Command::Cas { key, expect, .. } => write!(f, "cas {key} at {expect}"),
+            Command::ClusterVersion { version } => write!(f, "cluster version {version}"),
+            Command::NodeInfo { node, info } => {
+                write!(f, "node {node} is {:?}, raftlb {}", info.name, info.version)
+            }
         }
     }
 }
@@ -314,13 +352,28 @@ pub struct Replicated {
     /// Learners the leader promotes to voters once they have caught up.
     #[serde(default)]
     pub promote: BTreeSet<NodeId>,
+    /// The peer protocol every voter speaks (0: a cluster from before it was
+    /// recorded, i.e. 1); see [`Replicated::cluster_version`].
+    #[serde(default)]
+    pub cluster_version: u32,
+    /// What each replica said of itself (protocol 2).
+    #[serde(default)]
+    pub nodes: BTreeMap<NodeId, NodeInfo>,
 }
 
 impl Replicated {
+    /// The peer protocol every voter speaks, as committed: commands of a later
+    /// protocol wait.
+    pub fn cluster_version(&self) -> u32 {
+        self.cluster_version.max(1)
+    }
+
     /// After a membership change: only learners still wait to be promoted.
     pub fn membership_changed(&mut self, voters: &BTreeSet<NodeId>, learners: &BTreeSet<NodeId>) {
         self.promote
             .retain(|id| learners.contains(id) && !voters.contains(id));
+        self.nodes
+            .retain(|id, _| voters.contains(id) || learners.contains(id));
     }
 
     /// Applies one command; deterministic, so every replica ends in the same state.
@@ -394,6 +447,18 @@ impl Replicated {
             } => self.change_backend(&pool, &backend, |b| b.weight.value = weight),
             Command::Joined { node } => {
                 self.joined.insert(node);
+                Outcome::Applied {
+                    config_version: self.config_version,
+                }
+            }
+            Command::ClusterVersion { version } => {
+                self.cluster_version = self.cluster_version.max(version);
+                Outcome::Applied {
+                    config_version: self.config_version,
+                }
+            }
+            Command::NodeInfo { node, info } => {
+                self.nodes.insert(node, info);
                 Outcome::Applied {
                     config_version: self.config_version,
                 }
@@ -783,5 +848,35 @@ mod tests {
         // 5 was removed.
         s.membership_changed(&BTreeSet::from([1, 2, 3, 4]), &BTreeSet::new());
         assert!(s.promote.is_empty());
+    }
+
+    #[test]
+    fn the_cluster_version_only_rises_and_a_removed_replica_forgets_its_info() {
+        let mut s = Replicated::default();
+        assert_eq!(s.cluster_version(), 1, "a cluster from before versions: 1");
+        assert_eq!(
+            Command::NodeInfo {
+                node: 1,
+                info: NodeInfo::default()
+            }
+            .protocol(),
+            2
+        );
+        s.apply(Command::ClusterVersion { version: 2 });
+        s.apply(Command::ClusterVersion { version: 1 });
+        assert_eq!(s.cluster_version(), 2, "never lowered");
+        let info = NodeInfo {
+            name: "lb-2".into(),
+            version: "0.1.0".into(),
+            protocol: 2,
+        };
+        s.apply(Command::NodeInfo {
+            node: 2,
+            info: info.clone(),
+        });
+        assert_eq!(s.nodes.get(&2), Some(&info));
+        assert_eq!(s.config_version, 0, "not a config change");
+        s.membership_changed(&BTreeSet::from([1, 3]), &BTreeSet::new());
+        assert!(s.nodes.is_empty());
     }
 }

@@ -98,7 +98,7 @@ impl Raftlb {
         Raftlb::spawn_wrapped(&[], yaml, admin)
     }
 
-    fn spawn_wrapped(wrapper: &[&str], yaml: &str, admin: SocketAddr) -> Raftlb {
+    pub fn spawn_wrapped(wrapper: &[&str], yaml: &str, admin: SocketAddr) -> Raftlb {
         let dir = tempfile::tempdir().expect("tempdir");
         let config = dir.path().join("raftlb.yaml");
         std::fs::write(&config, yaml).expect("write config");

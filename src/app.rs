@@ -5,8 +5,8 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
@@ -58,6 +58,8 @@ pub struct State {
     ready: AtomicBool,
     /// The active's listeners are open (`standby: close_listeners`).
     listening: AtomicBool,
+    /// Each listener's pool (listener name, pool name): a missing pool is not ready.
+    listener_pools: std::sync::Mutex<Vec<(String, String)>>,
     token: ArcSwapOption<String>,
 }
 
@@ -65,9 +67,41 @@ impl State {
     /// Serving traffic on the listeners: a config is applied, and this replica is
     /// active (or election is off, or standbys serve).
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Relaxed)
-            && (self.standby_serves.load(Ordering::Relaxed)
-                || (self.role() == Role::Active && self.listening.load(Ordering::Relaxed)))
+        self.not_ready().is_none()
+    }
+
+    /// Why this replica does not serve traffic, if it does not.
+    pub fn not_ready(&self) -> Option<String> {
+        if !self.ready.load(Ordering::Relaxed) {
+            return Some("no config applied yet, or shutting down".into());
+        }
+        if !self.standby_serves.load(Ordering::Relaxed)
+            && !(self.role() == Role::Active && self.listening.load(Ordering::Relaxed))
+        {
+            return Some(format!("{}: only the active serves", self.role().as_str()));
+        }
+        let snapshot = self.balancer.snapshot();
+        let pools = self
+            .listener_pools
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let missing: Vec<String> = pools
+            .iter()
+            .filter(|(_, pool)| !snapshot.pools.contains_key(pool))
+            .map(|(listener, pool)| format!("listener {listener}: pool {pool} does not exist"))
+            .collect();
+        (!missing.is_empty()).then(|| missing.join("; "))
+    }
+
+    fn set_listener_pools(&self, config: &Config) {
+        *self
+            .listener_pools
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = config
+            .listeners
+            .iter()
+            .map(|(name, l)| (name.clone(), l.pool.value.clone()))
+            .collect();
     }
 
     /// This replica's role: election's, or active whenever it serves without one.
@@ -372,8 +406,10 @@ impl Server {
             standby_serves: AtomicBool::new(standby_serves),
             ready: AtomicBool::new(false),
             listening: AtomicBool::new(false),
+            listener_pools: std::sync::Mutex::default(),
             token: ArcSwapOption::new(token),
         });
+        state.set_listener_pools(&loaded.config);
         let admin_bind = loaded.config.admin.bind.0;
         let admin = match crate::net::listen(admin_bind) {
             Ok(socket) => socket,
@@ -819,6 +855,7 @@ impl Server {
                 "reload: runtime.worker_threads changed; it takes effect at the next restart"
             );
         }
+        self.state.set_listener_pools(&new);
         self.config = new;
         self.follow_role().await;
         metrics::counter!(m::CONFIG_RELOADS_TOTAL, "result" => "ok").increment(1);

@@ -1090,3 +1090,43 @@ async fn a_mixed_version_cluster_holds_newer_commands_until_the_last_replica_is_
         );
     }
 }
+
+/// `/readyz` is 503, and says why, while a listener's pool is missing from the
+/// replicated config (replaced through the API by pools that lack it); 200 again
+/// once the pool is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_says_not_serving_while_a_listeners_pool_is_missing() {
+    let c = Cluster::new(1, backend_names(&["b1"]).await);
+    let mut node = c.spawn(0);
+    blocking(|| node.wait_ready());
+    let admin = c.addrs[0].admin;
+    let backend = c.backends[0].1;
+    let put = |pool: &str| {
+        let body = format!(
+            r#"{{"pools": {{"{pool}": {{"backends": [{{"name": "b1", "address": "{backend}"}}]}}}}}}"#
+        );
+        blocking(|| json(admin, "PUT", "/api/v1/config", &body))
+    };
+    let (code, reply) = put("other");
+    assert_eq!(code, 200, "{reply}");
+    let readyz = || blocking(|| http_get(admin, "/readyz")).expect("readyz");
+    assert!(
+        blocking(|| eventually(Duration::from_secs(5), || readyz().0 == 503)),
+        "still ready without pool web: {:?}",
+        readyz()
+    );
+    assert!(
+        readyz()
+            .1
+            .contains("listener front: pool web does not exist"),
+        "{:?}",
+        readyz()
+    );
+    let (code, reply) = put("web");
+    assert_eq!(code, 200, "{reply}");
+    assert!(
+        blocking(|| eventually(Duration::from_secs(5), || readyz().0 == 200)),
+        "not ready again with pool web back: {:?}",
+        readyz()
+    );
+}

@@ -94,13 +94,13 @@ async fn route(state: &State, req: Request<Incoming>) -> Reply {
     }
     match (req.method(), path) {
         (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
-        (&Method::GET, "/readyz") => {
-            if state.is_ready() {
-                text(StatusCode::OK, "ready\n")
-            } else {
-                text(StatusCode::SERVICE_UNAVAILABLE, "not serving\n")
-            }
-        }
+        (&Method::GET, "/readyz") => match state.not_ready() {
+            None => text(StatusCode::OK, "ready\n"),
+            Some(why) => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("not serving: {why}\n"),
+            ),
+        },
         (&Method::GET, "/metrics") => {
             if let Some(node) = &state.cluster {
                 node.publish_metrics();
@@ -434,8 +434,8 @@ fn page_reply(body: Bytes, content_type: &'static str) -> Reply {
     reply
 }
 
-fn text(status: StatusCode, body: &'static str) -> Reply {
-    let mut reply = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+fn text(status: StatusCode, body: impl Into<Bytes>) -> Reply {
+    let mut reply = Response::new(Full::new(body.into()));
     *reply.status_mut() = status;
     reply
 }

@@ -75,9 +75,9 @@ impl State {
         if !self.ready.load(Ordering::Relaxed) {
             return Some("no config applied yet, or shutting down".into());
         }
-        if !self.standby_serves.load(Ordering::Relaxed)
-            && !(self.role() == Role::Active && self.listening.load(Ordering::Relaxed))
-        {
+        let serving = self.standby_serves.load(Ordering::Relaxed)
+            || (self.role() == Role::Active && self.listening.load(Ordering::Relaxed));
+        if !serving {
             return Some(format!("{}: only the active serves", self.role().as_str()));
         }
         let snapshot = self.balancer.snapshot();

@@ -37,14 +37,15 @@ pub fn main(cli: Cli) -> ExitCode {
     }
 }
 
-/// `raftlb snapshot save | restore`: offline, on a stopped replica's data_dir.
+/// `raftlb snapshot save | restore`: offline, on a stopped replica's data_dir. Bad
+/// arguments or a file that is not a backup exit 2; a failing disk exits 1.
 fn snapshot(cmd: cli::SnapshotCommand) -> ExitCode {
-    use store::backup;
-    let result = match cmd {
+    use store::backup::{self, BackupError};
+    let result: Result<String, BackupError> = match cmd {
         cli::SnapshotCommand::Save { data_dir, file } => {
             backup::save_offline(&data_dir).and_then(|b| {
-                let bytes = b.encode().map_err(|e| e.to_string())?;
-                write_file(&file, &bytes)?;
+                let bytes = b.encode().map_err(|e| BackupError::Io(e.to_string()))?;
+                write_file(&file, &bytes).map_err(BackupError::Io)?;
                 Ok(format!("saved {}: {}", file.display(), b.summary()))
             })
         }
@@ -55,11 +56,17 @@ fn snapshot(cmd: cli::SnapshotCommand) -> ExitCode {
             cluster_id,
             initial_cluster,
         } => std::fs::read(&file)
-            .map_err(|e| format!("{}: {e}", file.display()))
+            .map_err(|e| BackupError::Io(format!("{}: {e}", file.display())))
             .and_then(|bytes| {
                 let members = backup::parse_initial_cluster(&initial_cluster)?;
-                backup::restore(&bytes, &data_dir, node_id, &cluster_id, &members)
-                    .map_err(|e| format!("{}: {e}", file.display()))
+                backup::restore(&bytes, &data_dir, node_id, &cluster_id, &members).map_err(|e| {
+                    match e {
+                        BackupError::Input(m) => {
+                            BackupError::Input(format!("{}: {m}", file.display()))
+                        }
+                        io => io,
+                    }
+                })
             })
             .map(|r| {
                 format!(
@@ -78,7 +85,10 @@ fn snapshot(cmd: cli::SnapshotCommand) -> ExitCode {
         }
         Err(e) => {
             eprintln!("error: {e}");
-            ExitCode::from(app::EXIT_CONFIG)
+            ExitCode::from(match e {
+                BackupError::Input(_) => app::EXIT_CONFIG,
+                BackupError::Io(_) => app::EXIT_RUNTIME,
+            })
         }
     }
 }

@@ -680,6 +680,19 @@ async fn snapshot_save_and_restore_into_a_new_cluster() {
     let (code, out, err) = blocking(save);
     assert_eq!(code, 0, "offline save: {out}{err}");
     assert!(out.contains("config_version 3"), "{out}");
+    // A file that cannot be written is a runtime failure (exit 1), not a usage error.
+    let unwritable = scratch.path().join("no-such-dir").join("x.snap");
+    let (code, _, err) = blocking(|| {
+        raftlb_cmd(&[
+            "snapshot",
+            "save",
+            "--data-dir",
+            &data,
+            &unwritable.to_string_lossy(),
+        ])
+    });
+    assert_eq!(code, 1, "an unwritable file: {err}");
+    assert!(err.contains("cannot write"), "{err}");
 
     // A damaged backup is refused and leaves nothing behind.
     let new = Cluster {
@@ -730,6 +743,9 @@ async fn snapshot_save_and_restore_into_a_new_cluster() {
         let (code, out, err) = blocking(|| restore(&offline_s, i));
         assert_eq!(code, 0, "restore node {}: {out}{err}", i + 1);
     }
+    let missing = scratch.path().join("missing.snap");
+    let (code, _, err) = blocking(|| restore(&missing.to_string_lossy(), 0));
+    assert_eq!(code, 1, "an unreadable backup file: {err}");
     let (code, _, err) = blocking(|| restore(&offline_s, 0));
     assert_eq!(code, 2, "restoring over a used data_dir must fail");
     assert!(err.contains("holds a store already"), "{err}");

@@ -150,28 +150,59 @@ fn hex(bytes: &[u8]) -> String {
     s
 }
 
+/// Why `raftlb snapshot save | restore` failed.
+#[derive(Debug)]
+pub enum BackupError {
+    /// Bad arguments, or a file that is not a usable backup (exit 2).
+    Input(String),
+    /// The file system or the store failed (exit 1).
+    Io(String),
+}
+
+impl From<String> for BackupError {
+    fn from(message: String) -> Self {
+        BackupError::Input(message)
+    }
+}
+
+impl From<&str> for BackupError {
+    fn from(message: &str) -> Self {
+        BackupError::Input(message.to_string())
+    }
+}
+
+impl std::fmt::Display for BackupError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BackupError::Input(m) | BackupError::Io(m) => f.write_str(m),
+        }
+    }
+}
+
 /// Reads the applied state of a stopped replica's data_dir.
-pub fn save_offline(data_dir: &Path) -> Result<Backup, String> {
+pub fn save_offline(data_dir: &Path) -> Result<Backup, BackupError> {
     let file = data_dir.join(storage::FILE);
     if !file.exists() {
-        return Err(format!(
+        return Err(BackupError::Input(format!(
             "{}: no store here (expected {})",
             data_dir.display(),
             file.display()
-        ));
+        )));
     }
+    // Mostly a replica still running on it (redb's lock): a usage error.
     let db = storage::open(data_dir).map_err(|e| {
-        format!(
+        BackupError::Input(format!(
             "{}: cannot open the store ({e}); is raftlb still running on it? \
              Use `raftlb ctl snapshot save` for a running replica",
             file.display()
-        )
+        ))
     })?;
+    let io = |e: io::Error| BackupError::Io(format!("{}: {e}", file.display()));
     let applied: Applied = storage::load_applied(&db)
-        .map_err(|e| format!("{}: {e}", file.display()))?
+        .map_err(io)?
         .ok_or_else(|| format!("{}: nothing was ever applied here", file.display()))?;
     let recorded: super::Recorded = storage::get_meta(&db, storage::IDENTITY)
-        .map_err(|e| format!("{}: {e}", file.display()))?
+        .map_err(io)?
         .ok_or_else(|| format!("{}: no cluster identity recorded", file.display()))?;
     Ok(Backup::new(&recorded.cluster_id, recorded.node_id, applied))
 }
@@ -212,22 +243,22 @@ pub fn restore(
     node_id: NodeId,
     cluster_id: &str,
     members: &BTreeMap<NodeId, String>,
-) -> Result<Restored, String> {
+) -> Result<Restored, BackupError> {
     let (backup, sum) = Backup::verify(file_bytes)?;
     if !members.contains_key(&node_id) {
-        return Err(format!(
+        return Err(BackupError::Input(format!(
             "--node-id {node_id} is not in --initial-cluster ({:?})",
             members.keys().collect::<Vec<_>>()
-        ));
+        )));
     }
     if cluster_id.trim().is_empty() {
         return Err("--cluster-id: must not be empty".into());
     }
     if data_dir.join(storage::FILE).exists() {
-        return Err(format!(
+        return Err(BackupError::Input(format!(
             "{}: holds a store already; restore into an empty data_dir",
             data_dir.display()
-        ));
+        )));
     }
     // The UUID of the new cluster: the same for every member restored from this file
     // into this cluster, different from the old cluster's.
@@ -273,8 +304,12 @@ pub fn restore(
         node_id,
         uuid: Some(uuid),
     };
-    storage::restore(data_dir, &identity, &applied)
-        .map_err(|e| format!("{}: cannot write the store: {e}", data_dir.display()))?;
+    storage::restore(data_dir, &identity, &applied).map_err(|e| {
+        BackupError::Io(format!(
+            "{}: cannot write the store: {e}",
+            data_dir.display()
+        ))
+    })?;
     Ok(Restored { backup, uuid })
 }
 

@@ -393,7 +393,7 @@ mod tests {
         assert_eq!(sa.state.config_version, 7);
 
         let e = restore(&bytes, a.path(), 1, "new", &members).expect_err("used");
-        assert!(e.contains("holds a store already"), "{e}");
+        assert!(e.to_string().contains("holds a store already"), "{e}");
         let c = tempfile::tempdir().expect("tempdir");
         assert!(restore(&bytes, c.path(), 3, "new", &members).is_err());
         assert!(!c.path().join(storage::FILE).exists());

@@ -343,6 +343,15 @@ impl Server {
         token: Option<Arc<String>>,
     ) -> ExitCode {
         let metrics = m::install();
+        // The admin port before the store: a port in use fails before data_dir is touched.
+        let admin_bind = loaded.config.admin.bind.0;
+        let admin = match crate::net::listen(admin_bind) {
+            Ok(socket) => socket,
+            Err(e) => {
+                eprintln!("error: admin.bind {admin_bind}: cannot listen: {e}");
+                return ExitCode::from(EXIT_RUNTIME);
+            }
+        };
         let balancer = Arc::new(Balancer::new());
         let node_name = loaded
             .config
@@ -410,14 +419,6 @@ impl Server {
             token: ArcSwapOption::new(token),
         });
         state.set_listener_pools(&loaded.config);
-        let admin_bind = loaded.config.admin.bind.0;
-        let admin = match crate::net::listen(admin_bind) {
-            Ok(socket) => socket,
-            Err(e) => {
-                tracing::error!("admin.bind {admin_bind}: cannot listen: {e}");
-                return ExitCode::from(EXIT_RUNTIME);
-            }
-        };
         let admin_tls = match admin_tls(&loaded.config) {
             Ok(tls) => tls,
             Err(e) => {
@@ -454,7 +455,7 @@ impl Server {
             let listeners = server.config.listeners.clone();
             for (name, l) in &listeners {
                 if let Err(e) = server.start_listener(name, l).await {
-                    tracing::error!("{e}");
+                    eprintln!("error: {e}");
                     return ExitCode::from(e.exit_code());
                 }
             }

@@ -1146,3 +1146,30 @@ async fn readyz_says_not_serving_while_a_listeners_pool_is_missing() {
         readyz()
     );
 }
+
+/// A port in use (peer, admin or listener) exits 1 with one line naming the port,
+/// and the peer and admin ports are bound before anything is written to data_dir.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_port_in_use_exits_1_with_one_line_and_leaves_data_dir_untouched() {
+    let c = Cluster::new(1, backend_names(&["b1"]).await);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("raftlb.yaml");
+    std::fs::write(&config, c.yaml(0, "new")).expect("config");
+    let config = config.to_string_lossy().to_string();
+    let a = c.addrs[0];
+    for (field, addr, untouched) in [
+        ("cluster.bind", a.peer, true),
+        ("admin.bind", a.admin, true),
+        ("listeners.front.bind", a.listen, false),
+    ] {
+        let _taken = std::net::TcpListener::bind(addr).expect("take the port");
+        let (code, _, err) = blocking(|| raftlb_cmd_timeout(&["run", "--config", &config], 20));
+        assert_eq!(code, 1, "{field} in use: {err}");
+        let line = format!("error: {field} {addr}: cannot listen: Address already in use");
+        assert!(err.contains(&line), "{field}: expected {line:?} in\n{err}");
+        if untouched {
+            let written = std::fs::read_dir(c.data[0].path()).map_or(0, |d| d.count());
+            assert_eq!(written, 0, "{field} in use: data_dir was written");
+        }
+    }
+}

@@ -147,6 +147,10 @@ impl Node {
         let id = cluster.node_id.value;
         let cluster_id = cluster.cluster_id.value.clone();
         let data_dir = &cluster.data_dir;
+        // The peer port first: a port in use fails before data_dir is touched.
+        let bind = cluster.bind.value.0;
+        let socket = crate::net::listen(bind)
+            .map_err(|e| runtime_error(format!("cluster.bind {bind}: cannot listen: {e}")))?;
         let db = storage::open(data_dir).map_err(|e| {
             runtime_error(format!(
                 "cluster.data_dir {}: cannot open the store: {e}",
@@ -244,9 +248,6 @@ impl Node {
             .iter()
             .map(|(id, addr)| (*id, addr.value.to_string()))
             .collect();
-        let bind = cluster.bind.value.0;
-        let socket = crate::net::listen(bind)
-            .map_err(|e| runtime_error(format!("cluster.bind {bind}: cannot listen: {e}")))?;
         let (fatal, _) = watch::channel(None);
         let node = Arc::new(Node {
             id,

@@ -484,6 +484,10 @@ async fn standalone_drain_undrain_and_weight_are_runtime_state_until_reload() {
         "{drained}"
     );
     assert_eq!(r.header("etag"), Some(format!("\"{}\"", v0 + 1).as_str()));
+    // Draining a drained backend changes nothing: the version stays.
+    let again = write(&lb, "POST", "/api/v1/pools/web/backends/b/drain", "");
+    assert_eq!(again.status, 200, "{}", again.body);
+    assert_eq!(version(&lb), v0 + 1, "a no-op drain bumped the version");
     for _ in 0..10 {
         assert_eq!(
             which_backend(listen, None).await.expect("request"),
@@ -584,6 +588,14 @@ async fn standalone_drain_undrain_and_weight_are_runtime_state_until_reload() {
             .all(|b| b["drained"] == false && b["weight"] == 1),
         "{after}"
     );
+    // The same file again: reloaded (certificates are read again), same version.
+    lb.signal("HUP");
+    assert!(blocking(|| eventually(Duration::from_secs(10), || lb
+        .log()
+        .matches("reloaded the config")
+        .count()
+        == 2)));
+    assert_eq!(version(&lb), v0 + 5, "an identical file bumped the version");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

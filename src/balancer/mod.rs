@@ -189,7 +189,10 @@ impl Balancer {
     /// as it was. Returns the new version.
     pub async fn apply(&self, pools: &BTreeMap<String, schema::Pool>) -> Result<u64, String> {
         let mut config = self.config.lock().await;
-        let version = self.build_and_swap(pools, None).await?;
+        // The same pools again are rebuilt (certificate files may have changed on
+        // disk) at the same version: nothing in the config changed.
+        let keep = crate::config::same(pools, &*config).then(|| self.snapshot().version);
+        let version = self.build_and_swap(pools, keep).await?;
         *config = pools.clone();
         Ok(version)
     }
@@ -249,7 +252,11 @@ impl Balancer {
                 pool: pool.to_string(),
                 backend: backend.to_string(),
             })?;
+        let before = b.clone();
         change(b);
+        if crate::config::same(&before, b) {
+            return Ok(self.snapshot().version);
+        }
         let version = self
             .build_and_swap(&pools, None)
             .await

@@ -384,7 +384,8 @@ impl Replicated {
                     return refused(409, "the cluster is initialised already");
                 }
                 self.cluster_uuid = Some(uuid);
-                self.set_pools(pools)
+                self.pools = Arc::new(pools);
+                self.bump()
             }
             Command::SetPools { pools, if_version } => match if_version {
                 Some(v) if v != self.config_version => refused(
@@ -485,30 +486,49 @@ impl Replicated {
         }
     }
 
+    /// Replaces the pools; the same pools again change nothing (the version stays).
     fn set_pools(&mut self, pools: BTreeMap<String, schema::Pool>) -> Outcome {
+        if crate::config::same(&pools, self.pools.as_ref()) {
+            return self.unchanged();
+        }
         self.pools = Arc::new(pools);
         self.bump()
     }
 
+    /// Changes one backend; a change to what it is already (draining a drained
+    /// backend) changes nothing and keeps the version.
     fn change_backend(
         &mut self,
         pool: &str,
         backend: &str,
         change: impl FnOnce(&mut schema::Backend),
     ) -> Outcome {
-        let Some(p) = Arc::make_mut(&mut self.pools).get_mut(pool) else {
+        let Some(p) = self.pools.get(pool) else {
             return no_pool(pool);
         };
-        let Some(b) = p
+        let Some(i) = p
             .backends
             .value
-            .iter_mut()
-            .find(|b| b.name.value == backend)
+            .iter()
+            .position(|b| b.name.value == backend)
         else {
             return no_backend(pool, backend);
         };
-        change(b);
+        let mut changed = p.backends.value[i].clone();
+        change(&mut changed);
+        if crate::config::same(&changed, &p.backends.value[i]) {
+            return self.unchanged();
+        }
+        if let Some(p) = Arc::make_mut(&mut self.pools).get_mut(pool) {
+            p.backends.value[i] = changed;
+        }
         self.bump()
+    }
+
+    fn unchanged(&self) -> Outcome {
+        Outcome::Applied {
+            config_version: self.config_version,
+        }
     }
 
     fn bump(&mut self) -> Outcome {
@@ -878,5 +898,47 @@ mod tests {
         assert_eq!(s.config_version, 0, "not a config change");
         s.membership_changed(&BTreeSet::from([1, 3]), &BTreeSet::new());
         assert!(s.nodes.is_empty());
+    }
+
+    #[test]
+    fn a_change_to_what_is_there_already_keeps_the_version() {
+        let mut s = Replicated::default();
+        s.apply(Command::Init {
+            uuid: Uuid::nil(),
+            pools: BTreeMap::new(),
+        });
+        assert_eq!(
+            s.config_version, 1,
+            "init always counts, even with no pools"
+        );
+        s.apply(Command::SetPools {
+            pools: pools(),
+            if_version: None,
+        });
+        assert_eq!(s.config_version, 2);
+        let same_again = s.apply(Command::SetPools {
+            pools: pools(),
+            if_version: None,
+        });
+        assert_eq!(same_again, Outcome::Applied { config_version: 2 });
+        let drain = || Command::SetDrained {
+            pool: "web".into(),
+            backend: "a".into(),
+            drained: true,
+        };
+        s.apply(drain());
+        assert_eq!(s.config_version, 3);
+        let before = Arc::clone(&s.pools);
+        assert_eq!(s.apply(drain()), Outcome::Applied { config_version: 3 });
+        assert!(Arc::ptr_eq(&before, &s.pools), "nothing rewritten");
+        let weight = |weight| Command::SetWeight {
+            pool: "web".into(),
+            backend: "a".into(),
+            weight,
+        };
+        s.apply(weight(1));
+        assert_eq!(s.config_version, 3, "weight 1 is the default");
+        s.apply(weight(4));
+        assert_eq!(s.config_version, 4);
     }
 }

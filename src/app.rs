@@ -244,6 +244,43 @@ pub fn supported(config: &Config) -> Result<(), String> {
     }
 }
 
+/// Every refusal `raftlb run` makes short of binding ports and opening the store,
+/// one line each: `raftlb check` prints them (a config that check passes, run takes).
+pub fn preflight(config: &Config) -> Vec<String> {
+    let mut errors = Vec::new();
+    let mut note = |r: Result<(), String>| {
+        if let Err(e) = r {
+            errors.push(e);
+        }
+    };
+    note(supported(config));
+    note(read_token(config).map(drop));
+    note(admin_tls(config).map(drop));
+    for (name, l) in &config.listeners {
+        note(Settings::from_config(name, l).map(drop));
+    }
+    if let Some(vip) = config
+        .leader_election
+        .as_ref()
+        .and_then(|le| le.vip.as_ref())
+    {
+        note(
+            Vip::from_config(vip)
+                .map(drop)
+                .map_err(|e| format!("leader_election.vip: {e}")),
+        );
+    }
+    if let Some(t) = config.cluster.as_ref().and_then(|c| c.tls.as_ref()) {
+        note(crate::store::network::Tls::load(t).map(drop));
+    }
+    // In cluster mode the file's pools only seed a new cluster, and a replica
+    // refuses at run time only the replicated pools it cannot build.
+    if config.cluster.is_none() {
+        errors.extend(crate::balancer::check_pools(&config.pools));
+    }
+    errors
+}
+
 /// `admin.tls`: the admin API over HTTPS.
 fn admin_tls(config: &Config) -> Result<Option<tokio_rustls::TlsAcceptor>, String> {
     let Some(tls) = &config.admin.tls else {

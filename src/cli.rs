@@ -23,6 +23,10 @@ pub enum Command {
     Check {
         #[arg(long, short, value_name = "FILE")]
         config: PathBuf,
+        /// Check the file alone, without reading the files it names (certificates,
+        /// keys, token): for a config written for another machine.
+        #[arg(long)]
+        syntax_only: bool,
     },
     /// A self-contained local showcase: backends, raftlb and a client loop on loopback.
     Demo(DemoArgs),

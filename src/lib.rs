@@ -25,7 +25,10 @@ use cli::{Cli, Command};
 pub fn main(cli: Cli) -> ExitCode {
     match cli.command {
         Command::Run(args) => app::run(args),
-        Command::Check { config } => check(&config),
+        Command::Check {
+            config,
+            syntax_only,
+        } => check(&config, syntax_only),
         Command::Demo(args) => demo::run(args),
         Command::Ctl(args) => ctl::run(args),
         Command::Snapshot(cmd) => snapshot(cmd),
@@ -108,12 +111,24 @@ pub fn write_file(file: &std::path::Path, bytes: &[u8]) -> Result<(), String> {
 }
 
 /// `raftlb check`: print the effective config, or every error with its place.
-fn check(file: &std::path::Path) -> ExitCode {
+fn check(file: &std::path::Path, syntax_only: bool) -> ExitCode {
     let open_files = rlimit::getrlimit(rlimit::Resource::NOFILE).map_or(1024, |(_, hard)| hard);
     match config::load(file, open_files) {
         Ok(loaded) => {
             for w in loaded.warning_lines() {
                 eprintln!("warning: {w}");
+            }
+            // What `run` would refuse beyond the file itself (files it names that
+            // do not load, ...).
+            let refused = match syntax_only {
+                true => Vec::new(),
+                false => app::preflight(&loaded.config),
+            };
+            if !refused.is_empty() {
+                for e in &refused {
+                    eprintln!("error: {}: {e}", file.display());
+                }
+                return ExitCode::from(app::EXIT_CONFIG);
             }
             print!("{}", config::to_yaml(&loaded.config));
             ExitCode::SUCCESS

@@ -6,7 +6,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{check, raftlb_cmd};
+use common::{check, check_syntax, raftlb_cmd};
 
 fn yaml_files(dir: &str) -> Vec<PathBuf> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join(dir);
@@ -29,8 +29,9 @@ fn every_valid_fixture_passes_and_its_effective_config_round_trips() {
     );
     let tmp = tempfile::tempdir().expect("tempdir");
     let mut failures = Vec::new();
+    // The fixtures name certificate files that do not exist: the file alone.
     for file in &files {
-        let (code, stdout, stderr) = check(file);
+        let (code, stdout, stderr) = check_syntax(file);
         if code != 0 {
             failures.push(format!("{}: exit {code}\n{stderr}", file.display()));
             continue;
@@ -38,7 +39,7 @@ fn every_valid_fixture_passes_and_its_effective_config_round_trips() {
         // The printed config has every default filled in; it must itself be valid.
         let again = tmp.path().join(file.file_name().expect("file name"));
         std::fs::write(&again, &stdout).expect("write effective config");
-        let (code2, stdout2, stderr2) = check(&again);
+        let (code2, stdout2, stderr2) = check_syntax(&again);
         if code2 != 0 || stdout2 != stdout {
             failures.push(format!(
                 "{}: the effective config does not round-trip (exit {code2})\n{stderr2}",
@@ -98,9 +99,49 @@ fn every_example_config_passes_check() {
     let files = yaml_files("config");
     assert!(files.len() >= 3, "config/ should hold the example configs");
     for file in files {
-        let (code, _, stderr) = check(&file);
+        // The kubeadm examples name /etc/raftlb files of the masters they are for.
+        let for_another_machine = file
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with("kubeadm-"));
+        let (code, _, stderr) = match for_another_machine {
+            true => check_syntax(&file),
+            false => check(&file),
+        };
         assert_eq!(code, 0, "{}: {stderr}", file.display());
     }
+}
+
+/// `check` refuses what `run` refuses beyond the file itself: files it names that
+/// cannot be read (every one listed), exit 2; `--syntax-only` checks the file alone.
+#[test]
+fn check_refuses_what_run_refuses_and_names_every_unreadable_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let empty_token = dir.path().join("token");
+    std::fs::write(&empty_token, "\n").expect("token");
+    let file = dir.path().join("raftlb.yaml");
+    std::fs::write(
+        &file,
+        format!(
+            "admin: {{ bind: 127.0.0.1:19999, token_file: {} }}\n\
+             listeners:\n  secure:\n    bind: 127.0.0.1:18443\n    pool: web\n    tls: terminate\n    \
+             terminate: {{ cert: /nonexistent/lb.crt, key: /nonexistent/lb.key }}\n\
+             pools:\n  web:\n    backends:\n      - {{ name: b, address: 127.0.0.1:1 }}\n",
+            empty_token.display()
+        ),
+    )
+    .expect("config");
+    let (code, _, stderr) = check(&file);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(
+        stderr.contains("admin.token_file") && stderr.contains("empty"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("/nonexistent/lb.crt"), "{stderr}");
+    let file_s = file.to_string_lossy().to_string();
+    let (code, _, stderr) = common::raftlb_cmd_timeout(&["run", "--config", &file_s], 10);
+    assert_eq!(code, 2, "run refuses the same file: {stderr}");
+    let (code, _, stderr) = check_syntax(&file);
+    assert_eq!(code, 0, "the file alone is valid: {stderr}");
 }
 
 /// The user's report: three copies of config/cluster-loopback.yaml, the second with
@@ -321,4 +362,33 @@ fn leader_elect_flags_override_the_file_and_are_validated_with_it() {
     );
     let (code, _, stderr) = raftlb_cmd(&["run", "--config", file, "--leader-elect=maybe"]);
     assert_eq!(code, 2, "a bad boolean is a usage error: {stderr}");
+}
+
+/// The systemd unit passes `systemd-analyze verify` (with ExecStart pointed at this
+/// build: verify checks the binary exists), without a warning.
+#[test]
+fn the_systemd_unit_passes_systemd_analyze_verify() {
+    let unit = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("packaging/raftlb.service"),
+    )
+    .expect("packaging/raftlb.service");
+    assert!(unit.contains("ExecStart=/usr/local/bin/raftlb run"));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let here = dir.path().join("raftlb.service");
+    std::fs::write(
+        &here,
+        unit.replace("/usr/local/bin/raftlb", env!("CARGO_BIN_EXE_raftlb")),
+    )
+    .expect("write unit");
+    let out = std::process::Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&here)
+        .output()
+        .expect("systemd-analyze (Debian package systemd; scripts/test installs it)");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "systemd-analyze verify: {stderr}");
+    assert!(
+        stderr.trim().is_empty(),
+        "systemd-analyze verify warns: {stderr}"
+    );
 }

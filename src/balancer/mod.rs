@@ -388,6 +388,28 @@ impl Balancer {
     }
 }
 
+/// What applying `pools` would refuse (certificate files that do not load), found
+/// without starting anything: `raftlb check` runs it.
+pub fn check_pools(pools: &BTreeMap<String, schema::Pool>) -> Vec<String> {
+    let mut errors = Vec::new();
+    for (name, pool) in pools {
+        if let Some(check) = pool
+            .health_check
+            .as_ref()
+            .filter(|c| c.value.kind != schema::CheckKind::Tcp)
+            && let Err(e) = tls::client_config(check.value.tls.as_ref(), false)
+        {
+            errors.push(format!("pools.{name}.health_check.tls: {e}"));
+        }
+        if let Some(t) = &pool.backend_tls
+            && let Err(e) = tls::client_config(Some(&t.value), true)
+        {
+            errors.push(format!("pools.{name}.backend_tls: {e}"));
+        }
+    }
+    errors
+}
+
 fn probe_tls(
     pool: &str,
     check: Option<&HealthCheck>,

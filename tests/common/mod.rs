@@ -348,6 +348,17 @@ pub fn check(path: &Path) -> (i32, String, String) {
     raftlb_cmd(&["check", "--config", path.to_str().expect("utf-8 path")])
 }
 
+/// `raftlb check --syntax-only`: the file alone (for configs whose certificate and
+/// token paths exist only on the machine they are written for).
+pub fn check_syntax(path: &Path) -> (i32, String, String) {
+    raftlb_cmd(&[
+        "check",
+        "--syntax-only",
+        "--config",
+        path.to_str().expect("utf-8 path"),
+    ])
+}
+
 /// Polls `f` until it returns true or `timeout` passes.
 pub fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;

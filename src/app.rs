@@ -699,7 +699,7 @@ impl Server {
         }
         for (name, settings) in updates {
             if let Some((_, running)) = self.listeners.get(&name) {
-                running.update(settings);
+                running.update(settings, &self.shared.balancer);
             }
         }
         let removed: Vec<String> = self

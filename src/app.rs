@@ -708,6 +708,7 @@ impl Server {
         for name in removed {
             if let Some((_, running)) = self.listeners.remove(&name) {
                 running.stop().await;
+                m::listener_removed(&name);
                 tracing::info!(listener = %name, "listener removed; its open connections carry on");
             }
         }

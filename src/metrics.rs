@@ -199,6 +199,7 @@ static LISTENERS: Mutex<BTreeMap<String, String>> = Mutex::new(BTreeMap::new());
 /// exported at 0 now, and those of each backend of the pool (see
 /// [`zero_connection_series`]).
 pub fn listener_serves(listener: &str, pool: &str, backends: impl Iterator<Item = String>) {
+    revive(&listener_labels(listener));
     if let Ok(mut listeners) = LISTENERS.lock() {
         listeners.insert(listener.to_string(), pool.to_string());
     }
@@ -213,6 +214,14 @@ pub fn listener_serves(listener: &str, pool: &str, backends: impl Iterator<Item 
     }
     for backend in backends {
         zero_listener_backend(listener, pool, &backend);
+    }
+}
+
+/// Listener `listener` was removed from the config: its series leave `/metrics`.
+pub fn listener_removed(listener: &str) {
+    retire(listener_labels(listener));
+    if let Ok(mut listeners) = LISTENERS.lock() {
+        listeners.remove(listener);
     }
 }
 
@@ -249,35 +258,48 @@ fn zero_listener_backend(listener: &str, pool: &str, backend: &str) {
     }
 }
 
-/// (pool, backend) pairs removed from the config: their series leave `/metrics`.
-/// The recorder cannot delete a series, so rendering leaves them out.
-static RETIRED: Mutex<BTreeSet<(String, String)>> = Mutex::new(BTreeSet::new());
+/// Label sets (as rendered, e.g. `pool="web"`) of what was removed from the config:
+/// a series that carries every label of one set leaves `/metrics`. The recorder
+/// cannot delete a series, so rendering leaves them out.
+static RETIRED: Mutex<BTreeSet<Vec<String>>> = Mutex::new(BTreeSet::new());
+
+fn backend_labels(pool: &str, backend: &str) -> Vec<String> {
+    vec![format!("pool=\"{pool}\""), format!("backend=\"{backend}\"")]
+}
+
+fn listener_labels(listener: &str) -> Vec<String> {
+    vec![format!("listener=\"{listener}\"")]
+}
+
+fn retire(labels: Vec<String>) {
+    if let Ok(mut retired) = RETIRED.lock() {
+        retired.insert(labels);
+    }
+}
+
+fn revive(labels: &Vec<String>) {
+    if let Ok(mut retired) = RETIRED.lock() {
+        retired.remove(labels);
+    }
+}
 
 /// Every series of `backend` in `pool` leaves `/metrics` (it was removed).
 pub fn retire_backend(pool: &str, backend: &str) {
-    if let Ok(mut retired) = RETIRED.lock() {
-        retired.insert((pool.to_string(), backend.to_string()));
-    }
+    retire(backend_labels(pool, backend));
 }
 
 /// `backend` in `pool` is in the config (again): its series are rendered.
 pub fn revive_backend(pool: &str, backend: &str) {
-    if let Ok(mut retired) = RETIRED.lock() {
-        retired.remove(&(pool.to_string(), backend.to_string()));
-    }
+    revive(&backend_labels(pool, backend));
 }
 
-/// The text of `/metrics`: the recorder's series less those of removed backends,
-/// then the `process_*` metrics.
+/// The text of `/metrics`: the recorder's series less those of removed backends
+/// and listeners, then the `process_*` metrics.
 pub fn render(handle: &PrometheusHandle) -> String {
     let text = handle.render();
-    let retired: Vec<(String, String)> = RETIRED
+    let retired: Vec<Vec<String>> = RETIRED
         .lock()
-        .map(|r| {
-            r.iter()
-                .map(|(p, b)| (format!("pool=\"{p}\""), format!("backend=\"{b}\"")))
-                .collect()
-        })
+        .map(|r| r.iter().cloned().collect())
         .unwrap_or_default();
     let mut out = if retired.is_empty() {
         text
@@ -295,10 +317,10 @@ pub fn render(handle: &PrometheusHandle) -> String {
     out
 }
 
-/// Whether a sample line carries both labels of one retired pair. Pool and backend
-/// names are `[A-Za-z0-9._-]+` (config validation), so they need no escaping and a
-/// label matches as `{name="value"` or `,name="value"`.
-fn is_retired(line: &str, retired: &[(String, String)]) -> bool {
+/// Whether a sample line carries every label of one retired set. Pool, backend and
+/// listener names are `[A-Za-z0-9._-]+` (config validation): they need no escaping
+/// and hold no comma, so the labels are the comma-separated parts between the braces.
+fn is_retired(line: &str, retired: &[Vec<String>]) -> bool {
     let Some(labels) = line
         .split_once('{')
         .and_then(|(_, rest)| rest.rsplit_once('}'))
@@ -306,10 +328,8 @@ fn is_retired(line: &str, retired: &[(String, String)]) -> bool {
     else {
         return false;
     };
-    let has = |label: &str| labels.split(',').any(|l| l == label);
-    retired
-        .iter()
-        .any(|(pool, backend)| has(pool) && has(backend))
+    let has = |label: &String| labels.split(',').any(|l| l == label);
+    retired.iter().any(|set| set.iter().all(has))
 }
 
 /// `process_*` metrics as the Prometheus clients name them, read from /proc at each scrape.
@@ -421,16 +441,18 @@ mod tests {
 
     #[test]
     fn series_of_a_retired_backend_are_left_out_and_no_others() {
-        let retired = vec![(r#"pool="web""#.to_string(), r#"backend="b1""#.to_string())];
+        let retired = vec![backend_labels("web", "b1"), listener_labels("old")];
         let gone = [
             r#"raftlb_backend_up{pool="web",backend="b1"} 0"#,
             r#"raftlb_connections_total{listener="front",pool="web",backend="b1",result="ok"} 3"#,
             r#"raftlb_connect_duration_seconds_bucket{pool="web",backend="b1",le="0.001"} 1"#,
+            r#"raftlb_active_connections{listener="old",pool="api",backend="a1"} 0"#,
         ];
         let kept = [
             r#"raftlb_backend_up{pool="web",backend="b10"} 1"#,
             r#"raftlb_backend_up{pool="web2",backend="b1"} 1"#,
             r#"raftlb_backend_up{pool="other",backend="b1"} 1"#,
+            r#"raftlb_active_connections{listener="older",pool="api",backend="a1"} 0"#,
             "# HELP raftlb_backend_up 1 when ...",
             "raftlb_raft_term 3",
         ];

@@ -36,12 +36,13 @@ fn backend_status(admin: SocketAddr, backend: &str) -> serde_json::Value {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_removed_backend_leaves_metrics_and_comes_back_when_added_again() {
+async fn a_removed_backend_or_listener_leaves_metrics_and_comes_back_when_added_again() {
     raise_nofile();
     let (b1, b2) = (echo_backend().await, echo_backend().await);
     let (admin, listen) = (loopback(), loopback());
     let probe = "    health_check: { kind: tcp, interval: 100ms, timeout: 1s, rise: 1, fall: 1 }\n";
-    let both = Raftlb::standalone_yaml(admin, listen, probe, "", &[("b1", b1), ("b2", b2)]);
+    let second = format!("  second:\n    bind: {}\n    pool: web\n", loopback());
+    let both = Raftlb::standalone_yaml(admin, listen, probe, &second, &[("b1", b1), ("b2", b2)]);
     let only_b1 = Raftlb::standalone_yaml(admin, listen, probe, "", &[("b1", b1)]);
     let lb = blocking(|| Raftlb::start(&both, admin));
     let up = r#"raftlb_backend_up{pool="web",backend="b2"}"#;
@@ -66,16 +67,21 @@ async fn a_removed_backend_leaves_metrics_and_comes_back_when_added_again() {
         text.contains(r#"raftlb_connect_duration_seconds_count{pool="web",backend="b2"} "#),
         "{text}"
     );
+    assert!(text.contains(r#"listener="second""#), "{text}");
 
     lb.rewrite_config(&only_b1);
     lb.signal("HUP");
     let gone = blocking(|| {
         eventually(Duration::from_secs(10), || {
-            !lb.metrics().contains(r#"backend="b2""#)
+            let text = lb.metrics();
+            !text.contains(r#"backend="b2""#) && !text.contains(r#"listener="second""#)
         })
     });
     let text = blocking(|| lb.metrics());
-    assert!(gone, "series of the removed backend b2 stay:\n{text}");
+    assert!(
+        gone,
+        "series of the removed backend b2 or listener second stay:\n{text}"
+    );
     assert_eq!(
         value(&text, r#"raftlb_backend_up{pool="web",backend="b1"}"#),
         Some(1.0),
@@ -92,6 +98,11 @@ async fn a_removed_backend_leaves_metrics_and_comes_back_when_added_again() {
         ),
         "b2 added again has no backend_up 1:\n{}",
         lb.metrics()
+    );
+    let text = blocking(|| lb.metrics());
+    assert!(
+        text.contains(r#"listener="second",pool="web",backend="b2",result="ok"} "#),
+        "the listener added again has no series:\n{text}"
     );
 }
 

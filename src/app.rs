@@ -171,6 +171,13 @@ pub fn run(args: RunArgs) -> ExitCode {
         Ok(rt) => rt,
         Err(code) => return code,
     };
+    // Counts of folded repeated warnings are written once they stop repeating.
+    runtime.spawn(async {
+        loop {
+            tokio::time::sleep(crate::logging::FOLD_WINDOW).await;
+            crate::logging::flush();
+        }
+    });
     let code = runtime.block_on(Server::start(loaded, open_files, overrides, token));
     // Connection tasks still draining at a forced exit are dropped, not awaited.
     runtime.shutdown_timeout(Duration::from_millis(100));
@@ -195,17 +202,7 @@ pub fn runtime(threads: Option<usize>) -> Result<tokio::runtime::Runtime, ExitCo
 }
 
 fn init_logging(level: &str, format: LogFormat) -> Result<(), String> {
-    let filter = tracing_subscriber::EnvFilter::try_new(level).map_err(|e| e.to_string())?;
-    use std::io::IsTerminal as _;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr);
-    let result = match format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().try_init(),
-    };
-    result.map_err(|e| e.to_string())
+    crate::logging::init(level, format)
 }
 
 /// Raises the open-files soft limit to the hard limit; returns the limit in force.
@@ -853,7 +850,7 @@ impl Server {
         }
         for (name, settings) in updates {
             if let Some((_, running)) = self.listeners.get(&name) {
-                running.update(settings);
+                running.update(settings, &self.shared.balancer);
             }
         }
         let removed: Vec<String> = self
@@ -865,6 +862,7 @@ impl Server {
         for name in removed {
             if let Some((_, running)) = self.listeners.remove(&name) {
                 running.stop().await;
+                m::listener_removed(&name);
                 tracing::info!(listener = %name, "listener removed; its open connections carry on");
             }
         }

@@ -11,6 +11,7 @@ pub mod ctl;
 pub mod demo;
 pub mod election;
 pub mod health;
+pub mod logging;
 pub mod metrics;
 pub mod net;
 pub mod proxy;

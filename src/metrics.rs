@@ -1,6 +1,7 @@
 //! Every metric's name, HELP text and buckets in one place (SPEC.md, "Metrics").
 
-use std::sync::OnceLock;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Mutex, OnceLock};
 
 use metrics::{describe_counter, describe_gauge, describe_histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
@@ -22,6 +23,9 @@ pub const RAFT_APPLIED_INDEX: &str = "raftlb_raft_applied_index";
 pub const RAFT_MEMBERS: &str = "raftlb_raft_members";
 pub const RAFT_QUORUM: &str = "raftlb_raft_quorum";
 pub const RAFT_MEMBER_REACHABLE: &str = "raftlb_raft_member_reachable";
+pub const RAFT_HAS_LEADER: &str = "raftlb_raft_has_leader";
+pub const RAFT_QUORUM_REACHABLE: &str = "raftlb_raft_quorum_reachable";
+pub const BUILD_INFO: &str = "raftlb_build_info";
 pub const PEER_RPC_ERRORS_TOTAL: &str = "raftlb_peer_rpc_errors_total";
 pub const RAFT_APPLY_DURATION: &str = "raftlb_raft_apply_duration_seconds";
 pub const LEADER_ELECTION_IS_ACTIVE: &str = "raftlb_leader_election_is_active";
@@ -64,6 +68,8 @@ pub fn install() -> PrometheusHandle {
                 Err(e) => panic!("metrics buckets are invalid: {e}"),
             };
             describe();
+            zero_from_start();
+            metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
             handle
         })
         .clone()
@@ -131,11 +137,23 @@ fn describe() {
     );
     describe_gauge!(
         RAFT_MEMBER_REACHABLE,
-        "1 when the member answered recently (as seen by this replica)."
+        "1 when the member answered on the peer channel recently (as seen by this replica), 0 when not."
+    );
+    describe_gauge!(
+        RAFT_HAS_LEADER,
+        "1 when this replica is a Raft leader that heard from a quorum recently, or a follower that heard from its leader recently."
+    );
+    describe_gauge!(
+        RAFT_QUORUM_REACHABLE,
+        "1 when this replica heard from a quorum recently: the leader counts acknowledgements, a follower its leader's heartbeats."
     );
     describe_counter!(
         PEER_RPC_ERRORS_TOTAL,
-        "Failed peer RPCs by peer and kind: connect, io, refused, remote."
+        "Failed peer RPCs by peer and kind: connect (no connection), io (sent, no valid answer), refused (the peer or this replica refused the exchange)."
+    );
+    describe_gauge!(
+        BUILD_INFO,
+        "Always 1; the version label is the raftlb version running."
     );
     describe_histogram!(
         RAFT_APPLY_DURATION,
@@ -145,4 +163,337 @@ fn describe() {
         HOOK_FAILURES_TOTAL,
         "Role hooks that failed to start, exited non-zero or were killed at the timeout, by hook: on_active, on_standby, on_fault."
     );
+}
+
+/// The label values of every series kind that alerts use, at 0 before the first event,
+/// so that `increase()` sees the first one.
+fn zero_from_start() {
+    for result in ["ok", "invalid"] {
+        metrics::counter!(CONFIG_RELOADS_TOTAL, "result" => result).increment(0);
+    }
+    metrics::counter!(CONFIG_APPLY_FAILURES_TOTAL).increment(0);
+    for to in ["active", "standby", "fault"] {
+        metrics::counter!(LEADER_ELECTION_TRANSITIONS_TOTAL, "to" => to).increment(0);
+    }
+    metrics::counter!(VIP_READDS_TOTAL).increment(0);
+    for hook in ["on_active", "on_standby", "on_fault"] {
+        metrics::counter!(HOOK_FAILURES_TOTAL, "hook" => hook).increment(0);
+    }
+}
+
+/// The kinds `peer_rpc_errors_total` counts.
+pub const PEER_RPC_ERROR_KINDS: [&str; 3] = ["connect", "io", "refused"];
+
+/// `peer_rpc_errors_total` of `peer` at 0 for every kind.
+pub fn zero_peer_errors(peer: &str) {
+    for kind in PEER_RPC_ERROR_KINDS {
+        metrics::counter!(PEER_RPC_ERRORS_TOTAL, "peer" => peer.to_string(), "kind" => kind)
+            .increment(0);
+    }
+}
+
+/// The pool of each listener, to export its connection counters at 0 up front.
+static LISTENERS: Mutex<BTreeMap<String, String>> = Mutex::new(BTreeMap::new());
+
+/// Listener `listener` sends to `pool`: its counters that have no backend are
+/// exported at 0 now, and those of each backend of the pool (see
+/// [`zero_connection_series`]).
+pub fn listener_serves(listener: &str, pool: &str, backends: impl Iterator<Item = String>) {
+    revive(&listener_labels(listener));
+    if let Ok(mut listeners) = LISTENERS.lock() {
+        listeners.insert(listener.to_string(), pool.to_string());
+    }
+    for result in ["rejected", "no_backend"] {
+        let labels = [
+            ("listener", listener.to_string()),
+            ("pool", pool.to_string()),
+            ("backend", "none".to_string()),
+            ("result", result.to_string()),
+        ];
+        metrics::counter!(CONNECTIONS_TOTAL, &labels).increment(0);
+    }
+    for backend in backends {
+        zero_listener_backend(listener, pool, &backend);
+    }
+}
+
+/// Listener `listener` was removed from the config: its series leave `/metrics`.
+pub fn listener_removed(listener: &str) {
+    retire(listener_labels(listener));
+    if let Ok(mut listeners) = LISTENERS.lock() {
+        listeners.remove(listener);
+    }
+}
+
+/// The connection and byte counters of `backend` at 0 for every listener of `pool`.
+pub fn zero_connection_series(pool: &str, backend: &str) {
+    let listeners: Vec<String> = LISTENERS
+        .lock()
+        .map(|l| {
+            l.iter()
+                .filter(|(_, p)| *p == pool)
+                .map(|(l, _)| l.clone())
+                .collect()
+        })
+        .unwrap_or_default();
+    for listener in listeners {
+        zero_listener_backend(&listener, pool, backend);
+    }
+}
+
+fn zero_listener_backend(listener: &str, pool: &str, backend: &str) {
+    let labels = |k: &'static str, v: &'static str| {
+        [
+            ("listener", listener.to_string()),
+            ("pool", pool.to_string()),
+            ("backend", backend.to_string()),
+            (k, v.to_string()),
+        ]
+    };
+    for result in ["ok", "connect_failed"] {
+        metrics::counter!(CONNECTIONS_TOTAL, &labels("result", result)).increment(0);
+    }
+    for direction in ["to_backend", "to_client"] {
+        metrics::counter!(BYTES_TOTAL, &labels("direction", direction)).increment(0);
+    }
+}
+
+/// Label sets (as rendered, e.g. `pool="web"`) of what was removed from the config:
+/// a series that carries every label of one set leaves `/metrics`. The recorder
+/// cannot delete a series, so rendering leaves them out.
+static RETIRED: Mutex<BTreeSet<Vec<String>>> = Mutex::new(BTreeSet::new());
+
+fn backend_labels(pool: &str, backend: &str) -> Vec<String> {
+    vec![format!("pool=\"{pool}\""), format!("backend=\"{backend}\"")]
+}
+
+fn listener_labels(listener: &str) -> Vec<String> {
+    vec![format!("listener=\"{listener}\"")]
+}
+
+fn retire(labels: Vec<String>) {
+    if let Ok(mut retired) = RETIRED.lock() {
+        retired.insert(labels);
+    }
+}
+
+fn revive(labels: &Vec<String>) {
+    if let Ok(mut retired) = RETIRED.lock() {
+        retired.remove(labels);
+    }
+}
+
+/// Every series of `backend` in `pool` leaves `/metrics` (it was removed).
+pub fn retire_backend(pool: &str, backend: &str) {
+    retire(backend_labels(pool, backend));
+}
+
+/// `backend` in `pool` is in the config (again): its series are rendered.
+pub fn revive_backend(pool: &str, backend: &str) {
+    revive(&backend_labels(pool, backend));
+}
+
+/// The text of `/metrics`: the recorder's series less those of removed backends
+/// and listeners, then the `process_*` metrics.
+pub fn render(handle: &PrometheusHandle) -> String {
+    let text = handle.render();
+    let retired: Vec<Vec<String>> = RETIRED
+        .lock()
+        .map(|r| r.iter().cloned().collect())
+        .unwrap_or_default();
+    let mut out = if retired.is_empty() {
+        text
+    } else {
+        let mut kept = String::with_capacity(text.len());
+        for line in text.lines() {
+            if !is_retired(line, &retired) {
+                kept.push_str(line);
+                kept.push('\n');
+            }
+        }
+        kept
+    };
+    process::render(&mut out);
+    out
+}
+
+/// Whether a sample line carries every label of one retired set. Pool, backend and
+/// listener names are `[A-Za-z0-9._-]+` (config validation): they need no escaping
+/// and hold no comma, so the labels are the comma-separated parts between the braces.
+fn is_retired(line: &str, retired: &[Vec<String>]) -> bool {
+    let Some(labels) = line
+        .split_once('{')
+        .and_then(|(_, rest)| rest.rsplit_once('}'))
+        .map(|(labels, _)| labels)
+    else {
+        return false;
+    };
+    let has = |label: &String| labels.split(',').any(|l| l == label);
+    retired.iter().any(|set| set.iter().all(has))
+}
+
+/// `process_*` metrics as the Prometheus clients name them, read from /proc at each scrape.
+mod process {
+    use std::fmt::Write as _;
+
+    /// Appends the process metrics to `out`; one that cannot be read is left out.
+    pub fn render(out: &mut String) {
+        let mut metric = |name: &str, kind: &str, help: &str, value: Option<f64>| {
+            if let Some(value) = value {
+                let _ = write!(
+                    out,
+                    "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n\n"
+                );
+            }
+        };
+        let stat = Stat::read();
+        metric(
+            "process_cpu_seconds_total",
+            "counter",
+            "Total user and system CPU time spent in seconds.",
+            stat.as_ref().map(|s| s.cpu_seconds),
+        );
+        metric(
+            "process_open_fds",
+            "gauge",
+            "Number of open file descriptors.",
+            std::fs::read_dir("/proc/self/fd")
+                .ok()
+                .map(|d| d.count() as f64),
+        );
+        metric(
+            "process_max_fds",
+            "gauge",
+            "Maximum number of open file descriptors (the soft limit).",
+            rlimit::getrlimit(rlimit::Resource::NOFILE)
+                .ok()
+                .map(|(soft, _)| soft as f64),
+        );
+        metric(
+            "process_resident_memory_bytes",
+            "gauge",
+            "Resident memory size in bytes.",
+            stat.as_ref().map(|s| s.resident_bytes),
+        );
+        metric(
+            "process_virtual_memory_bytes",
+            "gauge",
+            "Virtual memory size in bytes.",
+            stat.as_ref().map(|s| s.virtual_bytes),
+        );
+        metric(
+            "process_start_time_seconds",
+            "gauge",
+            "Start time of the process since unix epoch in seconds.",
+            stat.as_ref().and_then(|s| s.start_time_seconds),
+        );
+    }
+
+    struct Stat {
+        cpu_seconds: f64,
+        resident_bytes: f64,
+        virtual_bytes: f64,
+        start_time_seconds: Option<f64>,
+    }
+
+    impl Stat {
+        /// /proc/self/stat (proc(5)): the fields after the command name, which is in
+        /// parentheses and may itself hold spaces and parentheses.
+        fn read() -> Option<Stat> {
+            let text = std::fs::read_to_string("/proc/self/stat").ok()?;
+            let (_, after_comm) = text.rsplit_once(')')?;
+            // fields[0] is field 3 (state).
+            let fields: Vec<&str> = after_comm.split_whitespace().collect();
+            let field = |n: usize| -> Option<f64> { fields.get(n - 3)?.parse().ok() };
+            let ticks = sysconf(libc::_SC_CLK_TCK)?;
+            let page = sysconf(libc::_SC_PAGESIZE)?;
+            let start_time_seconds = boot_time().and_then(|boot| Some(boot + field(22)? / ticks));
+            Some(Stat {
+                cpu_seconds: (field(14)? + field(15)?) / ticks,
+                virtual_bytes: field(23)?,
+                resident_bytes: field(24)? * page,
+                start_time_seconds,
+            })
+        }
+    }
+
+    #[allow(unsafe_code)]
+    fn sysconf(name: libc::c_int) -> Option<f64> {
+        // SAFETY: sysconf only reads a system constant; it takes no pointer.
+        let value = unsafe { libc::sysconf(name) };
+        (value > 0).then_some(value as f64)
+    }
+
+    /// The `btime` line of /proc/stat: when the system booted, in seconds since the epoch.
+    fn boot_time() -> Option<f64> {
+        let text = std::fs::read_to_string("/proc/stat").ok()?;
+        text.lines()
+            .find_map(|l| l.strip_prefix("btime "))?
+            .trim()
+            .parse()
+            .ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn series_of_a_retired_backend_are_left_out_and_no_others() {
+        let retired = vec![backend_labels("web", "b1"), listener_labels("old")];
+        let gone = [
+            r#"raftlb_backend_up{pool="web",backend="b1"} 0"#,
+            r#"raftlb_connections_total{listener="front",pool="web",backend="b1",result="ok"} 3"#,
+            r#"raftlb_connect_duration_seconds_bucket{pool="web",backend="b1",le="0.001"} 1"#,
+            r#"raftlb_active_connections{listener="old",pool="api",backend="a1"} 0"#,
+        ];
+        let kept = [
+            r#"raftlb_backend_up{pool="web",backend="b10"} 1"#,
+            r#"raftlb_backend_up{pool="web2",backend="b1"} 1"#,
+            r#"raftlb_backend_up{pool="other",backend="b1"} 1"#,
+            r#"raftlb_active_connections{listener="older",pool="api",backend="a1"} 0"#,
+            "# HELP raftlb_backend_up 1 when ...",
+            "raftlb_raft_term 3",
+        ];
+        for line in gone {
+            assert!(is_retired(line, &retired), "{line}");
+        }
+        for line in kept {
+            assert!(!is_retired(line, &retired), "{line}");
+        }
+    }
+
+    #[test]
+    fn process_metrics_are_read_from_proc() {
+        let mut out = String::new();
+        process::render(&mut out);
+        for name in [
+            "process_cpu_seconds_total ",
+            "process_open_fds ",
+            "process_max_fds ",
+            "process_resident_memory_bytes ",
+            "process_virtual_memory_bytes ",
+            "process_start_time_seconds ",
+        ] {
+            let value: f64 = out
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("{name}missing:\n{out}"));
+            assert!(value >= 0.0, "{name}{value}");
+        }
+        let start = out
+            .lines()
+            .find_map(|l| l.strip_prefix("process_start_time_seconds "))
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
+        assert!(
+            start > 1.0e9 && start <= now + 1.0,
+            "start {start}, now {now}"
+        );
+    }
 }

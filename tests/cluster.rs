@@ -162,6 +162,15 @@ fn reachable_members(r: &Raftlb) -> usize {
         .count()
 }
 
+/// How many members a replica's metrics call unreachable (0, never NaN: an alert
+/// on `== 0` must fire).
+fn unreachable_members(r: &Raftlb) -> usize {
+    r.metrics()
+        .lines()
+        .filter(|l| l.starts_with("raftlb_raft_member_reachable{") && l.ends_with(" 0"))
+        .count()
+}
+
 async fn backend_names(named: &[&str]) -> Vec<(String, SocketAddr)> {
     let mut out = Vec::new();
     for name in named {
@@ -215,14 +224,16 @@ async fn writes_on_a_follower_replicate_and_survive_the_leader_being_killed() {
     for (i, r) in replicas.iter().enumerate() {
         let r = r.as_ref().expect("running");
         let is_leader = if i == leader { 1.0 } else { 0.0 };
-        // The leader hears from every member; a follower knows itself and its leader.
-        let reachable = if i == leader { 3 } else { 2 };
+        // Every replica, a follower too, knows that every member answers.
+        let reachable = 3;
         assert!(
             blocking(|| eventually(Duration::from_secs(5), || {
                 r.metric("raftlb_raft_is_leader ") == is_leader
                     && r.metric("raftlb_raft_members ") == 3.0
                     && r.metric("raftlb_raft_quorum ") == 2.0
                     && reachable_members(r) == reachable
+                    && r.metric("raftlb_raft_has_leader ") == 1.0
+                    && r.metric("raftlb_raft_quorum_reachable ") == 1.0
                     && r.metric("raftlb_raft_term ") >= 1.0
                     && r.metric("raftlb_raft_applied_index ") >= 1.0
                     && r.metric("raftlb_raft_commit_index ") >= 1.0
@@ -294,6 +305,9 @@ async fn writes_on_a_follower_replicate_and_survive_the_leader_being_killed() {
     assert!(
         blocking(|| eventually(Duration::from_secs(10), || {
             reachable_members(lone_replica) == 1
+                && unreachable_members(lone_replica) == 2
+                && lone_replica.metric("raftlb_raft_has_leader ") == 0.0
+                && lone_replica.metric("raftlb_raft_quorum_reachable ") == 0.0
         })),
         "the survivor's metrics still count the stopped replicas:\n{}",
         blocking(|| lone_replica.metrics())

@@ -321,8 +321,16 @@ async fn a_transfer_sent_to_any_replica_moves_the_active_role() {
     let target = (active + 2) % 3;
     let via = (active + 1) % 3;
     let to = (target + 1).to_string();
-    // Sent to a standby: forwarded to the active, which alone may give it away.
-    let (code, out, err) = blocking(|| ctl(c.addrs[via].admin, &["leader", "transfer", &to]));
+    // Sent to a standby: forwarded to the active, which alone may give it away. The
+    // standby may not have applied the lease yet (503, nothing changed): ask again.
+    let mut answer = (1, String::new(), String::new());
+    blocking(|| {
+        eventually(Duration::from_secs(5), || {
+            answer = ctl(c.addrs[via].admin, &["leader", "transfer", &to]);
+            !answer.2.contains("no replica holds the lease")
+        })
+    });
+    let (code, out, err) = answer;
     assert_eq!(code, 0, "leader transfer: {out}{err}");
     assert!(
         out.contains(&format!("handed to node {to}")) || out.contains("held by"),

@@ -105,7 +105,9 @@ async fn route(state: &State, req: Request<Incoming>) -> Reply {
             if let Some(node) = &state.cluster {
                 node.publish_metrics();
             }
-            let mut reply = Response::new(Full::new(Bytes::from(state.metrics.render())));
+            let mut reply = Response::new(Full::new(Bytes::from(crate::metrics::render(
+                &state.metrics,
+            ))));
             reply.headers_mut().insert(
                 CONTENT_TYPE,
                 "text/plain; version=0.0.4; charset=utf-8"

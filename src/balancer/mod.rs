@@ -287,15 +287,21 @@ impl Balancer {
                     b.name.value.clone(),
                     b.address.to_string(),
                 );
-                let state = self.state_for(&key, pool.health_check.is_some());
+                let probed = pool.health_check.is_some();
+                let by_name = matches!(b.address, HostPort::Name(..));
+                // A hostname is not up before it resolves, probes or not.
+                let state = self.state_for(&key, probed || by_name);
                 keep.insert(key, state.clone());
                 match &b.address {
                     HostPort::Ip(addr) => state.addrs.store(Arc::new(vec![*addr])),
-                    HostPort::Name(..) => to_resolve.push((
-                        b.address.clone(),
-                        state.clone(),
-                        pool.resolve_interval.value.get(),
-                    )),
+                    HostPort::Name(..) => to_resolve.push(Resolve {
+                        address: b.address.clone(),
+                        state: state.clone(),
+                        every: pool.resolve_interval.value.get(),
+                        pool: pool_name.clone(),
+                        backend: b.name.value.clone(),
+                        probed,
+                    }),
                 }
                 backends.push(Backend {
                     name: b.name.value.as_str().into(),
@@ -324,8 +330,8 @@ impl Balancer {
                 }),
             );
         }
-        for (address, state, _) in &to_resolve {
-            resolve_into(address, state).await;
+        for r in &to_resolve {
+            resolve_into(r).await;
         }
         self.start_resolvers(to_resolve);
         publish_backend_gauges(&self.current.load(), &snapshot);
@@ -345,10 +351,10 @@ impl Balancer {
         Ok(version)
     }
 
-    fn state_for(&self, key: &(String, String, String), probed: bool) -> Arc<BackendState> {
+    fn state_for(&self, key: &(String, String, String), unknown: bool) -> Arc<BackendState> {
         let existing = self.states.lock().ok().and_then(|s| s.get(key).cloned());
         existing.unwrap_or_else(|| {
-            Arc::new(BackendState::new(if probed {
+            Arc::new(BackendState::new(if unknown {
                 Health::Unknown
             } else {
                 Health::Up
@@ -357,7 +363,7 @@ impl Balancer {
     }
 
     /// One task re-resolves the hostname backends of the current snapshot.
-    fn start_resolvers(&self, backends: Vec<(HostPort, Arc<BackendState>, Duration)>) {
+    fn start_resolvers(&self, backends: Vec<Resolve>) {
         let Ok(mut slot) = self.resolvers.lock() else {
             return;
         };
@@ -372,7 +378,7 @@ impl Balancer {
         tokio::spawn(async move {
             let tick = backends
                 .iter()
-                .map(|(_, _, every)| *every)
+                .map(|r| r.every)
                 .min()
                 .unwrap_or(Duration::from_secs(30));
             loop {
@@ -380,8 +386,8 @@ impl Balancer {
                     _ = stop.cancelled() => return,
                     _ = tokio::time::sleep(tick) => {}
                 }
-                for (address, state, _) in &backends {
-                    resolve_into(address, state).await;
+                for r in &backends {
+                    resolve_into(r).await;
                 }
             }
         });
@@ -446,8 +452,21 @@ fn backend_tls(pool_name: &str, pool: &schema::Pool) -> Result<Option<BackendTls
     }))
 }
 
-/// Resolves `address`; on failure the backend keeps its last addresses (logged).
-async fn resolve_into(address: &HostPort, state: &BackendState) {
+/// A hostname backend to resolve, and where its addresses go.
+struct Resolve {
+    address: HostPort,
+    state: Arc<BackendState>,
+    every: Duration,
+    pool: String,
+    backend: String,
+    /// With probes, the probes say when it is up; without, its first resolution does.
+    probed: bool,
+}
+
+/// Resolves a hostname backend; on failure it keeps its last addresses (logged). An
+/// unprobed backend is `unknown` until its name first resolves, then up.
+async fn resolve_into(r: &Resolve) {
+    let (address, state) = (&r.address, &r.state);
     let HostPort::Name(host, port) = address else {
         return;
     };
@@ -467,6 +486,11 @@ async fn resolve_into(address: &HostPort, state: &BackendState) {
                 tracing::info!(backend = %address, ?addrs, "hostname resolved");
                 state.addrs.store(Arc::new(addrs));
             }
+            if !r.probed && state.health() == Health::Unknown && !state.addrs.load().is_empty() {
+                state.set_health(Health::Up);
+                let labels = [("pool", r.pool.clone()), ("backend", r.backend.clone())];
+                metrics::gauge!(m::BACKEND_UP, &labels).set(1.0);
+            }
         }
         Ok(Err(e)) => {
             tracing::warn!(backend = %address, error = %e, "hostname does not resolve; keeping the last addresses")
@@ -477,7 +501,8 @@ async fn resolve_into(address: &HostPort, state: &BackendState) {
     }
 }
 
-/// `backend_up` and `backend_drained` for every backend; series of removed backends go to 0.
+/// `backend_up` and `backend_drained` for every backend, every counter of a backend
+/// at 0 from the start; every series of a removed backend leaves `/metrics`.
 fn publish_backend_gauges(old: &Snapshot, new: &Snapshot) {
     for (pool, p) in &old.pools {
         for b in &p.backends {
@@ -486,14 +511,19 @@ fn publish_backend_gauges(old: &Snapshot, new: &Snapshot) {
                 .get(pool)
                 .is_none_or(|np| np.backends.iter().all(|nb| nb.name != b.name));
             if gone {
-                let labels = [("pool", pool.clone()), ("backend", b.name.to_string())];
-                metrics::gauge!(m::BACKEND_UP, &labels).set(0.0);
-                metrics::gauge!(m::BACKEND_DRAINED, &labels).set(0.0);
+                m::retire_backend(pool, &b.name);
             }
         }
     }
     for (pool, p) in &new.pools {
         for b in &p.backends {
+            m::revive_backend(pool, &b.name);
+            m::zero_connection_series(pool, &b.name);
+            if p.health_check.is_some() {
+                for result in ["ok", "fail", "timeout"] {
+                    metrics::counter!(m::HEALTH_CHECKS_TOTAL, "pool" => pool.clone(), "backend" => b.name.to_string(), "result" => result).increment(0);
+                }
+            }
             let labels = [("pool", pool.clone()), ("backend", b.name.to_string())];
             let up = b.state.health() == Health::Up;
             metrics::gauge!(m::BACKEND_UP, &labels).set(if up { 1.0 } else { 0.0 });

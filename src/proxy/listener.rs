@@ -90,7 +90,8 @@ pub struct Listener {
 }
 
 impl Listener {
-    pub fn update(&self, settings: Settings) {
+    pub fn update(&self, settings: Settings, balancer: &Balancer) {
+        zero_counters(&self.name, &settings.pool, balancer);
         self.settings.store(Arc::new(settings));
     }
 
@@ -110,6 +111,7 @@ pub fn spawn(
     shared: Shared,
 ) -> io::Result<Listener> {
     let bind = socket.local_addr()?;
+    zero_counters(name, &settings.pool, &shared.balancer);
     let name: Arc<str> = name.into();
     let settings = Arc::new(ArcSwap::from_pointee(settings));
     let stop_accepting = CancellationToken::new();
@@ -130,6 +132,22 @@ pub fn spawn(
         stop_accepting,
         accepting: tokio::spawn(accept.run()),
     })
+}
+
+/// The listener's connection counters at 0 from the start, for every backend of its pool.
+fn zero_counters(listener: &str, pool: &str, balancer: &Balancer) {
+    let snapshot = balancer.snapshot();
+    let backends = snapshot
+        .pools
+        .get(pool)
+        .map(|p| {
+            p.backends
+                .iter()
+                .map(|b| b.name.to_string())
+                .collect::<Vec<_>>()
+        })
+        .unwrap_or_default();
+    m::listener_serves(listener, pool, backends.into_iter());
 }
 
 struct AcceptLoop {

@@ -42,8 +42,11 @@ const FORWARDERS: usize = 16;
 const FORWARD_IDLE: Duration = Duration::from_secs(5);
 /// Take a snapshot (and compact the log) after this many entries.
 const SNAPSHOT_EVERY: u64 = 1000;
-/// A member the leader heard from within this long counts as reachable.
+/// A member heard from on the peer channel within this long counts as reachable.
 const REACHABLE_WITHIN: Duration = Duration::from_secs(3);
+/// A member not heard from within this long is sent a hello (a follower hears only
+/// its leader otherwise).
+const HELLO_AFTER: Duration = Duration::from_secs(1);
 
 /// What `data_dir` records about the cluster it belongs to.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -215,6 +218,7 @@ impl Node {
                 .get()
                 .max(Duration::from_millis(500)),
             logged: Default::default(),
+            contact: Default::default(),
         });
 
         let heartbeat = cluster.heartbeat_interval.value.get();
@@ -283,6 +287,7 @@ impl Node {
         }
         tokio::spawn(node.clone().housekeeping());
         tokio::spawn(node.clone().compare_settings());
+        tokio::spawn(node.clone().keep_in_touch());
         Ok(node)
     }
 
@@ -348,44 +353,57 @@ impl Node {
             .set(raft.last_applied.as_ref().map_or(0, |l| l.index) as f64);
         metrics::gauge!(m::RAFT_MEMBERS).set(voters as f64);
         metrics::gauge!(m::RAFT_QUORUM).set((voters / 2 + 1) as f64);
+        metrics::gauge!(m::RAFT_HAS_LEADER).set(if self.has_leader(&raft) { 1.0 } else { 0.0 });
+        metrics::gauge!(m::RAFT_QUORUM_REACHABLE).set(if self.quorum_reachable() {
+            1.0
+        } else {
+            0.0
+        });
         for (id, reachable) in self.reachability(&raft) {
-            // NaN where this replica cannot tell (a follower only hears its leader),
-            // rather than a value left over from when it could.
-            let value = reachable.map_or(f64::NAN, |r| if r { 1.0 } else { 0.0 });
+            let value = if reachable == Some(true) { 1.0 } else { 0.0 };
             metrics::gauge!(m::RAFT_MEMBER_REACHABLE, "member" => id.to_string()).set(value);
         }
     }
 
-    /// Whether each member answered recently, as far as this replica can tell: the
-    /// leader knows every member from its heartbeats, a follower only itself and its
-    /// leader (`None`: not known here).
+    /// True when this replica is a Raft leader that heard from a quorum recently (one
+    /// cut off from it stays leader but can commit nothing), or a follower that heard
+    /// from its leader recently (it keeps the name of a leader that went away until
+    /// a new one is elected, which takes a quorum).
+    pub fn has_leader(&self, metrics: &openraft::RaftMetrics<types::TypeConfig>) -> bool {
+        match metrics.current_leader {
+            None => false,
+            Some(leader) if leader == self.id => {
+                metrics.state == ServerState::Leader && self.quorum_reachable()
+            }
+            Some(_) => self
+                .leader_contact
+                .lock()
+                .ok()
+                .and_then(|at| *at)
+                .is_some_and(|at| at.elapsed() < self.election_timeout * 2),
+        }
+    }
+
+    /// Whether each member answered recently on the peer channel: the leader hears
+    /// every member through its heartbeats, a follower its leader, and every replica
+    /// says hello to the members it has not heard from ([`Self::keep_in_touch`]).
+    /// Always known (`Some`): a member not heard from is unreachable.
     pub fn reachability(
         &self,
         metrics: &openraft::RaftMetrics<types::TypeConfig>,
     ) -> BTreeMap<NodeId, Option<bool>> {
-        let leader = metrics.current_leader;
-        let heard = |id: &NodeId| {
-            metrics
-                .heartbeat
-                .as_ref()
-                .and_then(|h| h.get(id).cloned().flatten())
-                .is_some_and(|at| at.elapsed() < REACHABLE_WITHIN)
-        };
         metrics
             .membership_config
             .membership()
             .nodes()
             .map(|(id, _)| {
-                let reachable = if *id == self.id {
-                    Some(true)
-                } else if leader == Some(self.id) {
-                    Some(heard(id))
-                } else if Some(*id) == leader {
-                    Some(self.quorum_reachable())
-                } else {
-                    None
-                };
-                (*id, reachable)
+                let reachable = *id == self.id
+                    || self
+                        .net
+                        .contact
+                        .last(*id)
+                        .is_some_and(|at| at.elapsed() < REACHABLE_WITHIN);
+                (*id, Some(reachable))
             })
             .collect()
     }
@@ -520,6 +538,41 @@ impl Node {
                 logged_wait = true;
             }
             tokio::time::sleep(self.election_timeout).await;
+        }
+    }
+
+    /// Says hello to every member not heard from within [`HELLO_AFTER`], so that each
+    /// replica, the followers too, knows which members answer (`member_reachable`).
+    async fn keep_in_touch(self: Arc<Self>) {
+        loop {
+            let members: Vec<(NodeId, String)> = self
+                .metrics()
+                .membership_config
+                .membership()
+                .nodes()
+                .filter(|(id, _)| **id != self.id)
+                .map(|(id, n)| (*id, n.addr.clone()))
+                .collect();
+            let quiet = members.into_iter().filter(|(id, _)| {
+                self.net
+                    .contact
+                    .last(*id)
+                    .is_none_or(|at| at.elapsed() >= HELLO_AFTER)
+            });
+            let hellos = quiet.map(|(id, addr)| {
+                let mut client = PeerClient::new(self.net.clone(), id, addr);
+                async move {
+                    let _ = client.call(Request::Hello, REACHABLE_WITHIN / 2).await;
+                }
+            });
+            tokio::select! {
+                () = self.stop.cancelled() => return,
+                _ = futures_util::future::join_all(hellos) => {}
+            }
+            tokio::select! {
+                () = self.stop.cancelled() => return,
+                () = tokio::time::sleep(HELLO_AFTER / 2) => {}
+            }
         }
     }
 

@@ -337,6 +337,25 @@ pub struct Net {
     pub tls: Option<Tls>,
     pub connect_timeout: Duration,
     pub logged: LoggedRecently,
+    /// When each peer last answered this replica or sent it a request it accepted.
+    pub contact: Contact,
+}
+
+/// The last exchange with each peer, either way: what `member_reachable` reports.
+#[derive(Default)]
+pub struct Contact(Mutex<HashMap<NodeId, Instant>>);
+
+impl Contact {
+    fn heard(&self, from: NodeId) {
+        if let Ok(mut at) = self.0.lock() {
+            at.insert(from, Instant::now());
+        }
+    }
+
+    /// When `peer` was last heard from, if ever.
+    pub fn last(&self, peer: NodeId) -> Option<Instant> {
+        self.0.lock().ok().and_then(|at| at.get(&peer).copied())
+    }
 }
 
 /// Log lines that would repeat on every heartbeat, and when each was last written.
@@ -400,6 +419,7 @@ pub struct PeerClient {
 
 impl PeerClient {
     pub fn new(net: Arc<Net>, target: NodeId, addr: String) -> Self {
+        m::zero_peer_errors(&target.to_string());
         PeerClient {
             net,
             target,
@@ -437,6 +457,9 @@ impl PeerClient {
     /// Sends one request and waits up to `timeout` for its reply.
     pub async fn call(&mut self, body: Request, timeout: Duration) -> Result<Reply, CallError> {
         let result = self.call_inner(body, timeout).await;
+        if result.is_ok() {
+            self.net.contact.heard(self.target);
+        }
         if let Err(e) = &result {
             self.conn = None;
             if let CallError::WrongNode { .. } = e {
@@ -573,6 +596,7 @@ async fn connection<H: Handler>(mut stream: Stream, peer: SocketAddr, net: &Net,
             Reply::Error(format!("refused: {why}"))
         } else {
             net.identity.heard(&request);
+            net.contact.heard(request.from);
             handler.handle(request.from, request.body).await
         };
         let bytes = match serde_json::to_vec(&net.identity.wrap(reply)) {
@@ -805,6 +829,7 @@ mod tests {
             tls: None,
             connect_timeout: Duration::from_secs(2),
             logged: LoggedRecently::default(),
+            contact: Contact::default(),
         })
     }
 

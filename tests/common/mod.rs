@@ -99,6 +99,11 @@ impl Raftlb {
     }
 
     pub fn spawn_wrapped(wrapper: &[&str], yaml: &str, admin: SocketAddr) -> Raftlb {
+        Raftlb::spawn_with(wrapper, yaml, admin, &[])
+    }
+
+    /// Starts raftlb on `yaml` with `extra` arguments after `run` (e.g. `--log-format json`).
+    pub fn spawn_with(wrapper: &[&str], yaml: &str, admin: SocketAddr, extra: &[&str]) -> Raftlb {
         let dir = tempfile::tempdir().expect("tempdir");
         let config = dir.path().join("raftlb.yaml");
         std::fs::write(&config, yaml).expect("write config");
@@ -115,6 +120,7 @@ impl Raftlb {
             .args(["run", "--config"])
             .arg(&config)
             .args(["--log-level", "debug"])
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

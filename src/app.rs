@@ -517,7 +517,11 @@ impl Server {
                     (Some(_), true) => "leader election on, standbys serve",
                     (Some(_), false) => "leader election on, only the active serves",
                 };
-                tracing::info!(node = %server.state.node_name, node_id = node.id, "raftlb is running (cluster, {mode})");
+                tracing::info!(
+                    node = %server.state.node_name,
+                    node_id = node.id,
+                    "raftlb is running (cluster, {mode}); it serves once it has applied the replicated config"
+                );
             }
         }
         let fatal = cluster.as_ref().map(|n| n.fatal());

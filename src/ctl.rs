@@ -782,6 +782,13 @@ fn status_table(v: &Value, colour: bool) -> String {
     );
     let role = text(&v["role"]);
     let _ = writeln!(out, "role            {}", paint(&role, tone(&role), colour));
+    if let Some(why) = v["not_serving_because"].as_str() {
+        let _ = writeln!(
+            out,
+            "serving         {}",
+            paint(&format!("no: {why}"), Tone::Bad, colour)
+        );
+    }
     let _ = writeln!(out, "config_version  {}", text(&v["config_version"]));
     for e in v["config_apply_errors"].as_array().into_iter().flatten() {
         let _ = writeln!(
@@ -794,25 +801,35 @@ fn status_table(v: &Value, colour: bool) -> String {
     if cluster.is_null() {
         let _ = writeln!(out, "cluster         none (standalone)");
     } else {
-        let _ = writeln!(
-            out,
-            "cluster         {} leader {} term {} commit {} quorum {} fault tolerance {}",
-            text(&cluster["cluster_id"]),
-            text(&cluster["leader_id"]),
-            text(&cluster["term"]),
-            text(&cluster["commit_index"]),
-            text(&cluster["quorum"]),
-            text(&cluster["fault_tolerance"])
-        );
-        let _ = writeln!(
-            out,
-            "quorum          {}",
-            if cluster["quorum_reachable"] == true {
-                paint("reachable", Tone::Good, colour)
-            } else {
-                paint("NOT reachable: writes fail with 503", Tone::Bad, colour)
-            }
-        );
+        if cluster["waiting_for_peers"] == true {
+            let _ = writeln!(
+                out,
+                "cluster         {} not formed yet: waiting for a quorum of its peers to answer",
+                text(&cluster["cluster_id"])
+            );
+        } else {
+            let _ = writeln!(
+                out,
+                "cluster         {} leader {} term {} commit {} quorum {} of {} voters ({} reachable, fault tolerance now {})",
+                text(&cluster["cluster_id"]),
+                text(&cluster["leader_id"]),
+                text(&cluster["term"]),
+                text(&cluster["commit_index"]),
+                text(&cluster["quorum"]),
+                text(&cluster["voters"]),
+                text(&cluster["voters_reachable"]),
+                text(&cluster["fault_tolerance"])
+            );
+            let _ = writeln!(
+                out,
+                "quorum          {}",
+                if cluster["quorum_reachable"] == true {
+                    paint("reachable", Tone::Good, colour)
+                } else {
+                    paint("NOT reachable: writes fail with 503", Tone::Bad, colour)
+                }
+            );
+        }
         out.push_str(&members_table(cluster, colour));
     }
     let lease = &v["lease"];

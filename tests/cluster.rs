@@ -1187,3 +1187,58 @@ async fn a_port_in_use_exits_1_with_one_line_and_leaves_data_dir_untouched() {
         }
     }
 }
+
+/// Status says what is true at the edges: a replica waiting for its peers says so
+/// (no quorum figure, not serving, and why); with two of three replicas gone the
+/// survivor shows them unreachable, a fault tolerance of 0 and the quorum lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_tells_a_waiting_replica_and_a_lost_quorum_as_they_are() {
+    let c = Cluster::new(3, backend_names(&["b1"]).await);
+    let mut first = c.spawn(0);
+    let admin = c.addrs[0].admin;
+    assert!(blocking(|| eventually(Duration::from_secs(10), || status(
+        admin
+    )["cluster"]["waiting_for_peers"]
+        == true)));
+    let s = blocking(|| status(admin));
+    assert!(s["cluster"]["quorum"].is_null(), "{s}");
+    assert_eq!(s["serving"], false, "{s}");
+    assert!(s["not_serving_because"].is_string(), "{s}");
+    let (code, out, err) = blocking(|| ctl(admin, &["status"]));
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("not formed yet"), "{out}");
+    assert!(out.contains("serving         no:"), "{out}");
+
+    let mut others = vec![c.spawn(1), c.spawn(2)];
+    blocking(|| {
+        first.wait_ready();
+        others.iter_mut().for_each(Raftlb::wait_ready);
+    });
+    blocking(|| c.agreed_leader(3));
+    for r in &mut others {
+        r.signal("KILL");
+        blocking(|| r.wait_exit(Duration::from_secs(10)));
+    }
+    assert!(
+        blocking(|| eventually(Duration::from_secs(15), || {
+            let s = status(admin)["cluster"].clone();
+            s["quorum_reachable"] == false
+                && s["fault_tolerance"] == 0
+                && s["voters_reachable"] == 1
+        })),
+        "{}",
+        blocking(|| status(admin))
+    );
+    let s = blocking(|| status(admin))["cluster"].clone();
+    let roles: Vec<&str> = s["members"]
+        .as_array()
+        .expect("members")
+        .iter()
+        .filter(|m| m["id"] != 1)
+        .filter_map(|m| m["role"].as_str())
+        .collect();
+    assert_eq!(roles, ["unreachable", "unreachable"], "{s}");
+    let (_, out, _) = blocking(|| ctl(admin, &["status"]));
+    assert!(out.contains("1 reachable, fault tolerance now 0"), "{out}");
+    assert!(out.contains("NOT reachable"), "{out}");
+}

@@ -515,6 +515,12 @@ fn member_list(node: &Node) -> Vec<Value> {
                 "learner"
             };
             let reachable = reachability.get(id).copied().flatten();
+            // What this replica cannot reach, it cannot say the role of.
+            let role = if reachable == Some(false) {
+                "unreachable"
+            } else {
+                role
+            };
             let info = infos.get(id);
             json!({
                 "id": id,
@@ -533,8 +539,16 @@ fn member_list(node: &Node) -> Vec<Value> {
 /// The `cluster` section of `/api/v1/status`, from this replica's own state.
 pub fn status(node: &Node) -> Value {
     let metrics = node.metrics();
-    let voters = metrics.membership_config.membership().voter_ids().count();
-    let quorum = voters / 2 + 1;
+    let membership = metrics.membership_config.membership();
+    let voter_ids: Vec<u64> = membership.voter_ids().collect();
+    let voters = voter_ids.len();
+    let reachability = node.reachability(&metrics);
+    let reachable = voter_ids
+        .iter()
+        .filter(|id| reachability.get(*id).copied().flatten() != Some(false))
+        .count();
+    // Before the cluster exists there is no membership, hence no quorum to speak of.
+    let quorum = (voters > 0).then_some(voters / 2 + 1);
     json!({
         "cluster_id": node.cluster_id,
         "cluster_uuid": node.identity.uuid(),
@@ -542,8 +556,12 @@ pub fn status(node: &Node) -> Value {
         "term": metrics.current_term,
         "commit_index": metrics.local_committed.as_ref().map_or(0, |l| l.index),
         "applied_index": metrics.last_applied.as_ref().map_or(0, |l| l.index),
+        "voters": voters,
+        "voters_reachable": reachable,
         "quorum": quorum,
-        "fault_tolerance": voters.saturating_sub(quorum),
+        // How many more voters may fail now: counted from those reachable.
+        "fault_tolerance": quorum.map(|q| reachable.saturating_sub(q)),
+        "waiting_for_peers": voters == 0,
         "quorum_reachable": node.quorum_reachable(),
         "protocol": crate::store::network::protocol(),
         "cluster_version": node.applied().borrow().state.cluster_version(),

@@ -312,6 +312,9 @@ fn status(state: &State) -> Value {
             "version": env!("CARGO_PKG_VERSION"),
         },
         "role": state.role().as_str(),
+        // Whether this replica accepts on its listeners now, and if not, why.
+        "serving": state.is_ready(),
+        "not_serving_because": state.not_ready(),
         "config_version": state.config_version(),
         "config_apply_errors": errors,
         "cluster": state.cluster.as_ref().map_or(Value::Null, |n| cluster::status(n)),

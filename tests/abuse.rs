@@ -5,6 +5,7 @@
 
 mod common;
 
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use common::cluster::*;
@@ -144,4 +145,212 @@ async fn peer_port_flood_of_announced_frames_costs_little_and_the_cluster_keeps_
         fds_after <= fds_before + 20,
         "descriptors {fds_before} before, {fds_after} after"
     );
+}
+
+/// `/healthz` latencies measured in a loop on a thread of its own until stopped.
+struct Probe {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<(Vec<Duration>, usize)>,
+}
+
+impl Probe {
+    fn start(admin: SocketAddr) -> Probe {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let (mut ok, mut failed) = (Vec::new(), 0);
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) && Instant::now() < deadline {
+                let t = Instant::now();
+                match http_get(admin, "/healthz") {
+                    Ok((200, _)) => ok.push(t.elapsed()),
+                    _ => failed += 1,
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            (ok, failed)
+        });
+        Probe { stop, thread }
+    }
+
+    /// Stops probing; prints and returns (answered, failed, p99).
+    fn finish(self, what: &str) -> (usize, usize, Duration) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let (mut ok, failed) = self.thread.join().expect("probe thread");
+        ok.sort();
+        let p99 = ok
+            .get((ok.len() * 99).div_ceil(100).saturating_sub(1))
+            .copied()
+            .unwrap_or_default();
+        println!(
+            "{what}: /healthz answered {} times, failed {failed}, p99 {p99:?}",
+            ok.len()
+        );
+        (ok.len(), failed, p99)
+    }
+}
+
+/// `/healthz` answered nearly every probe (timings are printed, not asserted).
+fn assert_kept_answering(what: &str, (answered, failed, _): (usize, usize, Duration)) {
+    assert!(
+        answered > 0 && failed * 10 <= answered + failed,
+        "{what}: /healthz answered {answered}, failed {failed}"
+    );
+}
+
+/// One round trip through the proxy: the data path still accepts.
+async fn data_path_echoes(listen: SocketAddr, what: &str) {
+    let mut s = connect_from(None, listen)
+        .await
+        .unwrap_or_else(|e| panic!("{what}: the data path refused a connection: {e}"));
+    let back = echo_once(&mut s, b"still here")
+        .await
+        .unwrap_or_else(|e| panic!("{what}: no echo through the proxy: {e}"));
+    assert_eq!(back, b"still here");
+}
+
+/// Waits until every stream in `held` is closed by the server (or `limit` passes);
+/// how many were.
+async fn count_closed(held: Vec<TcpStream>, limit: Duration) -> usize {
+    let watchers: Vec<_> = held
+        .into_iter()
+        .map(|s| tokio::spawn(closed_within(s, limit)))
+        .collect();
+    let mut closed = 0;
+    for w in watchers {
+        if matches!(w.await, Ok(Some(_))) {
+            closed += 1;
+        }
+    }
+    closed
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_port_floods_leave_healthz_and_the_data_path_answering() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    raise_nofile();
+    let backend = echo_backend().await;
+    let admin = loopback();
+    let listen = loopback();
+    let yaml = Raftlb::standalone_yaml(admin, listen, "", "", &[("echo", backend)]);
+    let lb = blocking(|| Raftlb::start(&yaml, admin));
+    let pid = lb.pid();
+    let fds_before = open_fds(pid);
+    let quiet = Probe::start(admin);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    quiet.finish("no abuse");
+
+    // Slowloris: 300 connections (more than the 256 served at once) each sending a
+    // request head a byte a second. Closed by the 10 s head timeout, or earlier to
+    // make room for newer ones.
+    let probe = Probe::start(admin);
+    let started = Instant::now();
+    let mut slow = Vec::new();
+    for _ in 0..300 {
+        let mut s = TcpStream::connect(admin).await.expect("connect");
+        let _ = s.write_all(b"G").await;
+        slow.push(s);
+    }
+    let head = b"ET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: aaaaaaaaaaaaaaaaaaaa\r\n";
+    let mut open_after = 0;
+    for byte in head.iter().take(13) {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        open_after = 0;
+        for s in &mut slow {
+            if s.write_all(&[*byte]).await.is_ok() {
+                open_after += 1;
+            }
+        }
+    }
+    data_path_echoes(listen, "slowloris").await;
+    let closed = count_closed(slow, Duration::from_secs(5)).await;
+    let answered = probe.finish("slowloris (300 connections, a byte a second)");
+    println!(
+        "slowloris: {closed} of 300 closed by the server within {:?}",
+        started.elapsed()
+    );
+    assert_kept_answering("slowloris", answered);
+    assert_eq!(
+        closed, 300,
+        "slow heads are closed (writes still accepted at the end: {open_after})"
+    );
+
+    // 1,000 idle connections at once: at most 256 are kept, and those are closed by
+    // the head timeout.
+    let probe = Probe::start(admin);
+    let mut idle = Vec::new();
+    for _ in 0..1000 {
+        idle.push(TcpStream::connect(admin).await.expect("connect"));
+    }
+    let fds_flood = open_fds(pid);
+    data_path_echoes(listen, "1,000 idle admin connections").await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let fds_held = open_fds(pid);
+    let closed = count_closed(idle, Duration::from_secs(15)).await;
+    let answered = probe.finish("1,000 idle admin connections");
+    println!(
+        "idle flood: raftlb fds {fds_before} before, {fds_flood} during, {fds_held} after 2 s; {closed} of 1000 closed by the server"
+    );
+    assert_kept_answering("idle flood", answered);
+    assert_eq!(closed, 1000, "idle connections are closed");
+    assert!(
+        fds_held <= fds_before + 256 + 20,
+        "at most 256 admin connections held: {fds_held} descriptors"
+    );
+
+    // Oversized heads and bodies, 20 at a time.
+    let probe = Probe::start(admin);
+    let mut answers = Vec::new();
+    for round in 0..3 {
+        let mut tasks = Vec::new();
+        for i in 0..20 {
+            tasks.push(tokio::spawn(async move {
+                let mut s = TcpStream::connect(admin).await.ok()?;
+                let request = if i % 2 == 0 {
+                    let big = "a".repeat(1 << 20);
+                    format!("GET /api/v1/status HTTP/1.1\r\nHost: x\r\nX-Big: {big}\r\n\r\n")
+                        .into_bytes()
+                } else {
+                    let mut r = format!(
+                        "PUT /api/v1/config HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+                        10 << 20
+                    )
+                    .into_bytes();
+                    r.extend(std::iter::repeat_n(b'[', 10 << 20));
+                    r
+                };
+                let _ = s.write_all(&request).await;
+                let mut reply = Vec::new();
+                let _ =
+                    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut reply)).await;
+                Some(String::from_utf8_lossy(&reply).lines().next()?.to_string())
+            }));
+        }
+        for t in tasks {
+            answers.push(t.await.expect("task"));
+        }
+        data_path_echoes(listen, &format!("oversized requests, round {round}")).await;
+    }
+    let answered = probe.finish("oversized heads (1 MiB) and bodies (10 MiB)");
+    println!("oversized: first lines {:?}", {
+        let mut seen: Vec<_> = answers.iter().map(|a| format!("{a:?}")).collect();
+        seen.sort();
+        seen.dedup();
+        seen
+    });
+    assert_kept_answering("oversized", answered);
+    for a in answers.iter().flatten() {
+        assert!(a.starts_with("HTTP/1.1 4"), "an oversized request got {a}");
+    }
+
+    let fds_after = blocking(|| {
+        eventually(Duration::from_secs(5), || open_fds(pid) <= fds_before + 20);
+        open_fds(pid)
+    });
+    println!("admin abuse: raftlb fds {fds_before} before, {fds_after} after");
+    assert!(
+        fds_after <= fds_before + 20,
+        "{fds_after} descriptors after"
+    );
+    assert!(http_get(admin, "/healthz").is_ok_and(|(c, _)| c == 200));
 }

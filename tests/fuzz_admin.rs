@@ -374,9 +374,7 @@ fn fixed_cases() -> Vec<Req> {
             method: "POST".into(),
             path: "/api/v1/members".into(),
             headers: vec![("content-type".into(), b"application/json".to_vec())],
-            body:
-                b"{\"id\": 0, \"address\": \"127.0.0.1:99999\", \"learner\": true}"
-                    .to_vec(),
+            body: b"{\"id\": 0, \"address\": \"127.0.0.1:99999\", \"learner\": true}".to_vec(),
         },
         Req {
             method: "GET".into(),

@@ -292,9 +292,34 @@ async fn the_peer_port_survives_generated_frames_and_hostile_raft_messages() {
             f.extend(vec![b'{'; 1 << 20]);
             f
         }),
+        // Regressions found by the generated cases: an Append whose vote is not
+        // committed stopped openraft's core (an assertion), and so did a vote of term
+        // u64::MAX at the replica's next election (term + 1 overflowed). Both are
+        // refused at the peer port now.
         (
-            "Append with 100,000 entries",
+            "Append with 100,000 entries, vote not committed",
             framed(huge_append.as_bytes()),
+        ),
+        (
+            "Append, vote not committed, no entries",
+            framed(
+                json!({"cluster_id": "test", "uuid": null, "from": 99, "body": {"Append": {
+                    "vote": {"leader_id": {"term": 1, "node_id": 99}, "committed": false},
+                    "prev_log_id": null, "entries": [], "leader_commit": null}}})
+                .to_string()
+                .as_bytes(),
+            ),
+        ),
+        (
+            "Vote of term u64::MAX",
+            framed(
+                json!({"cluster_id": "test", "uuid": null, "from": 99, "body": {"Vote": {
+                    "vote": {"leader_id": {"term": u64::MAX, "node_id": 99}, "committed": false},
+                    "last_log_id": {"leader_id": {"term": u64::MAX, "node_id": 99}, "index": u64::MAX},
+                    "leadership_transfer": false}}})
+                .to_string()
+                .as_bytes(),
+            ),
         ),
         ("body nested 1M deep", framed(nested.as_bytes())),
         (
@@ -343,4 +368,31 @@ async fn the_peer_port_survives_generated_frames_and_hostile_raft_messages() {
         "peak memory grew by {} KiB",
         hwm_after - hwm_before
     );
+    // Hostile votes may have deposed it: once they stop, it leads and commits again
+    // (an election runs after the last case: the log is read for a panic again). A
+    // frame may also have replaced the pools or added a voter at a valid address (a
+    // peer that knows the cluster_id is trusted): the write replaces the pools, and
+    // is expected to commit only while the replica is still the one voter.
+    let alone = |s: &Value| {
+        s["cluster"]["members"]
+            .as_array()
+            .is_some_and(|m| m.iter().filter(|m| m["voter"] == true).count() == 1)
+    };
+    let pools = "{\"pools\": {\"web\": {\"backends\": [{\"name\": \"b1\", \"address\": \"127.0.0.1:1\"}]}}}";
+    let committed = blocking(|| {
+        eventually(Duration::from_secs(30), || {
+            !alone(&status(admin)) || json(admin, "PUT", "/api/v1/config", pools).0 == 200
+        })
+    });
+    alive(lb).unwrap_or_else(|e| panic!("after the cases: {e}"));
+    let now = status(admin);
+    println!("after the cases: {now}");
+    assert!(committed, "no write commits after the cases:\n{now}");
+    for m in now["cluster"]["members"].as_array().into_iter().flatten() {
+        assert!(
+            m["id"].as_u64().is_some_and(|id| id > 0)
+                && m["address"].as_str().is_some_and(|a| a.contains(':')),
+            "a member with a bad id or address: {m}"
+        );
+    }
 }

@@ -37,7 +37,9 @@ use tokio_rustls::{TlsAcceptor, TlsConnector};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use super::types::{Command, Node, NodeId, Outcome, Snapshot, SnapshotMeta, TypeConfig, Vote};
+use super::types::{
+    Command, LogId, Node, NodeId, Outcome, Snapshot, SnapshotMeta, TypeConfig, Vote,
+};
 use crate::config::schema::{BackendTls, PeerTls, Terminate};
 use crate::metrics as m;
 
@@ -737,13 +739,39 @@ pub async fn raft_rpc(raft: &super::types::Raft, request: Request) -> Result<Rep
     })
 }
 
+/// The largest term and log index a peer may send: far beyond what any cluster
+/// reaches (a new term every millisecond for 146 million years), and far enough from
+/// `u64::MAX` that openraft's `term + 1` and `index + 1` cannot overflow.
+pub const MAX_TERM_OR_INDEX: u64 = 1 << 62;
+
+fn log_id_in_range(what: &str, log_id: Option<&LogId>) -> Result<(), String> {
+    match log_id {
+        Some(l) if l.leader_id.term > MAX_TERM_OR_INDEX || l.index > MAX_TERM_OR_INDEX => Err(
+            format!("{what} {l} is out of range (terms and indexes stop at {MAX_TERM_OR_INDEX})"),
+        ),
+        _ => Ok(()),
+    }
+}
+
+fn vote_in_range(vote: &Vote) -> Result<(), String> {
+    if vote.leader_id.term > MAX_TERM_OR_INDEX {
+        return Err(format!(
+            "vote {vote} is out of range (terms stop at {MAX_TERM_OR_INDEX})"
+        ));
+    }
+    Ok(())
+}
+
 /// Why a Raft RPC is refused before openraft sees it: what no correct peer sends, and
-/// what openraft takes for granted of its peers (it asserts these and would stop its
-/// core in a debug build, or act on an inconsistent log in a release one). Found by
-/// the generated-input suite (tests/fuzz_peer.rs).
+/// what openraft takes for granted of its peers (it asserts these, or adds one to a
+/// term or an index, and its core stopped in a debug build, or went on with a wrapped
+/// term in a release one). Found by the generated-input suite (tests/fuzz_peer.rs).
 fn sane(request: &Request) -> Result<(), String> {
     match request {
         Request::Append(rpc) => {
+            vote_in_range(&rpc.vote)?;
+            log_id_in_range("prev_log_id", rpc.prev_log_id.as_ref())?;
+            log_id_in_range("leader_commit", rpc.leader_commit.as_ref())?;
             if !rpc.vote.committed {
                 return Err(format!(
                     "an append from {} whose vote is not committed: only a leader appends",
@@ -756,6 +784,7 @@ fn sane(request: &Request) -> Result<(), String> {
             };
             let mut term = rpc.prev_log_id.as_ref().map_or(0, |p| p.leader_id.term);
             for entry in &rpc.entries {
+                log_id_in_range("entry", Some(&entry.log_id))?;
                 if Some(entry.log_id.index) != expected {
                     return Err(format!(
                         "entry {} follows index {:?}: entries must be consecutive",
@@ -776,13 +805,31 @@ fn sane(request: &Request) -> Result<(), String> {
             }
             Ok(())
         }
-        Request::Vote(rpc) | Request::PreVote(rpc) if rpc.vote.committed => Err(format!(
-            "a vote request with a committed vote {}: a candidate's vote is not committed",
-            rpc.vote
-        )),
-        Request::Snapshot { vote, .. } if !vote.committed => Err(format!(
-            "a snapshot from {vote} whose vote is not committed: only a leader sends one"
-        )),
+        Request::Vote(rpc) | Request::PreVote(rpc) => {
+            vote_in_range(&rpc.vote)?;
+            log_id_in_range("last_log_id", rpc.last_log_id.as_ref())?;
+            if rpc.vote.committed {
+                return Err(format!(
+                    "a vote request with a committed vote {}: a candidate's vote is not committed",
+                    rpc.vote
+                ));
+            }
+            Ok(())
+        }
+        Request::Snapshot { vote, meta, .. } => {
+            vote_in_range(vote)?;
+            log_id_in_range("snapshot last_log_id", meta.last_log_id.as_ref())?;
+            if !vote.committed {
+                return Err(format!(
+                    "a snapshot from {vote} whose vote is not committed: only a leader sends one"
+                ));
+            }
+            Ok(())
+        }
+        Request::TransferLeader(rpc) => {
+            vote_in_range(rpc.from_leader())?;
+            log_id_in_range("last_log_id", rpc.last_log_id())
+        }
         _ => Ok(()),
     }
 }

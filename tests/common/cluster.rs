@@ -18,6 +18,8 @@ pub struct Addrs {
 
 pub struct Cluster {
     pub cluster_id: &'static str,
+    /// Extra lines of the cluster: section (indented two spaces), e.g. tls.
+    pub cluster_extra: String,
     pub addrs: Vec<Addrs>,
     pub data: Vec<tempfile::TempDir>,
     pub backends: Vec<(String, SocketAddr)>,
@@ -27,6 +29,7 @@ impl Cluster {
     pub fn new(n: usize, backends: Vec<(String, SocketAddr)>) -> Cluster {
         Cluster {
             cluster_id: "test",
+            cluster_extra: String::new(),
             addrs: (0..n)
                 .map(|_| Addrs {
                     admin: loopback(),
@@ -59,12 +62,13 @@ impl Cluster {
             "node: {{ name: lb-{id} }}\n\
              admin: {{ bind: {admin} }}\n\
              cluster:\n  cluster_id: {cluster_id}\n  node_id: {id}\n  initial_state: new\n  bind: {peer}\n  data_dir: {data}\n  \
-             peers: {{ {peers} }}\n  heartbeat_interval: 100ms\n  election_timeout: 1s\n\
+             peers: {{ {peers} }}\n  heartbeat_interval: 100ms\n  election_timeout: 1s\n{cluster_extra}\
              leader_election: {{ enabled: false }}\n\
              listeners:\n  front: {{ bind: {listen}, pool: web }}\n\
              pools:\n  web:\n    backends:\n{backends}\n{extra}",
             id = i + 1,
             cluster_id = self.cluster_id,
+            cluster_extra = self.cluster_extra,
             admin = a.admin,
             peer = a.peer,
             listen = a.listen,

@@ -354,3 +354,168 @@ async fn admin_port_floods_leave_healthz_and_the_data_path_answering() {
     );
     assert!(http_get(admin, "/healthz").is_ok_and(|(c, _)| c == 200));
 }
+
+/// A backend that accepts and never reads or answers; keeps its sockets until the
+/// runtime ends.
+async fn silent_backend() -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = listener.accept().await {
+            held.push(s);
+            held.retain(|s| s.peer_addr().is_ok());
+        }
+    });
+    addr
+}
+
+/// A backend that writes to every connection as fast as it can, for up to 30 s.
+async fn firehose_backend() -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let chunk = vec![b'x'; 64 << 10];
+                let _ = tokio::time::timeout(Duration::from_secs(30), async {
+                    while s.write_all(&chunk).await.is_ok() {}
+                })
+                .await;
+            });
+        }
+    });
+    addr
+}
+
+/// One round of data-path abuse; prints what it measured.
+async fn data_path_round(
+    round: usize,
+    pid: u32,
+    admin: SocketAddr,
+    idle: SocketAddr,
+    capped: SocketAddr,
+    stall: SocketAddr,
+    firehose: SocketAddr,
+) {
+    let probe = Probe::start(admin);
+    // 5,000 idle proxied connections (two descriptors each in raftlb).
+    let mut held = Vec::new();
+    for _ in 0..5000 {
+        match connect_from(None, idle).await {
+            Ok(s) => held.push(s),
+            Err(e) => panic!("round {round}: idle connection {}: {e}", held.len()),
+        }
+    }
+    // raftlb accepts from its backlog and dials the backend at its own pace.
+    let fds_idle = blocking(|| {
+        eventually(Duration::from_secs(20), || open_fds(pid) >= 10_000);
+        open_fds(pid)
+    });
+    data_path_echoes(idle, "5,000 idle proxied connections").await;
+
+    // 300 connections at a listener capped at 100: the rest are accepted and closed.
+    let mut over = Vec::new();
+    for _ in 0..300 {
+        if let Ok(s) = connect_from(None, capped).await {
+            over.push(s);
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut kept = 0;
+    for s in &mut over {
+        let mut b = [0u8; 1];
+        if let Ok(Ok(n)) = tokio::time::timeout(Duration::from_millis(20), s.read(&mut b)).await
+            && n == 0
+        {
+            continue;
+        }
+        kept += 1;
+    }
+
+    // 200 clients whose backend never answers, 50 clients that never read a backend
+    // that never stops writing. (A client's FIN is passed on as a half-close, and the
+    // silent backend never closes its side: like HAProxy until its server timeout,
+    // raftlb holds such a connection until idle_timeout, 5 s on this listener.)
+    let mut stalled = Vec::new();
+    for _ in 0..200 {
+        let mut s = connect_from(None, stall).await.expect("stall connect");
+        let _ = s.write_all(b"hello?").await;
+        stalled.push(s);
+    }
+    let mut deaf = Vec::new();
+    for _ in 0..50 {
+        deaf.push(
+            connect_from(None, firehose)
+                .await
+                .expect("firehose connect"),
+        );
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (_, rss_loaded) = memory_kib(pid);
+    data_path_echoes(idle, "stalled and deaf clients").await;
+    let answered = probe.finish(&format!("data path round {round}"));
+    assert_kept_answering("data path", answered);
+    drop((held, over, stalled, deaf));
+    println!(
+        "data path round {round}: fds with 5,000 idle {fds_idle}; kept at the capped listener {kept} of 300; VmRSS with stalled and deaf clients {rss_loaded} KiB"
+    );
+    assert!(
+        kept <= 100 + 5,
+        "{kept} connections kept past max_connections 100"
+    );
+    assert!(
+        fds_idle >= 10_000,
+        "5,000 proxied connections hold {fds_idle} descriptors?"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn data_path_floods_and_stalls_give_back_descriptors_and_memory() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    raise_nofile();
+    let echo = echo_backend().await;
+    let silent = silent_backend().await;
+    let hose = firehose_backend().await;
+    let admin = loopback();
+    let (idle, capped, stall, firehose) = (loopback(), loopback(), loopback(), loopback());
+    let yaml = format!(
+        "admin: {{ bind: {admin} }}\nruntime: {{ worker_threads: 2 }}\nlisteners:\n  \
+         idle: {{ bind: {idle}, pool: echo, max_connections: 6000 }}\n  \
+         capped: {{ bind: {capped}, pool: echo, max_connections: 100 }}\n  \
+         stall: {{ bind: {stall}, pool: silent, max_connections: 1000, idle_timeout: 5s }}\n  \
+         firehose: {{ bind: {firehose}, pool: hose, max_connections: 1000 }}\n\
+         pools:\n  echo:\n    backends: [{{ name: e, address: \"{echo}\" }}]\n  \
+         silent:\n    backends: [{{ name: s, address: \"{silent}\" }}]\n  \
+         hose:\n    backends: [{{ name: h, address: \"{hose}\" }}]\n"
+    );
+    let lb = blocking(|| Raftlb::start(&yaml, admin));
+    let pid = lb.pid();
+    let fds_before = open_fds(pid);
+    let mut rss_after = Vec::new();
+    for round in 1..=2 {
+        data_path_round(round, pid, admin, idle, capped, stall, firehose).await;
+        let fds = blocking(|| {
+            eventually(Duration::from_secs(15), || open_fds(pid) <= fds_before + 20);
+            open_fds(pid)
+        });
+        let (hwm, rss) = memory_kib(pid);
+        println!(
+            "data path round {round}: fds {fds_before} before, {fds} after; VmRSS {rss} KiB, VmHWM {hwm} KiB"
+        );
+        assert!(
+            fds <= fds_before + 20,
+            "round {round}: {fds} descriptors, {fds_before} before"
+        );
+        rss_after.push(rss);
+    }
+    // Printed, not asserted: the second round still raises RSS (about +30 MiB after
+    // +55 MiB, then +20 and +16 in rounds 3 and 4, with MALLOC_ARENA_MAX=1 too):
+    // allocator fragmentation or a slow leak, not settled yet.
+    println!("data path: VmRSS after each round {rss_after:?} KiB");
+    assert!(lb.log().lines().count() > 0);
+}

@@ -54,7 +54,10 @@ async fn closed_within(mut s: TcpStream, limit: Duration) -> Option<Instant> {
 async fn peer_port_flood_of_announced_frames_costs_little_and_the_cluster_keeps_committing() {
     let _one = ONE_AT_A_TIME.lock().await;
     raise_nofile();
-    let backends = vec![("b1".to_string(), named_backend("b1").await)];
+    let backends = vec![
+        ("b1".to_string(), named_backend("b1").await),
+        ("b2".to_string(), named_backend("b2").await),
+    ];
     let cluster = Cluster::new(3, backends);
     let (replicas, leader) = blocking(|| cluster.start_all(""));
     let target = &replicas[leader];
@@ -73,6 +76,7 @@ async fn peer_port_flood_of_announced_frames_costs_little_and_the_cluster_keeps_
     assert!(reply["body"]["Hello"].is_object(), "{reply}");
 
     // 1,000 connections, each announcing a 16 MiB frame and sending nothing more.
+    let probe = Probe::start(admin);
     let started = Instant::now();
     let mut watchers = Vec::new();
     for _ in 0..1000 {
@@ -91,6 +95,15 @@ async fn peer_port_flood_of_announced_frames_costs_little_and_the_cluster_keeps_
         let (code, body) = blocking(|| json(admin, "POST", &path, ""));
         assert_eq!(code, 200, "write {i} during the flood: {body}");
     }
+    // The data path shares the process's descriptors: it still proxies (to b2
+    // whenever b1 is drained).
+    let listen = cluster.addrs[leader].listen;
+    let name = which_backend(listen, None)
+        .await
+        .expect("the data path during the peer flood");
+    assert!(name == "b1" || name == "b2", "{name}");
+    let answered = probe.finish("peer flood (1,000 connections announcing 16 MiB)");
+    assert_kept_answering("peer flood", answered);
     let (hwm_flood, rss_flood) = memory_kib(pid);
     let fds_flood = open_fds(pid);
 

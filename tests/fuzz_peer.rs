@@ -224,18 +224,29 @@ fn exchange(peer: SocketAddr, bytes: &[u8]) -> Result<(), String> {
 }
 
 /// The process is running and nothing in it panicked (openraft's core runs as a
-/// task: its panic leaves the process up with Raft stopped).
-fn alive(lb: &mut Raftlb) -> Result<(), String> {
+/// task: its panic leaves the process up with Raft stopped). Reads the log from
+/// `seen` on (the log grows with every case), and moves `seen` to its end.
+fn alive(lb: &mut Raftlb, seen: &mut u64) -> Result<(), String> {
+    use std::io::Seek;
     match lb.child.try_wait() {
         Ok(None) => {}
         Ok(Some(status)) => return Err(format!("raftlb exited with {status}:\n{}", lb.log())),
         Err(e) => return Err(e.to_string()),
     }
-    let log = lb.log();
+    let mut file =
+        std::fs::File::open(lb.dir.path().join("raftlb.log")).map_err(|e| e.to_string())?;
+    file.seek(std::io::SeekFrom::Start(*seen))
+        .map_err(|e| e.to_string())?;
+    let mut new = Vec::new();
+    file.read_to_end(&mut new).map_err(|e| e.to_string())?;
+    // Keep a little overlap, so a line cut at the end is read whole next time.
+    *seen += (new.len() as u64).saturating_sub(200);
+    let log = String::from_utf8_lossy(&new);
     match log.find("panicked") {
         Some(at) => Err(format!(
             "a panic in raftlb: {}",
-            &log[at.saturating_sub(400)..(at + 400).min(log.len())]
+            log.get(at.saturating_sub(400)..(at + 400).min(log.len()))
+                .unwrap_or(&log)
         )),
         None => Ok(()),
     }
@@ -327,9 +338,10 @@ async fn the_peer_port_survives_generated_frames_and_hostile_raft_messages() {
             framed(leaderly_append.as_bytes()),
         ),
     ];
+    let mut seen = 0;
     for (what, bytes) in fixed {
         blocking(|| exchange(peer, &bytes)).unwrap_or_else(|e| panic!("{what}: {e}"));
-        alive(lb).unwrap_or_else(|e| panic!("{what}: {e}"));
+        alive(lb, &mut seen).unwrap_or_else(|e| panic!("{what}: {e}"));
         println!(
             "fixed case {what} ({} bytes): survived; VmHWM now {} KiB",
             bytes.len(),
@@ -342,16 +354,17 @@ async fn the_peer_port_survives_generated_frames_and_hostile_raft_messages() {
         failure_persistence: None,
         ..RunnerConfig::default()
     });
-    let lb = std::cell::RefCell::new(lb);
+    let lb = std::cell::RefCell::new((lb, seen));
     blocking(|| {
         runner
             .run(&input(), |bytes| {
                 exchange(peer, &bytes).map_err(TestCaseError::fail)?;
-                alive(&mut lb.borrow_mut()).map_err(TestCaseError::fail)
+                let (lb, seen) = &mut *lb.borrow_mut();
+                alive(lb, seen).map_err(TestCaseError::fail)
             })
             .unwrap_or_else(|e| panic!("{e}"));
     });
-    let lb = lb.into_inner();
+    let (lb, mut seen) = lb.into_inner();
     let (hwm_after, rss_after) = memory_kib(pid);
     println!(
         "peer fuzz: {} cases; VmHWM {hwm_before} -> {hwm_after} KiB, VmRSS now {rss_after} KiB",
@@ -384,7 +397,7 @@ async fn the_peer_port_survives_generated_frames_and_hostile_raft_messages() {
             !alone(&status(admin)) || json(admin, "PUT", "/api/v1/config", pools).0 == 200
         })
     });
-    alive(lb).unwrap_or_else(|e| panic!("after the cases: {e}"));
+    alive(lb, &mut seen).unwrap_or_else(|e| panic!("after the cases: {e}"));
     let now = status(admin);
     println!("after the cases: {now}");
     assert!(committed, "no write commits after the cases:\n{now}");

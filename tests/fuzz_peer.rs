@@ -242,14 +242,18 @@ fn alive(lb: &mut Raftlb, seen: &mut u64) -> Result<(), String> {
     // Keep a little overlap, so a line cut at the end is read whole next time.
     *seen += (new.len() as u64).saturating_sub(200);
     let log = String::from_utf8_lossy(&new);
-    match log.find("panicked") {
-        Some(at) => Err(format!(
-            "a panic in raftlb: {}",
-            log.get(at.saturating_sub(400)..(at + 400).min(log.len()))
-                .unwrap_or(&log)
-        )),
-        None => Ok(()),
+    if !log.contains("panicked") {
+        return Ok(());
     }
+    // The first panic in the whole log: later ones may only follow from it.
+    let whole = lb.log();
+    let at = whole.find("panicked").unwrap_or(0);
+    Err(format!(
+        "a panic in raftlb: {}",
+        whole
+            .get(at.saturating_sub(3000)..(at + 1500).min(whole.len()))
+            .unwrap_or(&whole)
+    ))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -328,7 +328,7 @@ pub async fn config(state: &State, node: &Node, req: Request<Incoming>) -> Reply
             let parsed: Result<Value, String> = if yaml {
                 std::str::from_utf8(&body)
                     .map_err(|e| e.to_string())
-                    .and_then(|t| serde_saphyr::from_str(t).map_err(|e| e.to_string()))
+                    .and_then(|t| crate::config::from_yaml(t).map_err(|e| e.to_string()))
             } else {
                 serde_json::from_slice(&body).map_err(|e| e.to_string())
             };

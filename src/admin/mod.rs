@@ -1,6 +1,7 @@
 //! The admin HTTP API (hyper): health, readiness, metrics and the status reads.
 
 mod cluster;
+mod conns;
 mod guard;
 mod page;
 
@@ -28,6 +29,19 @@ type Reply = Response<Full<Bytes>>;
 /// How long a client may take over the TLS handshake of the admin API.
 const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// How long a connection may take to send a whole request head, from accept or from
+/// its previous response.
+const HEAD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The HTTP/1 settings of every admin connection.
+fn http1_builder() -> http1::Builder {
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(HEAD_TIMEOUT);
+    builder
+}
+
 /// Serves the admin API on `listener` (HTTPS with `tls`, `admin.tls`) until `stop`
 /// is cancelled.
 pub async fn serve(
@@ -36,6 +50,7 @@ pub async fn serve(
     state: Arc<State>,
     stop: CancellationToken,
 ) {
+    let conns = conns::Conns::default();
     loop {
         let stream = tokio::select! {
             () = stop.cancelled() => return,
@@ -48,33 +63,62 @@ pub async fn serve(
                 }
             },
         };
+        let (slot, evicted) = conns.admit();
+        if evicted {
+            tracing::debug!(
+                "{} admin connections open: closed the longest idle one",
+                conns::MAX_OPEN
+            );
+        }
+        let Some(slot) = slot else {
+            tracing::debug!(
+                "{} admin connections busy: closing a new one",
+                conns::MAX_OPEN
+            );
+            drop(stream);
+            continue;
+        };
         let state = state.clone();
         let tls = tls.clone();
         tokio::spawn(async move {
+            let on_request = slot.clone();
             let service = service_fn(move |req| {
                 let state = state.clone();
-                async move { Ok::<_, Infallible>(route(&state, req).await) }
+                let slot = on_request.clone();
+                async move {
+                    slot.busy();
+                    let reply = route(&state, req).await;
+                    slot.idle();
+                    Ok::<_, Infallible>(reply)
+                }
             });
-            let served = match tls {
-                None => {
-                    http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await
+            let serve = async {
+                match tls {
+                    None => {
+                        http1_builder()
+                            .serve_connection(TokioIo::new(stream), service)
+                            .await
+                    }
+                    Some(tls) => {
+                        let stream =
+                            match tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.accept(stream)).await
+                            {
+                                Ok(Ok(s)) => s,
+                                Ok(Err(e)) => {
+                                    tracing::debug!(error = %e, "admin TLS handshake failed");
+                                    return Ok(());
+                                }
+                                Err(_) => return Ok(()),
+                            };
+                        http1_builder()
+                            .serve_connection(TokioIo::new(stream), service)
+                            .await
+                    }
                 }
-                Some(tls) => {
-                    let stream =
-                        match tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.accept(stream)).await {
-                            Ok(Ok(s)) => s,
-                            Ok(Err(e)) => {
-                                tracing::debug!(error = %e, "admin TLS handshake failed");
-                                return;
-                            }
-                            Err(_) => return,
-                        };
-                    http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await
-                }
+            };
+            let served = tokio::select! {
+                () = slot.closed.cancelled() => Ok(()),
+                served = serve => served,
             };
             if let Err(e) = served {
                 tracing::debug!(error = %e, "admin connection ended with an error");

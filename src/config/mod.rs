@@ -145,7 +145,7 @@ fn parse_with(
     open_files: u64,
     overrides: Overrides,
 ) -> Result<Config, ConfigError> {
-    let mut config: Config = serde_saphyr::from_str(text).map_err(|e| ConfigError::Yaml {
+    let mut config: Config = from_yaml(text).map_err(|e| ConfigError::Yaml {
         file: file.to_string(),
         issue: yaml_issue(&e, text),
     })?;
@@ -156,13 +156,36 @@ fn parse_with(
     overrides.apply(&mut config);
     let findings = validate::validate(&config, open_files);
     if !findings.errors.is_empty() {
+        let errors = findings
+            .errors
+            .into_iter()
+            .map(|mut issue| {
+                if issue.at == Place::Unknown {
+                    issue.at = place_of_path(text, &issue.path);
+                }
+                issue
+            })
+            .collect();
         return Err(ConfigError::Invalid {
             file: file.to_string(),
-            errors: findings.errors,
+            errors,
         });
     }
     fill_defaults(&mut config, open_files);
     Ok(config)
+}
+
+/// Alias expansions a YAML document may replay, in parser events: a real config
+/// needs a handful, a "billion laughs" is stopped here.
+const MAX_REPLAYED_EVENTS: usize = 20_000;
+
+/// Reads YAML (a config file, or a `PUT /api/v1/config` body) within serde-saphyr's
+/// budget (nesting depth 64, 250,000 nodes) and at most [`MAX_REPLAYED_EVENTS`] events
+/// replayed from aliases.
+pub fn from_yaml<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, serde_saphyr::Error> {
+    let mut options = serde_saphyr::Options::default();
+    options.alias_limits.max_total_replayed_events = MAX_REPLAYED_EVENTS;
+    serde_saphyr::from_str_with_options(text, options)
 }
 
 fn yaml_issue(e: &serde_saphyr::Error, text: &str) -> Issue {
@@ -205,6 +228,31 @@ fn key_before(text: &str, line: u64, column: u64) -> Option<String> {
         .rev()
         .collect();
     (!key.is_empty()).then_some(key)
+}
+
+/// Where the field `path` (e.g. `leader_election.on_fault`) is written, for an error
+/// about a field the schema keeps no position for: the line of its last key found in
+/// order, or of the nearest parent, or the start of the file for a missing section.
+/// Only a label for the message, like [`key_before`]: the YAML was read by serde-saphyr.
+fn place_of_path(text: &str, path: &str) -> Place {
+    let mut at = Place::At { line: 1, column: 1 };
+    let mut from = 0;
+    let lines: Vec<&str> = text.lines().collect();
+    for key in path.split('.').filter(|k| *k != "*") {
+        let pattern = format!("{key}:");
+        let found = lines.iter().enumerate().skip(from).find_map(|(i, l)| {
+            let col = l.find(&pattern)?;
+            let before = l[..col].chars().next_back();
+            matches!(before, None | Some(' ' | '{' | ',' | '\t')).then_some((i, col))
+        });
+        let Some((i, col)) = found else { break };
+        at = Place::At {
+            line: i as u64 + 1,
+            column: col as u64 + 1,
+        };
+        from = i;
+    }
+    at
 }
 
 /// Defaults that depend on the machine: node name, worker threads, max_connections.

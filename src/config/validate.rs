@@ -92,11 +92,57 @@ pub fn validate(config: &Config, open_files: u64) -> Findings {
         );
     }
 
+    validate_secret_files(config, &mut f);
     validate_cluster(config, &mut f);
     validate_leader_election(config, &mut f);
     validate_listeners(config, existing, open_files, &mut f);
     validate_pools(config, existing, &mut f);
     f
+}
+
+/// The token and the private keys: a warning for each one every user may read.
+fn validate_secret_files(config: &Config, f: &mut Findings) {
+    use std::os::unix::fs::PermissionsExt as _;
+    let mut files: Vec<(Place, String, &std::path::Path)> = Vec::new();
+    if let Some(t) = &config.admin.token_file {
+        files.push((Place::Unknown, "admin.token_file".into(), t));
+    }
+    if let Some(tls) = &config.admin.tls {
+        files.push((at(tls), "admin.tls.key".into(), &tls.value.key));
+    }
+    if let Some(tls) = config.cluster.as_ref().and_then(|c| c.tls.as_ref()) {
+        files.push((Place::Unknown, "cluster.tls.key".into(), &tls.key));
+    }
+    for (name, l) in &config.listeners {
+        if let Some(t) = &l.terminate {
+            files.push((
+                at(t),
+                format!("listeners.{name}.terminate.key"),
+                &t.value.key,
+            ));
+        }
+    }
+    for (name, p) in &config.pools {
+        if let Some(key) = p.backend_tls.as_ref().and_then(|t| t.value.key.as_ref()) {
+            files.push((Place::Unknown, format!("pools.{name}.backend_tls.key"), key));
+        }
+    }
+    for (place, path, file) in files {
+        if let Ok(meta) = std::fs::metadata(file) {
+            let mode = meta.permissions().mode();
+            if mode & 0o004 != 0 {
+                f.warn(
+                    place,
+                    path,
+                    format!(
+                        "{} is readable by every user (mode {:o}): it is a secret, chmod 600 (or 640 for a group)",
+                        file.display(),
+                        mode & 0o777
+                    ),
+                );
+            }
+        }
+    }
 }
 
 fn validate_cluster(config: &Config, f: &mut Findings) {

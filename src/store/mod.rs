@@ -1242,6 +1242,18 @@ impl Node {
                 address,
                 learner,
             } => {
+                // Checked here too, not only by the admin API: the request may come
+                // from any peer.
+                if id == 0 {
+                    return WriteReply::Invalid("node id 0 is not allowed: use 1 or more".into());
+                }
+                if address.parse::<std::net::SocketAddr>().is_err()
+                    && address
+                        .rsplit_once(':')
+                        .is_none_or(|(host, p)| host.is_empty() || p.parse::<u16>().is_err())
+                {
+                    return WriteReply::Invalid(format!("address {address:?} is not HOST:PORT"));
+                }
                 if known(id) {
                     return WriteReply::Invalid(format!(
                         "node {id} is a member already: remove it first"

@@ -7,10 +7,18 @@
 //! for two ids would count twice towards a quorum); a frame over [`MAX_FRAME`] or
 //! one that does not parse closes the connection. One request at a time per
 //! connection: openraft keeps one client per peer and stream.
+//!
+//! Before it knows who is talking, the port spends little on a connection: a frame's
+//! memory grows as its bytes arrive (not from the announced length), a new connection
+//! must deliver an accepted frame (one that parses and passes the identity checks)
+//! within [`FIRST_FRAME`] of accept, and at most [`PENDING_PER_SOURCE`] connections per
+//! source address may be waiting for theirs (the oldest is closed first). A connection
+//! that has delivered an accepted frame, such as a kept-open connection between
+//! replicas, is not cut by these rules.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -29,7 +37,9 @@ use tokio_rustls::{TlsAcceptor, TlsConnector};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use super::types::{Command, Node, NodeId, Outcome, Snapshot, SnapshotMeta, TypeConfig, Vote};
+use super::types::{
+    Command, LogId, Node, NodeId, Outcome, Snapshot, SnapshotMeta, TypeConfig, Vote,
+};
 use crate::config::schema::{BackendTls, PeerTls, Terminate};
 use crate::metrics as m;
 
@@ -38,6 +48,17 @@ pub const MAX_FRAME: usize = 16 << 20;
 
 /// How long an accepted connection may take to send a frame before it is closed.
 const IDLE: Duration = Duration::from_secs(300);
+
+/// How long a new connection may take to deliver its first accepted frame (TLS
+/// handshake included), counted from accept.
+pub const FIRST_FRAME: Duration = Duration::from_secs(10);
+
+/// How many connections from one source address may be waiting to deliver their
+/// first accepted frame; a new one beyond this closes the oldest.
+pub const PENDING_PER_SOURCE: usize = 64;
+
+/// What a frame's buffer starts at; it grows as the bytes arrive.
+const FIRST_CHUNK: usize = 4 << 10;
 
 /// A misconfiguration seen on every heartbeat is logged once per this long.
 const LOG_AGAIN_AFTER: Duration = Duration::from_secs(10);
@@ -386,9 +407,83 @@ async fn read_frame(stream: &mut (impl AsyncRead + Unpin)) -> io::Result<Vec<u8>
             format!("frame of {len} bytes is over the limit of {MAX_FRAME}"),
         ));
     }
-    let mut buf = vec![0; len];
-    stream.read_exact(&mut buf).await?;
+    // Not `vec![0; len]`: a peer that announces 16 MiB and sends nothing costs
+    // FIRST_CHUNK, and the buffer grows only with the bytes that arrive.
+    let mut buf = Vec::with_capacity(len.min(FIRST_CHUNK));
+    (&mut *stream)
+        .take(len as u64)
+        .read_to_end(&mut buf)
+        .await?;
+    if buf.len() < len {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            format!("frame cut short: {} of {len} bytes", buf.len()),
+        ));
+    }
     Ok(buf)
+}
+
+/// The connections that have not yet delivered an accepted frame, per source address,
+/// oldest first.
+#[derive(Default)]
+struct Pending {
+    next: u64,
+    by_source: HashMap<IpAddr, VecDeque<(u64, CancellationToken)>>,
+}
+
+/// A connection's place in [`Pending`], given up on its first accepted frame or when
+/// it ends.
+struct PendingSlot {
+    pending: Arc<Mutex<Pending>>,
+    source: IpAddr,
+    id: u64,
+}
+
+impl Pending {
+    /// Registers a new connection from `source`; the token is cancelled when newer
+    /// ones push it out. Also how many older ones were pushed out.
+    fn admit(
+        this: &Arc<Mutex<Pending>>,
+        source: IpAddr,
+    ) -> (PendingSlot, CancellationToken, usize) {
+        let token = CancellationToken::new();
+        let mut dropped = 0;
+        let id = match this.lock() {
+            Ok(mut p) => {
+                let id = p.next;
+                p.next += 1;
+                let queue = p.by_source.entry(source).or_default();
+                queue.push_back((id, token.clone()));
+                while queue.len() > PENDING_PER_SOURCE {
+                    if let Some((_, oldest)) = queue.pop_front() {
+                        oldest.cancel();
+                        dropped += 1;
+                    }
+                }
+                id
+            }
+            Err(_) => u64::MAX,
+        };
+        let slot = PendingSlot {
+            pending: this.clone(),
+            source,
+            id,
+        };
+        (slot, token, dropped)
+    }
+}
+
+impl Drop for PendingSlot {
+    fn drop(&mut self) {
+        if let Ok(mut p) = self.pending.lock()
+            && let Some(queue) = p.by_source.get_mut(&self.source)
+        {
+            queue.retain(|(id, _)| *id != self.id);
+            if queue.is_empty() {
+                p.by_source.remove(&self.source);
+            }
+        }
+    }
 }
 
 async fn write_frame(stream: &mut (impl AsyncWrite + Unpin), bytes: &[u8]) -> io::Result<()> {
@@ -528,6 +623,7 @@ pub async fn serve<H: Handler>(
     handler: Arc<H>,
     stop: CancellationToken,
 ) {
+    let pending = Arc::new(Mutex::new(Pending::default()));
     loop {
         let (tcp, peer) = tokio::select! {
             () = stop.cancelled() => return,
@@ -540,44 +636,77 @@ pub async fn serve<H: Handler>(
                 }
             },
         };
+        let deadline = tokio::time::Instant::now() + FIRST_FRAME;
         let _ = tcp.set_nodelay(true);
+        let (slot, pushed_out, dropped) = Pending::admit(&pending, peer.ip());
+        if dropped > 0 {
+            let line = format!(
+                "over {PENDING_PER_SOURCE} peer connections from {} have not sent a first frame: closing the oldest",
+                peer.ip()
+            );
+            if net.logged.due(&line) {
+                tracing::warn!("{line}");
+            }
+        }
         let net = net.clone();
         let handler = handler.clone();
         let stop = stop.clone();
         tokio::spawn(async move {
-            let stream: Stream = match &net.tls {
-                None => Box::new(tcp),
-                Some(tls) => {
-                    match tokio::time::timeout(Duration::from_secs(10), tls.server.accept(tcp))
-                        .await
-                    {
-                        Ok(Ok(stream)) => Box::new(stream),
-                        Ok(Err(e)) => {
-                            tracing::warn!(%peer, error = %e, "peer refused: TLS handshake failed (a certificate signed by cluster.tls.ca is required)");
-                            return;
+            let serve = async {
+                let stream: Stream = match &net.tls {
+                    None => Box::new(tcp),
+                    Some(tls) => {
+                        match tokio::time::timeout_at(deadline, tls.server.accept(tcp)).await {
+                            Ok(Ok(stream)) => Box::new(stream),
+                            Ok(Err(e)) => {
+                                tracing::warn!(%peer, error = %e, "peer refused: TLS handshake failed (a certificate signed by cluster.tls.ca is required)");
+                                return;
+                            }
+                            Err(_) => return,
                         }
-                        Err(_) => return,
                     }
-                }
+                };
+                connection(stream, peer, &net, &*handler, slot, deadline).await;
             };
             tokio::select! {
                 () = stop.cancelled() => {}
-                () = connection(stream, peer, &net, &*handler) => {}
+                () = pushed_out.cancelled() => {}
+                () = serve => {}
             }
         });
     }
 }
 
-async fn connection<H: Handler>(mut stream: Stream, peer: SocketAddr, net: &Net, handler: &H) {
+/// Serves one connection: `slot` is its place among the connections that have not
+/// yet delivered an accepted frame, given up on the first, which must arrive by
+/// `first_by`.
+async fn connection<H: Handler>(
+    mut stream: Stream,
+    peer: SocketAddr,
+    net: &Net,
+    handler: &H,
+    slot: PendingSlot,
+    first_by: tokio::time::Instant,
+) {
+    let mut slot = Some(slot);
     loop {
-        let frame = match tokio::time::timeout(IDLE, read_frame(&mut stream)).await {
+        let by = match slot {
+            Some(_) => first_by,
+            None => tokio::time::Instant::now() + IDLE,
+        };
+        let frame = match tokio::time::timeout_at(by, read_frame(&mut stream)).await {
             Ok(Ok(frame)) => frame,
             Ok(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => return,
             Ok(Err(e)) => {
                 tracing::warn!(%peer, error = %e, "peer frame refused; closing the connection");
                 return;
             }
-            Err(_) => return,
+            Err(_) => {
+                if slot.is_some() {
+                    tracing::debug!(%peer, "no accepted peer frame within {FIRST_FRAME:?} of accept; closing the connection");
+                }
+                return;
+            }
         };
         let request: Envelope<Request> = match serde_json::from_slice(&frame) {
             Ok(request) => request,
@@ -597,6 +726,8 @@ async fn connection<H: Handler>(mut stream: Stream, peer: SocketAddr, net: &Net,
         } else {
             net.identity.heard(&request);
             net.contact.heard(request.from);
+            // An accepted frame: from now on the connection is a peer's.
+            slot = None;
             handler.handle(request.from, request.body).await
         };
         let bytes = match serde_json::to_vec(&net.identity.wrap(reply)) {
@@ -662,6 +793,9 @@ pub async fn raft_rpc(raft: &super::types::Raft, request: Request) -> Result<Rep
     fn answer<R, E: std::fmt::Display>(r: Result<R, E>, ok: fn(R) -> Reply) -> Reply {
         r.map_or_else(|e| Reply::Error(e.to_string()), ok)
     }
+    if let Err(why) = sane(&request) {
+        return Ok(Reply::Error(format!("refused: {why}")));
+    }
     Ok(match request {
         Request::Append(rpc) => answer(raft.append_entries(rpc).await, Reply::Append),
         Request::Vote(rpc) => answer(raft.vote(rpc).await, Reply::Vote),
@@ -682,6 +816,101 @@ pub async fn raft_rpc(raft: &super::types::Raft, request: Request) -> Result<Rep
         ),
         other => return Err(other),
     })
+}
+
+/// The largest term and log index a peer may send: far beyond what any cluster
+/// reaches (a new term every millisecond for 146 million years), and far enough from
+/// `u64::MAX` that openraft's `term + 1` and `index + 1` cannot overflow.
+pub const MAX_TERM_OR_INDEX: u64 = 1 << 62;
+
+fn log_id_in_range(what: &str, log_id: Option<&LogId>) -> Result<(), String> {
+    match log_id {
+        Some(l) if l.leader_id.term > MAX_TERM_OR_INDEX || l.index > MAX_TERM_OR_INDEX => Err(
+            format!("{what} {l} is out of range (terms and indexes stop at {MAX_TERM_OR_INDEX})"),
+        ),
+        _ => Ok(()),
+    }
+}
+
+fn vote_in_range(vote: &Vote) -> Result<(), String> {
+    if vote.leader_id.term > MAX_TERM_OR_INDEX {
+        return Err(format!(
+            "vote {vote} is out of range (terms stop at {MAX_TERM_OR_INDEX})"
+        ));
+    }
+    Ok(())
+}
+
+/// Why a Raft RPC is refused before openraft sees it: what no correct peer sends, and
+/// what openraft takes for granted of its peers (it asserts these, or adds one to a
+/// term or an index, and its core stopped in a debug build, or went on with a wrapped
+/// term in a release one). Found by the generated-input suite (tests/fuzz_peer.rs).
+fn sane(request: &Request) -> Result<(), String> {
+    match request {
+        Request::Append(rpc) => {
+            vote_in_range(&rpc.vote)?;
+            log_id_in_range("prev_log_id", rpc.prev_log_id.as_ref())?;
+            log_id_in_range("leader_commit", rpc.leader_commit.as_ref())?;
+            if !rpc.vote.committed {
+                return Err(format!(
+                    "an append from {} whose vote is not committed: only a leader appends",
+                    rpc.vote
+                ));
+            }
+            let mut expected = match &rpc.prev_log_id {
+                Some(prev) => prev.index.checked_add(1),
+                None => Some(0),
+            };
+            let mut term = rpc.prev_log_id.as_ref().map_or(0, |p| p.leader_id.term);
+            for entry in &rpc.entries {
+                log_id_in_range("entry", Some(&entry.log_id))?;
+                if Some(entry.log_id.index) != expected {
+                    return Err(format!(
+                        "entry {} follows index {:?}: entries must be consecutive",
+                        entry.log_id,
+                        rpc.prev_log_id.as_ref().map(|p| p.index)
+                    ));
+                }
+                if entry.log_id.leader_id.term < term
+                    || entry.log_id.leader_id.term > rpc.vote.leader_id.term
+                {
+                    return Err(format!(
+                        "entry {} has a term out of order or above the leader's {}",
+                        entry.log_id, rpc.vote.leader_id.term
+                    ));
+                }
+                term = entry.log_id.leader_id.term;
+                expected = entry.log_id.index.checked_add(1);
+            }
+            Ok(())
+        }
+        Request::Vote(rpc) | Request::PreVote(rpc) => {
+            vote_in_range(&rpc.vote)?;
+            log_id_in_range("last_log_id", rpc.last_log_id.as_ref())?;
+            if rpc.vote.committed {
+                return Err(format!(
+                    "a vote request with a committed vote {}: a candidate's vote is not committed",
+                    rpc.vote
+                ));
+            }
+            Ok(())
+        }
+        Request::Snapshot { vote, meta, .. } => {
+            vote_in_range(vote)?;
+            log_id_in_range("snapshot last_log_id", meta.last_log_id.as_ref())?;
+            if !vote.committed {
+                return Err(format!(
+                    "a snapshot from {vote} whose vote is not committed: only a leader sends one"
+                ));
+            }
+            Ok(())
+        }
+        Request::TransferLeader(rpc) => {
+            vote_in_range(rpc.from_leader())?;
+            log_id_in_range("last_log_id", rpc.last_log_id())
+        }
+        _ => Ok(()),
+    }
 }
 
 fn rpc_error(e: CallError) -> RPCError<TypeConfig> {
@@ -791,6 +1020,43 @@ mod tests {
         let mut data: &[u8] = &(u32::MAX).to_be_bytes();
         let err = read_frame(&mut data).await.expect_err("refused");
         assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+    }
+
+    #[tokio::test]
+    async fn a_frame_cut_short_is_an_early_eof_and_its_buffer_follows_the_bytes() {
+        let mut data: &[u8] = &[&(16u32 << 20).to_be_bytes()[..], b"{}"].concat();
+        let err = read_frame(&mut data).await.expect_err("cut short");
+        assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
+        let mut whole: &[u8] = &[&5u32.to_be_bytes()[..], b"hello", b"next"].concat();
+        assert_eq!(read_frame(&mut whole).await.expect("frame"), b"hello");
+        assert_eq!(whole, b"next");
+    }
+
+    #[test]
+    fn a_source_over_its_pending_limit_loses_its_oldest_connections() {
+        let pending = Arc::new(Mutex::new(Pending::default()));
+        let a: IpAddr = [10, 0, 0, 1].into();
+        let b: IpAddr = [10, 0, 0, 2].into();
+        let mut held = Vec::new();
+        for _ in 0..PENDING_PER_SOURCE {
+            let (slot, token, dropped) = Pending::admit(&pending, a);
+            assert_eq!(dropped, 0);
+            held.push((slot, token));
+        }
+        // Another source has its own allowance.
+        let (_other, other_token, dropped) = Pending::admit(&pending, b);
+        assert_eq!(dropped, 0);
+        let (_newest, _, dropped) = Pending::admit(&pending, a);
+        assert_eq!(dropped, 1);
+        assert!(held[0].1.is_cancelled(), "the oldest is pushed out");
+        assert!(!held[1].1.is_cancelled());
+        assert!(!other_token.is_cancelled());
+        // A slot given up (first accepted frame, or the end) makes room.
+        let (slot, token) = held.pop().expect("slot");
+        drop(slot);
+        let (_again, _, dropped) = Pending::admit(&pending, a);
+        assert_eq!(dropped, 0);
+        assert!(!token.is_cancelled());
     }
 
     #[test]

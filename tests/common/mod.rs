@@ -1,6 +1,7 @@
 //! Test fixtures: real `raftlb` processes on loopback, real backends, tiny HTTP reads.
 #![allow(dead_code)]
 
+pub mod cluster;
 pub mod netns;
 pub mod pki;
 

@@ -568,6 +568,10 @@ async fn ctl_adds_promotes_and_removes_a_member_and_applies_config() {
     let (code, yaml, err) = blocking(|| ctl(admin, &["config", "get"]));
     assert_eq!(code, 0, "{err}");
     assert!(yaml.contains("b2"), "{yaml}");
+    assert!(
+        yaml.starts_with("# config_version: 1 (raftlb ctl config apply FILE --if-version 1)\n"),
+        "config get shows the version to apply against: {yaml}"
+    );
     let file = cluster.data[0].path().join("new-pools.yaml");
     std::fs::write(&file, yaml.replace("weight: 1", "weight: 5")).expect("write");
     let f = file.to_string_lossy().to_string();

@@ -283,11 +283,16 @@ pub async fn config(state: &State, node: &Node, req: Request<Incoming>) -> Reply
                 Ok(a) => a,
                 Err(reply) => return reply,
             };
+            let version = applied.state.config_version;
             let body = Replicated {
                 pools: std::sync::Arc::unwrap_or_clone(applied.state.pools),
             };
             let reply = match crate::config::to_yaml_value(&body) {
                 Ok(yaml) => {
+                    // The version on top (a comment: the file still applies as it is).
+                    let yaml = format!(
+                        "# config_version: {version} (raftlb ctl config apply FILE --if-version {version})\n{yaml}"
+                    );
                     let mut r =
                         hyper::Response::new(http_body_util::Full::new(bytes::Bytes::from(yaml)));
                     r.headers_mut().insert(

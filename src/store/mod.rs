@@ -137,6 +137,10 @@ pub struct Node {
     /// Where lease transfers sent to this replica go (set by the election).
     lease_transfers: std::sync::Mutex<Option<tokio::sync::mpsc::UnboundedSender<LeaseTransfer>>>,
     pub stop: CancellationToken,
+    /// False while an empty replica with `initial_state: new` has not yet heard
+    /// whether the cluster counts it as joined: until then it takes no vote and no
+    /// entry (a wiped replica must refuse to start, not be caught up as new).
+    vetted: std::sync::atomic::AtomicBool,
 }
 
 impl Node {
@@ -275,6 +279,9 @@ impl Node {
             leader_contact: std::sync::Mutex::new(None),
             lease_transfers: std::sync::Mutex::new(None),
             stop: CancellationToken::new(),
+            vetted: std::sync::atomic::AtomicBool::new(
+                !(empty && cluster.initial_state == InitialState::New),
+            ),
         });
         tokio::spawn(network::serve(socket, net, node.clone(), node.stop.clone()));
         tracing::info!(node_id = id, %bind, "Raft peer port listening");
@@ -464,6 +471,7 @@ impl Node {
         let mut logged_wait = false;
         loop {
             if self.stop.is_cancelled() || self.raft().is_initialized().await.unwrap_or(true) {
+                self.vet();
                 return;
             }
             // This replica (empty, same cluster_id, same peers), then each peer that
@@ -500,6 +508,7 @@ impl Node {
                         peer,
                         "bootstrap: the cluster exists already; waiting for the leader to replicate"
                     );
+                    self.vet();
                     return;
                 }
                 if hello.peers != mine {
@@ -515,6 +524,7 @@ impl Node {
             }
             let ready = ready.len();
             if ready >= quorum {
+                self.vet();
                 let members: BTreeMap<NodeId, RaftNode> = self
                     .peers
                     .iter()
@@ -574,6 +584,11 @@ impl Node {
                 () = tokio::time::sleep(HELLO_AFTER / 2) => {}
             }
         }
+    }
+
+    /// This replica may take votes and entries from now on.
+    fn vet(&self) {
+        self.vetted.store(true, std::sync::atomic::Ordering::Release);
     }
 
     /// Asks every peer once for its Raft timing and warns when it differs from ours:
@@ -1375,6 +1390,13 @@ impl network::Handler for Node {
             | Request::PreVote(_)
             | Request::Snapshot { .. }
             | Request::TransferLeader(_) => {
+                if !self.vetted.load(std::sync::atomic::Ordering::Acquire) {
+                    return Reply::Error(format!(
+                        "node {} has an empty data_dir and is still asking its peers whether \
+                         it joined this cluster before",
+                        self.id
+                    ));
+                }
                 let append = matches!(request, Request::Append(_));
                 let reply = network::raft_rpc(&self.raft(), request)
                     .await

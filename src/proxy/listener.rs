@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use metrics::{Counter, Gauge, Histogram};
-use socket2::{SockRef, TcpKeepalive};
+use socket2::SockRef;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
 use tokio::time::Instant;
@@ -115,6 +115,7 @@ pub fn spawn(
     let stop_accepting = CancellationToken::new();
     let accept = AcceptLoop {
         name: name.clone(),
+        bind,
         socket,
         settings: settings.clone(),
         stop: stop_accepting.clone(),
@@ -134,6 +135,7 @@ pub fn spawn(
 
 struct AcceptLoop {
     name: Arc<str>,
+    bind: SocketAddr,
     socket: TcpListener,
     settings: Arc<ArcSwap<Settings>>,
     stop: CancellationToken,
@@ -205,6 +207,7 @@ impl AcceptLoop {
         }
         let conn = Connection {
             listener: self.name.clone(),
+            bind: self.bind,
             settings,
             meters: self.meters.clone(),
             shared: self.shared.clone(),
@@ -257,6 +260,9 @@ impl Drop for BackendSlot<'_> {
 
 struct Connection {
     listener: Arc<str>,
+    /// The listening address; the local address of every accepted connection when
+    /// its IP is not a wildcard.
+    bind: SocketAddr,
     settings: Arc<Settings>,
     meters: Arc<MeterCache>,
     shared: Shared,
@@ -284,7 +290,7 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl Connection {
     async fn serve(self, client: TcpStream, peer: SocketAddr) {
-        tune(&client);
+        // TCP_NODELAY and keepalive came from the listening socket (net::listen_proxied).
         let snapshot = self.shared.balancer.snapshot();
         let Some(pool) = snapshot.pools.get(&self.settings.pool) else {
             self.meters
@@ -293,7 +299,7 @@ impl Connection {
             tracing::warn!(listener = %self.listener, pool = %self.settings.pool, "pool does not exist; closing the connection");
             return;
         };
-        let local = client.local_addr().unwrap_or(peer);
+        let local = self.local_addr(&client, peer);
         let end = match &self.settings.terminate {
             None => match self.connect(pool, peer, local, &[]).await {
                 Some(conn) => self.relay(client, conn).await,
@@ -322,6 +328,15 @@ impl Connection {
                 tracing::debug!(listener = %self.listener, %peer, error = %e, "connection ended")
             }
         }
+    }
+
+    /// The address the client connected to, for the PROXY header: the bind address,
+    /// unless it is a wildcard (then one getsockname). Unused without the header.
+    fn local_addr(&self, client: &TcpStream, peer: SocketAddr) -> SocketAddr {
+        if self.settings.proxy_protocol == ProxyProtocol::Off || !self.bind.ip().is_unspecified() {
+            return self.bind;
+        }
+        client.local_addr().unwrap_or(peer)
     }
 
     /// `tls: terminate`: read the ClientHello, connect to a backend offering the
@@ -518,7 +533,8 @@ async fn connect_backend(
     let timeout = pool.connect_timeout;
     let connect = async {
         let mut stream = TcpStream::connect(addr).await?;
-        tune(&stream);
+        // Best effort, as on the client side: a connection works without them.
+        let _ = crate::net::tune(&SockRef::from(&stream));
         if let Some(header) = proxy_protocol::header(proxy_protocol, peer, local)? {
             stream.write_all(&header).await?;
         }
@@ -540,16 +556,6 @@ async fn connect_backend(
             format!("connect to {addr} timed out after {timeout:?}"),
         )
     })?
-}
-
-/// TCP_NODELAY and keepalive on both sides of every proxied connection.
-fn tune(stream: &TcpStream) {
-    let _ = stream.set_nodelay(true);
-    let keepalive = TcpKeepalive::new()
-        .with_time(Duration::from_secs(60))
-        .with_interval(Duration::from_secs(10))
-        .with_retries(6);
-    let _ = SockRef::from(stream).set_tcp_keepalive(&keepalive);
 }
 
 /// The metric handles of one (listener, pool, backend), resolved once and reused.

@@ -5,7 +5,7 @@
 //! passed on as a half-close of the other side's write direction.
 
 use std::io;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use metrics::Counter;
@@ -146,7 +146,9 @@ where
     }
 }
 
-/// One direction: read until EOF, write everything, then half-close the writer.
+/// One direction: read until EOF, write everything, then half-close the writer
+/// while the other direction is still open; when it is over too, the close that
+/// follows sends the FIN, and a shutdown() would be one more system call.
 /// The buffer exists only between a wake-up and the next wait.
 async fn pump(
     mut from: ReadHalf<'_>,
@@ -161,7 +163,9 @@ async fn pump(
         // saves the read() that would only return EAGAIN.
         let n = from.read_buf(&mut buf).await?;
         if n == 0 {
-            to.shutdown().await?;
+            if !last_activity.finish_direction() {
+                to.shutdown().await?;
+            }
             return Ok(());
         }
         last_activity.touch();
@@ -181,11 +185,13 @@ async fn idle(last_activity: &Activity, timeout: Duration) {
     }
 }
 
-/// When a byte last moved, in milliseconds since the relay started. Both directions
-/// run in one task, so the atomic is never contended; it only makes the future `Send`.
+/// When a byte last moved, in milliseconds since the relay started, and whether a
+/// direction has reached EOF. Both directions run in one task, so the atomics are
+/// never contended; they only make the future `Send`.
 struct Activity {
     start: Instant,
     last_ms: AtomicU64,
+    one_finished: AtomicBool,
 }
 
 impl Activity {
@@ -193,7 +199,13 @@ impl Activity {
         Activity {
             start: Instant::now(),
             last_ms: AtomicU64::new(0),
+            one_finished: AtomicBool::new(false),
         }
+    }
+
+    /// Records that one direction reached EOF; true when the other one had already.
+    fn finish_direction(&self) -> bool {
+        self.one_finished.swap(true, Ordering::Relaxed)
     }
 
     fn touch(&self) {

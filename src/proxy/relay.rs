@@ -5,6 +5,7 @@
 //! passed on as a half-close of the other side's write direction.
 
 use std::io;
+use std::pin::{Pin, pin};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -61,7 +62,9 @@ pub async fn relay(
     let last_activity = Activity::new();
     let (client_read, client_write) = client.split();
     let (backend_read, backend_write) = backend.split();
-    let both = async {
+    // Pinned in place and passed by reference: a future passed by value into another
+    // async fn is stored twice in the task (rust-lang/rust#62958).
+    let both = pin!(async {
         tokio::try_join!(
             pump(
                 client_read,
@@ -71,7 +74,7 @@ pub async fn relay(
             ),
             pump(backend_read, client_write, &last_activity, meters.to_client),
         )
-    };
+    });
     until_done(both, &last_activity, idle_timeout, stop).await
 }
 
@@ -91,7 +94,9 @@ where
     let last_activity = Activity::new();
     let (client_read, client_write) = tokio::io::split(client);
     let (backend_read, backend_write) = tokio::io::split(backend);
-    let both = async {
+    // Pinned in place and passed by reference: a future passed by value into another
+    // async fn is stored twice in the task (rust-lang/rust#62958).
+    let both = pin!(async {
         tokio::try_join!(
             pump_io(
                 client_read,
@@ -101,13 +106,13 @@ where
             ),
             pump_io(backend_read, client_write, &last_activity, meters.to_client),
         )
-    };
+    });
     until_done(both, &last_activity, idle_timeout, stop).await
 }
 
 /// Runs both directions until they finish, the connection idles out, or `stop`.
 async fn until_done(
-    both: impl Future<Output = io::Result<((), ())>>,
+    both: Pin<&mut impl Future<Output = io::Result<((), ())>>>,
     last_activity: &Activity,
     idle_timeout: Duration,
     stop: &CancellationToken,

@@ -543,7 +543,7 @@ impl Server {
         if let Some((_, old)) = self.listeners.remove(name) {
             old.stop().await;
         }
-        let socket = crate::net::listen(l.bind.0).map_err(|e| {
+        let socket = crate::net::listen_proxied(l.bind.0).map_err(|e| {
             StartError::Runtime(format!(
                 "listeners.{name}.bind {}: cannot listen: {e}",
                 l.bind

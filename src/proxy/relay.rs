@@ -5,7 +5,8 @@
 //! passed on as a half-close of the other side's write direction.
 
 use std::io;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::pin::{Pin, pin};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use metrics::Counter;
@@ -61,7 +62,9 @@ pub async fn relay(
     let last_activity = Activity::new();
     let (client_read, client_write) = client.split();
     let (backend_read, backend_write) = backend.split();
-    let both = async {
+    // Pinned in place and passed by reference: a future passed by value into another
+    // async fn is stored twice in the task (rust-lang/rust#62958).
+    let both = pin!(async {
         tokio::try_join!(
             pump(
                 client_read,
@@ -71,7 +74,7 @@ pub async fn relay(
             ),
             pump(backend_read, client_write, &last_activity, meters.to_client),
         )
-    };
+    });
     until_done(both, &last_activity, idle_timeout, stop).await
 }
 
@@ -91,7 +94,9 @@ where
     let last_activity = Activity::new();
     let (client_read, client_write) = tokio::io::split(client);
     let (backend_read, backend_write) = tokio::io::split(backend);
-    let both = async {
+    // Pinned in place and passed by reference: a future passed by value into another
+    // async fn is stored twice in the task (rust-lang/rust#62958).
+    let both = pin!(async {
         tokio::try_join!(
             pump_io(
                 client_read,
@@ -101,13 +106,13 @@ where
             ),
             pump_io(backend_read, client_write, &last_activity, meters.to_client),
         )
-    };
+    });
     until_done(both, &last_activity, idle_timeout, stop).await
 }
 
 /// Runs both directions until they finish, the connection idles out, or `stop`.
 async fn until_done(
-    both: impl Future<Output = io::Result<((), ())>>,
+    both: Pin<&mut impl Future<Output = io::Result<((), ())>>>,
     last_activity: &Activity,
     idle_timeout: Duration,
     stop: &CancellationToken,
@@ -146,7 +151,9 @@ where
     }
 }
 
-/// One direction: read until EOF, write everything, then half-close the writer.
+/// One direction: read until EOF, write everything, then half-close the writer
+/// while the other direction is still open; when it is over too, the close that
+/// follows sends the FIN, and a shutdown() would be one more system call.
 /// The buffer exists only between a wake-up and the next wait.
 async fn pump(
     mut from: ReadHalf<'_>,
@@ -161,7 +168,9 @@ async fn pump(
         // saves the read() that would only return EAGAIN.
         let n = from.read_buf(&mut buf).await?;
         if n == 0 {
-            to.shutdown().await?;
+            if !last_activity.finish_direction() {
+                to.shutdown().await?;
+            }
             return Ok(());
         }
         last_activity.touch();
@@ -181,11 +190,13 @@ async fn idle(last_activity: &Activity, timeout: Duration) {
     }
 }
 
-/// When a byte last moved, in milliseconds since the relay started. Both directions
-/// run in one task, so the atomic is never contended; it only makes the future `Send`.
+/// When a byte last moved, in milliseconds since the relay started, and whether a
+/// direction has reached EOF. Both directions run in one task, so the atomics are
+/// never contended; they only make the future `Send`.
 struct Activity {
     start: Instant,
     last_ms: AtomicU64,
+    one_finished: AtomicBool,
 }
 
 impl Activity {
@@ -193,7 +204,13 @@ impl Activity {
         Activity {
             start: Instant::now(),
             last_ms: AtomicU64::new(0),
+            one_finished: AtomicBool::new(false),
         }
+    }
+
+    /// Records that one direction reached EOF; true when the other one had already.
+    fn finish_direction(&self) -> bool {
+        self.one_finished.swap(true, Ordering::Relaxed)
     }
 
     fn touch(&self) {

@@ -588,7 +588,8 @@ impl Node {
 
     /// This replica may take votes and entries from now on.
     fn vet(&self) {
-        self.vetted.store(true, std::sync::atomic::Ordering::Release);
+        self.vetted
+            .store(true, std::sync::atomic::Ordering::Release);
     }
 
     /// Asks every peer once for its Raft timing and warns when it differs from ours:

@@ -256,6 +256,9 @@ pub struct DemoArgs {
     /// How many client connections the demo makes, in all.
     #[arg(long, default_value_t = 300)]
     pub requests: u32,
+    /// Keep the cluster running at the end (its status pages stay up) until Ctrl-C.
+    #[arg(long)]
+    pub keep_running: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]

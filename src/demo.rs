@@ -3,9 +3,10 @@
 //! It starts three small HTTP backends in this process, one `raftlb run` child
 //! process with a generated standalone config, and a client loop; half-way it stops
 //! one backend, so the retries show, and it prints what happened. Then it starts a
-//! cluster of three replicas, drains a backend through a follower, kills the Raft
-//! leader with SIGKILL and shows the survivors elect a new one and take writes.
-//! (Leader election of the active replica comes later: every replica serves.)
+//! cluster of three replicas with leader election, in front of the same pool:
+//! one active accepts, a drain through a standby reaches every replica, SIGKILL of
+//! the active shows a standby take over after the lease, and a SIGTERM hands the
+//! lease over at once.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -121,13 +122,19 @@ async fn demo(args: DemoArgs) -> Result<(), String> {
     };
     drop(child);
     if !interrupted {
-        let alive: Vec<(String, SocketAddr)> = [&backends[0], &backends[2]]
+        // The same pool and weights as the first part: backend-2 comes back.
+        let name = backends[1].0.clone();
+        let (addr, stop) = start_backend(name.clone()).await?;
+        println!("\n  restarted {name} on {addr} for the cluster part");
+        backends[1] = (name, addr, stop);
+        let pool: Vec<(String, SocketAddr, u32)> = backends
             .iter()
-            .map(|(name, addr, _)| (name.clone(), *addr))
+            .enumerate()
+            .map(|(i, (name, addr, _))| (name.clone(), *addr, if i == 0 { 2 } else { 1 }))
             .collect();
         let dir = std::env::temp_dir().join(format!("raftlb-demo-cluster-{}", std::process::id()));
         let result = tokio::select! {
-            result = cluster_demo(&exe, &dir, &alive) => result,
+            result = cluster_demo(&exe, &dir, &pool, args.keep_running) => result,
             _ = tokio::signal::ctrl_c() => { println!("\ninterrupted; cleaning up"); Ok(()) }
         };
         let _ = std::fs::remove_dir_all(&dir);
@@ -171,7 +178,8 @@ struct Replica {
 async fn cluster_demo(
     exe: &std::path::Path,
     dir: &std::path::Path,
-    backends: &[(String, SocketAddr)],
+    backends: &[(String, SocketAddr, u32)],
+    keep_running: bool,
 ) -> Result<(), String> {
     println!(
         "\n--- cluster mode: three replicas, one Raft group, one active (leader election) ---\n"
@@ -187,7 +195,9 @@ async fn cluster_demo(
         .collect();
     let pool: String = backends
         .iter()
-        .map(|(name, addr)| format!("      - {{ name: {name}, address: \"{addr}\" }}\n"))
+        .map(|(name, addr, weight)| {
+            format!("      - {{ name: {name}, address: \"{addr}\", weight: {weight} }}\n")
+        })
         .collect();
     let mut replicas = Vec::new();
     for (i, (admin, listen, peer)) in addrs.iter().enumerate() {
@@ -207,7 +217,7 @@ async fn cluster_demo(
         );
         let child = spawn_raftlb(exe, home, &yaml)?;
         println!(
-            "  started replica {id} (pid {}): listener {listen}, admin http://{admin}, peer port {peer}",
+            "  started replica {id} (pid {}): listener {listen}, status page http://{admin}/, peer port {peer}",
             child.child.id()
         );
         replicas.push(Replica {
@@ -230,7 +240,7 @@ async fn cluster_demo(
     raft_leader_is(&replicas, active).await;
     roles(&replicas).await;
 
-    let drained = &backends[1].0;
+    let drained = &backends[2].0;
     let standby = replicas
         .iter()
         .find(|r| r.id != active)
@@ -244,7 +254,8 @@ async fn cluster_demo(
         "\n  POST {path} on replica {} (a standby): {code}; it forwarded the write to the Raft leader",
         standby.id
     );
-    let version = config_version(&body);
+    // The replica answers once it applied the write itself: its status has the version.
+    let version = version_at(standby.admin).await;
     let waited = Instant::now();
     applied_everywhere(&replicas, version).await?;
     println!(
@@ -291,7 +302,8 @@ async fn cluster_demo(
         "  POST {path} on replica {}: {code}; committed by the two survivors",
         survivors[0].id
     );
-    applied_everywhere(&survivors, config_version(&body)).await?;
+    let undrained = version_at(survivors[0].admin).await;
+    applied_everywhere(&survivors, undrained).await?;
     spread(&survivors, "the new active spreads connections again").await;
 
     if let Some(c) = replicas
@@ -301,7 +313,7 @@ async fn cluster_demo(
     {
         c.restart(exe)?;
     }
-    applied_everywhere(&replicas, config_version(&body)).await?;
+    applied_everywhere(&replicas, undrained).await?;
     println!(
         "\n  replica {active} restarted on its data_dir: it caught up and waits as a standby (the lease is replica {next}'s)"
     );
@@ -333,9 +345,15 @@ async fn cluster_demo(
         "\n  timeline: replica {active} active, killed; replica {next} active, SIGTERM; replica {after} active.\n  \
          client: {ok} connections served, {failed} refused while no replica was active"
     );
-    println!(
-        "\n  to run a cluster yourself: config/cluster-loopback.yaml (README, \"Cluster mode\")"
-    );
+    println!("\n  to run a cluster yourself: config/cluster-loopback.yaml (README, \"Guides\")");
+    if keep_running {
+        println!("\n  --keep-running: the replicas keep running; Ctrl-C stops them. Status pages:");
+        // All but the one the SIGTERM stopped.
+        for r in replicas.iter().filter(|r| r.id != next) {
+            println!("    replica {}: http://{}/", r.id, r.admin);
+        }
+        std::future::pending::<()>().await;
+    }
     Ok(())
 }
 
@@ -479,6 +497,14 @@ async fn spread<R: std::borrow::Borrow<Replica>>(replicas: &[R], what: &str) {
 }
 
 /// The `config_version` of a write's answer.
+/// The config_version a replica has applied (0 if it does not answer).
+async fn version_at(admin: SocketAddr) -> u64 {
+    match get(admin, "/api/v1/status").await {
+        Ok((_, body)) => config_version(&body),
+        Err(_) => 0,
+    }
+}
+
 fn config_version(body: &str) -> u64 {
     serde_json::from_str::<serde_json::Value>(body)
         .ok()

@@ -37,6 +37,8 @@ fn the_demo_runs_both_parts() {
     assert_eq!(code, 0, "{out}\n{err}");
     for expected in [
         "stopped backend-2",
+        "restarted backend-2 on",
+        "status page http://",
         "cluster initialised",
         "forwarded the write to the Raft leader",
         "SIGKILL to replica",
@@ -46,6 +48,11 @@ fn the_demo_runs_both_parts() {
     ] {
         assert!(out.contains(expected), "missing {expected:?} in:\n{out}");
     }
+    // The drain's version as the replicas applied it (the seed is 1, the drain 2).
+    assert!(
+        out.contains("config_version 2 applied on every replica"),
+        "{out}"
+    );
     // After the drain, no replica sends a new connection to the drained backend.
     let drained: Vec<&str> = out
         .split("only the active accepts, and it sends new connections elsewhere:")

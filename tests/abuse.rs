@@ -59,7 +59,7 @@ async fn peer_port_flood_of_announced_frames_costs_little_and_the_cluster_keeps_
         ("b2".to_string(), named_backend("b2").await),
     ];
     let cluster = Cluster::new(3, backends);
-    let (replicas, leader) = blocking(|| cluster.start_all(""));
+    let (replicas, leader) = blocking(|| cluster.start_all_with(""));
     let target = &replicas[leader];
     let peer = cluster.addrs[leader].peer;
     let admin = cluster.addrs[leader].admin;

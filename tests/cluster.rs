@@ -8,59 +8,27 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use common::cluster::{Cluster, json, leader_of, status};
 use common::pki;
 use common::*;
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-struct Cluster {
-    cluster_id: &'static str,
-    /// Extra lines of the cluster: section (indented two spaces), e.g. tls.
-    cluster_extra: String,
-    addrs: Vec<Addrs>,
-    data: Vec<tempfile::TempDir>,
-    backends: Vec<(String, SocketAddr)>,
+/// What this suite adds to the shared test cluster.
+trait Suite {
+    fn yaml(&self, i: usize, initial_state: &str) -> String;
+    fn spawn(&self, i: usize) -> Raftlb;
+    fn spawn_without_last(&self, i: usize) -> Raftlb;
+    fn voters_seen_by(&self, i: usize) -> usize;
+    fn start_all(&self) -> (Vec<Raftlb>, usize);
+    fn agreed_leader(&self, running: usize) -> usize;
+    fn initial_cluster(&self) -> String;
 }
 
-impl Cluster {
-    fn new(n: usize, backends: Vec<(String, SocketAddr)>) -> Cluster {
-        let addrs = Addrs::for_replicas(n);
-        let data = data_dirs(n);
-        Cluster {
-            cluster_id: "test",
-            cluster_extra: String::new(),
-            addrs,
-            data,
-            backends,
-        }
-    }
-
+impl Suite for Cluster {
     /// Replica `i` (0-based; node_id i+1).
     fn yaml(&self, i: usize, initial_state: &str) -> String {
-        let a = self.addrs[i];
-        let backends: Vec<String> = self
-            .backends
-            .iter()
-            .map(|(name, addr)| format!("      - {{ name: {name}, address: {addr} }}"))
-            .collect();
-        format!(
-            "node: {{ name: lb-{id} }}\n\
-             admin: {{ bind: {admin} }}\n\
-             cluster:\n  cluster_id: {cluster_id}\n  node_id: {id}\n  initial_state: {initial_state}\n  bind: {peer}\n  data_dir: {data}\n  \
-             peers: {{ {peers} }}\n  heartbeat_interval: 100ms\n  election_timeout: 1s\n{extra}\
-             leader_election: {{ enabled: false }}\n\
-             listeners:\n  front: {{ bind: {listen}, pool: web }}\n\
-             pools:\n  web:\n    backends:\n{backends}\n",
-            id = i + 1,
-            cluster_id = self.cluster_id,
-            extra = self.cluster_extra,
-            admin = a.admin,
-            peer = a.peer,
-            listen = a.listen,
-            data = self.data[i].path().display(),
-            peers = Addrs::peers(&self.addrs),
-            backends = backends.join("\n"),
-        )
+        self.yaml_as(i, initial_state, "")
     }
 
     fn spawn(&self, i: usize) -> Raftlb {
@@ -124,25 +92,10 @@ impl Cluster {
     }
 }
 
-fn json(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16, Value) {
-    match http_request(addr, method, path, &[], body) {
-        Ok((code, text)) => (code, serde_json::from_str(&text).unwrap_or(Value::Null)),
-        Err(e) => (0, Value::String(e.to_string())),
-    }
-}
-
 /// An admin API call that must answer 200; `what` says what it was for.
 fn admin_ok(addr: SocketAddr, method: &str, path: &str, body: &str, what: &str) {
     let (code, reply) = blocking(|| json(addr, method, path, body));
     assert_eq!(code, 200, "{what}: {method} {path}: {reply}");
-}
-
-fn status(addr: SocketAddr) -> Value {
-    json(addr, "GET", "/api/v1/status", "").1
-}
-
-fn leader_of(addr: SocketAddr) -> Option<u64> {
-    status(addr)["cluster"]["leader_id"].as_u64()
 }
 
 fn drained(addr: SocketAddr, backend: &str) -> Option<bool> {

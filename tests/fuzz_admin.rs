@@ -452,7 +452,7 @@ async fn the_admin_api_of_a_cluster_replica_answers_generated_requests_with_2xx_
     let token_file = secrets.path().join("token");
     std::fs::write(&token_file, format!("{TOKEN}\n")).expect("write token");
     let admin = cluster.addrs[0].admin;
-    let yaml = cluster.yaml(0, "").replace(
+    let yaml = cluster.yaml_with(0, "").replace(
         &format!("admin: {{ bind: {admin} }}"),
         &format!(
             "admin: {{ bind: {admin}, token_file: {} }}",

@@ -261,7 +261,7 @@ async fn the_peer_port_survives_generated_frames_and_hostile_raft_messages() {
     raise_nofile();
     let b1 = named_backend("b1").await;
     let cluster = Cluster::new(1, vec![("b1".to_string(), b1)]);
-    let (mut replicas, _) = blocking(|| cluster.start_all(""));
+    let (mut replicas, _) = blocking(|| cluster.start_all_with(""));
     let lb = &mut replicas[0];
     let peer = cluster.addrs[0].peer;
     let admin = cluster.addrs[0].admin;

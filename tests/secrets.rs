@@ -95,7 +95,7 @@ async fn no_token_key_or_peer_ca_in_logs_status_dumps_metrics_or_snapshots() {
     let yamls: Vec<String> = (0..3)
         .map(|i| {
             let admin = cluster.addrs[i].admin;
-            cluster.yaml(i, "").replace(
+            cluster.yaml_with(i, "").replace(
                 &format!("admin: {{ bind: {admin} }}"),
                 &format!(
                     "admin: {{ bind: {admin}, token_file: {} }}",

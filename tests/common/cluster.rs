@@ -8,14 +8,6 @@ use serde_json::Value;
 
 use super::*;
 
-/// The addresses of one replica.
-#[derive(Clone, Copy)]
-pub struct Addrs {
-    pub admin: SocketAddr,
-    pub peer: SocketAddr,
-    pub listen: SocketAddr,
-}
-
 pub struct Cluster {
     pub cluster_id: &'static str,
     /// Extra lines of the cluster: section (indented two spaces), e.g. tls.
@@ -30,29 +22,20 @@ impl Cluster {
         Cluster {
             cluster_id: "test",
             cluster_extra: String::new(),
-            addrs: (0..n)
-                .map(|_| Addrs {
-                    admin: loopback(),
-                    peer: loopback(),
-                    listen: loopback(),
-                })
-                .collect(),
-            data: (0..n)
-                .map(|_| tempfile::tempdir().expect("tempdir"))
-                .collect(),
+            addrs: Addrs::for_replicas(n),
+            data: data_dirs(n),
             backends,
         }
     }
 
-    /// Replica `i` (0-based; node_id i+1); `extra` goes at the top level.
-    pub fn yaml(&self, i: usize, extra: &str) -> String {
+    /// Replica `i` (0-based; node_id i+1) of a new cluster; `extra` goes at the top level.
+    pub fn yaml_with(&self, i: usize, extra: &str) -> String {
+        self.yaml_as(i, "new", extra)
+    }
+
+    /// Replica `i` with `initial_state` (new or existing); `extra` at the top level.
+    pub fn yaml_as(&self, i: usize, initial_state: &str, extra: &str) -> String {
         let a = self.addrs[i];
-        let peers: Vec<String> = self
-            .addrs
-            .iter()
-            .enumerate()
-            .map(|(j, p)| format!("{}: {}", j + 1, p.peer))
-            .collect();
         let backends: Vec<String> = self
             .backends
             .iter()
@@ -61,7 +44,7 @@ impl Cluster {
         format!(
             "node: {{ name: lb-{id} }}\n\
              admin: {{ bind: {admin} }}\n\
-             cluster:\n  cluster_id: {cluster_id}\n  node_id: {id}\n  initial_state: new\n  bind: {peer}\n  data_dir: {data}\n  \
+             cluster:\n  cluster_id: {cluster_id}\n  node_id: {id}\n  initial_state: {initial_state}\n  bind: {peer}\n  data_dir: {data}\n  \
              peers: {{ {peers} }}\n  heartbeat_interval: 100ms\n  election_timeout: 1s\n{cluster_extra}\
              leader_election: {{ enabled: false }}\n\
              listeners:\n  front: {{ bind: {listen}, pool: web }}\n\
@@ -73,16 +56,16 @@ impl Cluster {
             peer = a.peer,
             listen = a.listen,
             data = self.data[i].path().display(),
-            peers = peers.join(", "),
+            peers = Addrs::peers(&self.addrs),
             backends = backends.join("\n"),
         )
     }
 
     /// Starts every replica and waits until they serve and agree on a leader that has
     /// a quorum; the replicas and the leader's index.
-    pub fn start_all(&self, extra: &str) -> (Vec<Raftlb>, usize) {
+    pub fn start_all_with(&self, extra: &str) -> (Vec<Raftlb>, usize) {
         let mut replicas: Vec<Raftlb> = (0..self.addrs.len())
-            .map(|i| Raftlb::spawn(&self.yaml(i, extra), self.addrs[i].admin))
+            .map(|i| Raftlb::spawn(&self.yaml_with(i, extra), self.addrs[i].admin))
             .collect();
         replicas.iter_mut().for_each(Raftlb::wait_ready);
         let mut leader = None;

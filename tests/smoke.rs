@@ -36,7 +36,8 @@ fn the_demo_runs_both_parts() {
     let (code, out, err) = raftlb_cmd_timeout(&["demo", "--requests", "40"], 120);
     assert_eq!(code, 0, "{out}\n{err}");
     for expected in [
-        "stopped backend-2",
+        "backend-2's /readyz answers 500",
+        "raftlb took backend-2 out of rotation",
         "restarted backend-2 on",
         "status page http://",
         "cluster initialised",
@@ -48,6 +49,24 @@ fn the_demo_runs_both_parts() {
     ] {
         assert!(out.contains(expected), "missing {expected:?} in:\n{out}");
     }
+    // backend-2 turned unready, was ejected, then exited: no request failed.
+    let failed = out
+        .lines()
+        .find(|l| l.trim_start().starts_with("failed "))
+        .unwrap_or_default();
+    assert_eq!(
+        failed.split_whitespace().collect::<Vec<_>>(),
+        ["failed", "0", "0", "0"],
+        "{out}"
+    );
+    let ejected = out
+        .lines()
+        .find(|l| l.trim_start().starts_with("backend-2 "))
+        .unwrap_or_default();
+    assert!(
+        ejected.trim_end().ends_with(" 0"),
+        "backend-2 served after it exited:\n{out}"
+    );
     // The drain's version as the replicas applied it (the seed is 1, the drain 2).
     assert!(
         out.contains("config_version 2 applied on every replica"),

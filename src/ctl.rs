@@ -279,6 +279,10 @@ async fn ctl(args: &CtlArgs) -> Result<(String, bool), CtlError> {
         CtlCommand::Config(ConfigCommand::Apply { file, if_version }) => {
             let yaml = std::fs::read_to_string(file)
                 .map_err(|e| CtlError::Usage(format!("{}: {e}", file.display())))?;
+            // Checked here first, so the errors name the file, line and column, and
+            // nothing is sent (the replica checks again, naming its request body).
+            crate::config::parse_pools(&yaml, &file.display().to_string())
+                .map_err(|e| CtlError::Usage(e.to_string()))?;
             let if_match = if_version.map(|v| format!("\"{v}\""));
             (
                 client

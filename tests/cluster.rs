@@ -539,6 +539,59 @@ async fn ctl_adds_promotes_and_removes_a_member_and_applies_config() {
         b["pools"][0]["backends"][0]["weight"] == 5
     })));
 
+    // A bad file: ctl names its line and column and sends nothing; the replica
+    // itself names the line and column of its request body. Nothing changes.
+    let version = status(admin)["config_version"].clone();
+    let bad_yaml = yaml.replacen("weight: 1", "weight: lots", 1);
+    let line = 1 + bad_yaml
+        .lines()
+        .position(|l| l.contains("weight: lots"))
+        .expect("a weight to spoil");
+    let column = 1 + bad_yaml
+        .lines()
+        .nth(line - 1)
+        .unwrap_or("")
+        .find("lots")
+        .unwrap_or(0);
+    let bad = cluster.data[0].path().join("bad-pools.yaml");
+    std::fs::write(&bad, &bad_yaml).expect("write");
+    let b = bad.to_string_lossy().to_string();
+    let (code, out, err) = blocking(|| ctl(admin, &["config", "apply", &b]));
+    assert_eq!(code, 2, "{out}{err}");
+    assert!(err.contains(&format!("{b}:{line}:{column}: ")), "{err}");
+    let (code, body) = blocking(|| {
+        http_request(
+            admin,
+            "PUT",
+            "/api/v1/config",
+            &[("Content-Type", "application/yaml")],
+            &bad_yaml,
+        )
+    })
+    .expect("PUT");
+    assert_eq!(code, 400, "{body}");
+    assert!(
+        body.contains(&format!("request body:{line}:{column}: ")),
+        "{body}"
+    );
+    let node_local = format!("listeners: {{}}\n{yaml}");
+    let (code, body) = blocking(|| {
+        http_request(
+            admin,
+            "PUT",
+            "/api/v1/config",
+            &[("Content-Type", "application/yaml")],
+            &node_local,
+        )
+    })
+    .expect("PUT");
+    assert_eq!(code, 400, "{body}");
+    assert!(
+        body.contains("request body:1:1: listeners: only pools are replicated"),
+        "{body}"
+    );
+    assert_eq!(status(admin)["config_version"], version);
+
     // Remove node 4: it stops with a message and refuses to start on that data_dir.
     let (code, out, err) = blocking(|| ctl(admin, &["member", "remove", "4"]));
     assert_eq!(code, 0, "member remove: {out}{err}");

@@ -211,6 +211,24 @@ fn backend_from(new: &NewBackend) -> Result<schema::Backend, String> {
         .ok_or_else(|| "no backend in the request".to_string())
 }
 
+/// A JSON `PUT /api/v1/config` body, `{"pools": {...}}`, checked like a YAML one
+/// (without places: serde_json names line and column of a syntax error itself).
+fn check_json_pools(doc: Value) -> Result<Replicated, String> {
+    let Value::Object(mut doc) = doc else {
+        return Err("the body must be a map with pools:".into());
+    };
+    if let Some(key) = doc.keys().find(|k| *k != "pools") {
+        return Err(format!(
+            "{key}: only pools are replicated; listeners and the other sections are node-local (each replica's own file)"
+        ));
+    }
+    let checked = check_pools(doc.remove("pools").unwrap_or(Value::Null))?;
+    if checked.pools.is_empty() {
+        return Err("pools: define at least one pool".into());
+    }
+    Ok(checked)
+}
+
 /// Validates pools as `raftlb check` would (no file is read: certificate paths are
 /// checked by each replica when it applies them).
 fn check_pools(pools: Value) -> Result<Replicated, String> {
@@ -330,40 +348,22 @@ pub async fn config(state: &State, node: &Node, req: Request<Incoming>) -> Reply
                 Ok(b) => b,
                 Err(reply) => return reply,
             };
-            let parsed: Result<Value, String> = if yaml {
+            let checked = if yaml {
                 std::str::from_utf8(&body)
-                    .map_err(|e| e.to_string())
-                    .and_then(|t| crate::config::from_yaml(t).map_err(|e| e.to_string()))
+                    .map_err(|e| format!("the body is not UTF-8: {e}"))
+                    .and_then(|text| {
+                        crate::config::parse_pools(text, "request body").map_err(|e| e.to_string())
+                    })
+                    .map(|pools| Replicated { pools })
             } else {
-                serde_json::from_slice(&body).map_err(|e| e.to_string())
+                serde_json::from_slice(&body)
+                    .map_err(|e| format!("invalid body: {e}"))
+                    .and_then(check_json_pools)
             };
-            let doc = match parsed {
-                Ok(Value::Object(mut doc)) => {
-                    if let Some(key) = doc.keys().find(|k| *k != "pools") {
-                        return error(
-                            StatusCode::BAD_REQUEST,
-                            &format!(
-                                "{key}: only pools are replicated; listeners and the other sections are node-local (each replica's file)"
-                            ),
-                        );
-                    }
-                    doc.remove("pools").unwrap_or(Value::Null)
-                }
-                Ok(_) => {
-                    return error(
-                        StatusCode::BAD_REQUEST,
-                        "the body must be a map with pools:",
-                    );
-                }
-                Err(e) => return error(StatusCode::BAD_REQUEST, &format!("invalid body: {e}")),
-            };
-            let checked = match check_pools(doc) {
+            let checked = match checked {
                 Ok(c) => c,
                 Err(e) => return error(StatusCode::BAD_REQUEST, &e),
             };
-            if checked.pools.is_empty() {
-                return error(StatusCode::BAD_REQUEST, "pools: define at least one pool");
-            }
             let command = Command::SetPools {
                 pools: checked.pools,
                 if_version: if_match,

@@ -175,6 +175,84 @@ fn parse_with(
     Ok(config)
 }
 
+/// Parses and validates the replicated part of a config, a document with only
+/// `pools:` (`PUT /api/v1/config`, `raftlb ctl config apply`); every error names
+/// `file`, line and column like [`parse`]. Nothing is filled in: what a write
+/// replicates is what the operator wrote.
+pub fn parse_pools(
+    text: &str,
+    file: &str,
+) -> Result<std::collections::BTreeMap<String, schema::Pool>, ConfigError> {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct PoolsDoc {
+        pools: std::collections::BTreeMap<String, schema::Pool>,
+    }
+    let yaml_error = |e: serde_saphyr::Error| ConfigError::Yaml {
+        file: file.to_string(),
+        issue: yaml_issue(&e, text),
+    };
+    let invalid = |errors: Vec<Issue>| ConfigError::Invalid {
+        file: file.to_string(),
+        errors,
+    };
+    // The node-local sections get their own message: they are not unknown fields.
+    let doc: serde_json::Value = from_yaml(text).map_err(yaml_error)?;
+    let Some(doc) = doc.as_object() else {
+        return Err(invalid(vec![Issue {
+            at: Place::At { line: 1, column: 1 },
+            path: "yaml".into(),
+            message: "the document must be a map with pools:".into(),
+        }]));
+    };
+    let local: Vec<Issue> = doc
+        .keys()
+        .filter(|k| *k != "pools")
+        .map(|key| Issue {
+            at: place_of_path(text, key),
+            path: key.clone(),
+            message: "only pools are replicated; listeners and the other sections are \
+                      node-local (each replica's own file)"
+                .into(),
+        })
+        .collect();
+    if !local.is_empty() {
+        return Err(invalid(local));
+    }
+    let PoolsDoc { pools } = from_yaml(text).map_err(yaml_error)?;
+    if pools.is_empty() {
+        return Err(invalid(vec![Issue {
+            at: place_of_path(text, "pools"),
+            path: "pools".into(),
+            message: "define at least one pool".into(),
+        }]));
+    }
+    let config = Config {
+        node: Default::default(),
+        admin: Default::default(),
+        runtime: Default::default(),
+        cluster: None,
+        leader_election: None,
+        listeners: Default::default(),
+        pools,
+    };
+    let errors = validate::validate(&config, u64::MAX).errors;
+    if !errors.is_empty() {
+        return Err(invalid(
+            errors
+                .into_iter()
+                .map(|mut issue| {
+                    if issue.at == Place::Unknown {
+                        issue.at = place_of_path(text, &issue.path);
+                    }
+                    issue
+                })
+                .collect(),
+        ));
+    }
+    Ok(config.pools)
+}
+
 /// Alias expansions a YAML document may replay, in parser events: a real config
 /// needs a handful, a "billion laughs" is stopped here.
 const MAX_REPLAYED_EVENTS: usize = 20_000;

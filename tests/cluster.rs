@@ -1251,4 +1251,19 @@ async fn status_tells_a_waiting_replica_and_a_lost_quorum_as_they_are() {
     let (_, out, _) = blocking(|| ctl(admin, &["status"]));
     assert!(out.contains("1 reachable, fault tolerance now 0"), "{out}");
     assert!(out.contains("NOT reachable"), "{out}");
+
+    // A write refused for lack of quorum says what it needs and who is missing.
+    let version = blocking(|| status(admin))["config_version"].clone();
+    assert!(version.is_u64(), "{version}");
+    let (code, out, err) = blocking(|| ctl(admin, &["backend", "drain", "web", "b1"]));
+    assert_eq!(code, 1, "{out}{err}");
+    for needed in [
+        "reaches 1 of 3 voters (itself included); a write needs 2",
+        &format!("node 2 ({})", c.addrs[1].peer),
+        &format!("node 3 ({})", c.addrs[2].peer),
+        "nothing was changed",
+    ] {
+        assert!(err.contains(needed), "missing {needed:?} in {err}");
+    }
+    assert_eq!(blocking(|| status(admin))["config_version"], version);
 }

@@ -415,6 +415,34 @@ impl Node {
             .collect()
     }
 
+    /// What a write that cannot commit needs, for its error: "this replica reaches
+    /// 1 of 3 voters (itself included); a write needs 2 (a majority); unreachable:
+    /// node 2 (ADDR), node 3 (ADDR)".
+    pub fn quorum_note(&self) -> String {
+        let metrics = self.metrics();
+        let membership = metrics.membership_config.membership();
+        let reachability = self.reachability(&metrics);
+        let voters: Vec<NodeId> = membership.voter_ids().collect();
+        let unreachable: Vec<String> = voters
+            .iter()
+            .filter(|id| reachability.get(*id).copied().flatten() == Some(false))
+            .map(|id| match membership.get_node(id) {
+                Some(n) => format!("node {id} ({})", n.addr),
+                None => format!("node {id}"),
+            })
+            .collect();
+        let mut note = format!(
+            "this replica reaches {} of {} voters (itself included); a write needs {} (a majority)",
+            voters.len() - unreachable.len(),
+            voters.len(),
+            voters.len() / 2 + 1
+        );
+        if !unreachable.is_empty() {
+            note.push_str(&format!("; unreachable: {}", unreachable.join(", ")));
+        }
+        note
+    }
+
     pub fn metrics(&self) -> openraft::RaftMetrics<types::TypeConfig> {
         self.raft().metrics().borrow_watched().clone()
     }
@@ -1097,14 +1125,15 @@ impl Node {
             )));
         }
         let Some((leader, addr)) = self.leader() else {
-            return Err(WriteError::NotProposed(
-                "no Raft leader: the cluster has no quorum right now; nothing was changed".into(),
-            ));
+            return Err(WriteError::NotProposed(format!(
+                "no Raft leader: the cluster has no quorum right now ({}); nothing was changed",
+                self.quorum_note()
+            )));
         };
         if leader == self.id {
             return Ok(self.on_leader(request, deadline).await);
         }
-        let mut client = self.forwarder(leader, addr);
+        let mut client = self.forwarder(leader, addr.clone());
         match client
             .call(request, deadline + Duration::from_secs(1))
             .await
@@ -1115,11 +1144,13 @@ impl Node {
             }
             Err(e @ (CallError::Connect(_) | CallError::Refused(_))) => {
                 Err(WriteError::NotProposed(format!(
-                    "cannot reach the Raft leader (node {leader}): {e}; nothing was changed"
+                    "cannot reach the Raft leader (node {leader} at {addr}): {e}; {}; nothing was changed",
+                    self.quorum_note()
                 )))
             }
             Err(e) => Err(WriteError::Unknown(format!(
-                "the Raft leader (node {leader}) did not answer: {e}"
+                "the Raft leader (node {leader} at {addr}) did not answer: {e}; {}",
+                self.quorum_note()
             ))),
         }
     }
@@ -1152,11 +1183,14 @@ impl Node {
             tokio::time::sleep(self.heartbeat / 2).await;
         }
         if !self.quorum_reachable() {
-            let why =
-                "this replica leads but has not heard from a quorum recently; nothing was changed";
+            let why = format!(
+                "the Raft leader (node {}) has not heard from a quorum recently ({}); nothing was changed",
+                self.id,
+                self.quorum_note()
+            );
             return match request {
-                Request::Read => Reply::Read(Err(why.into())),
-                _ => Reply::Write(WriteReply::NotProposed(why.into())),
+                Request::Read => Reply::Read(Err(why)),
+                _ => Reply::Write(WriteReply::NotProposed(why)),
             };
         }
         match request {

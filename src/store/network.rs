@@ -314,9 +314,43 @@ impl CallError {
     }
 }
 
-trait Io: AsyncRead + AsyncWrite + Unpin + Send + Sync {}
-impl<T: AsyncRead + AsyncWrite + Unpin + Send + Sync> Io for T {}
+trait Io: AsyncRead + AsyncWrite + Unpin + Send + Sync {
+    /// The TCP connection underneath.
+    fn tcp(&self) -> &TcpStream;
+}
+
+impl Io for TcpStream {
+    fn tcp(&self) -> &TcpStream {
+        self
+    }
+}
+
+impl Io for tokio_rustls::client::TlsStream<TcpStream> {
+    fn tcp(&self) -> &TcpStream {
+        self.get_ref().0
+    }
+}
+
+impl Io for tokio_rustls::server::TlsStream<TcpStream> {
+    fn tcp(&self) -> &TcpStream {
+        self.get_ref().0
+    }
+}
+
 type Stream = Box<dyn Io>;
+
+/// Whether a kept-open connection, idle between requests, was closed by its peer (a
+/// replica that restarted or died): anything to read, or the end, means it is not
+/// fit for the next request. A request sent on it would be lost with an outcome
+/// nobody can know.
+fn closed_while_idle(conn: &Stream) -> bool {
+    let mut byte = [std::mem::MaybeUninit::uninit()];
+    // The socket is non-blocking (tokio's): an idle, open connection has nothing.
+    !matches!(
+        socket2::SockRef::from(conn.tcp()).peek(&mut byte),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock
+    )
+}
 
 /// TLS for the peer channel: both sides present a certificate signed by `ca`.
 pub struct Tls {
@@ -573,8 +607,8 @@ impl PeerClient {
         let bytes = serde_json::to_vec(&self.net.identity.wrap(body))
             .map_err(|e| CallError::Connect(format!("cannot encode the request: {e}")))?;
         let mut conn = match self.conn.take() {
-            Some(conn) => conn,
-            None => self.connect().await?,
+            Some(conn) if !closed_while_idle(&conn) => conn,
+            _ => self.connect().await?,
         };
         let exchange = async {
             write_frame(&mut conn, &bytes).await?;

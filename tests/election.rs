@@ -113,6 +113,19 @@ impl Cluster {
         }
         yes
     }
+
+    /// Every replica is ready (it applied the replicated config, whatever its role),
+    /// and every one proxies a new connection: `standby: serve` or election off.
+    async fn all_serve(&self, what: &str) {
+        let all: Vec<usize> = (0..self.addrs.len()).collect();
+        assert!(
+            eventually(Duration::from_secs(10), || all
+                .iter()
+                .all(|i| ready(self.addrs[*i].admin))),
+            "{what}: not every replica is ready"
+        );
+        assert_eq!(self.accepting(&all).await, all, "{what}");
+    }
 }
 
 fn status(addr: SocketAddr) -> Value {
@@ -425,32 +438,21 @@ async fn with_standby_serve_every_replica_accepts_and_only_the_hooks_follow_the_
     let mut c = Cluster::new(3).await;
     c.standby = "serve";
     let dir = tempfile::tempdir().expect("tempdir");
-    let hook = dir.path().join("hook.sh");
     let log = dir.path().join("hooks.log");
-    std::fs::write(
-        &hook,
-        format!(
-            "#!/bin/sh\necho \"$1 $RAFTLB_ROLE $RAFTLB_EPOCH\" >> {}\n",
+    let hook = hook_script(
+        dir.path(),
+        &format!(
+            "echo \"$1 $RAFTLB_ROLE $RAFTLB_EPOCH\" >> {}",
             log.display()
         ),
-    )
-    .expect("hook");
-    std::fs::set_permissions(&hook, std::os::unix::fs::PermissionsExt::from_mode(0o755))
-        .expect("chmod");
+    );
     c.election_extra = format!(
         "  on_active: {hook} on_active\n  on_standby: {hook} on_standby\n",
         hook = hook.display()
     );
     let (replicas, active) = blocking(|| c.start_all());
-    let all = [0, 1, 2];
     // Each replica is ready once it applied the replicated config, whatever its role.
-    assert!(
-        eventually(Duration::from_secs(10), || all
-            .iter()
-            .all(|i| ready(c.addrs[*i].admin))),
-        "with standby: serve every replica is ready"
-    );
-    assert_eq!(c.accepting(&all).await, vec![0, 1, 2], "standbys serve too");
+    c.all_serve("with standby: serve, standbys serve too").await;
     let first = epoch(c.addrs[active].admin);
     assert!(
         eventually(Duration::from_secs(5), || std::fs::read_to_string(&log)
@@ -514,17 +516,7 @@ async fn a_reload_that_changes_standby_releases_the_lease_first() {
     // Someone holds a new epoch; everyone serves.
     let new = blocking(|| c.one_active(&[], LEASE * 2 + SLACK));
     assert!(epoch(c.addrs[new].admin) > first);
-    assert!(
-        eventually(Duration::from_secs(10), || all
-            .iter()
-            .all(|i| ready(c.addrs[*i].admin))),
-        "with standby: serve every replica is ready"
-    );
-    assert_eq!(
-        c.accepting(&all).await,
-        vec![0, 1, 2],
-        "standbys serve after the reload"
-    );
+    c.all_serve("standbys serve after the reload").await;
 }
 
 /// Rule 8 for `enabled`: a SIGHUP that turns election off releases the lease first
@@ -558,17 +550,7 @@ async fn a_reload_turns_election_off_and_on_again() {
         .find("leader_election turned off; releasing the lease first")
         .unwrap_or_else(|| panic!("no release first\n{text}"));
     assert!(released < text.find("released the lease").expect("released"));
-    assert!(
-        eventually(Duration::from_secs(10), || all
-            .iter()
-            .all(|i| ready(c.addrs[*i].admin))),
-        "with election off every replica is ready"
-    );
-    assert_eq!(
-        c.accepting(&all).await,
-        vec![0, 1, 2],
-        "every replica serves"
-    );
+    c.all_serve("with election off every replica serves").await;
     assert!(
         status(c.addrs[active].admin)["lease"].is_null(),
         "no lease shown with election off"
@@ -594,18 +576,11 @@ async fn a_reload_turns_election_off_and_on_again() {
 async fn sigterm_waits_for_the_on_standby_hook_before_exiting() {
     let mut c = Cluster::new(1).await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let hook = dir.path().join("hook.sh");
     let out = dir.path().join("hooks.log");
-    std::fs::write(
-        &hook,
-        format!(
-            "#!/bin/sh\nsleep 3\necho \"done $RAFTLB_ROLE\" >> {}\n",
-            out.display()
-        ),
-    )
-    .expect("hook");
-    std::fs::set_permissions(&hook, std::os::unix::fs::PermissionsExt::from_mode(0o755))
-        .expect("chmod");
+    let hook = hook_script(
+        dir.path(),
+        &format!("sleep 3\necho \"done $RAFTLB_ROLE\" >> {}", out.display()),
+    );
     c.election_extra = format!("  on_standby: {}\n", hook.display());
     let (mut replicas, _) = blocking(|| c.start_all());
     replicas[0].signal("TERM");
@@ -620,4 +595,13 @@ async fn sigterm_waits_for_the_on_standby_hook_before_exiting() {
         "done standby\n",
         "the on_standby hook did not finish before the exit"
     );
+}
+
+/// An executable shell script `dir/hook.sh` running `body`, for the role hooks.
+fn hook_script(dir: &std::path::Path, body: &str) -> std::path::PathBuf {
+    let hook = dir.join("hook.sh");
+    std::fs::write(&hook, format!("#!/bin/sh\n{body}\n")).expect("hook");
+    std::fs::set_permissions(&hook, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .expect("chmod");
+    hook
 }

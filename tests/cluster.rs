@@ -1267,3 +1267,42 @@ async fn status_tells_a_waiting_replica_and_a_lost_quorum_as_they_are() {
     }
     assert_eq!(blocking(|| status(admin))["config_version"], version);
 }
+
+/// A replica restarted with another peer address (its file changed since it joined):
+/// the membership still has the old one, where the others dial it, and the replica
+/// says so, with the way to move a replica.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_advertising_another_address_than_its_membership_says_so() {
+    raise_nofile();
+    let cluster = Cluster::new(3, backend_names(&["b1"]).await);
+    let (mut replicas, _) = blocking(|| cluster.start_all());
+    let old = cluster.addrs[2].peer;
+    assert!(
+        !replicas[2]
+            .log()
+            .contains("but the Raft membership has it at"),
+        "{}",
+        replicas[2].log()
+    );
+    replicas[2].signal("TERM");
+    blocking(|| replicas[2].wait_exit(Duration::from_secs(20)));
+    let moved = loopback();
+    let yaml = cluster
+        .yaml_with(2, "")
+        .replace(&old.to_string(), &moved.to_string());
+    let mut again = Raftlb::spawn(&yaml, cluster.addrs[2].admin);
+    let said = format!(
+        "advertises {moved} (cluster.advertise, else peers[3]), but the Raft membership has it at {old}"
+    );
+    assert!(
+        blocking(|| eventually(Duration::from_secs(15), || again.log().contains(&said))),
+        "{}",
+        again.log()
+    );
+    assert!(
+        again.log().contains("raftlb ctl member add 3"),
+        "{}",
+        again.log()
+    );
+    again.signal("KILL");
+}

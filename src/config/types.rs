@@ -100,6 +100,18 @@ impl HostPort {
         }
     }
 
+    /// The same address, whatever the spelling (an IPv4-mapped IPv6 address is its
+    /// IPv4 one; hostnames are compared as written, lower-cased).
+    pub fn same_as(&self, other: &HostPort) -> bool {
+        match (self, other) {
+            (HostPort::Ip(a), HostPort::Ip(b)) => {
+                a.ip().to_canonical() == b.ip().to_canonical() && a.port() == b.port()
+            }
+            (HostPort::Name(a, p), HostPort::Name(b, q)) => a == b && p == q,
+            _ => false,
+        }
+    }
+
     /// The literal socket address, if this is not a hostname.
     pub fn ip(&self) -> Option<SocketAddr> {
         match self {

@@ -325,13 +325,7 @@ fn validate_peer_addresses(c: &Cluster, f: &mut Findings) {
 /// Whether two peer addresses are the same: IPs as parsed (an IPv4-mapped IPv6
 /// address is its IPv4 address), hostnames as written (they are lowercased).
 fn same_address(a: &HostPort, b: &HostPort) -> bool {
-    match (a, b) {
-        (HostPort::Ip(a), HostPort::Ip(b)) => {
-            a.ip().to_canonical() == b.ip().to_canonical() && a.port() == b.port()
-        }
-        (HostPort::Name(a, p), HostPort::Name(b, q)) => a == b && p == q,
-        _ => false,
-    }
+    a.same_as(b)
 }
 
 fn validate_leader_election(config: &Config, f: &mut Findings) {

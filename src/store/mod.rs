@@ -26,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::config::schema::{self, InitialState};
+use crate::config::types::HostPort;
 use crate::metrics as m;
 use network::{
     CallError, Factory, HelloReply, Identity, Manage, Net, PeerClient, Reply, Request, Tls,
@@ -141,6 +142,9 @@ pub struct Node {
     /// whether the cluster counts it as joined: until then it takes no vote and no
     /// entry (a wiped replica must refuse to start, not be caught up as new).
     vetted: std::sync::atomic::AtomicBool,
+    /// The address this replica says the others reach it at: `cluster.advertise`,
+    /// else `peers[node_id]`.
+    advertised: Option<HostPort>,
 }
 
 impl Node {
@@ -282,6 +286,11 @@ impl Node {
             vetted: std::sync::atomic::AtomicBool::new(
                 !(empty && cluster.initial_state == InitialState::New),
             ),
+            advertised: cluster
+                .advertise
+                .as_ref()
+                .or_else(|| cluster.peers.value.get(&id))
+                .map(|a| a.value.clone()),
         });
         tokio::spawn(network::serve(socket, net, node.clone(), node.stop.clone()));
         tracing::info!(node_id = id, %bind, "Raft peer port listening");
@@ -664,6 +673,31 @@ impl Node {
         }
     }
 
+    /// The others dial the address the membership holds for this replica; says so
+    /// when that is not the one this replica advertises (its file changed since it
+    /// joined, or `ctl member add` was given another address).
+    fn compare_address(&self, in_membership: &str) {
+        let Some(advertised) = &self.advertised else {
+            return;
+        };
+        if in_membership
+            .parse::<HostPort>()
+            .is_ok_and(|m| m.same_as(advertised))
+        {
+            return;
+        }
+        tracing::warn!(
+            node_id = self.id,
+            advertised = %advertised,
+            membership = in_membership,
+            "this replica advertises {advertised} (cluster.advertise, else peers[{id}]), but the Raft \
+             membership has it at {in_membership}, where the other replicas dial it. To move a replica: \
+             `raftlb ctl member remove {id}`, wipe its data_dir, `raftlb ctl member add {id} {advertised}`, \
+             start it with initial_state: existing",
+            id = self.id,
+        );
+    }
+
     /// Background duties: the first leader commits the cluster UUID and seed; each
     /// replica records the UUID, says "joined" once, notices its removal, and keeps
     /// the Raft metrics current.
@@ -678,6 +712,7 @@ impl Node {
         // Raising the cluster's version, or saying who this replica is.
         let mut versioning: Option<tokio::task::JoinHandle<()>> = None;
         let mut warned_names = BTreeSet::new();
+        let mut compared_address = false;
         loop {
             let state = applied.borrow_and_update().clone();
             let raft = metrics.borrow_and_update().clone();
@@ -753,6 +788,11 @@ impl Node {
             }
             let voters: BTreeSet<NodeId> = state.membership.membership().voter_ids().collect();
             let member = state.membership.membership().get_node(&self.id).is_some();
+            if !compared_address && let Some(me) = state.membership.membership().get_node(&self.id)
+            {
+                compared_address = true;
+                self.compare_address(&me.addr);
+            }
             if member {
                 was_member = true;
             } else if was_member && state.state.joined.contains(&self.id) {

@@ -1290,7 +1290,7 @@ async fn a_replica_advertising_another_address_than_its_membership_says_so() {
     let yaml = cluster
         .yaml_with(2, "")
         .replace(&old.to_string(), &moved.to_string());
-    let mut again = Raftlb::spawn(&yaml, cluster.addrs[2].admin);
+    let again = Raftlb::spawn(&yaml, cluster.addrs[2].admin);
     let said = format!(
         "advertises {moved} (cluster.advertise, else peers[3]), but the Raft membership has it at {old}"
     );

@@ -111,6 +111,21 @@ pub fn write_file(file: &std::path::Path, bytes: &[u8]) -> Result<(), String> {
         })
 }
 
+/// [`app::preflight`] from `check`: what it builds (a TLS config's file watcher)
+/// expects a runtime, here one that never runs a task and is dropped after.
+fn preflight_outside_run(config: &config::Config) -> Vec<String> {
+    match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => {
+            let _entered = runtime.enter();
+            app::preflight(config)
+        }
+        Err(e) => vec![format!("cannot start the runtime to check the files: {e}")],
+    }
+}
+
 /// `raftlb check`: print the effective config, or every error with its place.
 fn check(file: &std::path::Path, syntax_only: bool) -> ExitCode {
     let open_files = rlimit::getrlimit(rlimit::Resource::NOFILE).map_or(1024, |(_, hard)| hard);
@@ -123,7 +138,7 @@ fn check(file: &std::path::Path, syntax_only: bool) -> ExitCode {
             // do not load, ...).
             let refused = match syntax_only {
                 true => Vec::new(),
-                false => app::preflight(&loaded.config),
+                false => preflight_outside_run(&loaded.config),
             };
             if !refused.is_empty() {
                 for e in &refused {

@@ -144,6 +144,31 @@ fn check_refuses_what_run_refuses_and_names_every_unreadable_file() {
     assert_eq!(code, 0, "the file alone is valid: {stderr}");
 }
 
+/// A config whose TLS files all load passes the whole check (it once panicked
+/// building the listener's certificate watcher outside a runtime).
+#[test]
+fn check_passes_a_terminating_listener_whose_files_load() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki = common::pki::Pki::new(dir.path(), "lb");
+    let lb = pki.server("lb", &[]);
+    let file = dir.path().join("raftlb.yaml");
+    std::fs::write(
+        &file,
+        format!(
+            "listeners:\n  secure:\n    bind: 127.0.0.1:18443\n    pool: web\n    tls: terminate\n    \
+             terminate: {{ cert: {}, key: {}, client_ca: {} }}\n\
+             pools:\n  web:\n    backends:\n      - {{ name: b, address: 127.0.0.1:1 }}\n",
+            lb.cert.display(),
+            lb.key.display(),
+            pki.ca.display()
+        ),
+    )
+    .expect("config");
+    let (code, stdout, stderr) = check(&file);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("terminate:"), "{stdout}");
+}
+
 /// The user's report: three copies of config/cluster-loopback.yaml, the second with
 /// its ports, name and data_dir changed but `node_id: 1` left as it was.
 #[test]

@@ -885,15 +885,8 @@ impl Server {
                 }
             }
         }
-        if new.admin.bind != self.config.admin.bind {
-            tracing::warn!("reload: admin.bind changed; it takes effect at the next restart");
-        }
-        if new.runtime.worker_threads.as_ref().map(|t| t.value)
-            != self.config.runtime.worker_threads.as_ref().map(|t| t.value)
-        {
-            tracing::warn!(
-                "reload: runtime.worker_threads changed; it takes effect at the next restart"
-            );
+        for section in restart_only_changes(&self.config, &new) {
+            tracing::warn!("reload: {section} changed; it takes effect at the next restart");
         }
         self.state.set_listener_pools(&new);
         self.config = new;
@@ -901,6 +894,29 @@ impl Server {
         metrics::counter!(m::CONFIG_RELOADS_TOTAL, "result" => "ok").increment(1);
         tracing::info!(config_version = version, "reloaded the config");
     }
+}
+
+/// The settings a running process keeps until it restarts, that differ in `new`:
+/// the admin server, the worker threads, the node's name and the whole `cluster`
+/// section (the Raft store is opened once).
+fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
+    let threads = |c: &Config| c.runtime.worker_threads.as_ref().map(|t| t.value);
+    [
+        ("admin.bind", old.admin.bind != new.admin.bind),
+        (
+            "admin.tls",
+            !crate::config::same(&old.admin.tls, &new.admin.tls),
+        ),
+        ("runtime.worker_threads", threads(old) != threads(new)),
+        ("node.name", old.node.name != new.node.name),
+        (
+            "the cluster section",
+            !crate::config::same(&old.cluster, &new.cluster),
+        ),
+    ]
+    .into_iter()
+    .filter_map(|(what, changed)| changed.then_some(what))
+    .collect()
 }
 
 /// Cluster mode: applies every committed config to the proxy's pools, without

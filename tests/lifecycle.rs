@@ -487,8 +487,30 @@ async fn sighup_applies_new_backends_and_listeners_without_dropping_connections(
     assert_eq!(backend_of_new_connection(listen).await.unwrap(), "B");
     assert_eq!(echo_once(&mut to_a, b"three").await.unwrap(), b"three");
 
+    // What only a restart applies is named, not silently kept.
+    let renamed = format!(
+        "node: {{ name: renamed }}\n{}",
+        config(admin, "10s", &[("front", listen)], &[("b", b)])
+    )
+    .replace("worker_threads: 2", "worker_threads: 1");
+    blocking(|| lb.rewrite_config(&renamed));
+    blocking(|| lb.signal("HUP"));
+    for said in ["node.name", "runtime.worker_threads"] {
+        let line = format!("reload: {said} changed; it takes effect at the next restart");
+        assert!(
+            eventually(Duration::from_secs(10), || lb.log().contains(&line)),
+            "{line:?} not logged:\n{}",
+            lb.log()
+        );
+    }
+    assert!(
+        !lb.log().contains("reload: admin.bind changed"),
+        "{}",
+        lb.log()
+    );
+
     let ok = blocking(|| lb.metric("raftlb_config_reloads_total{result=\"ok\"}"));
-    assert_eq!(ok, 3.0, "raftlb_config_reloads_total{{result=\"ok\"}}");
+    assert_eq!(ok, 4.0, "raftlb_config_reloads_total{{result=\"ok\"}}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -207,11 +207,14 @@ fn validate_cluster(config: &Config, f: &mut Findings) {
         c.heartbeat_interval.value.get(),
         c.election_timeout.value.get(),
     );
-    if hb.is_zero() {
+    if hb < Duration::from_millis(1) {
         f.error(
             at(&c.heartbeat_interval),
             "cluster.heartbeat_interval",
-            "must be more than 0",
+            format!(
+                "{} is under a millisecond: Raft counts whole milliseconds; 100ms is usual",
+                c.heartbeat_interval.value
+            ),
         );
     }
     if hb >= et {

@@ -254,6 +254,25 @@ fn warnings_name_quorum_and_lease_margin_but_do_not_fail() {
     let (code, _, stderr) = check(&margin);
     assert_eq!(code, 0, "{stderr}");
     assert!(stderr.contains("under 20% of the lease"), "{stderr}");
+
+    let probe = tmp.path().join("probe.yaml");
+    std::fs::write(
+        &probe,
+        "listeners:\n  a: { bind: 127.0.0.1:7001, pool: p }\npools:\n  p:\n    \
+         health_check: { kind: tcp, interval: 1s, timeout: 3s, tls: { server_name: api } }\n    \
+         backends: [ { name: a, address: 127.0.0.1:8001 } ]\n",
+    )
+    .expect("write");
+    let (code, _, stderr) = check(&probe);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stderr.contains("pools.p.health_check.tls: ignored: a tcp check makes no TLS handshake"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("pools.p.health_check.timeout: 3s is longer than interval (1s)"),
+        "{stderr}"
+    );
 }
 
 #[test]

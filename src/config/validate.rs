@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use serde_saphyr::{Location, Spanned};
 
-use super::schema::{Cluster, Config, InitialState, LeaderElection, StoreKind, TlsMode, Vip};
+use super::schema::{
+    CheckKind, Cluster, Config, InitialState, LeaderElection, StoreKind, TlsMode, Vip,
+};
 use super::types::{Dur, HostPort};
 use super::{Issue, Place};
 use crate::election::vip;
@@ -634,6 +636,23 @@ fn validate_pools(config: &Config, existing: bool, f: &mut Findings) {
                     &format!("{hp}.tls"),
                     tls.cert.is_some(),
                     tls.key.is_some(),
+                );
+                if hc_v.kind == CheckKind::Tcp {
+                    f.warn(
+                        at(hc),
+                        format!("{hp}.tls"),
+                        "ignored: a tcp check makes no TLS handshake; use kind: tls or https",
+                    );
+                }
+            }
+            if hc_v.timeout.value.get() > hc_v.interval.value.get() {
+                f.warn(
+                    at(&hc_v.timeout),
+                    format!("{hp}.timeout"),
+                    format!(
+                        "{} is longer than interval ({}): a backend that hangs is probed only once per timeout",
+                        hc_v.timeout.value, hc_v.interval.value
+                    ),
                 );
             }
         }

@@ -743,7 +743,7 @@ async fn exchange(
 ) -> std::io::Result<(u16, String)> {
     s.write_all(
         format!(
-            "{method} {path} HTTP/1.1\r\nHost: demo\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
         )
         .as_bytes(),
     )

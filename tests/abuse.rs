@@ -321,11 +321,11 @@ async fn admin_port_floods_leave_healthz_and_the_data_path_answering() {
                 let mut s = TcpStream::connect(admin).await.ok()?;
                 let request = if i % 2 == 0 {
                     let big = "a".repeat(1 << 20);
-                    format!("GET /api/v1/status HTTP/1.1\r\nHost: x\r\nX-Big: {big}\r\n\r\n")
+                    format!("GET /api/v1/status HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: {big}\r\n\r\n")
                         .into_bytes()
                 } else {
                     let mut r = format!(
-                        "PUT /api/v1/config HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+                        "PUT /api/v1/config HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
                         10 << 20
                     )
                     .into_bytes();

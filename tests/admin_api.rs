@@ -912,5 +912,24 @@ mod csrf {
             "a POST with no body and no content type: {r:?}"
         );
         assert_eq!(state(&lb), (before.0 + 2, before.1, false));
+
+        // DNS rebinding: a page at evil.example, its name now resolving to 127.0.0.1,
+        // is same-origin to the browser; Host still names the page's site.
+        let rebound = [
+            ("Host", "evil.example:9090"),
+            ("Origin", "http://evil.example:9090"),
+            ("Sec-Fetch-Site", "same-origin"),
+            ("content-type", "application/json"),
+        ];
+        let r = request(&lb, "POST", DRAIN, &rebound, "");
+        assert_refused(&r, 403, "DNS rebinding", "a write through a rebound name");
+        let r = request(&lb, "GET", "/api/v1/status", &rebound[..1], "");
+        assert_refused(&r, 403, "DNS rebinding", "a read through a rebound name");
+        assert_eq!(state(&lb), (before.0 + 2, before.1, false));
+        let local = format!("localhost:{}", lb.admin.port());
+        let r = request(&lb, "GET", "/api/v1/status", &[("Host", &local)], "");
+        assert_eq!(r.status, 200, "localhost names a loopback server: {r:?}");
+        let r = request(&lb, "GET", "/healthz", &rebound[..1], "");
+        assert_eq!(r.status, 200, "probes are open: {r:?}");
     }
 }

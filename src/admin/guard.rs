@@ -37,6 +37,10 @@ pub enum Refusal {
     )]
     CrossOrigin { origin: String, host: String },
     #[error(
+        "Host: {host} is not a name of this loopback server (refused: a web page using DNS rebinding would send that): over loopback use 127.0.0.1, [::1] or localhost"
+    )]
+    ForeignHost { host: String },
+    #[error(
         "Content-Type: {content_type} is what an HTML form sends, refused on writes (cross-site request forgery): send {wanted}"
     )]
     FormContentType {
@@ -49,7 +53,9 @@ impl Refusal {
     pub fn status(&self) -> StatusCode {
         match self {
             Refusal::Unauthorized | Refusal::BasicAuthOnWrite { .. } => StatusCode::UNAUTHORIZED,
-            Refusal::CrossSiteFetch { .. } | Refusal::CrossOrigin { .. } => StatusCode::FORBIDDEN,
+            Refusal::CrossSiteFetch { .. }
+            | Refusal::CrossOrigin { .. }
+            | Refusal::ForeignHost { .. } => StatusCode::FORBIDDEN,
             Refusal::FormContentType { .. } => StatusCode::UNSUPPORTED_MEDIA_TYPE,
         }
     }
@@ -71,8 +77,13 @@ impl Refusal {
 }
 
 /// Admits `req` or says why not. `token` is `admin.token_file`'s token, `None` when
-/// there is none or the endpoint is open (probes and scrapers).
-pub fn check<B>(token: Option<&str>, req: &Request<B>) -> Result<(), Refusal> {
+/// there is none. `local`: the request came over loopback, where only an address or
+/// `localhost` names this server: a page whose own name was made to resolve to
+/// 127.0.0.1 (DNS rebinding) is same-origin to the browser, but not in `Host`.
+pub fn check<B>(token: Option<&str>, req: &Request<B>, local: bool) -> Result<(), Refusal> {
+    if local {
+        loopback_host(req)?;
+    }
     let write = !is_safe(req.method());
     if write {
         same_origin(req)?;
@@ -161,6 +172,27 @@ fn same_origin<B>(req: &Request<B>) -> Result<(), Refusal> {
     Ok(())
 }
 
+/// Over loopback, `Host` is an IP address or `localhost` (any port), or absent
+/// (HTTP/1.0 clients).
+fn loopback_host<B>(req: &Request<B>) -> Result<(), Refusal> {
+    let Some(host) = req.headers().get(HOST) else {
+        return Ok(());
+    };
+    let host = String::from_utf8_lossy(host.as_bytes()).trim().to_string();
+    let name = match host.parse::<hyper::http::uri::Authority>() {
+        Ok(a) => a
+            .host()
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string(),
+        Err(_) => return Err(Refusal::ForeignHost { host }),
+    };
+    if name.eq_ignore_ascii_case("localhost") || name.parse::<std::net::IpAddr>().is_ok() {
+        return Ok(());
+    }
+    Err(Refusal::ForeignHost { host })
+}
+
 /// A write whose body an HTML form could have sent. No content type at all (a POST
 /// without a body, like `ctl backend drain`) is fine.
 fn no_form_body<B>(req: &Request<B>) -> Result<(), Refusal> {
@@ -221,6 +253,31 @@ mod tests {
     const DRAIN: &str = "/api/v1/pools/web/backends/a/drain";
 
     #[test]
+    fn over_loopback_only_addresses_and_localhost_name_this_server() {
+        for (host, admitted) in [
+            ("127.0.0.1:9090", true),
+            ("[::1]:9090", true),
+            ("localhost:9090", true),
+            ("LOCALHOST", true),
+            ("10.0.0.1:9090", true),
+            ("evil.example:9090", false),
+            ("localhost.evil.example:9090", false),
+            ("not a host", false),
+        ] {
+            let req = Request::builder()
+                .method(Method::GET)
+                .uri("/api/v1/status")
+                .header(HOST, host)
+                .body(())
+                .expect("request");
+            let checked = check(None, &req, true);
+            assert_eq!(checked.is_ok(), admitted, "{host}: {checked:?}");
+            // Reached over another address, a name is how operators call it.
+            assert!(check(None, &req, false).is_ok() || host == "not a host");
+        }
+    }
+
+    #[test]
     fn token_comparison() {
         assert!(constant_time_eq(b"s3cret", b"s3cret"));
         assert!(!constant_time_eq(b"s3cre", b"s3cret"));
@@ -233,19 +290,19 @@ mod tests {
         let right = basic(&format!("admin:{TOKEN}"));
         let auth = [("authorization", right.as_str())];
         let read = request(Method::GET, "/api/v1/status", &auth);
-        assert!(check(Some(TOKEN), &read).is_ok());
+        assert!(check(Some(TOKEN), &read, true).is_ok());
         let write = request(Method::POST, DRAIN, &auth);
-        let refused = check(Some(TOKEN), &write).expect_err("basic auth on a write");
+        let refused = check(Some(TOKEN), &write, true).expect_err("basic auth on a write");
         assert!(matches!(refused, Refusal::BasicAuthOnWrite { .. }));
         assert_eq!(refused.status(), StatusCode::UNAUTHORIZED);
         let bearer = format!("Bearer {TOKEN}");
         let write = request(Method::POST, DRAIN, &[("authorization", &bearer)]);
-        assert!(check(Some(TOKEN), &write).is_ok());
+        assert!(check(Some(TOKEN), &write, true).is_ok());
         // A wrong basic password on a write does not say the scheme is the problem.
         let wrong = basic("admin:nope");
         let write = request(Method::POST, DRAIN, &[("authorization", &wrong)]);
         assert!(matches!(
-            check(Some(TOKEN), &write),
+            check(Some(TOKEN), &write, true),
             Err(Refusal::Unauthorized)
         ));
     }
@@ -265,14 +322,17 @@ mod tests {
             ("sec-fetch-site", "cross-site", true),
         ] {
             let post = request(Method::POST, DRAIN, &[(header, value)]);
-            let result = check(None, &post);
+            let result = check(None, &post, true);
             assert_eq!(result.is_err(), refused, "{header}: {value}: {result:?}");
             if let Err(e) = result {
                 assert_eq!(e.status(), StatusCode::FORBIDDEN);
             }
             // Reads are not writes: a cross-site page cannot read the answer anyway.
             let get = request(Method::GET, "/api/v1/status", &[(header, value)]);
-            assert!(check(None, &get).is_ok(), "GET with {header}: {value}");
+            assert!(
+                check(None, &get, true).is_ok(),
+                "GET with {header}: {value}"
+            );
         }
         let no_host = Request::builder()
             .method(Method::POST)
@@ -281,7 +341,7 @@ mod tests {
             .body(())
             .expect("request");
         assert!(matches!(
-            check(None, &no_host),
+            check(None, &no_host, true),
             Err(Refusal::CrossOrigin { .. })
         ));
     }
@@ -299,6 +359,7 @@ mod tests {
             let result = check(
                 None,
                 &request(Method::POST, path, &[("content-type", content_type)]),
+                true,
             );
             assert_eq!(
                 result.is_err(),
@@ -309,12 +370,12 @@ mod tests {
                 assert_eq!(e.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
             }
         }
-        assert!(check(None, &request(Method::POST, DRAIN, &[])).is_ok());
+        assert!(check(None, &request(Method::POST, DRAIN, &[]), true).is_ok());
         let get = request(
             Method::GET,
             "/api/v1/status",
             &[("content-type", "text/plain")],
         );
-        assert!(check(None, &get).is_ok());
+        assert!(check(None, &get, true).is_ok());
     }
 }

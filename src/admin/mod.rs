@@ -80,6 +80,8 @@ pub async fn serve(
         };
         let state = state.clone();
         let tls = tls.clone();
+        // Reached over loopback (a bind on 127.0.0.1, or 0.0.0.0 dialled locally).
+        let local = stream.local_addr().is_ok_and(|a| a.ip().is_loopback());
         tokio::spawn(async move {
             let on_request = slot.clone();
             let service = service_fn(move |req| {
@@ -87,7 +89,7 @@ pub async fn serve(
                 let slot = on_request.clone();
                 async move {
                     slot.busy();
-                    let reply = route(&state, req).await;
+                    let reply = route(&state, req, local).await;
                     slot.idle();
                     Ok::<_, Infallible>(reply)
                 }
@@ -127,12 +129,17 @@ pub async fn serve(
     }
 }
 
-async fn route(state: &State, req: Request<Incoming>) -> Reply {
+/// `local`: the request came over loopback (see [`guard::check`]).
+async fn route(state: &State, req: Request<Incoming>, local: bool) -> Reply {
     let path = req.uri().path().to_string();
     let path = path.as_str();
     let open = matches!(path, "/healthz" | "/readyz" | "/metrics");
     let token = if open { None } else { state.token() };
-    if let Err(refusal) = guard::check(token.as_deref().map(String::as_str), &req) {
+    let checked = match open {
+        true => Ok(()),
+        false => guard::check(token.as_deref().map(String::as_str), &req, local),
+    };
+    if let Err(refusal) = checked {
         tracing::info!(method = %req.method(), path, error = %refusal, "admin request refused");
         return refusal.reply();
     }

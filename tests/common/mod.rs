@@ -406,10 +406,10 @@ pub fn http_response(
     headers: &[(&str, &str)],
     body: &str,
 ) -> std::io::Result<HttpResponse> {
-    let mut request = hyper::Request::builder()
-        .method(method)
-        .uri(path)
-        .header(hyper::header::HOST, addr.to_string());
+    let mut request = hyper::Request::builder().method(method).uri(path);
+    if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("host")) {
+        request = request.header(hyper::header::HOST, addr.to_string());
+    }
     for (k, v) in headers {
         request = request.header(*k, *v);
     }

@@ -37,7 +37,7 @@ pub enum Refusal {
     )]
     CrossOrigin { origin: String, host: String },
     #[error(
-        "Host: {host} is not a name of this loopback server (refused: a web page using DNS rebinding would send that): over loopback use 127.0.0.1, [::1] or localhost"
+        "Host: {host} is not a name of this loopback server (refused: a web page using DNS rebinding would send that): over loopback use 127.0.0.1, [::1], localhost or this machine's hostname"
     )]
     ForeignHost { host: String },
     #[error(
@@ -172,8 +172,8 @@ fn same_origin<B>(req: &Request<B>) -> Result<(), Refusal> {
     Ok(())
 }
 
-/// Over loopback, `Host` is an IP address or `localhost` (any port), or absent
-/// (HTTP/1.0 clients).
+/// Over loopback, `Host` is an IP address, `localhost` or this machine's hostname
+/// (Debian resolves it to 127.0.1.1), any port, or absent (HTTP/1.0 clients).
 fn loopback_host<B>(req: &Request<B>) -> Result<(), Refusal> {
     let Some(host) = req.headers().get(HOST) else {
         return Ok(());
@@ -187,7 +187,12 @@ fn loopback_host<B>(req: &Request<B>) -> Result<(), Refusal> {
             .to_string(),
         Err(_) => return Err(Refusal::ForeignHost { host }),
     };
-    if name.eq_ignore_ascii_case("localhost") || name.parse::<std::net::IpAddr>().is_ok() {
+    static HOSTNAME: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    let hostname = HOSTNAME.get_or_init(crate::config::hostname);
+    if name.eq_ignore_ascii_case("localhost")
+        || name.eq_ignore_ascii_case(hostname)
+        || name.parse::<std::net::IpAddr>().is_ok()
+    {
         return Ok(());
     }
     Err(Refusal::ForeignHost { host })
@@ -259,6 +264,7 @@ mod tests {
             ("[::1]:9090", true),
             ("localhost:9090", true),
             ("LOCALHOST", true),
+            (&format!("{}:9090", crate::config::hostname()), true),
             ("10.0.0.1:9090", true),
             ("evil.example:9090", false),
             ("localhost.evil.example:9090", false),

@@ -175,6 +175,10 @@ impl Topology {
             "netns",
             &node.name,
         ]);
+        // eth0 was made in the bridge's namespace and moved here, so it came with
+        // that namespace's defaults: set it on eth0 itself too, before it is up and
+        // gets its link-local address (which would otherwise be tentative a while).
+        node.sysctl("net/ipv6/conf/eth0/accept_dad", "0");
         ip_ok(&[
             "-n",
             &self.bridge,

@@ -632,11 +632,20 @@ impl Node {
     /// Asks every peer once for its Raft timing and warns when it differs from ours:
     /// mixed election timeouts make elections slow and lopsided.
     async fn compare_settings(self: Arc<Self>) {
+        // The file's peers, and the members added since (as this replica's store has them).
+        let members: Vec<(NodeId, String)> = self
+            .metrics()
+            .membership_config
+            .membership()
+            .nodes()
+            .map(|(id, n)| (*id, n.addr.clone()))
+            .collect();
         let mut pending: BTreeMap<NodeId, String> = self
             .peers
             .iter()
-            .filter(|(id, _)| **id != self.id)
             .map(|(id, addr)| (*id, addr.clone()))
+            .chain(members)
+            .filter(|(id, _)| *id != self.id)
             .collect();
         let ours = (millis(self.heartbeat), millis(self.election_timeout));
         for _ in 0..60 {

@@ -279,7 +279,11 @@ pub fn preflight(config: &Config) -> Vec<String> {
 }
 
 /// `admin.tls`: the admin API over HTTPS.
-fn admin_tls(config: &Config) -> Result<Option<tokio_rustls::TlsAcceptor>, String> {
+/// `admin.tls`: the server config, reloaded when its files change (as a
+/// terminating listener's).
+fn admin_tls(
+    config: &Config,
+) -> Result<Option<crate::tls::Reloading<tokio_rustls::rustls::ServerConfig>>, String> {
     let Some(tls) = &config.admin.tls else {
         return Ok(None);
     };
@@ -288,9 +292,11 @@ fn admin_tls(config: &Config) -> Result<Option<tokio_rustls::TlsAcceptor>, Strin
         key: tls.value.key.clone(),
         client_ca: None,
     };
-    let server = crate::tls::server_config(&terminate, &[b"http/1.1".to_vec()])
-        .map_err(|e| format!("admin.tls: {e}"))?;
-    Ok(Some(tokio_rustls::TlsAcceptor::from(Arc::new(server))))
+    let files = crate::tls::files_of_terminate(&terminate);
+    let build = move || crate::tls::server_config(&terminate, &[b"http/1.1".to_vec()]);
+    crate::tls::Reloading::new("admin.tls".to_string(), files, build)
+        .map(Some)
+        .map_err(|e| format!("admin.tls: {e}"))
 }
 
 fn read_token(config: &Config) -> Result<Option<Arc<String>>, String> {

@@ -656,6 +656,29 @@ async fn admin_api_over_https_with_ctl_cacert() {
         err.contains("did not answer HTTP") && err.contains("https://"),
         "{err}"
     );
+
+    // A renewed certificate (here from another CA) is served without a restart.
+    let renewed = tempfile::tempdir().expect("tempdir");
+    let other = common::pki::Pki::new(renewed.path(), "renewed");
+    let fresh = other.server("admin", &[]);
+    std::fs::copy(&fresh.key, &cert.key).expect("key");
+    std::fs::copy(&fresh.cert, &cert.cert).expect("cert");
+    let other_ca = other.ca.to_string_lossy().to_string();
+    let ok = blocking(|| {
+        eventually(Duration::from_secs(20), || {
+            ctl(&["--cacert", &other_ca, "-o", "json", "status"]).0 == 0
+        })
+    });
+    assert!(
+        ok,
+        "the renewed admin certificate is not served:\n{}",
+        lb.log()
+    );
+    let (code, _, _) = blocking(|| ctl(&["--cacert", &ca, "status"]));
+    assert_eq!(
+        code, 1,
+        "the old CA must no longer verify the new certificate"
+    );
     assert!(
         lb.child.try_wait().expect("try_wait").is_none(),
         "{}",

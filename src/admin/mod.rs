@@ -46,7 +46,7 @@ fn http1_builder() -> http1::Builder {
 /// is cancelled.
 pub async fn serve(
     listener: TcpListener,
-    tls: Option<tokio_rustls::TlsAcceptor>,
+    tls: Option<crate::tls::Reloading<tokio_rustls::rustls::ServerConfig>>,
     state: Arc<State>,
     stop: CancellationToken,
 ) {
@@ -79,7 +79,10 @@ pub async fn serve(
             continue;
         };
         let state = state.clone();
-        let tls = tls.clone();
+        // The certificate as it is now: a renewed one serves the next connection.
+        let tls = tls
+            .as_ref()
+            .map(|t| tokio_rustls::TlsAcceptor::from(t.get()));
         // Reached over loopback (a bind on 127.0.0.1, or 0.0.0.0 dialled locally).
         let local = stream.local_addr().is_ok_and(|a| a.ip().is_loopback());
         tokio::spawn(async move {

@@ -383,6 +383,7 @@ impl Server {
         token: Option<Arc<String>>,
     ) -> ExitCode {
         let metrics = m::install();
+        tokio::spawn(m::upkeep(metrics.clone()));
         // The admin port before the store: a port in use fails before data_dir is touched.
         let admin_bind = loaded.config.admin.bind.0;
         let admin = match crate::net::listen(admin_bind) {

@@ -469,6 +469,9 @@ impl Server {
         ));
         tracing::info!(bind = %admin_bind, "admin API listening");
 
+        // The balancer's stop token: cancelling it ends every relay, since each
+        // backend's down token is its child.
+        let hard_stop = balancer.stop_token();
         let mut server = Server {
             file: loaded.file,
             open_files,
@@ -479,7 +482,7 @@ impl Server {
                 balancer,
                 gate,
                 connections: TaskTracker::new(),
-                hard_stop: CancellationToken::new(),
+                hard_stop,
             },
             listeners: BTreeMap::new(),
             lease_gate,

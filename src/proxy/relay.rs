@@ -1,16 +1,20 @@
 //! Copies bytes between client and backend, untouched, both ways at once.
 //!
 //! No buffer is held while a connection is idle: each direction waits for
-//! readability, then borrows a bounded buffer for as long as data flows. A FIN is
+//! readability, reads into its thread's scratch buffer and writes on at once; only
+//! bytes the writer cannot take yet are copied to a buffer of their own. A FIN is
 //! passed on as a half-close of the other side's write direction.
 
+use std::cell::RefCell;
+use std::future::poll_fn;
 use std::io;
 use std::pin::{Pin, pin};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use metrics::Counter;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{ReadHalf, WriteHalf};
 use tokio::time::Instant;
@@ -52,6 +56,13 @@ impl Tally<'_> {
     }
 }
 
+/// Plain TCP both ways, until both sides have closed, the connection idles out,
+/// or `stop` is cancelled (the backend's down token, also cancelled by the hard
+/// stop at the end of the shutdown grace).
+///
+/// The two directions are one hand-written future ([`Pumps`]) rather than two
+/// async fns joined: an idle connection's task then holds only its sockets, two
+/// small direction states and the timer, not the awaits' nested states.
 pub async fn relay(
     client: &mut TcpStream,
     backend: &mut TcpStream,
@@ -62,20 +73,159 @@ pub async fn relay(
     let last_activity = Activity::new();
     let (client_read, client_write) = client.split();
     let (backend_read, backend_write) = backend.split();
-    // Pinned in place and passed by reference: a future passed by value into another
-    // async fn is stored twice in the task (rust-lang/rust#62958).
-    let both = pin!(async {
-        tokio::try_join!(
-            pump(
-                client_read,
-                backend_write,
-                &last_activity,
-                meters.to_backend
-            ),
-            pump(backend_read, client_write, &last_activity, meters.to_client),
-        )
-    });
-    until_done(both, &last_activity, idle_timeout, stop).await
+    let mut both = Pumps {
+        to_backend: Pump::new(client_read, backend_write, meters.to_backend),
+        to_client: Pump::new(backend_read, client_write, meters.to_client),
+        last_activity: &last_activity,
+    };
+    // Biased: data first, and no random number per wake-up.
+    tokio::select! {
+        biased;
+        result = &mut both => match result {
+            Ok(()) => RelayEnd::Closed,
+            Err(e) => RelayEnd::Error(e),
+        },
+        () = idle(&last_activity, idle_timeout) => RelayEnd::Idle,
+        () = cancelled(stop) => RelayEnd::Stopped,
+    }
+}
+
+/// `token.cancelled()`, except that after its first poll the token's lock is taken
+/// again only once the token is cancelled. A relay's task is woken for every read
+/// and polls each branch of its select; a pending `cancelled()` locks the token's
+/// list of waiters on every poll, and that token is shared by every connection
+/// to the backend.
+/// The waker registered on the first poll stays the right one: it is the waker of
+/// the task the relay runs in, which never changes.
+async fn cancelled(token: &CancellationToken) {
+    let mut wait = pin!(token.cancelled());
+    let mut registered = false;
+    poll_fn(|cx| {
+        if registered && !token.is_cancelled() {
+            return Poll::Pending;
+        }
+        registered = true;
+        wait.as_mut().poll(cx)
+    })
+    .await;
+}
+
+thread_local! {
+    /// Each runtime thread's read buffer: bytes are read into it and written on at
+    /// once, so a read costs no allocation; only what the writer cannot take now is
+    /// copied to the direction's own (exactly sized) buffer.
+    static SCRATCH: RefCell<Box<[u8]>> = RefCell::new(vec![0u8; BUFFER_SIZE].into_boxed_slice());
+}
+
+/// Both directions of a plain TCP relay; done when both have reached EOF.
+struct Pumps<'a> {
+    to_backend: Pump<'a>,
+    to_client: Pump<'a>,
+    last_activity: &'a Activity,
+}
+
+impl Future for Pumps<'_> {
+    type Output = io::Result<()>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        let up = this.to_backend.poll_pump(this.last_activity, cx)?;
+        let down = this.to_client.poll_pump(this.last_activity, cx)?;
+        if up.is_ready() && down.is_ready() {
+            Poll::Ready(Ok(()))
+        } else {
+            Poll::Pending
+        }
+    }
+}
+
+/// One direction: read until EOF and write everything on, then half-close the
+/// writer while the other direction is still open; when it is over too, the close
+/// that follows sends the FIN, and a shutdown() would be one more system call.
+/// Nothing is allocated unless the writer is full.
+struct Pump<'a> {
+    from: ReadHalf<'a>,
+    to: WriteHalf<'a>,
+    /// Bytes read that the writer has not taken yet (empty: no allocation).
+    pending: Vec<u8>,
+    /// How much of `pending` is written.
+    written: usize,
+    /// EOF was read and passed on.
+    done: bool,
+    bytes: Tally<'a>,
+}
+
+impl<'a> Pump<'a> {
+    fn new(from: ReadHalf<'a>, to: WriteHalf<'a>, bytes: Tally<'a>) -> Self {
+        Pump {
+            from,
+            to,
+            pending: Vec::new(),
+            written: 0,
+            done: false,
+            bytes,
+        }
+    }
+
+    fn poll_pump(
+        &mut self,
+        last_activity: &Activity,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<()>> {
+        loop {
+            while self.written < self.pending.len() {
+                let n =
+                    ready!(Pin::new(&mut self.to).poll_write(cx, &self.pending[self.written..]))?;
+                if n == 0 {
+                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                }
+                self.written += n;
+            }
+            if !self.pending.is_empty() {
+                self.pending = Vec::new();
+                self.written = 0;
+            }
+            if self.done {
+                return Poll::Ready(Ok(()));
+            }
+            // Wait for data without holding a buffer.
+            ready!(self.from.as_ref().poll_read_ready(cx))?;
+            let n = ready!(SCRATCH.with_borrow_mut(|buf| self.transfer(buf, cx)))?;
+            if n == 0 {
+                if !last_activity.finish_direction() {
+                    ready!(Pin::new(&mut self.to).poll_shutdown(cx))?;
+                }
+                self.done = true;
+                return Poll::Ready(Ok(()));
+            }
+            last_activity.touch();
+            self.bytes.add(n);
+        }
+    }
+
+    /// One read into `buf`, and as much of it written on as the writer takes now;
+    /// the rest is kept in `pending`. Ready(0) at EOF.
+    fn transfer(&mut self, buf: &mut [u8], cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        let mut read = ReadBuf::new(buf);
+        // poll_read (unlike try_read) clears readiness after a short read, which
+        // saves the read() that would only return EAGAIN.
+        ready!(Pin::new(&mut self.from).poll_read(cx, &mut read))?;
+        let n = read.filled().len();
+        let mut sent = 0;
+        while sent < n {
+            match Pin::new(&mut self.to).poll_write(cx, &buf[sent..n]) {
+                Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Poll::Ready(Ok(k)) => sent += k,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => {
+                    self.pending = buf[sent..n].to_vec();
+                    self.written = 0;
+                    break;
+                }
+            }
+        }
+        Poll::Ready(Ok(n))
+    }
 }
 
 /// The same for streams that are not plain TCP (TLS on either side): each direction
@@ -151,34 +301,6 @@ where
     }
 }
 
-/// One direction: read until EOF, write everything, then half-close the writer
-/// while the other direction is still open; when it is over too, the close that
-/// follows sends the FIN, and a shutdown() would be one more system call.
-/// The buffer exists only between a wake-up and the next wait.
-async fn pump(
-    mut from: ReadHalf<'_>,
-    mut to: WriteHalf<'_>,
-    last_activity: &Activity,
-    bytes: Tally<'_>,
-) -> io::Result<()> {
-    loop {
-        from.readable().await?;
-        let mut buf = Vec::with_capacity(BUFFER_SIZE);
-        // `read_buf` (unlike `try_read`) clears readiness after a short read, which
-        // saves the read() that would only return EAGAIN.
-        let n = from.read_buf(&mut buf).await?;
-        if n == 0 {
-            if !last_activity.finish_direction() {
-                to.shutdown().await?;
-            }
-            return Ok(());
-        }
-        last_activity.touch();
-        to.write_all(&buf).await?;
-        bytes.add(n);
-    }
-}
-
 /// Resolves once no byte has moved for `timeout`.
 async fn idle(last_activity: &Activity, timeout: Duration) {
     loop {
@@ -220,5 +342,88 @@ impl Activity {
 
     fn last(&self) -> Instant {
         self.start + Duration::from_millis(self.last_ms.load(Ordering::Relaxed))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::net::TcpListener;
+
+    async fn pair() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (connected, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        (connected.expect("connect"), accepted.expect("accept").0)
+    }
+
+    /// A writer that takes nothing makes the pump keep the unsent bytes (at most one
+    /// read's worth) in a buffer of its own; once they are sent the buffer is freed,
+    /// and every byte arrives in order.
+    #[tokio::test]
+    async fn a_full_writer_holds_only_the_unsent_bytes_and_frees_them() {
+        const TOTAL: usize = 8 * 1024 * 1024;
+        let (mut source, mut a) = pair().await;
+        let (mut b, mut sink) = pair().await;
+        let (a_read, _) = a.split();
+        let (_, b_write) = b.split();
+        let metric = Counter::noop();
+        let total = AtomicU64::new(0);
+        let activity = Activity::new();
+        let mut pump = Pump::new(
+            a_read,
+            b_write,
+            Tally {
+                metric: &metric,
+                total: &total,
+            },
+        );
+        let sent: Vec<u8> = (0..TOTAL).map(|i| (i * 7 % 251) as u8).collect();
+        let expected = sent.clone();
+        let writer = tokio::spawn(async move {
+            source.write_all(&sent).await?;
+            source.shutdown().await
+        });
+
+        // Nobody reads `sink`: the pump fills the kernel's buffers, then keeps the rest.
+        let mut most = 0;
+        tokio::time::timeout(
+            Duration::from_secs(30),
+            poll_fn(|cx| {
+                if pump.poll_pump(&activity, cx).is_ready() {
+                    panic!("the pump finished while its writer was full");
+                }
+                most = most.max(pump.pending.len());
+                if pump.pending.is_empty() {
+                    Poll::Pending
+                } else {
+                    Poll::Ready(())
+                }
+            }),
+        )
+        .await
+        .expect("the writer never filled up");
+        assert!(most <= BUFFER_SIZE, "{most} bytes kept, more than one read");
+
+        // Now the sink reads: everything arrives, and the pump ends holding nothing.
+        let reader = tokio::spawn(async move {
+            let mut got = Vec::new();
+            sink.read_to_end(&mut got).await.map(|_| got)
+        });
+        tokio::time::timeout(
+            Duration::from_secs(30),
+            poll_fn(|cx| pump.poll_pump(&activity, cx)),
+        )
+        .await
+        .expect("the pump did not finish")
+        .expect("pump");
+        assert_eq!(pump.pending.capacity(), 0, "the buffer is freed");
+        drop(pump);
+        drop(b);
+        writer.await.expect("writer task").expect("write");
+        let got = reader.await.expect("reader task").expect("read");
+        assert_eq!(got.len(), TOTAL);
+        assert!(got == expected, "bytes differ");
+        assert_eq!(total.load(Ordering::Relaxed), TOTAL as u64);
     }
 }

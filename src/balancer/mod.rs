@@ -565,3 +565,34 @@ pub fn test_backends(weights: &[u32]) -> Vec<Backend> {
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The hard stop (the balancer's stop token) ends every relay through the
+    /// backend's down token alone, also after `close_connections` replaced it; and
+    /// closing one backend's connections leaves the stop token and the others alone.
+    #[test]
+    fn the_stop_token_cancels_every_down_token() {
+        let balancer = Balancer::new();
+        let a = BackendState::new(Health::Up, &balancer.stop);
+        let b = BackendState::new(Health::Up, &balancer.stop);
+        let first = a.down_token();
+        a.close_connections();
+        assert!(
+            first.is_cancelled(),
+            "close_connections cancels the old token"
+        );
+        let second = a.down_token();
+        let other = b.down_token();
+        assert!(!second.is_cancelled() && !other.is_cancelled());
+        assert!(!balancer.stop_token().is_cancelled());
+        balancer.stop_token().cancel();
+        assert!(
+            second.is_cancelled(),
+            "the replacement token is a child too"
+        );
+        assert!(other.is_cancelled());
+    }
+}

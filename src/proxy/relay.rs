@@ -142,14 +142,16 @@ impl Future for Pumps<'_> {
 /// One direction: read until EOF and write everything on, then half-close the
 /// writer while the other direction is still open; when it is over too, the close
 /// that follows sends the FIN, and a shutdown() would be one more system call.
-/// Nothing is allocated unless the writer is full.
+/// Nothing is allocated unless the writer is full; then the direction keeps a
+/// buffer until it has nothing to read.
 struct Pump<'a> {
     from: ReadHalf<'a>,
     to: WriteHalf<'a>,
-    /// Bytes read that the writer has not taken yet (empty: no allocation).
-    pending: Vec<u8>,
-    /// How much of `pending` is written.
-    written: usize,
+    /// The direction's own buffer, only while data flows and the writer was full
+    /// lately (empty: no allocation); `start..end` is not written yet.
+    own: Vec<u8>,
+    start: usize,
+    end: usize,
     /// EOF was read and passed on.
     done: bool,
     bytes: Tally<'a>,
@@ -160,8 +162,9 @@ impl<'a> Pump<'a> {
         Pump {
             from,
             to,
-            pending: Vec::new(),
-            written: 0,
+            own: Vec::new(),
+            start: 0,
+            end: 0,
             done: false,
             bytes,
         }
@@ -173,24 +176,29 @@ impl<'a> Pump<'a> {
         cx: &mut Context<'_>,
     ) -> Poll<io::Result<()>> {
         loop {
-            while self.written < self.pending.len() {
+            while self.start < self.end {
                 let n =
-                    ready!(Pin::new(&mut self.to).poll_write(cx, &self.pending[self.written..]))?;
+                    ready!(Pin::new(&mut self.to).poll_write(cx, &self.own[self.start..self.end]))?;
                 if n == 0 {
                     return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
                 }
-                self.written += n;
+                self.start += n;
             }
-            if !self.pending.is_empty() {
-                self.pending = Vec::new();
-                self.written = 0;
-            }
+            (self.start, self.end) = (0, 0);
             if self.done {
+                self.own = Vec::new();
                 return Poll::Ready(Ok(()));
             }
-            // Wait for data without holding a buffer.
-            ready!(self.from.as_ref().poll_read_ready(cx))?;
-            let n = ready!(SCRATCH.with_borrow_mut(|buf| self.transfer(buf, cx)))?;
+            // Wait for data; a direction with nothing to read holds no buffer.
+            if self.from.as_ref().poll_read_ready(cx)?.is_pending() {
+                self.own = Vec::new();
+                return Poll::Pending;
+            }
+            let n = if self.own.is_empty() {
+                ready!(SCRATCH.with_borrow_mut(|buf| self.transfer(buf, cx)))?
+            } else {
+                ready!(self.read_own(cx))?
+            };
             if n == 0 {
                 if !last_activity.finish_direction() {
                     ready!(Pin::new(&mut self.to).poll_shutdown(cx))?;
@@ -204,7 +212,7 @@ impl<'a> Pump<'a> {
     }
 
     /// One read into `buf`, and as much of it written on as the writer takes now;
-    /// the rest is kept in `pending`. Ready(0) at EOF.
+    /// the rest is kept in the direction's own buffer. Ready(0) at EOF.
     fn transfer(&mut self, buf: &mut [u8], cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
         let mut read = ReadBuf::new(buf);
         // poll_read (unlike try_read) clears readiness after a short read, which
@@ -218,13 +226,39 @@ impl<'a> Pump<'a> {
                 Poll::Ready(Ok(k)) => sent += k,
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                 Poll::Pending => {
-                    self.pending = buf[sent..n].to_vec();
-                    self.written = 0;
+                    // The writer is full: from now on, while data flows, read into
+                    // a buffer of this direction's own, so what waits needs no copy.
+                    let rest = n - sent;
+                    let mut own = vec![0u8; BUFFER_SIZE];
+                    own[..rest].copy_from_slice(&buf[sent..n]);
+                    (self.own, self.start, self.end) = (own, 0, rest);
                     break;
                 }
             }
         }
         Poll::Ready(Ok(n))
+    }
+
+    /// One read into the direction's own buffer (data is flowing and the writer
+    /// was full lately); the loop in `poll_pump` writes it on. Ready(0) at EOF.
+    fn read_own(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        let (result, n) = {
+            let mut read = ReadBuf::new(&mut self.own);
+            let result = Pin::new(&mut self.from).poll_read(cx, &mut read);
+            (result, read.filled().len())
+        };
+        match result {
+            // Readiness was stale: back to waiting, without the buffer.
+            Poll::Pending => {
+                self.own = Vec::new();
+                Poll::Pending
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Ready(Ok(())) => {
+                (self.start, self.end) = (0, n);
+                Poll::Ready(Ok(n))
+            }
+        }
     }
 }
 
@@ -358,8 +392,8 @@ mod tests {
     }
 
     /// A writer that takes nothing makes the pump keep the unsent bytes (at most one
-    /// read's worth) in a buffer of its own; once they are sent the buffer is freed,
-    /// and every byte arrives in order.
+    /// read's worth) in a buffer of its own; once the data is over the buffer is
+    /// freed, and every byte arrives in order.
     #[tokio::test]
     async fn a_full_writer_holds_only_the_unsent_bytes_and_frees_them() {
         const TOTAL: usize = 8 * 1024 * 1024;
@@ -393,8 +427,8 @@ mod tests {
                 if pump.poll_pump(&activity, cx).is_ready() {
                     panic!("the pump finished while its writer was full");
                 }
-                most = most.max(pump.pending.len());
-                if pump.pending.is_empty() {
+                most = most.max(pump.end - pump.start);
+                if pump.start == pump.end {
                     Poll::Pending
                 } else {
                     Poll::Ready(())
@@ -417,7 +451,7 @@ mod tests {
         .await
         .expect("the pump did not finish")
         .expect("pump");
-        assert_eq!(pump.pending.capacity(), 0, "the buffer is freed");
+        assert_eq!(pump.own.capacity(), 0, "the buffer is freed");
         drop(pump);
         drop(b);
         writer.await.expect("writer task").expect("write");

@@ -476,6 +476,9 @@ impl Server {
         ));
         tracing::info!(bind = %admin_bind, "admin API listening");
 
+        // The balancer's stop token: cancelling it ends every relay, since each
+        // backend's down token is its child.
+        let hard_stop = balancer.stop_token();
         let mut server = Server {
             file: loaded.file,
             open_files,
@@ -486,7 +489,7 @@ impl Server {
                 balancer,
                 gate,
                 connections: TaskTracker::new(),
-                hard_stop: CancellationToken::new(),
+                hard_stop,
             },
             listeners: BTreeMap::new(),
             lease_gate,

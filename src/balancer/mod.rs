@@ -34,12 +34,15 @@ pub struct BackendState {
     addrs: ArcSwap<Vec<SocketAddr>>,
     /// Probe counters, last check and last flip, for status.
     pub detail: Mutex<Detail>,
-    /// Cancelled when the backend goes down in a pool with `on_down: close`.
+    /// Cancelled when the backend goes down in a pool with `on_down: close`, or
+    /// when `stop` is: a child of the balancer's stop token.
     down: ArcSwap<CancellationToken>,
+    /// The balancer's stop token, the parent of each `down` token.
+    stop: CancellationToken,
 }
 
 impl BackendState {
-    fn new(health: Health) -> Self {
+    fn new(health: Health, stop: &CancellationToken) -> Self {
         BackendState {
             active: AtomicU64::new(0),
             bytes_to_backend: AtomicU64::new(0),
@@ -47,18 +50,20 @@ impl BackendState {
             health: AtomicU8::new(health as u8),
             addrs: ArcSwap::from_pointee(Vec::new()),
             detail: Mutex::new(Detail::default()),
-            down: ArcSwap::from_pointee(CancellationToken::new()),
+            down: ArcSwap::from_pointee(stop.child_token()),
+            stop: stop.clone(),
         }
     }
 
-    /// A token cancelled if this backend goes down with `on_down: close`.
+    /// A token cancelled if this backend goes down with `on_down: close`, or when
+    /// the balancer's stop token is cancelled (the end of the shutdown grace).
     pub fn down_token(&self) -> CancellationToken {
         (**self.down.load()).clone()
     }
 
     /// Closes every connection established to this backend so far.
     pub fn close_connections(&self) {
-        self.down.swap(Arc::new(CancellationToken::new())).cancel();
+        self.down.swap(Arc::new(self.stop.child_token())).cancel();
     }
 
     pub fn health(&self) -> Health {
@@ -150,6 +155,8 @@ pub struct Balancer {
     /// The pools config the current snapshot was built from. Every writer (reload,
     /// runtime API) holds this lock from reading the config to swapping the snapshot.
     config: tokio::sync::Mutex<BTreeMap<String, schema::Pool>>,
+    /// The parent of every backend's down token (see `stop_token`).
+    stop: CancellationToken,
 }
 
 /// Why a change to one backend was refused.
@@ -177,7 +184,14 @@ impl Balancer {
             resolvers: Mutex::new(None),
             probes: Mutex::new(None),
             config: tokio::sync::Mutex::new(BTreeMap::new()),
+            stop: CancellationToken::new(),
         }
+    }
+
+    /// Cancelling this token closes every connection to every backend: each
+    /// backend's down token is its child, so a relay waits on one token, not two.
+    pub fn stop_token(&self) -> CancellationToken {
+        self.stop.clone()
     }
 
     pub fn snapshot(&self) -> Arc<Snapshot> {
@@ -354,11 +368,10 @@ impl Balancer {
     fn state_for(&self, key: &(String, String, String), unknown: bool) -> Arc<BackendState> {
         let existing = self.states.lock().ok().and_then(|s| s.get(key).cloned());
         existing.unwrap_or_else(|| {
-            Arc::new(BackendState::new(if unknown {
-                Health::Unknown
-            } else {
-                Health::Up
-            }))
+            Arc::new(BackendState::new(
+                if unknown { Health::Unknown } else { Health::Up },
+                &self.stop,
+            ))
         })
     }
 
@@ -540,7 +553,7 @@ pub fn test_backends(weights: &[u32]) -> Vec<Backend> {
         .enumerate()
         .map(|(i, &weight)| {
             let addr = SocketAddr::from(([10, 0, 0, i as u8 + 1], 6443));
-            let state = Arc::new(BackendState::new(Health::Up));
+            let state = Arc::new(BackendState::new(Health::Up, &CancellationToken::new()));
             state.addrs.store(Arc::new(vec![addr]));
             Backend {
                 name: format!("b{i}").into(),
@@ -551,4 +564,35 @@ pub fn test_backends(weights: &[u32]) -> Vec<Backend> {
             }
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The hard stop (the balancer's stop token) ends every relay through the
+    /// backend's down token alone, also after `close_connections` replaced it; and
+    /// closing one backend's connections leaves the stop token and the others alone.
+    #[test]
+    fn the_stop_token_cancels_every_down_token() {
+        let balancer = Balancer::new();
+        let a = BackendState::new(Health::Up, &balancer.stop);
+        let b = BackendState::new(Health::Up, &balancer.stop);
+        let first = a.down_token();
+        a.close_connections();
+        assert!(
+            first.is_cancelled(),
+            "close_connections cancels the old token"
+        );
+        let second = a.down_token();
+        let other = b.down_token();
+        assert!(!second.is_cancelled() && !other.is_cancelled());
+        assert!(!balancer.stop_token().is_cancelled());
+        balancer.stop_token().cancel();
+        assert!(
+            second.is_cancelled(),
+            "the replacement token is a child too"
+        );
+        assert!(other.is_cancelled());
+    }
 }

@@ -200,6 +200,8 @@ impl<'a> Pump<'a> {
                 ready!(self.read_own(cx))?
             };
             if n == 0 {
+                // At EOF everything read has been written: nothing more to hold.
+                self.own = Vec::new();
                 if !last_activity.finish_direction() {
                     ready!(Pin::new(&mut self.to).poll_shutdown(cx))?;
                 }

@@ -218,9 +218,7 @@ fn check_json_pools(doc: Value) -> Result<Replicated, String> {
         return Err("the body must be a map with pools:".into());
     };
     if let Some(key) = doc.keys().find(|k| *k != "pools") {
-        return Err(format!(
-            "{key}: only pools are replicated; listeners and the other sections are node-local (each replica's own file)"
-        ));
+        return Err(format!("{key}: {}", crate::config::NODE_LOCAL));
     }
     let checked = check_pools(doc.remove("pools").unwrap_or(Value::Null))?;
     if checked.pools.is_empty() {

@@ -77,9 +77,10 @@ impl Refusal {
 }
 
 /// Admits `req` or says why not. `token` is `admin.token_file`'s token, `None` when
-/// there is none. `local`: the request came over loopback, where only an address or
-/// `localhost` names this server: a page whose own name was made to resolve to
-/// 127.0.0.1 (DNS rebinding) is same-origin to the browser, but not in `Host`.
+/// there is none. `local`: the request came over loopback, where only an address,
+/// `localhost` or the machine's hostname names this server: a page whose own name
+/// was made to resolve to 127.0.0.1 (DNS rebinding) is same-origin to the browser,
+/// but not in `Host`.
 pub fn check<B>(token: Option<&str>, req: &Request<B>, local: bool) -> Result<(), Refusal> {
     if local {
         loopback_host(req)?;

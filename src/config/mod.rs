@@ -156,19 +156,9 @@ fn parse_with(
     overrides.apply(&mut config);
     let findings = validate::validate(&config, open_files);
     if !findings.errors.is_empty() {
-        let errors = findings
-            .errors
-            .into_iter()
-            .map(|mut issue| {
-                if issue.at == Place::Unknown {
-                    issue.at = place_of_path(text, &issue.path);
-                }
-                issue
-            })
-            .collect();
         return Err(ConfigError::Invalid {
             file: file.to_string(),
-            errors,
+            errors: placed(findings.errors, text),
         });
     }
     fill_defaults(&mut config, open_files);
@@ -211,9 +201,7 @@ pub fn parse_pools(
         .map(|key| Issue {
             at: place_of_path(text, key),
             path: key.clone(),
-            message: "only pools are replicated; listeners and the other sections are \
-                      node-local (each replica's own file)"
-                .into(),
+            message: NODE_LOCAL.into(),
         })
         .collect();
     if !local.is_empty() {
@@ -238,20 +226,27 @@ pub fn parse_pools(
     };
     let errors = validate::validate(&config, u64::MAX).errors;
     if !errors.is_empty() {
-        return Err(invalid(
-            errors
-                .into_iter()
-                .map(|mut issue| {
-                    if issue.at == Place::Unknown {
-                        issue.at = place_of_path(text, &issue.path);
-                    }
-                    issue
-                })
-                .collect(),
-        ));
+        return Err(invalid(placed(errors, text)));
     }
     Ok(config.pools)
 }
+
+/// The validator's issues, each given the place of its field in `text` when the
+/// schema kept none.
+fn placed(issues: Vec<Issue>, text: &str) -> Vec<Issue> {
+    issues
+        .into_iter()
+        .map(|mut issue| {
+            if issue.at == Place::Unknown {
+                issue.at = place_of_path(text, &issue.path);
+            }
+            issue
+        })
+        .collect()
+}
+
+/// Why a replicated config (`PUT /api/v1/config`) may not name another section.
+pub const NODE_LOCAL: &str = "only pools are replicated; listeners and the other sections are node-local (each replica's own file)";
 
 /// Alias expansions a YAML document may replay, in parser events: a real config
 /// needs a handful, a "billion laughs" is stopped here.

@@ -265,7 +265,7 @@ fn validate_peer_addresses(c: &Cluster, f: &mut Findings) {
     let peers = &c.peers.value;
     let mut seen: Vec<(u64, &HostPort)> = Vec::new();
     for (id, addr) in peers {
-        if let Some((first, same)) = seen.iter().find(|(_, a)| same_address(a, &addr.value)) {
+        if let Some((first, same)) = seen.iter().find(|(_, a)| a.same_as(&addr.value)) {
             f.error(
                 at(addr),
                 format!("cluster.peers.{id}"),
@@ -290,12 +290,12 @@ fn validate_peer_addresses(c: &Cluster, f: &mut Findings) {
         None if matches!(mine.value, HostPort::Name(..)) => return,
         None => ("cluster.bind", at(&c.bind), HostPort::Ip(c.bind.value.0)),
     };
-    if same_address(&own, &mine.value) {
+    if own.same_as(&mine.value) {
         return;
     }
     let taken = peers
         .iter()
-        .find(|(other, a)| **other != id && same_address(&own, &a.value));
+        .find(|(other, a)| **other != id && own.same_as(&a.value));
     match taken {
         Some((other, _)) => f.error(
             at(&c.node_id),
@@ -325,12 +325,6 @@ fn validate_peer_addresses(c: &Cluster, f: &mut Findings) {
             );
         }
     }
-}
-
-/// Whether two peer addresses are the same: IPs as parsed (an IPv4-mapped IPv6
-/// address is its IPv4 address), hostnames as written (they are lowercased).
-fn same_address(a: &HostPort, b: &HostPort) -> bool {
-    a.same_as(b)
 }
 
 fn validate_leader_election(config: &Config, f: &mut Findings) {
@@ -719,7 +713,7 @@ mod tests {
     #[test]
     fn peer_addresses_compare_as_parsed_ips_or_as_written_names() {
         let same = |a: &str, b: &str| {
-            same_address(&a.parse().expect("address"), &b.parse().expect("address"))
+            HostPort::same_as(&a.parse().expect("address"), &b.parse().expect("address"))
         };
         assert!(same("10.0.0.1:7400", "10.0.0.1:7400"));
         assert!(same("[::ffff:10.0.0.1]:7400", "10.0.0.1:7400"));

@@ -155,6 +155,11 @@ fn body() -> impl Strategy<Value = Value> {
                 "entries": entries, "leader_commit": c}})
         }),
         (vote(), log_id(), any_json(), proptest::collection::vec(any::<u8>(), 0..200)).prop_map(|(v, l, m, d)| json!({"Snapshot": {"vote": v, "meta": {"last_log_id": l, "last_membership": m, "snapshot_id": "x"}, "data": d}})),
+        // A valid membership (node 1 the one voter), so the data is what gets tested.
+        (term(), far_log_id(), proptest::collection::vec(any::<u8>(), 0..200)).prop_map(|(t, l, d)| json!({"Snapshot": {
+            "vote": {"leader_id": {"term": t, "node_id": 99}, "committed": true},
+            "meta": {"last_log_id": l, "last_membership": {"log_id": null, "membership": {"configs": [[1]], "nodes": {"1": {"addr": "127.0.0.1:1"}}}}, "snapshot_id": "x"},
+            "data": d}})),
         (vote(), node(), log_id()).prop_map(|(v, n, l)| json!({"TransferLeader": {"from_leader": v, "to": n, "last_log_id": l}})),
         (command(), term()).prop_map(|(c, d)| json!({"Write": {"command": c, "deadline_ms": d}})),
         node().prop_map(|n| json!({"MoveLeader": {"to": n}})),
@@ -242,6 +247,13 @@ fn alive(lb: &mut Raftlb, seen: &mut u64) -> Result<(), String> {
     // Keep a little overlap, so a line cut at the end is read whole next time.
     *seen += (new.len() as u64).saturating_sub(200);
     let log = String::from_utf8_lossy(&new);
+    // A peer frame must not stop openraft's core either (the store is then rebuilt).
+    if let Some(at) = log.find("the Raft store failed") {
+        return Err(format!(
+            "a frame stopped Raft: {}",
+            log.get(at..(at + 600).min(log.len())).unwrap_or(&log)
+        ));
+    }
     if !log.contains("panicked") {
         return Ok(());
     }
@@ -337,6 +349,25 @@ async fn the_peer_port_survives_generated_frames_and_hostile_raft_messages() {
             ),
         ),
         ("body nested 1M deep", framed(nested.as_bytes())),
+        // A regression: a leader's snapshot with a valid membership (this replica
+        // still its one voter) and data that is not a raftlb state passed the checks;
+        // the state machine failed to decode it and openraft's core stopped for good
+        // (the store was rebuilt in-process). Refused at the peer port now.
+        (
+            "Snapshot from a committed leader of term 1000 whose data is not a state",
+            framed(
+                json!({"cluster_id": "test", "uuid": null, "from": 99, "body": {"Snapshot": {
+                    "vote": {"leader_id": {"term": 1000, "node_id": 99}, "committed": true},
+                    "meta": {
+                        "last_log_id": {"leader_id": {"term": 1000, "node_id": 99}, "index": 2_000_000},
+                        "last_membership": {"log_id": null, "membership": {
+                            "configs": [[1]], "nodes": {"1": {"addr": peer.to_string()}}}},
+                        "snapshot_id": "x"},
+                    "data": b"not a raftlb state".to_vec()}}})
+                .to_string()
+                .as_bytes(),
+            ),
+        ),
         (
             "Append of 100,000 entries from a committed leader of term 1000",
             framed(leaderly_append.as_bytes()),

@@ -33,7 +33,9 @@ use network::{
     WriteReply,
 };
 use storage::Applied;
-use types::{Command, Node as RaftNode, NodeId, NodeInfo, Outcome, Raft};
+use types::{
+    Command, Node as RaftNode, NodeId, NodeInfo, Outcome, Raft, TypeConfig, to_completion,
+};
 
 /// How long a write may wait for its commit before the answer is "outcome unknown".
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -315,6 +317,21 @@ impl Node {
         }
     }
 
+    /// Runs `call` on the Raft instance to completion, even when the caller stops
+    /// waiting (see [`to_completion`]).
+    async fn call<T, F>(&self, call: impl FnOnce(Raft) -> F) -> T
+    where
+        F: Future<Output = T> + Send + 'static,
+        T: Send + 'static,
+    {
+        to_completion(call(self.raft())).await
+    }
+
+    async fn transfer_leader(&self, to: NodeId) -> Result<(), openraft::error::Fatal<TypeConfig>> {
+        self.call(move |raft| async move { raft.trigger().transfer_leader(to).await })
+            .await
+    }
+
     /// The store, unless it is being rebuilt.
     fn db(&self) -> Option<Arc<Database>> {
         match self.db.read() {
@@ -326,7 +343,7 @@ impl Node {
     /// Stops Raft and makes the last applied state durable (the flusher
     /// otherwise takes up to a few milliseconds more).
     pub async fn shutdown(&self) {
-        let _ = self.raft().shutdown().await;
+        let _ = self.call(|raft| async move { raft.shutdown().await }).await;
         let flusher = self.flusher.read().ok().and_then(|f| f.clone());
         if let Some(flusher) = flusher {
             let applied = self.applied.borrow().clone();
@@ -507,7 +524,12 @@ impl Node {
         let mine: Vec<(NodeId, String)> = self.peers.iter().map(|(k, v)| (*k, v.clone())).collect();
         let mut logged_wait = false;
         loop {
-            if self.stop.is_cancelled() || self.raft().is_initialized().await.unwrap_or(true) {
+            if self.stop.is_cancelled()
+                || self
+                    .call(|raft| async move { raft.is_initialized().await })
+                    .await
+                    .unwrap_or(true)
+            {
                 self.vet();
                 return;
             }
@@ -567,7 +589,10 @@ impl Node {
                     .iter()
                     .map(|(id, addr)| (*id, RaftNode { addr: addr.clone() }))
                     .collect();
-                match self.raft().initialize(members).await {
+                match self
+                    .call(|raft| async move { raft.initialize(members).await })
+                    .await
+                {
                     Ok(()) => tracing::info!(
                         peers = self.peers.len(),
                         "bootstrap: a quorum of empty peers answered; cluster initialised"
@@ -890,7 +915,7 @@ impl Node {
              then the store is reopened in-process",
             self.data_dir.display()
         );
-        let _ = self.raft().shutdown().await;
+        let _ = self.call(|raft| async move { raft.shutdown().await }).await;
         if let Ok(mut db) = self.db.write() {
             db.take();
         }
@@ -1095,7 +1120,7 @@ impl Node {
         else {
             return;
         };
-        if let Err(e) = self.raft().trigger().transfer_leader(to).await {
+        if let Err(e) = self.transfer_leader(to).await {
             tracing::info!(error = %e, "cannot hand Raft leadership over");
             return;
         }
@@ -1125,7 +1150,7 @@ impl Node {
                 config_version: self.applied.borrow().state.config_version,
             });
         }
-        match self.raft().trigger().transfer_leader(to).await {
+        match self.transfer_leader(to).await {
             Ok(()) => WriteReply::Done(Outcome::Applied {
                 config_version: self.applied.borrow().state.config_version,
             }),
@@ -1253,13 +1278,19 @@ impl Node {
                 let deadline = Duration::from_millis(deadline_ms);
                 let lease = matches!(command, Command::Lease { .. });
                 let reply = proposed(
-                    tokio::time::timeout(deadline, self.raft().client_write(command)).await,
+                    tokio::time::timeout(
+                        deadline,
+                        self.call(|raft| async move { raft.client_write(command).await }),
+                    )
+                    .await,
                     deadline,
                 );
                 if lease && matches!(reply, WriteReply::Done(_)) {
                     // Followers learn the commit with the next heartbeat: send it now,
                     // so a standby acts on a release at once, not a heartbeat later.
-                    let _ = self.raft().trigger().heartbeat().await;
+                    let _ = self
+                        .call(|raft| async move { raft.trigger().heartbeat().await })
+                        .await;
                 }
                 Reply::Write(reply)
             }
@@ -1268,8 +1299,10 @@ impl Node {
             Request::Read => {
                 let read = tokio::time::timeout(
                     WRITE_TIMEOUT,
-                    self.raft()
-                        .ensure_linearizable(openraft::raft::ReadPolicy::ReadIndex),
+                    self.call(|raft| async move {
+                        raft.ensure_linearizable(openraft::raft::ReadPolicy::ReadIndex)
+                            .await
+                    }),
                 )
                 .await;
                 match read {
@@ -1331,7 +1364,11 @@ impl Node {
         let known = |id: NodeId| membership.get_node(&id).is_some();
         let change = |c| async move {
             proposed(
-                tokio::time::timeout(WRITE_TIMEOUT, self.raft().change_membership(c, false)).await,
+                tokio::time::timeout(
+                    WRITE_TIMEOUT,
+                    self.call(|raft| async move { raft.change_membership(c, false).await }),
+                )
+                .await,
                 WRITE_TIMEOUT,
             )
         };
@@ -1360,14 +1397,19 @@ impl Node {
                 }
                 let node = RaftNode { addr: address };
                 let added = proposed(
-                    tokio::time::timeout(WRITE_TIMEOUT, self.raft().add_learner(id, node, false))
-                        .await,
+                    tokio::time::timeout(
+                        WRITE_TIMEOUT,
+                        self.call(|raft| async move { raft.add_learner(id, node, false).await }),
+                    )
+                    .await,
                     WRITE_TIMEOUT,
                 );
                 if !learner && matches!(added, WriteReply::Done(_)) {
                     let later = tokio::time::timeout(
                         WRITE_TIMEOUT,
-                        self.raft().client_write(Command::PromoteLater { node: id }),
+                        self.call(move |raft| async move {
+                            raft.client_write(Command::PromoteLater { node: id }).await
+                        }),
                     )
                     .await;
                     if !matches!(later, Ok(Ok(_))) {
@@ -1424,7 +1466,7 @@ impl Node {
         let Some(to) = voters.iter().copied().find(|v| *v != self.id) else {
             return WriteReply::Invalid("no other voter to hand leadership to".into());
         };
-        if let Err(e) = self.raft().trigger().transfer_leader(to).await {
+        if let Err(e) = self.transfer_leader(to).await {
             return WriteReply::NotProposed(format!("cannot hand leadership over: {e}"));
         }
         let deadline = tokio::time::Instant::now() + WRITE_TIMEOUT;
@@ -1678,5 +1720,22 @@ mod tests {
         assert_eq!(shared_names(&nodes), BTreeSet::from(["lb-1".to_string()]));
         let nodes = BTreeMap::from([(1, info("lb-1")), (2, info("lb-2"))]);
         assert!(shared_names(&nodes).is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_raft_call_completes_when_its_caller_stops_waiting() {
+        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = done.clone();
+        let call = to_completion(async move {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            flag.store(true, std::sync::atomic::Ordering::SeqCst);
+        });
+        assert!(
+            tokio::time::timeout(Duration::from_millis(10), call)
+                .await
+                .is_err()
+        );
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert!(done.load(std::sync::atomic::Ordering::SeqCst));
     }
 }

@@ -827,29 +827,43 @@ pub async fn raft_rpc(raft: &super::types::Raft, request: Request) -> Result<Rep
     fn answer<R, E: std::fmt::Display>(r: Result<R, E>, ok: fn(R) -> Reply) -> Reply {
         r.map_or_else(|e| Reply::Error(e.to_string()), ok)
     }
+    if !matches!(
+        request,
+        Request::Append(_)
+            | Request::Vote(_)
+            | Request::PreVote(_)
+            | Request::Snapshot { .. }
+            | Request::TransferLeader(_)
+    ) {
+        return Err(request);
+    }
     if let Err(why) = sane(&request) {
         return Ok(Reply::Error(format!("refused: {why}")));
     }
-    Ok(match request {
-        Request::Append(rpc) => answer(raft.append_entries(rpc).await, Reply::Append),
-        Request::Vote(rpc) => answer(raft.vote(rpc).await, Reply::Vote),
-        Request::PreVote(rpc) => answer(raft.pre_vote(rpc).await, Reply::Vote),
-        Request::Snapshot { vote, meta, data } => {
-            let snapshot = Snapshot {
-                meta,
-                snapshot: io::Cursor::new(data),
-            };
-            answer(
-                raft.install_full_snapshot(vote, snapshot).await,
-                Reply::Snapshot,
-            )
+    let raft = raft.clone();
+    Ok(super::types::to_completion(async move {
+        match request {
+            Request::Append(rpc) => answer(raft.append_entries(rpc).await, Reply::Append),
+            Request::Vote(rpc) => answer(raft.vote(rpc).await, Reply::Vote),
+            Request::PreVote(rpc) => answer(raft.pre_vote(rpc).await, Reply::Vote),
+            Request::Snapshot { vote, meta, data } => {
+                let snapshot = Snapshot {
+                    meta,
+                    snapshot: io::Cursor::new(data),
+                };
+                answer(
+                    raft.install_full_snapshot(vote, snapshot).await,
+                    Reply::Snapshot,
+                )
+            }
+            Request::TransferLeader(req) => answer(
+                raft.handle_transfer_leader(req).await,
+                Reply::TransferLeader,
+            ),
+            other => Reply::Error(format!("not a Raft RPC: {other:?}")),
         }
-        Request::TransferLeader(req) => answer(
-            raft.handle_transfer_leader(req).await,
-            Reply::TransferLeader,
-        ),
-        other => return Err(other),
     })
+    .await)
 }
 
 /// The largest term and log index a peer may send: far beyond what any cluster
@@ -929,7 +943,7 @@ fn sane(request: &Request) -> Result<(), String> {
             }
             Ok(())
         }
-        Request::Snapshot { vote, meta, .. } => {
+        Request::Snapshot { vote, meta, data } => {
             vote_in_range(vote)?;
             log_id_in_range("snapshot last_log_id", meta.last_log_id.as_ref())?;
             if !vote.committed {
@@ -937,7 +951,11 @@ fn sane(request: &Request) -> Result<(), String> {
                     "a snapshot from {vote} whose vote is not committed: only a leader sends one"
                 ));
             }
-            Ok(())
+            // The state machine would fail to decode it, and openraft stops for good
+            // on a state machine error.
+            super::storage::decode::<super::types::Replicated>(data)
+                .map(drop)
+                .map_err(|e| format!("a snapshot whose data is not a raftlb state: {e}"))
         }
         Request::TransferLeader(rpc) => {
             vote_in_range(rpc.from_leader())?;

@@ -183,7 +183,7 @@ pub fn restore<I: Serialize>(data_dir: &Path, identity: &I, applied: &Applied) -
     tx.commit().map_err(io::Error::other)
 }
 
-fn decode<T: DeserializeOwned>(bytes: &[u8]) -> io::Result<T> {
+pub(super) fn decode<T: DeserializeOwned>(bytes: &[u8]) -> io::Result<T> {
     serde_json::from_slice(bytes).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
 }
 

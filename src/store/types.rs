@@ -27,6 +27,23 @@ pub type StoredMembership = openraft::alias::StoredMembershipOf<TypeConfig>;
 pub type SnapshotMeta = openraft::alias::SnapshotMetaOf<TypeConfig>;
 pub type Snapshot = openraft::alias::SnapshotOf<TypeConfig, Cursor<Vec<u8>>>;
 
+/// Runs a call on openraft's [`Raft`] in a task of its own and waits for it: the call
+/// completes even when the caller stops waiting (a timeout, shutdown, a closed peer
+/// connection). openraft 0.10.0-alpha.37 lets the first caller that finds the core
+/// stopped wait for the core task on behalf of all; dropped during that wait, it
+/// leaves the others to a panic that poisons the core's lock, and every later call
+/// (`shutdown` included) panics too.
+pub async fn to_completion<T: Send + 'static>(
+    call: impl std::future::Future<Output = T> + Send + 'static,
+) -> T {
+    match tokio::spawn(call).await {
+        Ok(value) => value,
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        // Cancelled: the runtime is shutting down and drops this caller too.
+        Err(_) => std::future::pending().await,
+    }
+}
+
 /// A change to the replicated state. Applied in log order on every replica; the
 /// outcome depends only on the state before it, so every replica gets the same one.
 #[derive(Clone, Debug, Serialize, Deserialize)]

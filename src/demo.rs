@@ -110,8 +110,7 @@ async fn demo(args: DemoArgs) -> Result<(), String> {
         );
         backends.push(backend);
     }
-    let admin = free_addr().await?;
-    let listen = free_addr().await?;
+    let [admin, listen] = free_addrs()?;
     let dir = std::env::temp_dir().join(format!("raftlb-demo-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let config = dir.join("raftlb.yaml");
@@ -216,10 +215,8 @@ async fn cluster_demo(
     println!(
         "\n--- cluster mode: three replicas, one Raft group, one active (leader election) ---\n"
     );
-    let mut addrs = Vec::new();
-    for _ in 0..3 {
-        addrs.push((free_addr().await?, free_addr().await?, free_addr().await?));
-    }
+    let [a1, b1, c1, a2, b2, c2, a3, b3, c3] = free_addrs()?;
+    let addrs = [(a1, b1, c1), (a2, b2, c2), (a3, b3, c3)];
     let peers: Vec<String> = addrs
         .iter()
         .enumerate()
@@ -779,11 +776,21 @@ async fn wait_ready(admin: SocketAddr) -> Result<(), String> {
     Err("raftlb did not become ready within 15s".into())
 }
 
-async fn free_addr() -> Result<SocketAddr, String> {
-    let l = TcpListener::bind("127.0.0.1:0")
-        .await
+/// `N` distinct free ports on loopback: all bound at once, then released (one at a
+/// time, the kernel may hand the same port out twice).
+fn free_addrs<const N: usize>() -> Result<[SocketAddr; N], String> {
+    let held = (0..N)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
+        .collect::<Result<Vec<_>, _>>()
         .map_err(|e| e.to_string())?;
-    l.local_addr().map_err(|e| e.to_string())
+    let addrs = held
+        .iter()
+        .map(|l| l.local_addr())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| e.to_string())?;
+    addrs
+        .try_into()
+        .map_err(|_| "free_addrs: wrong count".to_string())
 }
 
 /// The demo's certificates, in a directory removed on drop: a throwaway CA (the

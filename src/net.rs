@@ -6,7 +6,8 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use socket2::{Domain, Protocol, Socket, TcpKeepalive, Type};
-use tokio::net::TcpListener;
+use tokio::io::Interest;
+use tokio::net::{TcpListener, TcpStream};
 
 /// Kernel accept backlog; new connections are accepted at once, even past max_connections.
 pub const BACKLOG: i32 = 4096;
@@ -42,9 +43,41 @@ fn bind(addr: SocketAddr, proxied: bool) -> io::Result<TcpListener> {
     TcpListener::from_std(socket.into())
 }
 
-/// TCP_NODELAY and keepalive (60 s idle, then every 10 s, 6 probes): both sides of
-/// every proxied connection, the client side through its listening socket.
-pub fn tune(socket: &Socket) -> io::Result<()> {
+/// Connects to a backend in three system calls: a non-blocking socket, TCP_NODELAY,
+/// connect; then waits for the socket to become writable and asks for the outcome
+/// (SO_ERROR) only when the kernel reported an error or a hang-up, which a refused
+/// or failed connect always carries. No keepalive towards backends, as HAProxy
+/// (`option srvtcpka`) and nginx (`proxy_socket_keepalive`) by default: a backend
+/// host that vanishes fails its health checks, and `on_down: close` ends its
+/// connections; keepalive would cost four more system calls per connection.
+pub async fn connect(addr: SocketAddr) -> io::Result<TcpStream> {
+    let socket = Socket::new(
+        Domain::for_address(addr),
+        Type::STREAM.nonblocking(),
+        Some(Protocol::TCP),
+    )?;
+    socket.set_tcp_nodelay(true)?;
+    match socket.connect(&addr.into()) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(EINPROGRESS) => {}
+        Err(e) => return Err(e),
+    }
+    let stream = TcpStream::from_std(std::net::TcpStream::from(socket))?;
+    let ready = stream.ready(Interest::WRITABLE | Interest::ERROR).await?;
+    if ready.is_error() || ready.is_write_closed() {
+        return Err(stream.take_error()?.unwrap_or_else(|| {
+            io::Error::new(io::ErrorKind::ConnectionRefused, "connect failed")
+        }));
+    }
+    Ok(stream)
+}
+
+/// Linux's errno for a non-blocking connect under way.
+const EINPROGRESS: i32 = 115;
+
+/// TCP_NODELAY and keepalive (60 s idle, then every 10 s, 6 probes) on a proxy
+/// listener's socket, which every client connection inherits.
+fn tune(socket: &Socket) -> io::Result<()> {
     socket.set_tcp_nodelay(true)?;
     let keepalive = TcpKeepalive::new()
         .with_time(Duration::from_secs(60))
@@ -85,5 +118,30 @@ mod tests {
         let (accepted, _) = plain.accept().await.expect("accept");
         assert!(!SockRef::from(&accepted).keepalive().expect("SO_KEEPALIVE"));
         drop(client);
+    }
+
+    #[tokio::test]
+    async fn a_backend_connection_has_nodelay_and_a_refused_one_fails() {
+        let listener = listen("127.0.0.1:0".parse().expect("addr")).expect("listen");
+        let addr = listener.local_addr().expect("local addr");
+        let mut stream = connect(addr).await.expect("connect");
+        let sock = SockRef::from(&stream);
+        assert!(sock.tcp_nodelay().expect("TCP_NODELAY"), "TCP_NODELAY");
+        assert!(!sock.keepalive().expect("SO_KEEPALIVE"), "no SO_KEEPALIVE");
+        let (mut accepted, _) = listener.accept().await.expect("accept");
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        stream.write_all(b"ping").await.expect("write");
+        let mut buf = [0u8; 4];
+        accepted.read_exact(&mut buf).await.expect("read");
+        assert_eq!(&buf, b"ping");
+
+        // A port nothing listens on: the connect itself fails, not a later read.
+        drop(listener);
+        let refused = connect(addr).await.expect_err("nothing listens");
+        assert_eq!(
+            refused.kind(),
+            io::ErrorKind::ConnectionRefused,
+            "{refused}"
+        );
     }
 }

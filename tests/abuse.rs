@@ -387,22 +387,14 @@ async fn silent_backend() -> SocketAddr {
 
 /// A backend that writes to every connection as fast as it can, for up to 30 s.
 async fn firehose_backend() -> SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let chunk = vec![b'x'; 64 << 10];
-                let _ = tokio::time::timeout(Duration::from_secs(30), async {
-                    while s.write_all(&chunk).await.is_ok() {}
-                })
-                .await;
-            });
-        }
-    });
-    addr
+    serve_each(|mut s| async move {
+        let chunk = vec![b'x'; 64 << 10];
+        let _ = tokio::time::timeout(Duration::from_secs(30), async {
+            while s.write_all(&chunk).await.is_ok() {}
+        })
+        .await;
+    })
+    .await
 }
 
 /// One round of data-path abuse; prints what it measured and returns raftlb's VmRSS

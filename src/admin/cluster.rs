@@ -543,13 +543,8 @@ fn member_list(node: &Node) -> Vec<Value> {
 pub fn status(node: &Node) -> Value {
     let metrics = node.metrics();
     let membership = metrics.membership_config.membership();
-    let voter_ids: Vec<u64> = membership.voter_ids().collect();
-    let voters = voter_ids.len();
-    let reachability = node.reachability(&metrics);
-    let reachable = voter_ids
-        .iter()
-        .filter(|id| reachability.get(*id).copied().flatten() != Some(false))
-        .count();
+    let voters = membership.voter_ids().count();
+    let reachable = voters - node.unreachable_voters(&metrics).len();
     // Before the cluster exists there is no membership, hence no quorum to speak of.
     let quorum = (voters > 0).then_some(voters / 2 + 1);
     json!({

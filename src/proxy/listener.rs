@@ -590,9 +590,7 @@ async fn connect_backend(
     })?;
     let timeout = pool.connect_timeout;
     let connect = async {
-        let mut stream = TcpStream::connect(addr).await?;
-        // Best effort, as on the client side: a connection works without them.
-        let _ = crate::net::tune(&SockRef::from(&stream));
+        let mut stream = crate::net::connect(addr).await?;
         if let Some(header) = proxy_protocol::header(proxy_protocol, peer, local)? {
             stream.write_all(&header).await?;
         }

@@ -447,26 +447,39 @@ impl Node {
     pub fn quorum_note(&self) -> String {
         let metrics = self.metrics();
         let membership = metrics.membership_config.membership();
-        let reachability = self.reachability(&metrics);
-        let voters: Vec<NodeId> = membership.voter_ids().collect();
-        let unreachable: Vec<String> = voters
+        let voters = membership.voter_ids().count();
+        let unreachable: Vec<String> = self
+            .unreachable_voters(&metrics)
             .iter()
-            .filter(|id| reachability.get(*id).copied().flatten() == Some(false))
             .map(|id| match membership.get_node(id) {
                 Some(n) => format!("node {id} ({})", n.addr),
                 None => format!("node {id}"),
             })
             .collect();
         let mut note = format!(
-            "this replica reaches {} of {} voters (itself included); a write needs {} (a majority)",
-            voters.len() - unreachable.len(),
-            voters.len(),
-            voters.len() / 2 + 1
+            "this replica reaches {} of {voters} voters (itself included); a write needs {} (a majority)",
+            voters - unreachable.len(),
+            voters / 2 + 1
         );
         if !unreachable.is_empty() {
             note.push_str(&format!("; unreachable: {}", unreachable.join(", ")));
         }
         note
+    }
+
+    /// The voters this replica knows to be unreachable now (one never heard from is
+    /// not counted as unreachable).
+    pub fn unreachable_voters(
+        &self,
+        metrics: &openraft::RaftMetrics<types::TypeConfig>,
+    ) -> Vec<NodeId> {
+        let reachability = self.reachability(metrics);
+        metrics
+            .membership_config
+            .membership()
+            .voter_ids()
+            .filter(|id| reachability.get(id).copied().flatten() == Some(false))
+            .collect()
     }
 
     pub fn metrics(&self) -> openraft::RaftMetrics<types::TypeConfig> {

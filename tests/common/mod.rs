@@ -11,7 +11,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_raftlb");
 
@@ -263,40 +263,47 @@ pub fn http_request(
     http_response(addr, method, path, headers, body).map(|r| (r.status, r.body))
 }
 
-/// An echo server on loopback; runs until the test's runtime ends.
-pub async fn echo_backend() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind echo");
+/// A server on loopback that runs `serve` on each connection in a task of its own,
+/// until the test's runtime ends.
+pub async fn serve_each<F, Fut>(serve: F) -> SocketAddr
+where
+    F: Fn(TcpStream) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let (mut r, mut w) = s.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-                let _ = w.shutdown().await;
-            });
+        while let Ok((s, _)) = listener.accept().await {
+            tokio::spawn(serve(s));
         }
     });
     addr
 }
 
+/// An echo server on loopback.
+pub async fn echo_backend() -> SocketAddr {
+    serve_each(|mut s| async move {
+        let (mut r, mut w) = s.split();
+        let _ = tokio::io::copy(&mut r, &mut w).await;
+        let _ = w.shutdown().await;
+    })
+    .await
+}
+
 /// A server that writes `name` and a newline to every connection, then closes it.
 pub async fn named_backend(name: &str) -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind named");
-    let addr = listener.local_addr().expect("addr");
-    let reply = format!("{name}\n");
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            let reply = reply.clone();
-            tokio::spawn(async move {
-                let _ = s.write_all(reply.as_bytes()).await;
-                let _ = s.shutdown().await;
-                // Drain until the client closes, so the client never sees a reset.
-                let mut sink = [0u8; 64];
-                while matches!(s.read(&mut sink).await, Ok(n) if n > 0) {}
-            });
+    let reply: std::sync::Arc<str> = format!("{name}\n").into();
+    serve_each(move |mut s| {
+        let reply = reply.clone();
+        async move {
+            let _ = s.write_all(reply.as_bytes()).await;
+            let _ = s.shutdown().await;
+            // Drain until the client closes, so the client never sees a reset.
+            let mut sink = [0u8; 64];
+            while matches!(s.read(&mut sink).await, Ok(n) if n > 0) {}
         }
-    });
-    addr
+    })
+    .await
 }
 
 /// A TCP connection to `addr` (IPv4), from the address `source` if given (e.g.

@@ -18,9 +18,11 @@ bounded in time; the open-file limit is raised to its hard limit.
 """
 import argparse, asyncio, multiprocessing, os, resource, signal, socket, statistics, struct, subprocess, sys, tempfile, time
 
-BACKEND = 45990
-PORTS = {"haproxy": 46990, "raftlb": 48990}
-ADMIN = 48989
+# Below the kernel's ephemeral range (32768-60999 by default), so a client socket
+# of an earlier run cannot hold one of them.
+BACKEND = 29990
+PORTS = {"haproxy": 29991, "raftlb": 29992}
+ADMIN = 29993
 BACKLOG = 4096
 
 ECHO = r'''

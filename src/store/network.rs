@@ -827,22 +827,12 @@ pub async fn raft_rpc(raft: &super::types::Raft, request: Request) -> Result<Rep
     fn answer<R, E: std::fmt::Display>(r: Result<R, E>, ok: fn(R) -> Reply) -> Reply {
         r.map_or_else(|e| Reply::Error(e.to_string()), ok)
     }
-    if !matches!(
-        request,
-        Request::Append(_)
-            | Request::Vote(_)
-            | Request::PreVote(_)
-            | Request::Snapshot { .. }
-            | Request::TransferLeader(_)
-    ) {
-        return Err(request);
-    }
     if let Err(why) = sane(&request) {
         return Ok(Reply::Error(format!("refused: {why}")));
     }
     let raft = raft.clone();
-    Ok(super::types::to_completion(async move {
-        match request {
+    super::types::to_completion(async move {
+        Ok(match request {
             Request::Append(rpc) => answer(raft.append_entries(rpc).await, Reply::Append),
             Request::Vote(rpc) => answer(raft.vote(rpc).await, Reply::Vote),
             Request::PreVote(rpc) => answer(raft.pre_vote(rpc).await, Reply::Vote),
@@ -860,10 +850,10 @@ pub async fn raft_rpc(raft: &super::types::Raft, request: Request) -> Result<Rep
                 raft.handle_transfer_leader(req).await,
                 Reply::TransferLeader,
             ),
-            other => Reply::Error(format!("not a Raft RPC: {other:?}")),
-        }
+            other => return Err(other),
+        })
     })
-    .await)
+    .await
 }
 
 /// The largest term and log index a peer may send: far beyond what any cluster

@@ -16,6 +16,7 @@ pub mod metrics;
 pub mod net;
 pub mod proxy;
 pub mod store;
+pub mod sys;
 pub mod tls;
 
 use std::process::ExitCode;

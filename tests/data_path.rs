@@ -68,6 +68,16 @@ async fn read_until_closed(s: &mut TcpStream, limit: Duration) -> Result<Vec<u8>
     }
 }
 
+/// How many of the process's descriptors are pipes (its stdout and stderr
+/// included, and the pipes cached for splice).
+fn pipe_descriptors(lb: &Raftlb) -> usize {
+    let fds = std::fs::read_dir(format!("/proc/{}/fd", lb.pid())).expect("/proc/PID/fd");
+    fds.filter_map(Result::ok)
+        .filter_map(|fd| std::fs::read_link(fd.path()).ok())
+        .filter(|target| target.to_string_lossy().starts_with("pipe:"))
+        .count()
+}
+
 /// xorshift64*: cheap, reproducible bytes that no layer could compress or special-case.
 struct Noise(u64);
 
@@ -93,6 +103,7 @@ async fn hundred_megabytes_both_ways_arrive_intact() {
         &Raftlb::standalone_yaml(admin, listen, "", "", &[("echo", echo)]),
         admin,
     );
+    let pipes_before = pipe_descriptors(&lb);
 
     let (mut rd, mut wr) = connect(listen).await.into_split();
     let writer = tokio::spawn(async move {
@@ -136,6 +147,12 @@ async fn hundred_megabytes_both_ways_arrive_intact() {
     assert!(
         sent_hash == received_hash,
         "SHA-256 of the bytes sent and of the bytes echoed back differ"
+    );
+    // The bulk went through splice: its pipes are back in the pool, still open.
+    let pipes_after = pipe_descriptors(&lb);
+    assert!(
+        pipes_after >= pipes_before + 2,
+        "{pipes_before} pipe descriptors before, {pipes_after} after: the relay did not splice"
     );
 
     for direction in ["to_backend", "to_client"] {

@@ -8,17 +8,20 @@
 use std::cell::RefCell;
 use std::future::poll_fn;
 use std::io;
+use std::os::fd::AsFd;
 use std::pin::{Pin, pin};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use metrics::Counter;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, Interest, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{ReadHalf, WriteHalf};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+
+use crate::sys::pipe::{self, Pipe};
 
 /// Upper bound of data held per direction.
 pub const BUFFER_SIZE: usize = 32 * 1024;
@@ -143,15 +146,19 @@ impl Future for Pumps<'_> {
 /// writer while the other direction is still open; when it is over too, the close
 /// that follows sends the FIN, and a shutdown() would be one more system call.
 /// Nothing is allocated unless the writer is full; then the direction keeps a
-/// buffer until it has nothing to read.
+/// buffer until it has nothing to read. A read that fills the whole scratch
+/// buffer means bulk data: the direction then splices through a pipe from the
+/// pool, until the reader has nothing more.
 struct Pump<'a> {
     from: ReadHalf<'a>,
     to: WriteHalf<'a>,
     /// The direction's own buffer, only while data flows and the writer was full
     /// lately (empty: no allocation); `start..end` is not written yet.
     own: Vec<u8>,
-    start: usize,
-    end: usize,
+    start: u32,
+    end: u32,
+    /// The pipe bulk data is spliced through, only while it flows.
+    pipe: Option<Pipe>,
     /// EOF was read and passed on.
     done: bool,
     bytes: Tally<'a>,
@@ -165,6 +172,7 @@ impl<'a> Pump<'a> {
             own: Vec::new(),
             start: 0,
             end: 0,
+            pipe: None,
             done: false,
             bytes,
         }
@@ -177,31 +185,46 @@ impl<'a> Pump<'a> {
     ) -> Poll<io::Result<()>> {
         loop {
             while self.start < self.end {
-                let n =
-                    ready!(Pin::new(&mut self.to).poll_write(cx, &self.own[self.start..self.end]))?;
+                let waiting = &self.own[self.start as usize..self.end as usize];
+                let n = ready!(Pin::new(&mut self.to).poll_write(cx, waiting))?;
                 if n == 0 {
                     return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
                 }
-                self.start += n;
+                // n <= end - start, a u32.
+                self.start += n as u32;
             }
             (self.start, self.end) = (0, 0);
+            if let Some(pipe) = &mut self.pipe {
+                ready!(drain(pipe, self.to.as_ref(), cx))?;
+            }
             if self.done {
-                self.own = Vec::new();
+                self.release();
                 return Poll::Ready(Ok(()));
             }
-            // Wait for data; a direction with nothing to read holds no buffer.
+            // Wait for data; a direction with nothing to read holds no buffer or pipe.
             if self.from.as_ref().poll_read_ready(cx)?.is_pending() {
-                self.own = Vec::new();
+                self.release();
                 return Poll::Pending;
             }
-            let n = if self.own.is_empty() {
+            let n = if let Some(pipe) = &mut self.pipe {
+                self.own = Vec::new();
+                match ready!(fill(pipe, self.from.as_ref(), cx)) {
+                    Ok(n) => n,
+                    // Nothing moved: copy instead.
+                    Err(e) if pipe::refused(&e) => {
+                        self.release();
+                        continue;
+                    }
+                    Err(e) => return Poll::Ready(Err(e)),
+                }
+            } else if self.own.is_empty() {
                 ready!(SCRATCH.with_borrow_mut(|buf| self.transfer(buf, cx)))?
             } else {
                 ready!(self.read_own(cx))?
             };
             if n == 0 {
                 // At EOF everything read has been written: nothing more to hold.
-                self.own = Vec::new();
+                self.release();
                 if !last_activity.finish_direction() {
                     ready!(Pin::new(&mut self.to).poll_shutdown(cx))?;
                 }
@@ -213,6 +236,14 @@ impl<'a> Pump<'a> {
         }
     }
 
+    /// Frees the buffer and returns the pipe: called when nothing waits to be written.
+    fn release(&mut self) {
+        self.own = Vec::new();
+        if let Some(pipe) = self.pipe.take() {
+            pipe.give_back();
+        }
+    }
+
     /// One read into `buf`, and as much of it written on as the writer takes now;
     /// the rest is kept in the direction's own buffer. Ready(0) at EOF.
     fn transfer(&mut self, buf: &mut [u8], cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
@@ -221,6 +252,10 @@ impl<'a> Pump<'a> {
         // saves the read() that would only return EAGAIN.
         ready!(Pin::new(&mut self.from).poll_read(cx, &mut read))?;
         let n = read.filled().len();
+        if n == buf.len() {
+            // Bulk: the next reads splice, if the pool has a pipe.
+            self.pipe = Pipe::take();
+        }
         let mut sent = 0;
         while sent < n {
             match Pin::new(&mut self.to).poll_write(cx, &buf[sent..n]) {
@@ -233,7 +268,8 @@ impl<'a> Pump<'a> {
                     let rest = n - sent;
                     let mut own = vec![0u8; BUFFER_SIZE];
                     own[..rest].copy_from_slice(&buf[sent..n]);
-                    (self.own, self.start, self.end) = (own, 0, rest);
+                    // rest <= BUFFER_SIZE.
+                    (self.own, self.start, self.end) = (own, 0, rest as u32);
                     break;
                 }
             }
@@ -257,11 +293,36 @@ impl<'a> Pump<'a> {
             }
             Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
             Poll::Ready(Ok(())) => {
-                (self.start, self.end) = (0, n);
+                // n <= BUFFER_SIZE.
+                (self.start, self.end) = (0, n as u32);
                 Poll::Ready(Ok(n))
             }
         }
     }
+}
+
+/// Splices what `from` has received into the pipe (which is empty). Ready(0) at EOF.
+fn fill(pipe: &mut Pipe, from: &TcpStream, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+    loop {
+        ready!(from.poll_read_ready(cx))?;
+        match from.try_io(Interest::READABLE, || pipe.fill(from.as_fd())) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            done => return Poll::Ready(done),
+        }
+    }
+}
+
+/// Splices everything the pipe holds into `to`.
+fn drain(pipe: &mut Pipe, to: &TcpStream, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+    while pipe.held() > 0 {
+        ready!(to.poll_write_ready(cx))?;
+        match to.try_io(Interest::WRITABLE, || pipe.drain(to.as_fd())) {
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Poll::Ready(Err(e)),
+        }
+    }
+    Poll::Ready(Ok(()))
 }
 
 /// The same for streams that are not plain TCP (TLS on either side): each direction
@@ -393,11 +454,31 @@ mod tests {
         (connected.expect("connect"), accepted.expect("accept").0)
     }
 
-    /// A writer that takes nothing makes the pump keep the unsent bytes (at most one
-    /// read's worth) in a buffer of its own; once the data is over the buffer is
-    /// freed, and every byte arrives in order.
-    #[tokio::test]
-    async fn a_full_writer_holds_only_the_unsent_bytes_and_frees_them() {
+    /// Splice is on or off for the whole process: the tests that depend on
+    /// which way the pump moves bytes take turns.
+    static SPLICE: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+    /// Splice off until dropped, even when the test fails.
+    struct CopyOnly;
+
+    impl CopyOnly {
+        fn new() -> Self {
+            pipe::set_enabled(false);
+            CopyOnly
+        }
+    }
+
+    impl Drop for CopyOnly {
+        fn drop(&mut self) {
+            pipe::set_enabled(true);
+        }
+    }
+
+    /// Sends 8 MiB through a pump whose writer nobody reads until the pump keeps
+    /// bytes back (`kept` > 0); then the sink reads everything, which must arrive
+    /// in order, and the pump must end holding no buffer and no pipe. Returns the
+    /// most the pump kept.
+    async fn through_a_full_writer(kept: fn(&Pump<'_>) -> usize) -> usize {
         const TOTAL: usize = 8 * 1024 * 1024;
         let (mut source, mut a) = pair().await;
         let (mut b, mut sink) = pair().await;
@@ -429,17 +510,15 @@ mod tests {
                 if pump.poll_pump(&activity, cx).is_ready() {
                     panic!("the pump finished while its writer was full");
                 }
-                most = most.max(pump.end - pump.start);
-                if pump.start == pump.end {
-                    Poll::Pending
-                } else {
-                    Poll::Ready(())
+                most = most.max(kept(&pump));
+                match kept(&pump) {
+                    0 => Poll::Pending,
+                    _ => Poll::Ready(()),
                 }
             }),
         )
         .await
         .expect("the writer never filled up");
-        assert!(most <= BUFFER_SIZE, "{most} bytes kept, more than one read");
 
         // Now the sink reads: everything arrives, and the pump ends holding nothing.
         let reader = tokio::spawn(async move {
@@ -454,6 +533,7 @@ mod tests {
         .expect("the pump did not finish")
         .expect("pump");
         assert_eq!(pump.own.capacity(), 0, "the buffer is freed");
+        assert!(pump.pipe.is_none(), "the pipe is given back");
         drop(pump);
         drop(b);
         writer.await.expect("writer task").expect("write");
@@ -461,5 +541,37 @@ mod tests {
         assert_eq!(got.len(), TOTAL);
         assert!(got == expected, "bytes differ");
         assert_eq!(total.load(Ordering::Relaxed), TOTAL as u64);
+        most
+    }
+
+    /// Copying, a full writer makes the pump keep the unsent bytes (at most one
+    /// read's worth) in a buffer of its own, freed once the data is over.
+    #[tokio::test]
+    async fn a_full_writer_holds_only_the_unsent_bytes_and_frees_them() {
+        let _turn = SPLICE.lock().await;
+        let _copy = CopyOnly::new();
+        let most = through_a_full_writer(|pump| (pump.end - pump.start) as usize).await;
+        assert!(most <= BUFFER_SIZE, "{most} bytes kept, more than one read");
+    }
+
+    /// Bulk data goes through a pipe from the pool: what the writer cannot take
+    /// waits in the pipe (at most its size), no buffer is allocated, and the pipe
+    /// goes back to the pool at EOF.
+    #[tokio::test]
+    async fn bulk_data_is_spliced_through_a_pipe_that_goes_back_to_the_pool() {
+        let _turn = SPLICE.lock().await;
+        let most = through_a_full_writer(|pump| {
+            let held = pump.pipe.as_ref().map_or(0, Pipe::held);
+            if held > 0 {
+                assert_eq!(pump.own.capacity(), 0, "a buffer beside a full pipe");
+            }
+            held
+        })
+        .await;
+        assert!(
+            most <= pipe::PIPE_SIZE,
+            "{most} bytes in a pipe of {}",
+            pipe::PIPE_SIZE
+        );
     }
 }

@@ -83,6 +83,7 @@ fn spawn_relay(mut inner_client: TcpStream, mut inner_backend: TcpStream) {
             Duration::from_secs(3600),
             &stop,
             meters,
+            false,
         )
         .await
     });

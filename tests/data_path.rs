@@ -397,6 +397,33 @@ async fn source_hash_keeps_each_client_on_one_backend() {
     assert_follows_weights(&clients, 0.10, "source_hash over 200 client addresses");
 }
 
+/// raftlb holds the backend's handshake ACK back for the client's first bytes
+/// (one packet and one wake-up less for the backend); a client that has sent
+/// nothing must not keep a backend that speaks first (SSH, SMTP, MySQL) waiting
+/// for the kernel's delayed-ACK timer, 200 ms. A greeting that took longer than
+/// 150 ms in each of three attempts waited for that timer; one slowed by a
+/// loaded machine proves nothing, hence the three.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_that_speaks_first_greets_a_client_that_has_sent_nothing() {
+    let greeter = named_backend("hello").await;
+    let (admin, listen) = (loopback(), loopback());
+    let _lb = start(
+        &Raftlb::standalone_yaml(admin, listen, "", "", &[("greeter", greeter)]),
+        admin,
+    );
+    let mut took = Vec::new();
+    for _ in 0..3 {
+        let started = Instant::now();
+        let greeting = which_backend(listen, None).await.expect("a greeting");
+        assert_eq!(greeting, "hello");
+        took.push(started.elapsed());
+        if started.elapsed() < Duration::from_millis(150) {
+            return;
+        }
+    }
+    panic!("the greeting took {took:?}: the backend waited for its handshake ACK");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connect_failures_are_retried_on_another_backend() {
     raise_nofile();

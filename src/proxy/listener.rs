@@ -361,7 +361,10 @@ impl Connection {
                     let Some(mut conn) = self.connect(pool, peer, local, &[]).await else {
                         return;
                     };
-                    self.relay(&mut client, &mut conn).await
+                    // Without a PROXY header, the backend's handshake ACK is still
+                    // held back (net::connect): the relay's first bytes carry it.
+                    let ack_held = self.settings.proxy_protocol == ProxyProtocol::Off;
+                    self.relay(&mut client, &mut conn, ack_held).await
                 }
                 // Boxed: the TLS state is large, and plain connections should not carry its size.
                 Some(server) => {
@@ -424,6 +427,14 @@ impl Connection {
         let Some(mut conn) = self.connect(pool, peer, local, &offered).await else {
             return Ok(None);
         };
+        // The backend's handshake ACK was held back for the first bytes sent to it
+        // (net::connect); unless a PROXY header or a TLS handshake carried it, it
+        // goes now: the client's first bytes come after its own handshake.
+        if let Upstream::Plain(backend) = &conn.upstream
+            && self.settings.proxy_protocol == ProxyProtocol::Off
+        {
+            crate::net::send_ack(backend);
+        }
         let mut config = (*server.get()).clone();
         config.alpn_protocols = match &conn.upstream {
             Upstream::Tls(tls) => tls
@@ -440,13 +451,15 @@ impl Connection {
                 .map_err(|_| {
                     io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out")
                 })??;
-        Ok(Some(self.relay(&mut client, &mut conn).await))
+        Ok(Some(self.relay(&mut client, &mut conn, false).await))
     }
 
     /// The streams are borrowed, not moved: an async fn keeps the arguments it is
     /// given by value twice in its state (rust-lang/rust#62958), and this state is
     /// what an idle connection's task holds.
-    async fn relay<C>(&self, client: &mut C, conn: &mut Connected<'_>) -> RelayEnd
+    /// `ack_held`: the backend's handshake ACK still waits for the first bytes
+    /// (see [`relay::relay`]).
+    async fn relay<C>(&self, client: &mut C, conn: &mut Connected<'_>, ack_held: bool) -> RelayEnd
     where
         C: ClientSide,
     {
@@ -469,7 +482,7 @@ impl Connection {
         // select around it (one level less of nested state in the task), and it is
         // also cancelled by the hard stop (a child of the balancer's stop token).
         let end = match &mut conn.upstream {
-            Upstream::Plain(upstream) => client.relay_to(upstream, idle, &down, io).await,
+            Upstream::Plain(upstream) => client.relay_to(upstream, idle, &down, io, ack_held).await,
             Upstream::Tls(upstream) => {
                 Box::pin(relay::relay_io(client, &mut **upstream, idle, &down, io)).await
             }
@@ -556,13 +569,14 @@ impl Connection {
 /// The client side of a relay: plain TCP gets the buffer-free relay, TLS the generic one.
 trait ClientSide: AsyncRead + AsyncWrite + Unpin + Send {
     /// Not an async fn: it returns the relay's future itself, so the task does not
-    /// hold the arguments once more around it.
+    /// hold the arguments once more around it. `ack_held`: see [`relay::relay`].
     fn relay_to<'a>(
         &'a mut self,
         upstream: &'a mut TcpStream,
         idle: Duration,
         stop: &'a CancellationToken,
         meters: Meters<'a>,
+        ack_held: bool,
     ) -> impl Future<Output = RelayEnd> + Send + 'a;
 }
 
@@ -573,8 +587,9 @@ impl ClientSide for TcpStream {
         idle: Duration,
         stop: &'a CancellationToken,
         meters: Meters<'a>,
+        ack_held: bool,
     ) -> impl Future<Output = RelayEnd> + Send + 'a {
-        relay::relay(self, upstream, idle, stop, meters)
+        relay::relay(self, upstream, idle, stop, meters, ack_held)
     }
 }
 
@@ -585,7 +600,9 @@ impl ClientSide for ServerTlsStream<TcpStream> {
         idle: Duration,
         stop: &'a CancellationToken,
         meters: Meters<'a>,
+        _ack_held: bool,
     ) -> impl Future<Output = RelayEnd> + Send + 'a {
+        // Never held here: `terminate` sent the ACK once connected.
         Box::pin(relay::relay_io(self, upstream, idle, stop, meters))
     }
 }

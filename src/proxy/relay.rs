@@ -63,6 +63,11 @@ impl Tally<'_> {
 /// or `stop` is cancelled (the backend's down token, also cancelled by the hard
 /// stop at the end of the shutdown grace).
 ///
+/// `ack_held`: the backend's handshake ACK still waits for the first bytes sent
+/// to it ([`crate::net::connect`]). The client's first bytes carry it; if the
+/// client has sent nothing when the relay first finds nothing to read, the ACK
+/// goes on its own, so a backend that speaks first is not kept waiting.
+///
 /// The two directions are one hand-written future ([`Pumps`]) rather than two
 /// async fns joined: an idle connection's task then holds only its sockets, two
 /// small direction states and the timer, not the awaits' nested states.
@@ -72,12 +77,15 @@ pub async fn relay(
     idle_timeout: Duration,
     stop: &CancellationToken,
     meters: Meters<'_>,
+    ack_held: bool,
 ) -> RelayEnd {
     let last_activity = Activity::new();
     let (client_read, client_write) = client.split();
     let (backend_read, backend_write) = backend.split();
+    let mut to_backend = Pump::new(client_read, backend_write, meters.to_backend);
+    to_backend.ack_held = ack_held;
     let mut both = Pumps {
-        to_backend: Pump::new(client_read, backend_write, meters.to_backend),
+        to_backend,
         to_client: Pump::new(backend_read, client_write, meters.to_client),
         last_activity: &last_activity,
     };
@@ -161,6 +169,10 @@ struct Pump<'a> {
     pipe: Option<Pipe>,
     /// EOF was read and passed on.
     done: bool,
+    /// The writer's handshake ACK waits for the first bytes written to it.
+    ack_held: bool,
+    /// The last reads filled what they read into: splice the next ones.
+    bulk: bool,
     bytes: Tally<'a>,
 }
 
@@ -174,6 +186,8 @@ impl<'a> Pump<'a> {
             end: 0,
             pipe: None,
             done: false,
+            ack_held: false,
+            bulk: false,
             bytes,
         }
     }
@@ -201,27 +215,40 @@ impl<'a> Pump<'a> {
                 self.release();
                 return Poll::Ready(Ok(()));
             }
-            // Wait for data; a direction with nothing to read holds no buffer or pipe.
+            // Wait for data.
             if self.from.as_ref().poll_read_ready(cx)?.is_pending() {
-                self.release();
+                self.park();
                 return Poll::Pending;
             }
-            let n = if let Some(pipe) = &mut self.pipe {
+            if self.bulk && self.pipe.is_none() {
+                self.pipe = Pipe::take();
+            }
+            let read = if let Some(pipe) = &mut self.pipe {
                 self.own = Vec::new();
-                match ready!(fill(pipe, self.from.as_ref(), cx)) {
-                    Ok(n) => n,
+                match fill(pipe, self.from.as_ref(), cx) {
                     // Nothing moved: copy instead.
-                    Err(e) if pipe::refused(&e) => {
+                    Poll::Ready(Err(e)) if pipe::refused(&e) => {
+                        self.bulk = false;
                         self.release();
                         continue;
                     }
-                    Err(e) => return Poll::Ready(Err(e)),
+                    // A small read: back to copying after this one.
+                    Poll::Ready(Ok(n)) if n < BUFFER_SIZE => {
+                        self.bulk = false;
+                        Poll::Ready(Ok(n))
+                    }
+                    read => read,
                 }
             } else if self.own.is_empty() {
-                ready!(SCRATCH.with_borrow_mut(|buf| self.transfer(buf, cx)))?
+                SCRATCH.with_borrow_mut(|buf| self.transfer(buf, cx))
             } else {
-                ready!(self.read_own(cx))?
+                self.read_own(cx)
             };
+            let Poll::Ready(n) = read else {
+                self.park();
+                return Poll::Pending;
+            };
+            let n = n?;
             if n == 0 {
                 // At EOF everything read has been written: nothing more to hold.
                 self.release();
@@ -231,8 +258,19 @@ impl<'a> Pump<'a> {
                 self.done = true;
                 return Poll::Ready(Ok(()));
             }
+            // What was read is written (or waits to be): it carries any held ACK.
+            self.ack_held = false;
             last_activity.touch();
             self.bytes.add(n);
+        }
+    }
+
+    /// Nothing to read now (everything read was written): hold no buffer or pipe
+    /// while waiting, and let the writer's held handshake ACK go on its own.
+    fn park(&mut self) {
+        self.release();
+        if std::mem::take(&mut self.ack_held) {
+            crate::net::send_ack(self.to.as_ref());
         }
     }
 
@@ -252,10 +290,8 @@ impl<'a> Pump<'a> {
         // saves the read() that would only return EAGAIN.
         ready!(Pin::new(&mut self.from).poll_read(cx, &mut read))?;
         let n = read.filled().len();
-        if n == buf.len() {
-            // Bulk: the next reads splice, if the pool has a pipe.
-            self.pipe = Pipe::take();
-        }
+        // A full read: the next ones splice, if the pool has a pipe.
+        self.bulk = n == buf.len();
         let mut sent = 0;
         while sent < n {
             match Pin::new(&mut self.to).poll_write(cx, &buf[sent..n]) {
@@ -475,10 +511,10 @@ mod tests {
     }
 
     /// Sends 8 MiB through a pump whose writer nobody reads until the pump keeps
-    /// bytes back (`kept` > 0); then the sink reads everything, which must arrive
-    /// in order, and the pump must end holding no buffer and no pipe. Returns the
-    /// most the pump kept.
-    async fn through_a_full_writer(kept: fn(&Pump<'_>) -> usize) -> usize {
+    /// bytes back (`kept` > 0, called after every poll); then the sink reads
+    /// everything, which must arrive in order, and the pump must end holding no
+    /// buffer and no pipe. Returns the most the pump kept while the writer was full.
+    async fn through_a_full_writer(kept: &mut dyn FnMut(&Pump<'_>) -> usize) -> usize {
         const TOTAL: usize = 8 * 1024 * 1024;
         let (mut source, mut a) = pair().await;
         let (mut b, mut sink) = pair().await;
@@ -527,7 +563,11 @@ mod tests {
         });
         tokio::time::timeout(
             Duration::from_secs(30),
-            poll_fn(|cx| pump.poll_pump(&activity, cx)),
+            poll_fn(|cx| {
+                let done = pump.poll_pump(&activity, cx);
+                kept(&pump);
+                done
+            }),
         )
         .await
         .expect("the pump did not finish")
@@ -550,27 +590,33 @@ mod tests {
     async fn a_full_writer_holds_only_the_unsent_bytes_and_frees_them() {
         let _turn = SPLICE.lock().await;
         let _copy = CopyOnly::new();
-        let most = through_a_full_writer(|pump| (pump.end - pump.start) as usize).await;
+        let most = through_a_full_writer(&mut |pump| (pump.end - pump.start) as usize).await;
         assert!(most <= BUFFER_SIZE, "{most} bytes kept, more than one read");
     }
 
     /// Bulk data goes through a pipe from the pool: what the writer cannot take
-    /// waits in the pipe (at most its size), no buffer is allocated, and the pipe
+    /// waits in the pipe (at most its size) with no buffer beside it, and the pipe
     /// goes back to the pool at EOF.
     #[tokio::test]
     async fn bulk_data_is_spliced_through_a_pipe_that_goes_back_to_the_pool() {
         let _turn = SPLICE.lock().await;
-        let most = through_a_full_writer(|pump| {
+        let mut in_pipe = 0;
+        through_a_full_writer(&mut |pump| {
             let held = pump.pipe.as_ref().map_or(0, Pipe::held);
             if held > 0 {
                 assert_eq!(pump.own.capacity(), 0, "a buffer beside a full pipe");
             }
-            held
+            in_pipe = in_pipe.max(held);
+            held + (pump.end - pump.start) as usize
         })
         .await;
         assert!(
-            most <= pipe::PIPE_SIZE,
-            "{most} bytes in a pipe of {}",
+            in_pipe > 0,
+            "no byte waited in a pipe: the pump did not splice"
+        );
+        assert!(
+            in_pipe <= pipe::PIPE_SIZE,
+            "{in_pipe} bytes in a pipe of {}",
             pipe::PIPE_SIZE
         );
     }

@@ -60,32 +60,28 @@ impl Pipe {
             PIPES.fetch_sub(1, Ordering::Relaxed);
             return None;
         }
-        let pipe = Pipe::open().ok();
-        if pipe.is_none() {
-            PIPES.fetch_sub(1, Ordering::Relaxed);
+        match Pipe::open() {
+            Ok(pipe) => Some(pipe),
+            Err(_) => {
+                PIPES.fetch_sub(1, Ordering::Relaxed);
+                None
+            }
         }
-        pipe
     }
 
     /// Returns the pipe to the pool; one still holding bytes (its connection
     /// ended with data in flight) is closed, and its bytes with it.
     pub fn give_back(self) {
-        let closed = match self.held {
-            0 => CACHE.with_borrow_mut(|cache| {
+        if self.held == 0 {
+            CACHE.with_borrow_mut(|cache| {
                 if cache.len() < CACHED_PER_THREAD {
                     cache.push(self);
-                    None
-                } else {
-                    Some(self)
                 }
-            }),
-            _ => Some(self),
-        };
-        if closed.is_some() {
-            PIPES.fetch_sub(1, Ordering::Relaxed);
+            });
         }
     }
 
+    /// A new pipe; the caller has counted it in `PIPES` (its drop uncounts it).
     fn open() -> io::Result<Pipe> {
         let mut fds = [-1; 2];
         // SAFETY: `fds` is a writable array of two ints, as pipe2 requires.
@@ -134,6 +130,14 @@ impl Pipe {
     }
 }
 
+/// Closing a pipe, wherever it is dropped (a connection that ends, a full cache,
+/// a thread that exits), makes room for another in the pool.
+impl Drop for Pipe {
+    fn drop(&mut self) {
+        PIPES.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// Whether a failed `fill` means this kernel or sandbox does not splice sockets
 /// at all (rather than a failing connection). Then splice is turned off for the
 /// process; no byte has moved, so the relay goes on copying.
@@ -170,7 +174,8 @@ fn splice(from: BorrowedFd<'_>, to: BorrowedFd<'_>, len: usize) -> io::Result<us
     usize::try_from(n).map_err(|_| io::Error::last_os_error())
 }
 
-/// Turns splice on or off for the process: tests of the copy path.
+/// Turns splice on or off for the process: tests of the copy path (which hold
+/// `proxy::relay`'s test lock while it is off).
 #[cfg(test)]
 pub fn set_enabled(on: bool) {
     ENABLED.store(on, Ordering::Relaxed);
@@ -180,25 +185,24 @@ pub fn set_enabled(on: bool) {
 mod tests {
     use super::*;
 
-    /// Bytes written into one end of a pipe come out of the other, and a pipe
-    /// that still holds bytes is closed rather than cached.
+    /// A pipe from the pool has PIPE_SIZE; one that still holds bytes is closed
+    /// rather than cached, and closing it makes room in the pool.
     #[test]
     fn a_pipe_has_its_size_and_one_holding_bytes_is_not_reused() {
-        let Some(mut pipe) = Pipe::open().ok() else {
-            panic!("pipe2 or F_SETPIPE_SZ failed");
-        };
+        // Not Pipe::take: a test of the copy path may have turned splice off.
+        PIPES.fetch_add(1, Ordering::Relaxed);
+        let mut pipe = Pipe::open().expect("a pipe");
         // SAFETY: the descriptor is open; F_GETPIPE_SZ only reads the capacity.
         let size = unsafe { libc::fcntl(pipe.write.as_raw_fd(), libc::F_GETPIPE_SZ) };
-        assert_eq!(size as usize, PIPE_SIZE);
+        assert_eq!(usize::try_from(size).ok(), Some(PIPE_SIZE));
         let mut file = std::fs::File::from(pipe.write.try_clone().expect("dup"));
         std::io::Write::write_all(&mut file, b"held").expect("write");
         pipe.held = 4;
-        PIPES.fetch_add(1, Ordering::Relaxed);
-        let before = CACHE.with_borrow(Vec::len);
+        let cached = CACHE.with_borrow(Vec::len);
         pipe.give_back();
         assert_eq!(
             CACHE.with_borrow(Vec::len),
-            before,
+            cached,
             "a pipe with bytes was cached"
         );
     }

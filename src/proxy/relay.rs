@@ -490,10 +490,6 @@ mod tests {
         (connected.expect("connect"), accepted.expect("accept").0)
     }
 
-    /// Splice is on or off for the whole process: the tests that depend on
-    /// which way the pump moves bytes take turns.
-    static SPLICE: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
     /// Splice off until dropped, even when the test fails.
     struct CopyOnly;
 
@@ -588,7 +584,7 @@ mod tests {
     /// read's worth) in a buffer of its own, freed once the data is over.
     #[tokio::test]
     async fn a_full_writer_holds_only_the_unsent_bytes_and_frees_them() {
-        let _turn = SPLICE.lock().await;
+        let _turn = pipe::TEST_LOCK.lock().await;
         let _copy = CopyOnly::new();
         let most = through_a_full_writer(&mut |pump| (pump.end - pump.start) as usize).await;
         assert!(most <= BUFFER_SIZE, "{most} bytes kept, more than one read");
@@ -599,7 +595,7 @@ mod tests {
     /// goes back to the pool at EOF.
     #[tokio::test]
     async fn bulk_data_is_spliced_through_a_pipe_that_goes_back_to_the_pool() {
-        let _turn = SPLICE.lock().await;
+        let _turn = pipe::TEST_LOCK.lock().await;
         let mut in_pipe = 0;
         through_a_full_writer(&mut |pump| {
             let held = pump.pipe.as_ref().map_or(0, Pipe::held);

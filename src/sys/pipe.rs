@@ -16,14 +16,15 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 /// times the slots made it about 1.4 times as fast.
 pub const PIPE_SIZE: usize = 256 * 1024;
 
-/// At most this many pipes exist (two descriptors each, up to `PIPE_SIZE` of
-/// pages while data is in flight: 64 MiB, which is also Linux's default
-/// `fs.pipe-user-pages-soft` for a user); a direction that finds none copies
-/// through user space instead.
-pub const MAX_PIPES: usize = 256;
+/// At most this many pipes exist: two descriptors each, 128 in all, inside the
+/// 256 that the default `max_connections` leaves for everything but proxied
+/// connections (config::validate::RESERVED_FILES), so pipes never take a
+/// connection's descriptors; and at most 16 MiB of pages in flight. A direction
+/// that finds none copies through user space instead.
+pub const MAX_PIPES: usize = 64;
 
 /// Empty pipes kept per thread for the next bulk transfer; the rest are closed.
-const CACHED_PER_THREAD: usize = 32;
+const CACHED_PER_THREAD: usize = 16;
 
 /// Pipes in existence, in use or cached, across all threads.
 static PIPES: AtomicUsize = AtomicUsize::new(0);
@@ -174,8 +175,13 @@ fn splice(from: BorrowedFd<'_>, to: BorrowedFd<'_>, len: usize) -> io::Result<us
     usize::try_from(n).map_err(|_| io::Error::last_os_error())
 }
 
-/// Turns splice on or off for the process: tests of the copy path (which hold
-/// `proxy::relay`'s test lock while it is off).
+/// Splice on or off, and the pool's count, are the process's: the tests that
+/// depend on them take turns.
+#[cfg(test)]
+pub static TEST_LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Turns splice on or off for the process: tests of the copy path (holding
+/// `TEST_LOCK`).
 #[cfg(test)]
 pub fn set_enabled(on: bool) {
     ENABLED.store(on, Ordering::Relaxed);
@@ -205,5 +211,19 @@ mod tests {
             cached,
             "a pipe with bytes was cached"
         );
+    }
+
+    /// No more than MAX_PIPES pipes exist; closing one makes room for another.
+    #[test]
+    fn the_pool_is_bounded_and_a_closed_pipe_makes_room() {
+        let _turn = TEST_LOCK.blocking_lock();
+        let mut taken = Vec::new();
+        while let Some(pipe) = Pipe::take() {
+            taken.push(pipe);
+            assert!(taken.len() <= MAX_PIPES, "more than {MAX_PIPES} pipes");
+        }
+        assert!(!taken.is_empty(), "no pipe at all");
+        drop(taken.pop());
+        assert!(Pipe::take().is_some(), "a closed pipe made no room");
     }
 }

@@ -3,6 +3,7 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::os::fd::AsFd;
 use std::time::Duration;
 
 use socket2::{Domain, Protocol, SockRef, Socket, TcpKeepalive, Type};
@@ -44,12 +45,12 @@ fn bind(addr: SocketAddr, proxied: bool) -> io::Result<TcpListener> {
 }
 
 /// Connects to a backend in four system calls: a non-blocking socket, TCP_NODELAY,
-/// TCP_QUICKACK off, connect; then waits for the socket to become writable and asks
+/// TCP_DEFER_ACCEPT (see [`crate::sys::tcp::hold_handshake_ack`]), connect; then waits for the socket to become writable and asks
 /// for the outcome (SO_ERROR) only when the kernel reported an error or a hang-up,
 /// which a refused or failed connect always carries.
 ///
-/// With quick ACKs off the handshake's last ACK waits for the first bytes sent
-/// (HAProxy's `option tcp-smart-connect`): the backend gets the connection and the
+/// The handshake's last ACK waits for the first bytes sent (as with HAProxy's
+/// `option tcp-smart-connect`): the backend gets the connection and the
 /// client's first bytes in one packet and one wake-up. The caller that has nothing
 /// to send at once calls [`send_ack`], or the backend would see the connection
 /// only when the kernel's delayed-ACK timer fires (200 ms).
@@ -65,7 +66,7 @@ pub async fn connect(addr: SocketAddr) -> io::Result<TcpStream> {
         Some(Protocol::TCP),
     )?;
     socket.set_tcp_nodelay(true)?;
-    socket.set_tcp_quickack(false)?;
+    crate::sys::tcp::hold_handshake_ack(socket.as_fd())?;
     match socket.connect(&addr.into()) {
         Ok(()) => {}
         Err(e) if e.raw_os_error() == Some(EINPROGRESS) => {}

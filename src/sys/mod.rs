@@ -3,3 +3,4 @@
 #![allow(unsafe_code)]
 
 pub mod pipe;
+pub mod tcp;

@@ -156,7 +156,7 @@ impl Future for Pumps<'_> {
 /// Nothing is allocated unless the writer is full; then the direction keeps a
 /// buffer until it has nothing to read. A read that fills the whole scratch
 /// buffer means bulk data: the direction then splices through a pipe from the
-/// pool, until the reader has nothing more.
+/// pool, given back whenever it waits for data.
 struct Pump<'a> {
     from: ReadHalf<'a>,
     to: WriteHalf<'a>,
@@ -315,25 +315,14 @@ impl<'a> Pump<'a> {
 
     /// One read into the direction's own buffer (data is flowing and the writer
     /// was full lately); the loop in `poll_pump` writes it on. Ready(0) at EOF.
+    /// Pending when readiness was stale: `poll_pump` then parks, freeing the buffer.
     fn read_own(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
-        let (result, n) = {
-            let mut read = ReadBuf::new(&mut self.own);
-            let result = Pin::new(&mut self.from).poll_read(cx, &mut read);
-            (result, read.filled().len())
-        };
-        match result {
-            // Readiness was stale: back to waiting, without the buffer.
-            Poll::Pending => {
-                self.own = Vec::new();
-                Poll::Pending
-            }
-            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
-            Poll::Ready(Ok(())) => {
-                // n <= BUFFER_SIZE.
-                (self.start, self.end) = (0, n as u32);
-                Poll::Ready(Ok(n))
-            }
-        }
+        let mut read = ReadBuf::new(&mut self.own);
+        ready!(Pin::new(&mut self.from).poll_read(cx, &mut read))?;
+        let n = read.filled().len();
+        // n <= BUFFER_SIZE.
+        (self.start, self.end) = (0, n as u32);
+        Poll::Ready(Ok(n))
     }
 }
 

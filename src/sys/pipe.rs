@@ -191,8 +191,8 @@ pub fn set_enabled(on: bool) {
 mod tests {
     use super::*;
 
-    /// A pipe from the pool has PIPE_SIZE; one that still holds bytes is closed
-    /// rather than cached, and closing it makes room in the pool.
+    /// A new pipe has PIPE_SIZE; one that still holds bytes is closed rather
+    /// than cached.
     #[test]
     fn a_pipe_has_its_size_and_one_holding_bytes_is_not_reused() {
         // Not Pipe::take: a test of the copy path may have turned splice off.

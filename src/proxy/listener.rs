@@ -499,12 +499,10 @@ impl Connection {
         local: SocketAddr,
         alpn: &[Vec<u8>],
     ) -> Option<Connected<'p>> {
+        // The backends that failed: the first pick, which usually succeeds, needs
+        // no list, so a connection allocates none.
         let mut tried = Vec::new();
-        while tried.len() <= pool.retries as usize {
-            let Some(index) = pool.pick(peer.ip(), &tried) else {
-                break;
-            };
-            tried.push(index);
+        while let Some(index) = pool.pick(peer.ip(), &tried) {
             let backend = &pool.backends[index];
             let slot = BackendSlot::take(backend);
             let meters = self
@@ -552,6 +550,10 @@ impl Connection {
                     meters.connect_failed.increment(1);
                     tracing::warn!(listener = %self.ctx.name, pool = %pool.name, backend = %backend.name, error = %e, "connect to backend failed");
                     health::passive_failure(pool, index);
+                    tried.push(index);
+                    if tried.len() > pool.retries as usize {
+                        break;
+                    }
                 }
             }
         }

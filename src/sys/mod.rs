@@ -3,4 +3,5 @@
 #![allow(unsafe_code)]
 
 pub mod pipe;
+pub mod process;
 pub mod tcp;

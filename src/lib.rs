@@ -25,10 +25,6 @@ use cli::{Cli, Command};
 
 /// Runs one command of the CLI.
 pub fn main(cli: Cli) -> ExitCode {
-    // Before the heap grows: see the function for why.
-    if let Err(e) = sys::process::no_transparent_huge_pages() {
-        eprintln!("warning: cannot turn transparent huge pages off: {e}");
-    }
     match cli.command {
         Command::Run(args) => app::run(args),
         Command::Check {

@@ -3,5 +3,4 @@
 #![allow(unsafe_code)]
 
 pub mod pipe;
-pub mod process;
 pub mod tcp;

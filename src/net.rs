@@ -45,9 +45,10 @@ fn bind(addr: SocketAddr, proxied: bool) -> io::Result<TcpListener> {
 }
 
 /// Connects to a backend in four system calls: a non-blocking socket, TCP_NODELAY,
-/// TCP_DEFER_ACCEPT (see [`crate::sys::tcp::hold_handshake_ack`]), connect; then waits for the socket to become writable and asks
-/// for the outcome (SO_ERROR) only when the kernel reported an error or a hang-up,
-/// which a refused or failed connect always carries.
+/// TCP_DEFER_ACCEPT (see [`crate::sys::tcp::hold_handshake_ack`]), connect; then
+/// waits for the socket to become writable and asks for the outcome (SO_ERROR)
+/// only when the kernel reported an error or a hang-up, which a refused or failed
+/// connect always carries.
 ///
 /// The handshake's last ACK waits for the first bytes sent (as with HAProxy's
 /// `option tcp-smart-connect`): the backend gets the connection and the

@@ -361,9 +361,8 @@ impl Connection {
                     let Some(mut conn) = self.connect(pool, peer, local, &[]).await else {
                         return;
                     };
-                    // Without a PROXY header, the backend's handshake ACK is still
-                    // held back (net::connect): the relay's first bytes carry it.
-                    let ack_held = self.settings.proxy_protocol == ProxyProtocol::Off;
+                    // The relay's first bytes carry a held ACK, or it sends it.
+                    let ack_held = self.held_ack(&conn).is_some();
                     self.relay(&mut client, &mut conn, ack_held).await
                 }
                 // Boxed: the TLS state is large, and plain connections should not carry its size.
@@ -427,12 +426,8 @@ impl Connection {
         let Some(mut conn) = self.connect(pool, peer, local, &offered).await else {
             return Ok(None);
         };
-        // The backend's handshake ACK was held back for the first bytes sent to it
-        // (net::connect); unless a PROXY header or a TLS handshake carried it, it
-        // goes now: the client's first bytes come after its own handshake.
-        if let Upstream::Plain(backend) = &conn.upstream
-            && self.settings.proxy_protocol == ProxyProtocol::Off
-        {
+        // A held ACK goes now: the client's first bytes come after its own handshake.
+        if let Some(backend) = self.held_ack(&conn) {
             crate::net::send_ack(backend);
         }
         let mut config = (*server.get()).clone();
@@ -452,6 +447,18 @@ impl Connection {
                     io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out")
                 })??;
         Ok(Some(self.relay(&mut client, &mut conn, false).await))
+    }
+
+    /// The backend connection whose handshake ACK still waits for the first bytes
+    /// sent to it (net::connect holds it back), unless a PROXY header or a backend
+    /// TLS handshake has already carried it.
+    fn held_ack<'c>(&self, conn: &'c Connected<'_>) -> Option<&'c TcpStream> {
+        match &conn.upstream {
+            Upstream::Plain(backend) if self.settings.proxy_protocol == ProxyProtocol::Off => {
+                Some(backend)
+            }
+            _ => None,
+        }
     }
 
     /// The streams are borrowed, not moved: an async fn keeps the arguments it is

@@ -15,11 +15,12 @@ use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use metrics::Counter;
+use pin_project_lite::pin_project;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, Interest, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{ReadHalf, WriteHalf};
-use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
+use tokio::time::{Instant, Sleep};
+use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 
 use crate::sys::pipe::{self, Pipe};
 
@@ -67,58 +68,112 @@ impl Tally<'_> {
 /// to it ([`crate::net::connect`]). The client's first bytes carry it; if the
 /// client has sent nothing when the relay first finds nothing to read, the ACK
 /// goes on its own, so a backend that speaks first is not kept waiting.
-///
-/// The two directions are one hand-written future ([`Pumps`]) rather than two
-/// async fns joined: an idle connection's task then holds only its sockets, two
-/// small direction states and the timer, not the awaits' nested states.
-pub async fn relay(
-    client: &mut TcpStream,
-    backend: &mut TcpStream,
+pub fn relay<'a>(
+    client: &'a mut TcpStream,
+    backend: &'a mut TcpStream,
     idle_timeout: Duration,
-    stop: &CancellationToken,
-    meters: Meters<'_>,
+    stop: &'a CancellationToken,
+    meters: Meters<'a>,
     ack_held: bool,
-) -> RelayEnd {
-    let last_activity = Activity::new();
+) -> Relay<'a> {
     let (client_read, client_write) = client.split();
     let (backend_read, backend_write) = backend.split();
     let mut to_backend = Pump::new(client_read, backend_write, meters.to_backend);
     to_backend.ack_held = ack_held;
-    let mut both = Pumps {
+    Relay {
         to_backend,
         to_client: Pump::new(backend_read, client_write, meters.to_client),
-        last_activity: &last_activity,
-    };
-    // Biased: data first, and no random number per wake-up.
-    tokio::select! {
-        biased;
-        result = &mut both => match result {
-            Ok(()) => RelayEnd::Closed,
-            Err(e) => RelayEnd::Error(e),
-        },
-        () = idle(&last_activity, idle_timeout) => RelayEnd::Idle,
-        () = cancelled(stop) => RelayEnd::Stopped,
+        activity: Activity::new(),
+        ends: Ends::new(idle_timeout, stop),
     }
 }
 
-/// `token.cancelled()`, except that after its first poll the token's lock is taken
-/// again only once the token is cancelled. A relay's task is woken for every read
-/// and polls each branch of its select; a pending `cancelled()` locks the token's
-/// list of waiters on every poll, and that token is shared by every connection
-/// to the backend.
-/// The waker registered on the first poll stays the right one: it is the waker of
-/// the task the relay runs in, which never changes.
-async fn cancelled(token: &CancellationToken) {
-    let mut wait = pin!(token.cancelled());
-    let mut registered = false;
-    poll_fn(|cx| {
-        if registered && !token.is_cancelled() {
-            return Poll::Pending;
+pin_project! {
+    /// The plain relay, one hand-written future. An idle connection's task holds
+    /// exactly this: two small direction states, when a byte last moved, the idle
+    /// timer and the stop waiter. An async fn with a select would add its
+    /// arguments, a second copy of each Copy one, and the branches' own states.
+    pub struct Relay<'a> {
+        to_backend: Pump<'a>,
+        to_client: Pump<'a>,
+        activity: Activity,
+        #[pin]
+        ends: Ends<'a>,
+    }
+}
+
+impl Future for Relay<'_> {
+    type Output = RelayEnd;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<RelayEnd> {
+        let this = self.project();
+        // Data first.
+        let up = match this.to_backend.poll_pump(this.activity, cx) {
+            Poll::Ready(Err(e)) => return Poll::Ready(RelayEnd::Error(e)),
+            up => up.is_ready(),
+        };
+        let down = match this.to_client.poll_pump(this.activity, cx) {
+            Poll::Ready(Err(e)) => return Poll::Ready(RelayEnd::Error(e)),
+            down => down.is_ready(),
+        };
+        if up && down {
+            return Poll::Ready(RelayEnd::Closed);
         }
-        registered = true;
-        wait.as_mut().poll(cx)
-    })
-    .await;
+        this.ends.poll_end(this.activity, cx)
+    }
+}
+
+pin_project! {
+    /// The ends of a relay other than both sides closing: no byte moved for
+    /// `idle_timeout`, or `stop` was cancelled.
+    struct Ends<'a> {
+        idle_timeout: Duration,
+        #[pin]
+        idle: Sleep,
+        stop: &'a CancellationToken,
+        #[pin]
+        stopped: WaitForCancellationFuture<'a>,
+        // `stopped` has been polled once: the task's waker is registered.
+        waiting: bool,
+    }
+}
+
+impl<'a> Ends<'a> {
+    fn new(idle_timeout: Duration, stop: &'a CancellationToken) -> Self {
+        Ends {
+            idle_timeout,
+            idle: tokio::time::sleep(idle_timeout),
+            stop,
+            stopped: stop.cancelled(),
+            waiting: false,
+        }
+    }
+
+    /// Ready once the connection has idled out or `stop` is cancelled.
+    fn poll_end(self: Pin<&mut Self>, activity: &Activity, cx: &mut Context<'_>) -> Poll<RelayEnd> {
+        let mut this = self.project();
+        // The timer is not moved on every byte: when it fires, it is set again
+        // to the last byte's time plus the timeout, unless that has passed.
+        while this.idle.as_mut().poll(cx).is_ready() {
+            let deadline = activity.last() + *this.idle_timeout;
+            if Instant::now() >= deadline {
+                return Poll::Ready(RelayEnd::Idle);
+            }
+            this.idle.as_mut().reset(deadline);
+        }
+        // A relay's task is woken for every read, and a pending `cancelled()`
+        // locks the token's list of waiters on every poll; that token is shared
+        // by every connection to the backend. The waker registered on the first
+        // poll stays the right one (the task's), so the waiter is polled again
+        // only once the token is cancelled.
+        if !*this.waiting || this.stop.is_cancelled() {
+            *this.waiting = true;
+            if this.stopped.poll(cx).is_ready() {
+                return Poll::Ready(RelayEnd::Stopped);
+            }
+        }
+        Poll::Pending
+    }
 }
 
 thread_local! {
@@ -126,28 +181,6 @@ thread_local! {
     /// once, so a read costs no allocation; only what the writer cannot take now is
     /// copied to the direction's own (exactly sized) buffer.
     static SCRATCH: RefCell<Box<[u8]>> = RefCell::new(vec![0u8; BUFFER_SIZE].into_boxed_slice());
-}
-
-/// Both directions of a plain TCP relay; done when both have reached EOF.
-struct Pumps<'a> {
-    to_backend: Pump<'a>,
-    to_client: Pump<'a>,
-    last_activity: &'a Activity,
-}
-
-impl Future for Pumps<'_> {
-    type Output = io::Result<()>;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.get_mut();
-        let up = this.to_backend.poll_pump(this.last_activity, cx)?;
-        let down = this.to_client.poll_pump(this.last_activity, cx)?;
-        if up.is_ready() && down.is_ready() {
-            Poll::Ready(Ok(()))
-        } else {
-            Poll::Pending
-        }
-    }
 }
 
 /// One direction: read until EOF and write everything on, then half-close the
@@ -366,9 +399,7 @@ where
     let last_activity = Activity::new();
     let (client_read, client_write) = tokio::io::split(client);
     let (backend_read, backend_write) = tokio::io::split(backend);
-    // Pinned in place and passed by reference: a future passed by value into another
-    // async fn is stored twice in the task (rust-lang/rust#62958).
-    let both = pin!(async {
+    let mut both = pin!(async {
         tokio::try_join!(
             pump_io(
                 client_read,
@@ -379,24 +410,18 @@ where
             pump_io(backend_read, client_write, &last_activity, meters.to_client),
         )
     });
-    until_done(both, &last_activity, idle_timeout, stop).await
-}
-
-/// Runs both directions until they finish, the connection idles out, or `stop`.
-async fn until_done(
-    both: Pin<&mut impl Future<Output = io::Result<((), ())>>>,
-    last_activity: &Activity,
-    idle_timeout: Duration,
-    stop: &CancellationToken,
-) -> RelayEnd {
-    tokio::select! {
-        result = both => match result {
-            Ok(_) => RelayEnd::Closed,
-            Err(e) => RelayEnd::Error(e),
-        },
-        () = idle(last_activity, idle_timeout) => RelayEnd::Idle,
-        () = stop.cancelled() => RelayEnd::Stopped,
-    }
+    let mut ends = pin!(Ends::new(idle_timeout, stop));
+    poll_fn(|cx| {
+        // Data first.
+        if let Poll::Ready(result) = both.as_mut().poll(cx) {
+            return Poll::Ready(match result {
+                Ok(_) => RelayEnd::Closed,
+                Err(e) => RelayEnd::Error(e),
+            });
+        }
+        ends.as_mut().poll_end(&last_activity, cx)
+    })
+    .await
 }
 
 async fn pump_io<R, W>(
@@ -420,17 +445,6 @@ where
         to.write_all(&buf[..n]).await?;
         to.flush().await?;
         bytes.add(n);
-    }
-}
-
-/// Resolves once no byte has moved for `timeout`.
-async fn idle(last_activity: &Activity, timeout: Duration) {
-    loop {
-        let deadline = last_activity.last() + timeout;
-        if Instant::now() >= deadline {
-            return;
-        }
-        tokio::time::sleep_until(deadline).await;
     }
 }
 
@@ -567,6 +581,46 @@ mod tests {
         assert!(got == expected, "bytes differ");
         assert_eq!(total.load(Ordering::Relaxed), TOTAL as u64);
         most
+    }
+
+    async fn poll_end(ends: &mut Pin<&mut Ends<'_>>, activity: &Activity) -> Poll<RelayEnd> {
+        poll_fn(|cx| Poll::Ready(ends.as_mut().poll_end(activity, cx))).await
+    }
+
+    /// Idle means no byte for the whole timeout since the last one, however long
+    /// the connection was busy before; a cancelled stop token ends it at once.
+    #[tokio::test(start_paused = true)]
+    async fn a_relay_ends_a_full_timeout_after_the_last_byte_or_on_stop() {
+        let stop = CancellationToken::new();
+        let activity = Activity::new();
+        let mut ends = pin!(Ends::new(Duration::from_secs(10), &stop));
+        assert!(poll_end(&mut ends, &activity).await.is_pending());
+        tokio::time::advance(Duration::from_secs(6)).await;
+        activity.touch();
+        // The timer fires at 10 s and is set again to 16 s.
+        tokio::time::advance(Duration::from_secs(5)).await;
+        assert!(
+            poll_end(&mut ends, &activity).await.is_pending(),
+            "idle 5 s after a byte"
+        );
+        tokio::time::advance(Duration::from_secs(4)).await;
+        assert!(
+            poll_end(&mut ends, &activity).await.is_pending(),
+            "idle 9 s after a byte"
+        );
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert!(matches!(
+            poll_end(&mut ends, &activity).await,
+            Poll::Ready(RelayEnd::Idle)
+        ));
+
+        let mut ends = pin!(Ends::new(Duration::from_secs(10), &stop));
+        assert!(poll_end(&mut ends, &activity).await.is_pending());
+        stop.cancel();
+        assert!(matches!(
+            poll_end(&mut ends, &activity).await,
+            Poll::Ready(RelayEnd::Stopped)
+        ));
     }
 
     /// Copying, a full writer makes the pump keep the unsent bytes (at most one

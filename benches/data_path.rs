@@ -80,7 +80,7 @@ fn spawn_relay(mut inner_client: TcpStream, mut inner_backend: TcpStream) {
         relay::relay(
             &mut inner_client,
             &mut inner_backend,
-            Duration::from_secs(3600),
+            &Duration::from_secs(3600),
             &stop,
             meters,
             false,

@@ -323,12 +323,17 @@ enum Upstream {
 }
 
 /// A connected backend: its slot (for least_connections), stream and meters.
+/// It counts in `raftlb_active_connections` while it exists.
 struct Connected<'p> {
-    pool: &'p Pool,
-    index: usize,
-    _slot: BackendSlot<'p>,
+    slot: BackendSlot<'p>,
     upstream: Upstream,
     meters: Arc<ConnMeters>,
+}
+
+impl Drop for Connected<'_> {
+    fn drop(&mut self) {
+        self.meters.active.decrement(1.0);
+    }
 }
 
 /// Time allowed for a client's TLS handshake on a terminating listener.
@@ -361,9 +366,7 @@ impl Connection {
                     let Some(mut conn) = self.connect(pool, peer, local, &[]).await else {
                         return;
                     };
-                    // The relay's first bytes carry a held ACK, or it sends it.
-                    let ack_held = self.held_ack(&conn).is_some();
-                    self.relay(&mut client, &mut conn, ack_held).await
+                    self.relay(&mut client, &mut conn).await
                 }
                 // Boxed: the TLS state is large, and plain connections should not carry its size.
                 Some(server) => {
@@ -446,7 +449,7 @@ impl Connection {
                 .map_err(|_| {
                     io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out")
                 })??;
-        Ok(Some(self.relay(&mut client, &mut conn, false).await))
+        Ok(Some(self.relay(&mut client, &mut conn).await))
     }
 
     /// The backend connection whose handshake ACK still waits for the first bytes
@@ -463,39 +466,37 @@ impl Connection {
 
     /// The streams are borrowed, not moved: an async fn keeps the arguments it is
     /// given by value twice in its state (rust-lang/rust#62958), and this state is
-    /// what an idle connection's task holds.
-    /// `ack_held`: the backend's handshake ACK still waits for the first bytes
-    /// (see [`relay::relay`]).
-    async fn relay<C>(&self, client: &mut C, conn: &mut Connected<'_>, ack_held: bool) -> RelayEnd
+    /// what an idle connection's task holds. Only the backend's down token is kept
+    /// beside the relay's own future.
+    async fn relay<C>(&self, client: &mut C, conn: &mut Connected<'_>) -> RelayEnd
     where
         C: ClientSide,
     {
-        let backend = &conn.pool.backends[conn.index];
+        let backend = conn.slot.0;
         let down = backend.state.down_token();
-        let meters = &conn.meters;
-        meters.active.increment(1.0);
+        // The relay's first bytes carry a held ACK, or it sends it (a TLS client's
+        // relay never finds one: `terminate` sent it once connected).
+        let ack_held = self.held_ack(conn).is_some();
         let io = Meters {
             to_backend: relay::Tally {
-                metric: &meters.to_backend,
+                metric: &conn.meters.to_backend,
                 total: &backend.state.bytes_to_backend,
             },
             to_client: relay::Tally {
-                metric: &meters.to_client,
+                metric: &conn.meters.to_client,
                 total: &backend.state.bytes_to_client,
             },
         };
-        let idle = self.settings.idle_timeout;
+        let idle = &self.settings.idle_timeout;
         // The relay itself waits for the backend's down token, rather than a select
         // around it (one level less of nested state in the task); it is also
         // cancelled by the hard stop (a child of the balancer's stop token).
-        let end = match &mut conn.upstream {
+        match &mut conn.upstream {
             Upstream::Plain(upstream) => client.relay_to(upstream, idle, &down, io, ack_held).await,
             Upstream::Tls(upstream) => {
-                Box::pin(relay::relay_io(client, &mut **upstream, idle, &down, io)).await
+                Box::pin(relay::relay_io(client, &mut **upstream, *idle, &down, io)).await
             }
-        };
-        meters.active.decrement(1.0);
-        end
+        }
     }
 
     /// Connects to a backend, retrying connect failures on other backends.
@@ -535,10 +536,9 @@ impl Connection {
                         .record(started.elapsed().as_secs_f64());
                     meters.ok.increment(1);
                     health::passive_success(backend);
+                    meters.active.increment(1.0);
                     return Some(Connected {
-                        pool,
-                        index,
-                        _slot: slot,
+                        slot,
                         upstream,
                         meters,
                     });
@@ -582,7 +582,7 @@ trait ClientSide: AsyncRead + AsyncWrite + Unpin + Send {
     fn relay_to<'a>(
         &'a mut self,
         upstream: &'a mut TcpStream,
-        idle: Duration,
+        idle: &'a Duration,
         stop: &'a CancellationToken,
         meters: Meters<'a>,
         ack_held: bool,
@@ -593,7 +593,7 @@ impl ClientSide for TcpStream {
     fn relay_to<'a>(
         &'a mut self,
         upstream: &'a mut TcpStream,
-        idle: Duration,
+        idle: &'a Duration,
         stop: &'a CancellationToken,
         meters: Meters<'a>,
         ack_held: bool,
@@ -606,13 +606,13 @@ impl ClientSide for ServerTlsStream<TcpStream> {
     fn relay_to<'a>(
         &'a mut self,
         upstream: &'a mut TcpStream,
-        idle: Duration,
+        idle: &'a Duration,
         stop: &'a CancellationToken,
         meters: Meters<'a>,
         _ack_held: bool,
     ) -> impl Future<Output = RelayEnd> + Send + 'a {
         // Never held here: `terminate` sent the ACK once connected.
-        Box::pin(relay::relay_io(self, upstream, idle, stop, meters))
+        Box::pin(relay::relay_io(self, upstream, *idle, stop, meters))
     }
 }
 
@@ -789,11 +789,12 @@ mod tests {
         );
     }
 
-    // 632 bytes in a debug build (832 before the plain relay became one hand-written
-    // future, 2744 before the pins in relay, 2096 before the hand-written pumps, the
-    // borrowed streams and the single stop token, 1056 before serve and relay_to
-    // returned their futures instead of being async fns). In release the future is
-    // 616 bytes and its task cell 768 (header 32, future and tracker token 648,
-    // trailer 48, rounded up to 128); at 832 the cell was 1,024.
-    const BOUND: usize = 700;
+    // 544 bytes in a debug build (832 before the plain relay became one hand-written
+    // future holding the sockets once, 2744 before the pins in relay, 2096 before the
+    // hand-written pumps, the borrowed streams and the single stop token, 1056 before
+    // serve and relay_to returned their futures instead of being async fns). In
+    // release the future is 528 bytes and its task cell 640 (header 32, future,
+    // tracker token and stage 568, trailer 48); mimalloc serves a 128-aligned 640 from
+    // its 768-byte blocks. At 816 bytes the cell was 1,024.
+    const BOUND: usize = 600;
 }

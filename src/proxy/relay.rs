@@ -78,10 +78,12 @@ pub fn relay<'a>(
     let mut to_backend = Pump::new(meters.to_backend);
     to_backend.ack_held = ack_held;
     Relay {
-        client,
-        backend,
-        to_backend,
-        to_client: Pump::new(meters.to_client),
+        directions: Directions {
+            client,
+            backend,
+            to_backend,
+            to_client: Pump::new(meters.to_client),
+        },
         activity: Activity::new(),
         ends: Ends::new(idle_timeout, stop),
     }
@@ -93,10 +95,7 @@ pin_project! {
     /// moved, the idle timer and the stop waiter. An async fn with a select would
     /// add its arguments, a second copy of each Copy one, and the branches' states.
     pub struct Relay<'a> {
-        client: &'a mut TcpStream,
-        backend: &'a mut TcpStream,
-        to_backend: Pump<'a>,
-        to_client: Pump<'a>,
+        directions: Directions<'a>,
         activity: Activity,
         #[pin]
         ends: Ends<'a>,
@@ -109,27 +108,38 @@ impl Future for Relay<'_> {
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<RelayEnd> {
         let this = self.project();
         // Data first.
-        let (client, backend) = (&mut **this.client, &mut **this.backend);
-        let up =
-            match this
-                .to_backend
-                .poll_pump(client, backend, this.to_client.done, this.activity, cx)
-            {
-                Poll::Ready(Err(e)) => return Poll::Ready(RelayEnd::Error(e)),
-                up => up.is_ready(),
-            };
-        let down =
-            match this
-                .to_client
-                .poll_pump(backend, client, this.to_backend.done, this.activity, cx)
-            {
-                Poll::Ready(Err(e)) => return Poll::Ready(RelayEnd::Error(e)),
-                down => down.is_ready(),
-            };
-        if up && down {
-            return Poll::Ready(RelayEnd::Closed);
+        match this.directions.poll(this.activity, cx) {
+            Poll::Ready(Ok(())) => return Poll::Ready(RelayEnd::Closed),
+            Poll::Ready(Err(e)) => return Poll::Ready(RelayEnd::Error(e)),
+            Poll::Pending => {}
         }
         this.ends.poll_end(this.activity, cx)
+    }
+}
+
+/// The two sockets, and the state of each direction between them.
+struct Directions<'a> {
+    client: &'a mut TcpStream,
+    backend: &'a mut TcpStream,
+    to_backend: Pump<'a>,
+    to_client: Pump<'a>,
+}
+
+impl Directions<'_> {
+    /// Ready once both directions have passed EOF on.
+    fn poll(&mut self, activity: &Activity, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let (client, backend) = (&mut *self.client, &mut *self.backend);
+        let up = self
+            .to_backend
+            .poll_pump(client, backend, self.to_client.done, activity, cx)?;
+        let down = self
+            .to_client
+            .poll_pump(backend, client, self.to_backend.done, activity, cx)?;
+        if up.is_ready() && down.is_ready() {
+            Poll::Ready(Ok(()))
+        } else {
+            Poll::Pending
+        }
     }
 }
 
@@ -200,7 +210,7 @@ thread_local! {
 /// buffer until it has nothing to read. A read that fills the whole scratch
 /// buffer means bulk data: the direction then splices through a pipe from the
 /// pool, given back whenever it waits for data.
-/// The two sockets are the relay's, lent to each call.
+/// The two sockets are the relay's ([`Directions`]), lent to each call.
 struct Pump<'a> {
     /// The direction's own buffer, only while data flows and the writer was full
     /// lately; `start..end` is not written yet.

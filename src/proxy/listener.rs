@@ -494,7 +494,7 @@ impl Connection {
         match &mut conn.upstream {
             Upstream::Plain(upstream) => client.relay_to(upstream, idle, &down, io, ack_held).await,
             Upstream::Tls(upstream) => {
-                Box::pin(relay::relay_io(client, &mut **upstream, *idle, &down, io)).await
+                Box::pin(relay::relay_io(client, &mut **upstream, idle, &down, io)).await
             }
         }
     }
@@ -612,7 +612,7 @@ impl ClientSide for ServerTlsStream<TcpStream> {
         _ack_held: bool,
     ) -> impl Future<Output = RelayEnd> + Send + 'a {
         // Never held here: `terminate` sent the ACK once connected.
-        Box::pin(relay::relay_io(self, upstream, *idle, stop, meters))
+        Box::pin(relay::relay_io(self, upstream, idle, stop, meters))
     }
 }
 

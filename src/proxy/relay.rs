@@ -423,7 +423,7 @@ fn drain(pipe: &mut Pipe, to: &TcpStream, cx: &mut Context<'_>) -> Poll<io::Resu
 pub async fn relay_io<A, B>(
     client: A,
     backend: B,
-    idle_timeout: Duration,
+    idle_timeout: &Duration,
     stop: &CancellationToken,
     meters: Meters<'_>,
 ) -> RelayEnd
@@ -445,7 +445,7 @@ where
             pump_io(backend_read, client_write, &last_activity, meters.to_client),
         )
     });
-    let mut ends = pin!(Ends::new(&idle_timeout, stop));
+    let mut ends = pin!(Ends::new(idle_timeout, stop));
     poll_fn(|cx| {
         // Data first.
         if let Poll::Ready(result) = both.as_mut().poll(cx) {

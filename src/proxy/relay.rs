@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use metrics::Counter;
 use pin_project_lite::pin_project;
+use socket2::SockRef;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, Interest, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
@@ -219,6 +220,8 @@ struct Pump<'a> {
     end: u32,
     /// The pipe bulk data is spliced through, only while it flows.
     pipe: Option<Pipe>,
+    /// EOF was read; it is passed on once everything read before it is written.
+    eof: bool,
     /// EOF was read and passed on.
     done: bool,
     /// The writer's handshake ACK waits for the first bytes written to it.
@@ -235,6 +238,7 @@ impl<'a> Pump<'a> {
             start: 0,
             end: 0,
             pipe: None,
+            eof: false,
             done: false,
             ack_held: false,
             bulk: false,
@@ -271,6 +275,15 @@ impl<'a> Pump<'a> {
                 self.release();
                 return Poll::Ready(Ok(()));
             }
+            if self.eof {
+                // Everything read has been written: nothing more to hold.
+                self.release();
+                if !other_done {
+                    ready!(Pin::new(&mut *to).poll_shutdown(cx))?;
+                }
+                self.done = true;
+                return Poll::Ready(Ok(()));
+            }
             // Wait for data.
             if from.poll_read_ready(cx)?.is_pending() {
                 self.park(to);
@@ -298,7 +311,7 @@ impl<'a> Pump<'a> {
             } else if let Some(own) = &mut self.own {
                 read_own(own, from, &mut self.start, &mut self.end, cx)
             } else {
-                SCRATCH.with_borrow_mut(|buf| self.transfer(from, to, buf, cx))
+                SCRATCH.with_borrow_mut(|buf| self.transfer(from, to, other_done, buf, cx))
             };
             let Poll::Ready(n) = read else {
                 self.park(to);
@@ -306,13 +319,8 @@ impl<'a> Pump<'a> {
             };
             let n = n?;
             if n == 0 {
-                // At EOF everything read has been written: nothing more to hold.
-                self.release();
-                if !other_done {
-                    ready!(Pin::new(&mut *to).poll_shutdown(cx))?;
-                }
-                self.done = true;
-                return Poll::Ready(Ok(()));
+                self.eof = true;
+                continue;
             }
             // What was read is written (or waits to be): it carries any held ACK.
             self.ack_held = false;
@@ -340,23 +348,51 @@ impl<'a> Pump<'a> {
 
     /// One read into `buf`, and as much of it written on as the writer takes now;
     /// the rest is kept in the direction's own buffer. Ready(0) at EOF.
+    ///
+    /// When the sender has closed right after its last bytes (a reply, then a
+    /// close), the FIN is read before those bytes are written, and they go with
+    /// MSG_MORE: the kernel holds them until the half-close that follows, so the
+    /// bytes and the FIN leave in one segment (as HAProxy does), one packet and one
+    /// wake-up of the peer fewer. `other_done`: no half-close follows.
     fn transfer(
         &mut self,
         from: &mut TcpStream,
         to: &mut TcpStream,
+        other_done: bool,
         buf: &mut [u8],
         cx: &mut Context<'_>,
     ) -> Poll<io::Result<usize>> {
         let mut read = ReadBuf::new(buf);
         // poll_read (unlike try_read) clears readiness after a short read, which
         // saves the read() that would only return EAGAIN.
-        ready!(Pin::new(from).poll_read(cx, &mut read))?;
-        let n = read.filled().len();
+        ready!(Pin::new(&mut *from).poll_read(cx, &mut read))?;
+        let mut n = read.filled().len();
         // A full read: the next ones splice, if the pool has a pipe.
         self.bulk = n == buf.len();
+        // After a short read the socket is readable again only if the sender has
+        // closed (the hang-up stays in the readiness) or more came meanwhile.
+        // A failed second read is reported once the first bytes are on their way.
+        let mut failed = None;
+        if n > 0 && !self.bulk && !other_done && from.poll_read_ready(cx)?.is_ready() {
+            let mut more = ReadBuf::new(&mut buf[n..]);
+            match Pin::new(&mut *from).poll_read(cx, &mut more) {
+                Poll::Ready(Ok(())) => {
+                    let m = more.filled().len();
+                    self.eof = m == 0;
+                    n += m;
+                }
+                Poll::Ready(Err(e)) => failed = Some(e),
+                Poll::Pending => {}
+            }
+        }
         let mut sent = 0;
         while sent < n {
-            match Pin::new(&mut *to).poll_write(cx, &buf[sent..n]) {
+            let write = if self.eof {
+                send_more(to, &buf[sent..n], cx)
+            } else {
+                Pin::new(&mut *to).poll_write(cx, &buf[sent..n])
+            };
+            match write {
                 Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
                 Poll::Ready(Ok(k)) => sent += k,
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
@@ -371,6 +407,11 @@ impl<'a> Pump<'a> {
                     break;
                 }
             }
+        }
+        if let Some(e) = failed {
+            // The caller counts only what a read that succeeded returns.
+            self.bytes.add(n);
+            return Poll::Ready(Err(e));
         }
         Poll::Ready(Ok(n))
     }
@@ -392,6 +433,19 @@ fn read_own(
     // n <= BUFFER_SIZE.
     (*start, *end) = (0, n as u32);
     Poll::Ready(Ok(n))
+}
+
+/// Writes with MSG_MORE: the bytes wait in the socket for the FIN that follows.
+fn send_more(to: &TcpStream, buf: &[u8], cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+    loop {
+        ready!(to.poll_write_ready(cx))?;
+        match to.try_io(Interest::WRITABLE, || {
+            SockRef::from(to).send_with_flags(buf, libc::MSG_MORE)
+        }) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            sent => return Poll::Ready(sent),
+        }
+    }
 }
 
 /// Splices what `from` has received into the pipe (which is empty). Ready(0) at EOF.
@@ -648,6 +702,75 @@ mod tests {
             poll_end(&mut ends, &activity).await,
             Poll::Ready(RelayEnd::Stopped)
         ));
+    }
+
+    /// Bytes with the sender's FIN right behind them (a reply, then a close) reach
+    /// the other side in one segment, the FIN riding on the bytes. Bytes with no FIN
+    /// behind them are not held back for one: they leave at once, and the FIN that
+    /// comes later takes a segment of its own.
+    #[tokio::test]
+    async fn bytes_and_the_fin_right_behind_them_leave_in_one_segment() {
+        use crate::sys::tcp::info;
+        use std::io::Write;
+        use std::net::Shutdown;
+        let metric = Counter::noop();
+        let total = AtomicU64::new(0);
+        let activity = Activity::new();
+        for fin_behind in [true, false] {
+            let (backend, mut from) = pair().await;
+            let (mut to, mut client) = pair().await;
+            let mut pump = Pump::new(Tally {
+                metric: &metric,
+                total: &total,
+            });
+            let segments = |s: &TcpStream| info(s.as_fd()).expect("TCP_INFO").tcpi_segs_in;
+            let before = segments(&client);
+            // tokio reports a fresh socket readable with nothing to read; a read
+            // that finds nothing clears that, so the pump waits for the one event
+            // that reports the bytes and the FIN together.
+            let nothing = from.try_read(&mut [0u8; 8]).expect_err("nothing sent yet");
+            assert_eq!(nothing.kind(), io::ErrorKind::WouldBlock);
+            // A blocking socket: nothing in between lets the runtime look at `from`.
+            let backend = backend.into_std().expect("std");
+            backend.set_nonblocking(false).expect("blocking");
+            (&backend).write_all(b"reply").expect("write");
+            if !fin_behind {
+                // The pump passes the bytes on while the backend's write side is
+                // open, and the kernel holds none of them back.
+                let start = total.load(Ordering::Relaxed);
+                tokio::time::timeout(
+                    Duration::from_secs(10),
+                    poll_fn(|cx| {
+                        let _ = pump.poll_pump(&mut from, &mut to, false, &activity, cx);
+                        match total.load(Ordering::Relaxed) - start {
+                            5 => Poll::Ready(()),
+                            _ => Poll::Pending,
+                        }
+                    }),
+                )
+                .await
+                .expect("the pump did not pass the bytes on");
+                let unsent = info(to.as_fd()).expect("TCP_INFO").tcpi_notsent_bytes;
+                assert_eq!(unsent, 0, "bytes held back, waiting for a FIN");
+            }
+            // On loopback the FIN is queued on `from` when this returns.
+            backend.shutdown(Shutdown::Write).expect("shutdown");
+            tokio::time::timeout(
+                Duration::from_secs(10),
+                poll_fn(|cx| pump.poll_pump(&mut from, &mut to, false, &activity, cx)),
+            )
+            .await
+            .expect("the pump did not reach EOF")
+            .expect("pump");
+            let mut got = Vec::new();
+            client.read_to_end(&mut got).await.expect("read");
+            assert_eq!(got, b"reply");
+            assert_eq!(
+                segments(&client) - before,
+                if fin_behind { 1 } else { 2 },
+                "segments the client received, FIN right behind the bytes: {fin_behind}"
+            );
+        }
     }
 
     /// Copying, a full writer makes the pump keep the unsent bytes (at most one

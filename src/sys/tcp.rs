@@ -27,3 +27,27 @@ pub fn hold_handshake_ack(socket: BorrowedFd<'_>) -> io::Result<()> {
         _ => Err(io::Error::last_os_error()),
     }
 }
+
+/// The kernel's TCP_INFO for a socket: what tests read to see how many segments
+/// a peer sent (`tcpi_segs_in`) and what waits unsent (`tcpi_notsent_bytes`).
+#[cfg(test)]
+pub fn info(socket: BorrowedFd<'_>) -> io::Result<libc::tcp_info> {
+    // SAFETY: tcp_info is plain integers, for which all zeroes is a valid value.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: the descriptor is borrowed, so open; `info` and `len` outlive the
+    // call, and `len` is `info`'s size, which the kernel does not write past.
+    let rc = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            std::ptr::from_mut(&mut info).cast(),
+            &mut len,
+        )
+    };
+    match rc {
+        0 => Ok(info),
+        _ => Err(io::Error::last_os_error()),
+    }
+}

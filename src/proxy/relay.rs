@@ -130,12 +130,20 @@ impl Directions<'_> {
     /// Ready once both directions have passed EOF on.
     fn poll(&mut self, activity: &Activity, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let (client, backend) = (&mut *self.client, &mut *self.backend);
-        let up = self
-            .to_backend
-            .poll_pump(client, backend, self.to_client.done, activity, cx)?;
-        let down = self
-            .to_client
-            .poll_pump(backend, client, self.to_backend.done, activity, cx)?;
+        let up = self.to_backend.poll_pump(
+            client,
+            backend,
+            self.to_client.fin_passed(),
+            activity,
+            cx,
+        )?;
+        let down = self.to_client.poll_pump(
+            backend,
+            client,
+            self.to_backend.fin_passed(),
+            activity,
+            cx,
+        )?;
         if up.is_ready() && down.is_ready() {
             Poll::Ready(Ok(()))
         } else {
@@ -220,15 +228,24 @@ struct Pump<'a> {
     end: u32,
     /// The pipe bulk data is spliced through, only while it flows.
     pipe: Option<Pipe>,
-    /// EOF was read; it is passed on once everything read before it is written.
-    eof: bool,
-    /// EOF was read and passed on.
-    done: bool,
+    /// Where the sender's FIN (EOF) is.
+    fin: Fin,
     /// The writer's handshake ACK waits for the first bytes written to it.
     ack_held: bool,
     /// The last reads filled what they read into: splice the next ones.
     bulk: bool,
     bytes: Tally<'a>,
+}
+
+/// How far a direction is with the sender's FIN (EOF).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Fin {
+    Open,
+    /// Read: passed on once everything read before it is written.
+    Read,
+    /// Passed on: as a half-close, or by the close that follows when the other
+    /// direction is over too.
+    Passed,
 }
 
 impl<'a> Pump<'a> {
@@ -238,12 +255,16 @@ impl<'a> Pump<'a> {
             start: 0,
             end: 0,
             pipe: None,
-            eof: false,
-            done: false,
+            fin: Fin::Open,
             ack_held: false,
             bulk: false,
             bytes,
         }
+    }
+
+    /// The sender's FIN has been passed on: this direction is over.
+    fn fin_passed(&self) -> bool {
+        self.fin == Fin::Passed
     }
 
     /// `other_done`: the other direction has reached EOF.
@@ -271,18 +292,21 @@ impl<'a> Pump<'a> {
             if let Some(pipe) = &mut self.pipe {
                 ready!(drain(pipe, to, cx))?;
             }
-            if self.done {
-                self.release();
-                return Poll::Ready(Ok(()));
-            }
-            if self.eof {
-                // Everything read has been written: nothing more to hold.
-                self.release();
-                if !other_done {
-                    ready!(Pin::new(&mut *to).poll_shutdown(cx))?;
+            match self.fin {
+                Fin::Open => {}
+                Fin::Read => {
+                    // Everything read has been written: nothing more to hold.
+                    self.release();
+                    if !other_done {
+                        ready!(Pin::new(&mut *to).poll_shutdown(cx))?;
+                    }
+                    self.fin = Fin::Passed;
+                    return Poll::Ready(Ok(()));
                 }
-                self.done = true;
-                return Poll::Ready(Ok(()));
+                Fin::Passed => {
+                    self.release();
+                    return Poll::Ready(Ok(()));
+                }
             }
             // Wait for data.
             if from.poll_read_ready(cx)?.is_pending() {
@@ -319,7 +343,7 @@ impl<'a> Pump<'a> {
             };
             let n = n?;
             if n == 0 {
-                self.eof = true;
+                self.fin = Fin::Read;
                 continue;
             }
             // What was read is written (or waits to be): it carries any held ACK.
@@ -378,7 +402,9 @@ impl<'a> Pump<'a> {
             match Pin::new(&mut *from).poll_read(cx, &mut more) {
                 Poll::Ready(Ok(())) => {
                     let m = more.filled().len();
-                    self.eof = m == 0;
+                    if m == 0 {
+                        self.fin = Fin::Read;
+                    }
                     n += m;
                 }
                 Poll::Ready(Err(e)) => failed = Some(e),
@@ -387,7 +413,7 @@ impl<'a> Pump<'a> {
         }
         let mut sent = 0;
         while sent < n {
-            let write = if self.eof {
+            let write = if self.fin == Fin::Read {
                 send_more(to, &buf[sent..n], cx)
             } else {
                 Pin::new(&mut *to).poll_write(cx, &buf[sent..n])

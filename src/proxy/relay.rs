@@ -267,7 +267,8 @@ impl<'a> Pump<'a> {
         self.fin == Fin::Passed
     }
 
-    /// `other_done`: the other direction has reached EOF.
+    /// `other_done`: the other direction has passed its FIN on, so this one needs
+    /// no half-close: the close that follows sends its FIN.
     fn poll_pump(
         &mut self,
         from: &mut TcpStream,

@@ -7,7 +7,9 @@ move because the proxy changed what *the others* spend. This runs the same
 loads (wrk -t1 -c50, one nginx worker answering "ok", one proxy thread) through
 raftlb and HAProxy, rounds interleaved, and reports for each process its CPU
 use and its CPU time per request, its context switches per request, and which
-core it ran on (sampled every 100 ms).
+core it ran on (sampled every 100 ms); for the proxy also the user-space part of
+its CPU time, and for the whole machine its busy time per request (steal left
+out) and the share of time both cores sat idle or were stolen by the host.
 
     benches/cpu_split.py --bin target/release/raftlb --rounds 4
 
@@ -51,15 +53,24 @@ def wait_port(port, timeout=10.0):
 
 
 def cpu_and_switches(pid):
-    """CPU ticks (user + system) and context switches over all of pid's threads."""
-    ticks = switches = 0
+    """CPU ticks (user + system), context switches and user ticks over all of pid's threads."""
+    ticks = switches = user = 0
     for tid in os.listdir(f"/proc/{pid}/task"):
         with open(f"/proc/{pid}/task/{tid}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
         ticks += int(fields[11]) + int(fields[12])
+        user += int(fields[11])
         with open(f"/proc/{pid}/task/{tid}/status") as f:
             switches += sum(int(x) for x in re.findall(r"ctxt_switches:\s+(\d+)", f.read()))
-    return ticks, switches
+    return ticks, switches, user
+
+
+def machine():
+    """The machine's busy (steal left out), idle and stolen ticks, all cores together."""
+    with open("/proc/stat") as f:
+        t = [int(x) for x in f.readline().split()[1:9]]
+    user, nice, system, idle, iowait, irq, softirq, steal = t
+    return user + nice + system + irq + softirq, idle + iowait, steal
 
 
 def core_of(pid):
@@ -83,6 +94,7 @@ def one_round(args, dir, proxy, kind, log):
         web_worker = int(subprocess.run(["pgrep", "-P", str(args.web.pid)], capture_output=True, text=True).stdout.split()[0])
         pids = {"wrk": wrk.pid, "nginx": web_worker, "proxy": px.pid}
         before = {k: cpu_and_switches(p) for k, p in pids.items()}
+        machine_before = machine()
         cores = {k: {} for k in pids}
         start = time.monotonic()
         for _ in range(int((args.seconds - 2) * 10)):
@@ -92,6 +104,7 @@ def one_round(args, dir, proxy, kind, log):
             time.sleep(0.1)
         elapsed = time.monotonic() - start
         after = {k: cpu_and_switches(p) for k, p in pids.items()}
+        machine_after = machine()
         out = wrk.communicate(timeout=args.seconds + 30)[0]
     finally:
         kill(px)
@@ -104,6 +117,11 @@ def one_round(args, dir, proxy, kind, log):
         row[f"{k} us/req"] = cpu * 1e6 / rate
         row[f"{k} cs/req"] = (after[k][1] - before[k][1]) / elapsed / rate
         row[f"{k} cores"] = cores[k]
+    row["proxy user us/req"] = (after["proxy"][2] - before["proxy"][2]) / hz / elapsed * 1e6 / rate
+    busy, idle, steal = (b - a for a, b in zip(machine_before, machine_after))
+    row["machine us/req"] = busy / hz / elapsed * 1e6 / rate
+    row["idle %"] = 100 * idle / (busy + idle + steal)
+    row["steal %"] = 100 * steal / (busy + idle + steal)
     return row
 
 
@@ -166,12 +184,14 @@ pools:
                     print(f"round {r + 1} {kind} {proxy}: {row['req/s']:.0f} req/s, cores {row['proxy cores']}", flush=True)
     finally:
         kill(args.web)
-    print(f"\nmedians of {args.rounds} rounds (cpu: cores used; us/req: CPU microseconds per request; cs/req: context switches per request)")
+    print(f"\nmedians of {args.rounds} rounds (cpu: cores used; us/req: CPU microseconds per request; cs/req: context switches per request;"
+          " proxy user: its user-space part; machine: all busy CPU, steal left out; idle and steal: % of both cores' time)")
     for (kind, proxy), rs in rows.items():
         med = {k: statistics.median(r[k] for r in rs) for k in rs[0] if not k.endswith("cores")}
         parts = "  ".join(
             f"{p} {med[f'{p} cpu']:.2f} cpu {med[f'{p} us/req']:.1f} us {med[f'{p} cs/req']:.3f} cs" for p in ("wrk", "nginx", "proxy"))
-        print(f"{kind} {proxy:8s} {med['req/s']:8.0f} req/s  {parts}")
+        print(f"{kind} {proxy:8s} {med['req/s']:8.0f} req/s  {parts}  proxy user {med['proxy user us/req']:.1f} us"
+              f"  machine {med['machine us/req']:.1f} us  idle {med['idle %']:.1f}%  steal {med['steal %']:.1f}%")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@
 // instructions, below) redirects every arriving skb to the egress of the other
 // socket. Built and run by hand to answer one question for issue 20: would a
 // kernel-resident relay beat HAProxy on peer-compare's rps load?
-// README "Performance" has the answer (no: the redirect runs in a kworker).
+// docs/PERFORMANCE.md (third session) has the answer (no: the redirect runs in a kworker).
 //   gcc -O2 -o /tmp/sockmap_relay benches/experiments/sockmap_relay.c
 //   /tmp/sockmap_relay LISTEN_PORT BACKEND_PORT   (loopback, root)
 // It closes both sockets on the first hang-up, so it is only right for

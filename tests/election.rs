@@ -79,24 +79,34 @@ impl Cluster {
         (replicas, active)
     }
 
-    /// Waits until exactly one replica (not among `dead`) says it is active and the
-    /// others, standby; its index.
+    /// Waits until exactly one replica (not among `dead`) says it is active and
+    /// holds the lease, and the others, standby, all with election running; its
+    /// index. With election off every replica says "active" and shows no lease, so
+    /// a replica whose reload has not turned election on yet is not taken for it.
     fn one_active(&self, dead: &[usize], within: Duration) -> usize {
         let mut found = None;
         let ok = eventually(within, || {
-            let roles: Vec<(usize, String)> = (0..self.addrs.len())
+            let statuses: Vec<(usize, Value)> = (0..self.addrs.len())
                 .filter(|i| !dead.contains(i))
-                .map(|i| (i, role(self.addrs[i].admin)))
+                .map(|i| (i, status(self.addrs[i].admin)))
                 .collect();
-            let active: Vec<usize> = roles
+            let role_of = |s: &Value| s["role"].as_str().unwrap_or("down").to_string();
+            let active: Vec<usize> = statuses
                 .iter()
-                .filter(|(_, r)| r == "active")
+                .filter(|(_, s)| role_of(s) == "active")
                 .map(|(i, _)| *i)
                 .collect();
             found = active.first().copied();
             // Ready: its listeners are open, not only its role.
             active.len() == 1
-                && roles.iter().all(|(_, r)| r == "active" || r == "standby")
+                && statuses.iter().all(|(i, s)| {
+                    let holds = s["lease"]["holder_id"].as_u64() == Some(*i as u64 + 1);
+                    match role_of(s).as_str() {
+                        "active" => holds,
+                        "standby" => !s["lease"].is_null(),
+                        _ => false,
+                    }
+                })
                 && ready(self.addrs[active[0]].admin)
         });
         assert!(ok, "no single active replica within {within:?}");
@@ -563,10 +573,14 @@ async fn a_reload_turns_election_off_and_on_again() {
         epoch(c.addrs[new].admin) > first,
         "a new epoch after election came back"
     );
+    let accepting = c.accepting(&all).await;
     assert_eq!(
-        c.accepting(&all).await,
+        accepting,
         vec![new],
-        "only the new active accepts"
+        "only the new active accepts\n{}",
+        all.iter()
+            .map(|i| format!("--- replica {i}\n{}", replicas[*i].log()))
+            .collect::<String>()
     );
 }
 

@@ -501,6 +501,23 @@ async fn ctl_adds_promotes_and_removes_a_member_and_applies_config() {
     blocking(|| cluster.agreed_leader(3));
     let admin = cluster.addrs[1].admin;
 
+    // An address the file would refuse (or id 0) is refused here too, and nothing joins.
+    for (id, bad) in [
+        ("4", "bad host:80"),
+        ("4", "127.0.0.1:0"),
+        ("0", "127.0.0.1:7999"),
+    ] {
+        let (code, out, err) = blocking(|| ctl(admin, &["member", "add", id, bad]));
+        assert_ne!(code, 0, "member add {id} {bad}: {out}{err}");
+        assert!(err.contains("400"), "member add {id} {bad}: {out}{err}");
+    }
+    assert_eq!(blocking(|| cluster.voters_seen_by(1)), 3);
+    let (_, listed, _) = blocking(|| ctl(admin, &["-o", "json", "members"]));
+    assert!(!listed.contains("bad host"), "{listed}");
+    let (code, out, err) = blocking(|| ctl(admin, &["backend", "add", "web", "b9", "127.0.0.1:0"]));
+    assert_ne!(code, 0, "backend add with port 0: {out}{err}");
+    assert!(err.contains("port of 1-65535"), "{err}");
+
     let peer4 = cluster.addrs[3].peer.to_string();
     let (code, out, err) = blocking(|| ctl(admin, &["member", "add", "4", &peer4]));
     assert_eq!(code, 0, "member add: {out}{err}");

@@ -456,17 +456,6 @@ pub async fn members(state: &State, node: &Node, req: Request<Incoming>, rest: &
                 Ok(m) => m,
                 Err(reply) => return reply,
             };
-            if new.address.parse::<std::net::SocketAddr>().is_err()
-                && new
-                    .address
-                    .rsplit_once(':')
-                    .is_none_or(|(_, p)| p.parse::<u16>().is_err())
-            {
-                return error(
-                    StatusCode::BAD_REQUEST,
-                    &format!("address {:?} is not HOST:PORT", new.address),
-                );
-            }
             Manage::AddMember {
                 id: new.id,
                 address: new.address,

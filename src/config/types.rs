@@ -59,9 +59,13 @@ pub struct BindAddr(pub SocketAddr);
 impl FromStr for BindAddr {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        s.trim().parse().map(BindAddr).map_err(|_| {
-            format!("invalid address {s:?}: expected IP:port or [IPv6]:port, e.g. 0.0.0.0:6443")
-        })
+        // Port 0 would bind wherever the kernel chooses: nobody could reach it.
+        match s.trim().parse::<SocketAddr>() {
+            Ok(addr) if addr.port() != 0 => Ok(BindAddr(addr)),
+            _ => Err(format!(
+                "invalid address {s:?}: expected IP:port or [IPv6]:port with a port of 1-65535, e.g. 0.0.0.0:6443"
+            )),
+        }
     }
 }
 
@@ -125,14 +129,18 @@ impl FromStr for HostPort {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
         let s = s.trim();
-        if let Ok(addr) = s.parse::<SocketAddr>() {
-            return Ok(HostPort::Ip(addr));
-        }
         let bad = || {
             format!(
-                "invalid address {s:?}: expected IP:port, [IPv6]:port or hostname:port, e.g. 10.0.0.11:6443"
+                "invalid address {s:?}: expected IP:port, [IPv6]:port or hostname:port with a port of 1-65535, e.g. 10.0.0.11:6443"
             )
         };
+        if let Ok(addr) = s.parse::<SocketAddr>() {
+            return if addr.port() == 0 {
+                Err(bad())
+            } else {
+                Ok(HostPort::Ip(addr))
+            };
+        }
         let (host, port) = s.rsplit_once(':').ok_or_else(bad)?;
         let port: u16 = port.parse().map_err(|_| bad())?;
         let valid_host = !host.is_empty()

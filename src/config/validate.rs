@@ -43,7 +43,7 @@ fn at<T>(s: &Spanned<T>) -> Place {
 }
 
 /// Names become metric labels and URL path segments: keep them plain.
-fn valid_name(name: &str) -> bool {
+pub fn valid_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 63
         && name
@@ -51,7 +51,7 @@ fn valid_name(name: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
 }
 
-const NAME_RULE: &str = "use 1-63 characters from A-Z a-z 0-9 - _ .";
+pub const NAME_RULE: &str = "use 1-63 characters from A-Z a-z 0-9 - _ .";
 const MAX_WEIGHT: u32 = 256;
 
 /// Checks `config`; `open_files` is the open-files limit the process will run with.
@@ -219,12 +219,13 @@ fn validate_cluster(config: &Config, f: &mut Findings) {
             ),
         );
     }
-    if hb >= et {
+    // Compared as Raft will use them: in whole milliseconds.
+    if hb.as_millis() >= et.as_millis() {
         f.error(
             at(&c.election_timeout),
             "cluster.election_timeout",
             format!(
-                "{} must be longer than heartbeat_interval ({}); 5x is usual",
+                "{} must be longer than heartbeat_interval ({}) in whole milliseconds, which Raft counts; 5x is usual",
                 c.election_timeout.value, c.heartbeat_interval.value
             ),
         );

@@ -26,6 +26,8 @@ use uuid::Uuid;
 
 use super::storage::{self, Applied};
 use super::types::{LogId, Node as RaftNode, NodeId, Replicated, StoredMembership};
+use crate::config::types::HostPort;
+use crate::config::validate::{NAME_RULE, valid_name};
 
 const MAGIC: &str = "raftlb-snapshot";
 const FORMAT: u32 = 1;
@@ -217,12 +219,13 @@ pub fn parse_initial_cluster(text: &str) -> Result<BTreeMap<NodeId, String>, Str
         let id: NodeId = id
             .trim()
             .parse()
-            .map_err(|_| format!("--initial-cluster: {id:?} is not a node id"))?;
+            .ok()
+            .filter(|id| *id > 0)
+            .ok_or_else(|| format!("--initial-cluster: {id:?} is not a node id (1 or more)"))?;
+        // The same rule as cluster.peers in the file.
         let addr = addr.trim();
-        if addr.parse::<std::net::SocketAddr>().is_err() && !addr.contains(':') {
-            return Err(format!(
-                "--initial-cluster: {addr:?} is not HOST:PORT (node {id})"
-            ));
+        if let Err(e) = addr.parse::<HostPort>() {
+            return Err(format!("--initial-cluster: node {id}: {e}"));
         }
         if members.insert(id, addr.to_string()).is_some() {
             return Err(format!("--initial-cluster: node {id} is listed twice"));
@@ -251,8 +254,10 @@ pub fn restore(
             members.keys().collect::<Vec<_>>()
         )));
     }
-    if cluster_id.trim().is_empty() {
-        return Err("--cluster-id: must not be empty".into());
+    if !valid_name(cluster_id) {
+        return Err(BackupError::Input(format!(
+            "--cluster-id {cluster_id:?} is not a valid id: {NAME_RULE}"
+        )));
     }
     if data_dir.join(storage::FILE).exists() {
         return Err(BackupError::Input(format!(
@@ -370,6 +375,18 @@ mod tests {
         assert!(parse_initial_cluster("x=a:1").is_err());
         assert!(parse_initial_cluster("1").is_err());
         assert!(parse_initial_cluster("").is_err());
+        // The file's rules for peers: ids from 1, addresses that parse, no port 0.
+        for bad in [
+            "0=127.0.0.1:7401",
+            "1=host:notaport",
+            "1=a b:99",
+            "1=127.0.0.1:0",
+            "1=no-port",
+        ] {
+            assert!(parse_initial_cluster(bad).is_err(), "{bad} was accepted");
+        }
+        let m = parse_initial_cluster("1=lb-1.example:7400, 2=[::1]:7400").expect("names");
+        assert_eq!(m.len(), 2);
     }
 
     #[test]
@@ -391,6 +408,11 @@ mod tests {
         assert_eq!(sa.cluster_id, "new");
         assert!(sa.state.joined.is_empty());
         assert_eq!(sa.state.config_version, 7);
+
+        let fresh = tempfile::tempdir().expect("tempdir");
+        let e = restore(&bytes, fresh.path(), 1, "bad id", &members).expect_err("id");
+        assert!(e.to_string().contains("--cluster-id"), "{e}");
+        assert!(!fresh.path().join(storage::FILE).exists());
 
         let e = restore(&bytes, a.path(), 1, "new", &members).expect_err("used");
         assert!(e.to_string().contains("holds a store already"), "{e}");

@@ -1396,12 +1396,9 @@ impl Node {
                 if id == 0 {
                     return WriteReply::Invalid("node id 0 is not allowed: use 1 or more".into());
                 }
-                if address.parse::<std::net::SocketAddr>().is_err()
-                    && address
-                        .rsplit_once(':')
-                        .is_none_or(|(host, p)| host.is_empty() || p.parse::<u16>().is_err())
-                {
-                    return WriteReply::Invalid(format!("address {address:?} is not HOST:PORT"));
+                // The same rule as cluster.peers in the file.
+                if let Err(e) = address.parse::<HostPort>() {
+                    return WriteReply::Invalid(e);
                 }
                 if known(id) {
                     return WriteReply::Invalid(format!(

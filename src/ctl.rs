@@ -28,12 +28,12 @@ pub fn run(args: CtlArgs) -> ExitCode {
     };
     match runtime.block_on(ctl(&args)) {
         Ok((text, complete)) => {
-            print!("{text}");
-            if complete {
+            let code = if complete {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::from(EXIT_RUNTIME)
-            }
+            };
+            crate::write_out(text.as_bytes(), code)
         }
         Err(CtlError::Usage(e)) => {
             eprintln!("error: {e}");

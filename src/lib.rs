@@ -36,8 +36,24 @@ pub fn main(cli: Cli) -> ExitCode {
         Command::Snapshot(cmd) => snapshot(cmd),
         Command::Completions { shell } => {
             let mut command = <Cli as clap::CommandFactory>::command();
-            clap_complete::generate(shell, &mut command, "raftlb", &mut std::io::stdout());
-            ExitCode::SUCCESS
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut command, "raftlb", &mut script);
+            write_out(&script, ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// Writes a command's output, then exits with `code`. A reader that stopped early
+/// (`| head`) is no error; another failure to write exits 1. (`print!` would panic.)
+pub(crate) fn write_out(bytes: &[u8], code: ExitCode) -> ExitCode {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(bytes).and_then(|()| out.flush()) {
+        Ok(()) => code,
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => code,
+        Err(e) => {
+            eprintln!("error: cannot write the output: {e}");
+            ExitCode::from(app::EXIT_RUNTIME)
         }
     }
 }
@@ -84,10 +100,7 @@ fn snapshot(cmd: cli::SnapshotCommand) -> ExitCode {
             }),
     };
     match result {
-        Ok(line) => {
-            println!("{line}");
-            ExitCode::SUCCESS
-        }
+        Ok(line) => write_out(format!("{line}\n").as_bytes(), ExitCode::SUCCESS),
         Err(e) => {
             eprintln!("error: {e}");
             ExitCode::from(match e {
@@ -147,8 +160,10 @@ fn check(file: &std::path::Path, syntax_only: bool) -> ExitCode {
                 }
                 return ExitCode::from(app::EXIT_CONFIG);
             }
-            print!("{}", config::to_yaml(&loaded.config));
-            ExitCode::SUCCESS
+            write_out(
+                config::to_yaml(&loaded.config).as_bytes(),
+                ExitCode::SUCCESS,
+            )
         }
         Err(e) => {
             eprintln!("error: {e}");

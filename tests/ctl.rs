@@ -223,6 +223,22 @@ fn completions_for_bash_zsh_and_fish() {
     }
     let (code, _, err) = raftlb_cmd(&["completions", "tcsh"]);
     assert_eq!(code, 2, "{err}");
+
+    // A reader that stops early (`| head -1`): no panic, exit 0. The zsh script is
+    // larger than a pipe's buffer, so the write meets the closed pipe.
+    let mut child = std::process::Command::new(BIN)
+        .args(["completions", "zsh"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let mut first = [0u8; 16];
+    std::io::Read::read_exact(child.stdout.as_mut().expect("stdout"), &mut first).expect("read");
+    drop(child.stdout.take());
+    let out = child.wait_with_output().expect("wait");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

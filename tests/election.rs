@@ -339,7 +339,7 @@ async fn sigterm_hands_the_lease_over_without_waiting_for_it_to_expire() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_transfer_sent_to_any_replica_moves_the_active_role() {
     let c = Cluster::new(3).await;
-    let (_replicas, active) = blocking(|| c.start_all());
+    let (replicas, active) = blocking(|| c.start_all());
     let old_epoch = epoch(c.addrs[active].admin);
     let target = (active + 2) % 3;
     let via = (active + 1) % 3;
@@ -355,8 +355,10 @@ async fn a_transfer_sent_to_any_replica_moves_the_active_role() {
     });
     let (code, out, err) = answer;
     assert_eq!(code, 0, "leader transfer: {out}{err}");
+    // The record the forwarding replica reports is the new one, not the one it had.
     assert!(
-        out.contains(&format!("handed to node {to}")) || out.contains("held by"),
+        out.contains(&format!("handed to node {to}"))
+            || out.contains(&format!("held by node {to}")),
         "{out}"
     );
     let new = c.one_active(&[], Duration::from_secs(5));
@@ -368,6 +370,29 @@ async fn a_transfer_sent_to_any_replica_moves_the_active_role() {
     assert_ne!(code, 0);
     assert!(err.contains("not a voter"), "{err}");
     assert_eq!(c.one_active(&[], Duration::from_secs(2)), target);
+
+    // A transfer to a replica that is down is refused: it would never take the
+    // lease, and no replica would be active until the lease expired.
+    replicas[via].signal("KILL");
+    let down = via as u64 + 1;
+    assert!(
+        blocking(|| eventually(Duration::from_secs(10), || {
+            status(c.addrs[target].admin)["cluster"]["members"]
+                .as_array()
+                .is_some_and(|m| m.iter().any(|m| m["id"] == down && m["reachable"] == false))
+        })),
+        "the active never saw node {down} down"
+    );
+    let (code, out, err) = blocking(|| {
+        ctl(
+            c.addrs[target].admin,
+            &["leader", "transfer", &down.to_string()],
+        )
+    });
+    assert_ne!(code, 0, "{out}{err}");
+    assert!(err.contains("is not reachable"), "{err}");
+    assert_eq!(c.one_active(&[via], Duration::from_secs(2)), target);
+    assert!(proxies(c.addrs[target].listen).await);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -441,6 +466,17 @@ async fn a_one_member_cluster_elects_itself_through_the_same_lease() {
     assert!(s["lease"]["epoch"].as_u64() >= Some(1));
     assert!(proxies(c.addrs[0].listen).await);
     assert!(ready(c.addrs[0].admin));
+    // No one could take the lease: a transfer is refused, and the lone replica stays
+    // active on the same epoch instead of sitting a lease_duration out.
+    let (code, out, err) = blocking(|| ctl(c.addrs[0].admin, &["leader", "transfer"]));
+    assert_ne!(code, 0, "{out}{err}");
+    assert!(err.contains("no other voter is reachable"), "{err}");
+    let after = status(c.addrs[0].admin);
+    assert_eq!(after["role"], "active");
+    assert_eq!(after["lease"]["holder_id"], 1);
+    assert_eq!(after["lease"]["handed_over"], false);
+    assert_eq!(after["lease"]["epoch"], s["lease"]["epoch"]);
+    assert!(proxies(c.addrs[0].listen).await);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1076,7 +1076,14 @@ impl Node {
             .call(Request::TransferLease { to }, WRITE_TIMEOUT * 3)
             .await
         {
-            Ok(Reply::Ok) => Ok(()),
+            Ok(Reply::Ok) => {
+                // The holder's release committed; answer once this replica applied
+                // it too, so what it reports is the new record, not the old one.
+                let mut applied = self.applied.clone();
+                let released = applied.wait_for(|a| a.state.lease.instance != lease.instance);
+                let _ = tokio::time::timeout(WRITE_TIMEOUT, released).await;
+                Ok(())
+            }
             Ok(Reply::Error(e)) => Err(WriteError::NotProposed(e)),
             Ok(other) => Err(WriteError::Unknown(format!("unexpected reply: {other:?}"))),
             Err(e @ (CallError::Connect(_) | CallError::Refused(_))) => Err(
@@ -1087,6 +1094,31 @@ impl Node {
     }
 
     async fn transfer_here(&self, to: Option<NodeId>) -> Result<(), String> {
+        // A lease given to a replica that is down, or to nobody with no other voter
+        // up, is taken by no one until it expires: no active for a lease_duration.
+        let metrics = self.metrics();
+        let reachable = self.reachability(&metrics);
+        let up = |v: &NodeId| *v != self.id && reachable.get(v).copied().flatten() == Some(true);
+        match to {
+            Some(to) if !up(&to) => {
+                return Err(format!(
+                    "node {to} is not reachable from the active, node {}: the lease stays where it is",
+                    self.id
+                ));
+            }
+            None if !metrics
+                .membership_config
+                .membership()
+                .voter_ids()
+                .any(|v| up(&v)) =>
+            {
+                return Err(format!(
+                    "no other voter is reachable from the active, node {}, to take the lease: it stays where it is",
+                    self.id
+                ));
+            }
+            _ => {}
+        }
         let serve = self
             .lease_transfers
             .lock()

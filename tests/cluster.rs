@@ -276,6 +276,63 @@ async fn writes_on_a_follower_replicate_and_survive_the_leader_being_killed() {
     assert_eq!(drained(lone, "b1"), Some(false), "nothing changed");
 }
 
+/// SPEC "Behaviour": a write that finds no quorum before it is proposed fails at
+/// once with 503 and changes nothing, on a follower whose leader stopped answering
+/// too (SIGSTOP: the leader's port still accepts, so only silence tells); a
+/// linearizable read then fails with 503 and no write outcome.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_cut_off_from_its_leader_refuses_writes_at_once() {
+    raise_nofile();
+    let cluster = Cluster::new(3, backend_names(&["b1", "b2"]).await);
+    let (replicas, leader) = blocking(|| cluster.start_all_with(""));
+    let follower = (leader + 1) % 3;
+    for (i, r) in replicas.iter().enumerate() {
+        if i != follower {
+            r.signal("STOP");
+        }
+    }
+    let admin = cluster.addrs[follower].admin;
+    let cut_off = blocking(|| {
+        eventually(Duration::from_secs(10), || {
+            status(admin)["cluster"]["quorum_reachable"] == Value::Bool(false)
+        })
+    });
+    let started = Instant::now();
+    let (code, body) = blocking(|| json(admin, "POST", "/api/v1/pools/web/backends/b1/drain", ""));
+    let took = started.elapsed();
+    let (read_code, read) = blocking(|| json(admin, "GET", "/api/v1/config", ""));
+    for (i, r) in replicas.iter().enumerate() {
+        if i != follower {
+            r.signal("CONT");
+        }
+    }
+    assert!(cut_off, "the follower never said it lost the quorum");
+    assert_eq!(code, 503, "{body}");
+    assert_eq!(body["outcome"], "not_proposed", "{body}");
+    // Bounded by an election timeout, not by the forwarded call's timeout (5 s+).
+    assert!(took < Duration::from_secs(4), "the refusal took {took:?}");
+    assert_eq!(read_code, 503, "{read}");
+    assert!(
+        read["error"].is_string() && read["outcome"].is_null(),
+        "{read}"
+    );
+    // Nothing was proposed: once the others are back, b1 is still not drained.
+    assert!(
+        blocking(|| eventually(Duration::from_secs(10), || {
+            status(admin)["cluster"]["quorum_reachable"] == Value::Bool(true)
+        })),
+        "the cluster did not come back"
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    for a in &cluster.addrs {
+        assert_eq!(
+            drained(a.admin, "b1"),
+            Some(false),
+            "the refused write committed"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_replica_serves_its_last_config_without_a_quorum_and_a_wiped_one_refuses() {
     raise_nofile();

@@ -249,7 +249,7 @@ fn check_pools(pools: Value) -> Result<Replicated, String> {
 
 /// The applied state: through the leader (linearizable) unless the request says
 /// `?consistency=local`.
-async fn read(state: &State, node: &Node, req: &Request<Incoming>) -> Result<Applied, Reply> {
+async fn read(node: &Node, req: &Request<Incoming>) -> Result<Applied, Reply> {
     let local = req
         .uri()
         .query()
@@ -257,13 +257,17 @@ async fn read(state: &State, node: &Node, req: &Request<Incoming>) -> Result<App
     if local {
         return Ok(node.applied().borrow().as_ref().clone());
     }
-    node.read()
-        .await
-        .map_err(|e| written(state, Err(e), StatusCode::OK))
+    // A read changes nothing: its error has no write outcome.
+    node.read().await.map_err(|e| {
+        json_reply(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &json!({"error": e.to_string()}),
+        )
+    })
 }
 
 /// `GET /api/v1/snapshot`: a consistent, checksummed backup (`raftlb ctl snapshot save`).
-pub async fn snapshot(state: &State, node: &Node, req: Request<Incoming>) -> Reply {
+pub async fn snapshot(node: &Node, req: Request<Incoming>) -> Reply {
     if req.method() != Method::GET {
         return error(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -273,7 +277,7 @@ pub async fn snapshot(state: &State, node: &Node, req: Request<Incoming>) -> Rep
             ),
         );
     }
-    let applied = match read(state, node, &req).await {
+    let applied = match read(node, &req).await {
         Ok(a) => a,
         Err(reply) => return reply,
     };
@@ -295,7 +299,7 @@ pub async fn snapshot(state: &State, node: &Node, req: Request<Incoming>) -> Rep
 pub async fn config(state: &State, node: &Node, req: Request<Incoming>) -> Reply {
     match *req.method() {
         Method::GET => {
-            let applied = match read(state, node, &req).await {
+            let applied = match read(node, &req).await {
                 Ok(a) => a,
                 Err(reply) => return reply,
             };

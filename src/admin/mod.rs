@@ -205,7 +205,7 @@ async fn route(state: &State, req: Request<Incoming>, local: bool) -> Reply {
         ),
         _ => match (&state.cluster, path) {
             (Some(node), "/api/v1/config") => cluster::config(state, node, req).await,
-            (Some(node), "/api/v1/snapshot") => cluster::snapshot(state, node, req).await,
+            (Some(node), "/api/v1/snapshot") => cluster::snapshot(node, req).await,
             (Some(node), "/api/v1/leader/transfer") => {
                 cluster::leader_transfer(state, node, req).await
             }

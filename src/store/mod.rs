@@ -528,6 +528,17 @@ impl Node {
         }
     }
 
+    /// Whether [`Node::quorum_reachable`] holds within an election timeout (at most
+    /// `deadline`): a leader elected a moment ago hears from its quorum within a
+    /// heartbeat, a follower from its new leader.
+    async fn quorum_soon(&self, deadline: Duration) -> bool {
+        let until = tokio::time::Instant::now() + self.election_timeout.min(deadline);
+        while !self.quorum_reachable() && tokio::time::Instant::now() < until {
+            tokio::time::sleep(self.heartbeat / 2).await;
+        }
+        self.quorum_reachable()
+    }
+
     /// Waits for a quorum of `peers` to answer "empty, same cluster_id, same peers",
     /// then initialises with exactly that membership. Never alone on silence, and
     /// never counting this replica twice: only distinct peers that answered as
@@ -1252,6 +1263,15 @@ impl Node {
         if leader == self.id {
             return Ok(self.on_leader(request, deadline).await);
         }
+        // A follower cut off from its leader still knows the leader's name until a
+        // new one is elected: it fails here, not after the forwarded call times out
+        // with an outcome nobody knows.
+        if !self.quorum_soon(deadline).await {
+            return Err(WriteError::NotProposed(format!(
+                "this replica has not heard from the Raft leader (node {leader} at {addr}) recently; {}; nothing was changed",
+                self.quorum_note()
+            )));
+        }
         let mut client = self.forwarder(leader, addr.clone());
         match client
             .call(request, deadline + Duration::from_secs(1))
@@ -1296,12 +1316,7 @@ impl Node {
 
     /// What the leader does with a write, a membership change or a read.
     async fn on_leader(&self, request: Request, deadline: Duration) -> Reply {
-        // A leader elected a moment ago hears from its quorum within a heartbeat.
-        let until = tokio::time::Instant::now() + self.election_timeout.min(deadline);
-        while !self.quorum_reachable() && tokio::time::Instant::now() < until {
-            tokio::time::sleep(self.heartbeat / 2).await;
-        }
-        if !self.quorum_reachable() {
+        if !self.quorum_soon(deadline).await {
             let why = format!(
                 "the Raft leader (node {}) has not heard from a quorum recently ({}); nothing was changed",
                 self.id,

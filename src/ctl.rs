@@ -814,15 +814,16 @@ fn status_table(v: &Value, colour: bool) -> String {
         } else {
             let _ = writeln!(
                 out,
-                "cluster         {} leader {} term {} commit {} quorum {} of {} voters ({} reachable, fault tolerance now {})",
+                "cluster         {} leader {} term {} commit {} quorum {} of {} voters, fault tolerance {} ({} reachable, {} now)",
                 text(&cluster["cluster_id"]),
                 text(&cluster["leader_id"]),
                 text(&cluster["term"]),
                 text(&cluster["commit_index"]),
                 text(&cluster["quorum"]),
                 text(&cluster["voters"]),
+                text(&cluster["fault_tolerance"]),
                 text(&cluster["voters_reachable"]),
-                text(&cluster["fault_tolerance"])
+                text(&cluster["fault_tolerance_now"])
             );
             let _ = writeln!(
                 out,

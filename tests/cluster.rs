@@ -1302,7 +1302,8 @@ async fn status_tells_a_waiting_replica_and_a_lost_quorum_as_they_are() {
         blocking(|| eventually(Duration::from_secs(15), || {
             let s = status(admin)["cluster"].clone();
             s["quorum_reachable"] == false
-                && s["fault_tolerance"] == 0
+                && s["fault_tolerance"] == 1
+                && s["fault_tolerance_now"] == 0
                 && s["voters_reachable"] == 1
         })),
         "{}",
@@ -1318,7 +1319,10 @@ async fn status_tells_a_waiting_replica_and_a_lost_quorum_as_they_are() {
         .collect();
     assert_eq!(roles, ["unreachable", "unreachable"], "{s}");
     let (_, out, _) = blocking(|| ctl(admin, &["status"]));
-    assert!(out.contains("1 reachable, fault tolerance now 0"), "{out}");
+    assert!(
+        out.contains("fault tolerance 1 (1 reachable, 0 now)"),
+        "{out}"
+    );
     assert!(out.contains("NOT reachable"), "{out}");
 
     // A write refused for lack of quorum says what it needs and who is missing.

@@ -550,8 +550,10 @@ pub fn status(node: &Node) -> Value {
         "voters": voters,
         "voters_reachable": reachable,
         "quorum": quorum,
-        // How many more voters may fail now: counted from those reachable.
-        "fault_tolerance": quorum.map(|q| reachable.saturating_sub(q)),
+        // SPEC: N - quorum, the size's tolerance (etcd's); and how many more voters
+        // may fail now, counted from those reachable.
+        "fault_tolerance": quorum.map(|q| voters - q),
+        "fault_tolerance_now": quorum.map(|q| reachable.saturating_sub(q)),
         "waiting_for_peers": voters == 0,
         "quorum_reachable": node.quorum_reachable(),
         "protocol": crate::store::network::protocol(),

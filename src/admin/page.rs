@@ -197,7 +197,7 @@ fn summary(out: &mut String, status: &Value) {
             out,
             "<span>cluster {}</span><span>Raft term <b id=\"term\">{}</b></span>\
              <span>leader {}</span><span>commit {} / applied {}</span>\
-             <span>quorum {} of {} voters, fault tolerance {}</span>{quorum}",
+             <span>quorum {} of {} voters, fault tolerance {} ({} now)</span>{quorum}",
             v(&cluster["cluster_id"]),
             v(&cluster["term"]),
             v(&cluster["leader_id"]),
@@ -208,6 +208,7 @@ fn summary(out: &mut String, status: &Value) {
                 .as_array()
                 .map_or(0, |m| m.iter().filter(|m| m["voter"] == true).count()),
             v(&cluster["fault_tolerance"]),
+            v(&cluster["fault_tolerance_now"]),
         );
     }
     out.push_str("</p>\n");
@@ -436,7 +437,7 @@ mod tests {
             "config_version": 7,
             "config_apply_errors": [EVIL],
             "cluster": {"cluster_id": EVIL, "leader_id": 1, "term": 3, "commit_index": 9,
-                        "applied_index": 9, "quorum": 2, "fault_tolerance": 1,
+                        "applied_index": 9, "quorum": 2, "fault_tolerance": 1, "fault_tolerance_now": 0,
                         "quorum_reachable": true,
                         "members": [{"id": 1, "address": EVIL, "role": EVIL, "voter": true, "reachable": true},
                                     {"id": 2, "name": EVIL, "address": EVIL, "role": "follower", "voter": true, "reachable": false}]},

@@ -168,10 +168,16 @@ async fn ctl(args: &CtlArgs) -> Result<(String, bool), CtlError> {
     let client = Client::new(server, args)?;
     let (reply, table): (Value, Table) = match &args.command {
         CtlCommand::Endpoint(EndpointCommand::Status) => return endpoint_status(args).await,
-        CtlCommand::Status => (
-            client.call(Method::GET, "/api/v1/status", None).await?,
-            Box::new(status_table),
-        ),
+        CtlCommand::Status => {
+            // The SPEC's status includes the backends: the status object with a
+            // `backends` field (/api/v1/backends) added.
+            let mut status = client.call(Method::GET, "/api/v1/status", None).await?;
+            let backends = client.call(Method::GET, "/api/v1/backends", None).await?;
+            if let Some(fields) = status.as_object_mut() {
+                fields.insert("backends".into(), backends);
+            }
+            (status, Box::new(status_table))
+        }
         CtlCommand::Backends => (
             client.call(Method::GET, "/api/v1/backends", None).await?,
             Box::new(backends_table),
@@ -841,15 +847,29 @@ fn status_table(v: &Value, colour: bool) -> String {
     if lease.is_null() {
         let _ = writeln!(out, "lease           none (leader election off)");
     } else {
+        // As this replica sees it: a lease_duration after it saw the last renew.
+        let expiry = match (
+            lease["renewed_ms_ago"].as_u64(),
+            lease["lease_duration_ms"].as_u64(),
+        ) {
+            (Some(ago), Some(duration)) if ago < duration => {
+                format!("expires in {} ms", duration - ago)
+            }
+            (Some(ago), Some(duration)) => format!("expired {} ms ago", ago - duration),
+            _ => "expiry unknown".into(),
+        };
         let _ = writeln!(
             out,
-            "lease           holder {} (node {}) epoch {} renewed {} ms ago, lease {} ms",
+            "lease           holder {} (node {}) epoch {} renewed {} ms ago, lease {} ms, {expiry}",
             text(&lease["holder"]),
             text(&lease["holder_id"]),
             text(&lease["epoch"]),
             text(&lease["renewed_ms_ago"]),
             text(&lease["lease_duration_ms"])
         );
+    }
+    if !v["backends"].is_null() {
+        out.push_str(&backends_table(&v["backends"], colour));
     }
     out
 }

@@ -43,6 +43,21 @@ async fn ctl_reads_and_changes_backends_through_the_admin_api() {
         out.contains("role            active") && out.contains("standalone"),
         "{out}"
     );
+    // The SPEC's status lists the backends too: a table, and a field with -o json.
+    assert!(out.contains("POOL") && out.contains("BACKEND"), "{out}");
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("web") && l.contains(" a "))
+            && out
+                .lines()
+                .any(|l| l.starts_with("web") && l.contains(" b ")),
+        "{out}"
+    );
+    let (code, out, err) = ctl(&["status", "-o", "json"]);
+    assert_eq!(code, 0, "{err}");
+    let v: Value = serde_json::from_str(&out).expect("-o json prints JSON");
+    assert_eq!(v["role"], "active", "{out}");
+    assert_eq!(v["backends"]["pools"][0]["name"], "web", "{out}");
 
     let (code, out, err) = ctl(&["backend", "drain", "web", "b"]);
     assert_eq!(code, 0, "{err}");

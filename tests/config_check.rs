@@ -388,6 +388,11 @@ fn leader_elect_flags_override_the_file_and_are_validated_with_it() {
         stderr.contains("renew_deadline (20s) must be less than lease_duration (15s)"),
         "{stderr}"
     );
+    // The error names the flag: the file's renew_deadline is not what was refused.
+    assert!(
+        stderr.contains("(with --leader-elect-renew-deadline 20s from the command line)"),
+        "{stderr}"
+    );
     let (code, _, stderr) = raftlb_cmd(&[
         "run",
         "--config",
@@ -401,7 +406,10 @@ fn leader_elect_flags_override_the_file_and_are_validated_with_it() {
     ]);
     assert_eq!(code, 2, "{stderr}");
     assert!(
-        stderr.contains("retry_period (25s) must be less than renew_deadline (20s)"),
+        stderr.contains("retry_period (25s) must be less than renew_deadline (20s)")
+            && stderr.contains(
+                "--leader-elect-lease-duration 30s --leader-elect-renew-deadline 20s --leader-elect-retry-period 25s from the command line"
+            ),
         "{stderr}"
     );
     let (code, _, stderr) = raftlb_cmd(&["run", "--config", file, "--leader-elect=maybe"]);

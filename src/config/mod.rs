@@ -107,6 +107,43 @@ impl Overrides {
             le.retry_period = schema::unplaced(d);
         }
     }
+
+    /// The flags given, as typed: `--leader-elect-lease-duration 3s`, ...
+    fn given(&self) -> Vec<String> {
+        let durations = [
+            ("--leader-elect-lease-duration", self.lease_duration),
+            ("--leader-elect-renew-deadline", self.renew_deadline),
+            ("--leader-elect-retry-period", self.retry_period),
+        ];
+        self.leader_elect
+            .map(|on| format!("--leader-elect={on}"))
+            .into_iter()
+            .chain(
+                durations
+                    .into_iter()
+                    .filter_map(|(flag, d)| d.map(|d| format!("{flag} {d}"))),
+            )
+            .collect()
+    }
+
+    /// An error about `leader_election` says which of its values came from flags:
+    /// its place in the file may hold a value the flags replaced.
+    fn annotate(&self, mut issues: Vec<Issue>) -> Vec<Issue> {
+        let given = self.given();
+        if !given.is_empty() {
+            for issue in issues
+                .iter_mut()
+                .filter(|i| i.path.starts_with("leader_election"))
+            {
+                issue.message = format!(
+                    "{} (with {} from the command line)",
+                    issue.message,
+                    given.join(" ")
+                );
+            }
+        }
+        issues
+    }
 }
 
 /// Reads, parses and validates `file`; `open_files` is the limit the process runs with.
@@ -158,7 +195,7 @@ fn parse_with(
     if !findings.errors.is_empty() {
         return Err(ConfigError::Invalid {
             file: file.to_string(),
-            errors: placed(findings.errors, text),
+            errors: overrides.annotate(placed(findings.errors, text)),
         });
     }
     fill_defaults(&mut config, open_files);

@@ -574,6 +574,13 @@ async fn ctl_adds_promotes_and_removes_a_member_and_applies_config() {
     let (code, out, err) = blocking(|| ctl(admin, &["backend", "add", "web", "b9", "127.0.0.1:0"]));
     assert_ne!(code, 0, "backend add with port 0: {out}{err}");
     assert!(err.contains("port of 1-65535"), "{err}");
+    let (code, out, err) =
+        blocking(|| ctl(admin, &["backend", "add", "web", "bad name", "127.0.0.1:1"]));
+    assert_ne!(code, 0, "backend add with a bad name: {out}{err}");
+    assert!(
+        err.contains(": 400 name: ") && !err.contains("pools.p"),
+        "the error names the field, not a stand-in pool: {err}"
+    );
 
     let peer4 = cluster.addrs[3].peer.to_string();
     let (code, out, err) = blocking(|| ctl(admin, &["member", "add", "4", &peer4]));

@@ -202,7 +202,7 @@ const APPLY_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
 fn backend_from(new: &NewBackend) -> Result<schema::Backend, String> {
     let doc = json!({"name": new.name, "address": new.address, "weight": new.weight, "drained": new.drained});
     let pools = json!({"p": {"backends": [doc]}});
-    // Its errors name the field alone ("address: ..."), not the stand-in pool.
+    // Its errors name the field alone ("name: ..."), not the stand-in pool.
     let checked = check_pools(pools).map_err(|e| e.replace("pools.p.backends[0].", ""))?;
     checked
         .pools

@@ -441,6 +441,17 @@ impl Node {
             .collect()
     }
 
+    /// The voters other than this replica that it heard from recently.
+    fn other_voters_up(&self, metrics: &openraft::RaftMetrics<types::TypeConfig>) -> Vec<NodeId> {
+        let reachable = self.reachability(metrics);
+        metrics
+            .membership_config
+            .membership()
+            .voter_ids()
+            .filter(|v| *v != self.id && reachable.get(v).copied().flatten() == Some(true))
+            .collect()
+    }
+
     /// What a write that cannot commit needs, for its error: "this replica reaches
     /// 1 of 3 voters (itself included); a write needs 2 (a majority); unreachable:
     /// node 2 (ADDR), node 3 (ADDR)".
@@ -1107,22 +1118,15 @@ impl Node {
     async fn transfer_here(&self, to: Option<NodeId>) -> Result<(), String> {
         // A lease given to a replica that is down, or to nobody with no other voter
         // up, is taken by no one until it expires: no active for a lease_duration.
-        let metrics = self.metrics();
-        let reachable = self.reachability(&metrics);
-        let up = |v: &NodeId| *v != self.id && reachable.get(v).copied().flatten() == Some(true);
+        let up = self.other_voters_up(&self.metrics());
         match to {
-            Some(to) if !up(&to) => {
+            Some(to) if !up.contains(&to) => {
                 return Err(format!(
                     "node {to} is not reachable from the active, node {}: the lease stays where it is",
                     self.id
                 ));
             }
-            None if !metrics
-                .membership_config
-                .membership()
-                .voter_ids()
-                .any(|v| up(&v)) =>
-            {
+            None if up.is_empty() => {
                 return Err(format!(
                     "no other voter is reachable from the active, node {}, to take the lease: it stays where it is",
                     self.id
@@ -1167,12 +1171,10 @@ impl Node {
         if metrics.current_leader != Some(self.id) {
             return;
         }
-        let reachable = self.reachability(&metrics);
-        let voters: Vec<NodeId> = metrics.membership_config.membership().voter_ids().collect();
-        let up = |v: &NodeId| *v != self.id && reachable.get(v).copied().flatten() == Some(true);
+        let up = self.other_voters_up(&metrics);
         let Some(to) = holder
-            .filter(|h| voters.contains(h) && up(h))
-            .or_else(|| voters.iter().copied().find(up))
+            .filter(|h| up.contains(h))
+            .or_else(|| up.first().copied())
         else {
             return;
         };

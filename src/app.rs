@@ -151,13 +151,13 @@ pub fn run(args: RunArgs) -> ExitCode {
         tracing::warn!("{w}");
     }
     if let Err(e) = supported(&loaded.config) {
-        eprintln!("error: {}: {e}", args.config.display());
+        eprintln!("error: {}", loaded.refusal_line(&e));
         return ExitCode::from(EXIT_CONFIG);
     }
     let token = match read_token(&loaded.config) {
         Ok(token) => token,
         Err(e) => {
-            eprintln!("error: {e}");
+            eprintln!("error: {}", loaded.refusal_line(&e));
             return ExitCode::from(EXIT_CONFIG);
         }
     };
@@ -229,15 +229,12 @@ pub fn supported(config: &Config) -> Result<(), String> {
     if let Some(cluster) = &config.cluster
         && cluster.store.value != config::schema::StoreKind::Embedded
     {
-        missing.push("cluster.store: etcd; use store: embedded".to_string());
+        missing.push("cluster.store: etcd is not supported by this build yet; use store: embedded");
     }
     if missing.is_empty() {
         Ok(())
     } else {
-        Err(format!(
-            "not supported by this build yet: {}",
-            missing.join("; ")
-        ))
+        Err(missing.join("; "))
     }
 }
 
@@ -304,11 +301,11 @@ fn read_token(config: &Config) -> Result<Option<Arc<String>>, String> {
         return Ok(None);
     };
     let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("admin.token_file {}: cannot read it: {e}", path.display()))?;
+        .map_err(|e| format!("admin.token_file: {}: cannot read it: {e}", path.display()))?;
     let token = text.trim();
     if token.is_empty() {
         return Err(format!(
-            "admin.token_file {}: the file is empty: write the token into it",
+            "admin.token_file: {}: the file is empty: write the token into it",
             path.display()
         ));
     }

@@ -156,7 +156,7 @@ fn check(file: &std::path::Path, syntax_only: bool) -> ExitCode {
             };
             if !refused.is_empty() {
                 for e in &refused {
-                    eprintln!("error: {}: {e}", file.display());
+                    eprintln!("error: {}", loaded.refusal_line(e));
                 }
                 return ExitCode::from(app::EXIT_CONFIG);
             }

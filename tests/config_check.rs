@@ -137,7 +137,16 @@ fn check_refuses_what_run_refuses_and_names_every_unreadable_file() {
         "{stderr}"
     );
     assert!(stderr.contains("/nonexistent/lb.crt"), "{stderr}");
+    // Each names its field's place in the file, as the validator's errors do.
     let file_s = file.to_string_lossy().to_string();
+    assert!(
+        stderr.contains(&format!("{file_s}:1:33: admin.token_file: ")),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(&format!("{file_s}:7:5: listeners.secure.terminate: ")),
+        "{stderr}"
+    );
     let (code, _, stderr) = common::raftlb_cmd_timeout(&["run", "--config", &file_s], 10);
     assert_eq!(code, 2, "run refuses the same file: {stderr}");
     let (code, _, stderr) = check_syntax(&file);
@@ -318,6 +327,18 @@ fn run_refuses_an_invalid_config_and_unsupported_sections() {
     assert_eq!(code, 2, "{stderr}");
     assert!(
         stderr.contains("not supported by this build yet") && stderr.contains("cluster.store"),
+        "{stderr}"
+    );
+    // file:line:column: the store key's place.
+    let place = stderr
+        .split_once("etcd.yaml:")
+        .and_then(|(_, rest)| rest.split_once(": cluster.store: etcd is not supported"))
+        .map(|(place, _)| place.to_string());
+    assert!(
+        place.as_deref().is_some_and(|p| p
+            .split(':')
+            .all(|n| !n.is_empty() && n.chars().all(|c| c.is_ascii_digit()))
+            && p.split(':').count() == 2),
         "{stderr}"
     );
 }

@@ -66,12 +66,36 @@ pub struct Loaded {
     pub file: PathBuf,
     pub config: Config,
     pub warnings: Vec<Issue>,
+    /// The file as read, to place errors found after validation.
+    text: String,
 }
 
 impl Loaded {
     pub fn warning_lines(&self) -> Vec<String> {
         let file = self.file.display().to_string();
         self.warnings.iter().map(|w| w.render(&file)).collect()
+    }
+
+    /// An error found after validation (a file the config names that does not load,
+    /// ...), written `field: message`, rendered `file:line:column: field: message`
+    /// with the field's place in the file.
+    pub fn refusal_line(&self, error: &str) -> String {
+        let file = self.file.display().to_string();
+        let field = error.split_once(": ").filter(|(path, _)| {
+            !path.is_empty()
+                && path
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+        });
+        match field {
+            Some((path, message)) => Issue {
+                at: place_of_path(&self.text, path),
+                path: path.to_string(),
+                message: message.to_string(),
+            }
+            .render(&file),
+            None => format!("{file}: {error}"),
+        }
     }
 }
 
@@ -168,6 +192,7 @@ pub fn load_with(
         file: file.to_path_buf(),
         config,
         warnings,
+        text,
     })
 }
 

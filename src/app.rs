@@ -589,7 +589,13 @@ impl Server {
         }
         let listeners = self.config.listeners.clone();
         for (name, l) in &listeners {
-            if self.listeners.contains_key(name) {
+            // One whose accept loop closed it (its gate shut at a term's end) opens
+            // again: the role may have gone to standby and back in one change.
+            if self
+                .listeners
+                .get(name)
+                .is_some_and(|(_, running)| !running.closed())
+            {
                 continue;
             }
             if let Err(e) = self.start_listener(name, l).await {

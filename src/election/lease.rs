@@ -93,7 +93,8 @@ pub enum Action {
     /// Start accepting (add the VIP, run on_active): the lease is this process's,
     /// term until `deadline`.
     BecomeActive { epoch: u64, deadline: Time },
-    /// A renew won: the term now ends at `deadline` (refresh the VIP's lifetime).
+    /// A renew won, or a shorter renew_deadline cut the term: it now ends at
+    /// `deadline` (refresh the VIP's lifetime).
     Renewed { deadline: Time },
     /// Stop accepting now, withdraw the VIP, run the hook of `role`.
     StepDown { role: Role, cause: Cause },
@@ -367,6 +368,15 @@ impl Elector {
         }
         match self.role {
             Role::Active => {
+                // This renew may commit whether or not its answer comes back, and
+                // then the standbys wait the lease_duration it writes, counted from
+                // no earlier than now. After a reload that shortened the timing, a
+                // term won earlier would outlast that wait: cut it first (rule 1).
+                let cut = now + self.settings.renew_deadline;
+                if cut < self.deadline {
+                    self.deadline = cut;
+                    return Some(Action::Renewed { deadline: cut });
+                }
                 let claim = self.claim();
                 Some(self.send(Kind::Renew, LeaseOp::Renew { claim }, now))
             }
@@ -946,6 +956,67 @@ mod tests {
             poll_all(&mut e, s(4.1)),
             vec![Action::Renewed { deadline: s(44.0) }]
         );
+    }
+
+    #[test]
+    fn a_reload_that_shortens_the_timing_cuts_the_term_before_the_next_renew() {
+        let (mut e, lease) = active_at(s(0.0));
+        let (id, expect, op) = sent(&poll_all(&mut e, s(2.0)));
+        let (_, after) = applied(&lease, expect, op);
+        e.on_result(id, CasResult::Won(after), s(2.1));
+        assert_eq!(
+            poll_all(&mut e, s(2.1)),
+            vec![Action::Renewed {
+                deadline: s(2.0) + RENEW
+            }]
+        );
+        // The design's reference profile: a standby that sees the next renew's record
+        // may take the lease 2 s after it, long before the term above (12 s) ends.
+        let short = Settings {
+            lease_duration: Duration::from_secs(2),
+            renew_deadline: Duration::from_millis(1500),
+            retry_period: Duration::from_millis(250),
+        };
+        e.set_settings(short);
+        let actions = poll_all(&mut e, s(4.0));
+        assert_eq!(
+            actions[0],
+            Action::Renewed { deadline: s(5.5) },
+            "{actions:?}"
+        );
+        let (id, _, op) = sent(&actions);
+        match op {
+            LeaseOp::Renew { claim } => assert_eq!(claim.lease_duration_ms, 2000),
+            other => panic!("expected a renew, got {other:?}"),
+        }
+        // Its answer never comes (cut off): it stops by 5.5 s, before a standby that
+        // saw the record at 4 s may acquire at 6 s.
+        e.on_result(id, CasResult::Failed, s(4.3));
+        let _ = poll_all(&mut e, s(5.4));
+        assert_eq!(e.role(), Role::Active);
+        assert_eq!(
+            poll_all(&mut e, s(5.5)),
+            vec![Action::StepDown {
+                role: Role::Standby,
+                cause: Cause::DeadlinePassed
+            }]
+        );
+    }
+
+    #[test]
+    fn a_renew_won_while_paused_past_the_old_term_resumes_on_the_new_one() {
+        let (mut e, lease) = active_at(s(0.0));
+        let (id, expect, op) = sent(&poll_all(&mut e, s(9.0)));
+        let (_, after) = applied(&lease, expect, op);
+        // Paused from 9.0 s to 10.5 s: the gate shut at 10 s (and the accept loops with
+        // it); the win, handled first, counts from 9.0 s, so the term runs to 19 s and
+        // the process serves again (app.rs reopens a listener whose loop closed it).
+        e.on_result(id, CasResult::Won(after), s(10.5));
+        assert_eq!(
+            poll_all(&mut e, s(10.5)),
+            vec![Action::Renewed { deadline: s(19.0) }]
+        );
+        assert_eq!(e.role(), Role::Active);
     }
 
     #[test]

@@ -98,6 +98,12 @@ impl Listener {
         self.settings.store(Arc::new(settings));
     }
 
+    /// Whether the accept loop has ended by itself: it closes the listening socket
+    /// when it finds the lease's gate closed (a term that ran out).
+    pub fn closed(&self) -> bool {
+        self.accepting.is_finished()
+    }
+
     /// Closes the listening socket and returns once it is closed (so the address
     /// can be bound again at once); established connections carry on.
     pub async fn stop(self) {

@@ -539,6 +539,17 @@ mod tests {
         }
     }
 
+    /// The active `e` sends a renew at `sent_at` on `record`, it wins, and the win is
+    /// handled at `won_at`: what `e` does then.
+    fn renew_won(e: &mut Elector, record: &Lease, sent_at: Time, won_at: Time) -> Vec<Action> {
+        let (id, expect, op) = sent(&poll_all(e, sent_at));
+        assert!(matches!(op, LeaseOp::Renew { .. }));
+        let (won, after) = applied(record, expect, op);
+        assert!(won);
+        e.on_result(id, CasResult::Won(after), won_at);
+        poll_all(e, won_at)
+    }
+
     /// A standby elector that acquires a free lease at `now`, and the record.
     fn active_at(now: Time) -> (Elector, Lease) {
         let mut e = Elector::new(me(1, "a"), settings(), Lease::default(), now, 1);
@@ -949,11 +960,9 @@ mod tests {
             }]
         );
         // The next renew carries the new deadline.
-        let (id, expect, op) = sent(&poll_all(&mut e, s(4.0)));
-        let (_, after) = applied(&e.record().0.clone(), expect, op);
-        e.on_result(id, CasResult::Won(after), s(4.1));
+        let record = e.record().0.clone();
         assert_eq!(
-            poll_all(&mut e, s(4.1)),
+            renew_won(&mut e, &record, s(4.0), s(4.1)),
             vec![Action::Renewed { deadline: s(44.0) }]
         );
     }
@@ -961,11 +970,8 @@ mod tests {
     #[test]
     fn a_reload_that_shortens_the_timing_cuts_the_term_before_the_next_renew() {
         let (mut e, lease) = active_at(s(0.0));
-        let (id, expect, op) = sent(&poll_all(&mut e, s(2.0)));
-        let (_, after) = applied(&lease, expect, op);
-        e.on_result(id, CasResult::Won(after), s(2.1));
         assert_eq!(
-            poll_all(&mut e, s(2.1)),
+            renew_won(&mut e, &lease, s(2.0), s(2.1)),
             vec![Action::Renewed {
                 deadline: s(2.0) + RENEW
             }]
@@ -1006,14 +1012,11 @@ mod tests {
     #[test]
     fn a_renew_won_while_paused_past_the_old_term_resumes_on_the_new_one() {
         let (mut e, lease) = active_at(s(0.0));
-        let (id, expect, op) = sent(&poll_all(&mut e, s(9.0)));
-        let (_, after) = applied(&lease, expect, op);
         // Paused from 9.0 s to 10.5 s: the gate shut at 10 s (and the accept loops with
         // it); the win, handled first, counts from 9.0 s, so the term runs to 19 s and
         // the process serves again (app.rs reopens a listener whose loop closed it).
-        e.on_result(id, CasResult::Won(after), s(10.5));
         assert_eq!(
-            poll_all(&mut e, s(10.5)),
+            renew_won(&mut e, &lease, s(9.0), s(10.5)),
             vec![Action::Renewed { deadline: s(19.0) }]
         );
         assert_eq!(e.role(), Role::Active);

@@ -398,6 +398,97 @@ fn an_active_that_cannot_add_the_vip_goes_to_fault_and_another_takes_over() {
     c.assert_client_served("after the fault");
 }
 
+/// Rule 5 when the VIP cannot be removed: every replica runs with an `ip` first in
+/// its PATH that fails `ip addr del` while a flag file exists and runs the real `ip`
+/// for everything else (the fault is injected at the command; the address, its
+/// lifetime and the kernel's sweep are real). The active, told to give the lease
+/// away, keeps trying, and releases only once the address is gone (here: its kernel
+/// lifetime ran out). At no time do two namespaces hold the VIP.
+#[test]
+fn a_vip_that_cannot_be_removed_is_tried_again_and_never_held_twice() {
+    let tools = tempfile::tempdir().expect("tempdir");
+    let flag = tools.path().join("fail-addr-del");
+    let real = ["/usr/sbin/ip", "/sbin/ip", "/usr/bin/ip", "/bin/ip"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())
+        .expect("ip(8) installed");
+    let script = format!(
+        "#!/bin/sh\n\
+         if [ \"$1\" = addr ] && [ \"$2\" = del ] && [ -e '{flag}' ]; then\n  \
+         echo 'RTNETLINK answers: Operation not permitted (injected by the test)' >&2\n  exit 2\nfi\n\
+         exec {real} \"$@\"\n",
+        flag = flag.display()
+    );
+    let ip = tools.path().join("ip");
+    std::fs::write(&ip, script).expect("ip wrapper");
+    std::fs::set_permissions(&ip, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .expect("chmod");
+    let path: &'static str = Box::leak(
+        format!(
+            "PATH={}:/usr/sbin:/usr/bin:/sbin:/bin",
+            tools.path().display()
+        )
+        .into_boxed_str(),
+    );
+    let wrap: &'static [&'static str] = Box::leak(Box::new(["env", path]));
+    let c = Cluster::start_with(3, "192.0.2.50", |_| {}, |_| wrap);
+    let first = c.one_active(Duration::from_secs(20));
+
+    std::fs::write(&flag, "").expect("flag");
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let (status, body, twice, released) = std::thread::scope(|s| {
+        let watcher = s.spawn(|| {
+            let mut twice = Vec::new();
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                let holders = c.holders();
+                if holders.len() > 1 {
+                    twice.push(holders);
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            twice
+        });
+        let asked = Instant::now();
+        let (status, body) = c.topo.replica(first).run_inside(|| {
+            common::http_request(
+                ADMIN.parse().expect("admin"),
+                "POST",
+                "/api/v1/leader/transfer",
+                &[("Content-Type", "application/json")],
+                "{}",
+            )
+            .expect("transfer")
+        });
+        let released = asked.elapsed();
+        // The new active takes the VIP; keep watching a while after.
+        let new = c.one_active(LEASE * 2 + SLACK);
+        std::thread::sleep(LEASE);
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        assert_ne!(new, first);
+        (status, body, watcher.join().expect("watcher"), released)
+    });
+    assert_eq!(status, 200, "transfer: {body}");
+    assert!(
+        twice.is_empty(),
+        "two namespaces held the VIP at once: {twice:?}\n{}",
+        c.logs()
+    );
+    // It waited for the address to expire (the term had up to renew_deadline left),
+    // rather than releasing while it was still there.
+    assert!(
+        released >= Duration::from_millis(500),
+        "released after {released:?}, with the VIP not removable"
+    );
+    assert!(!c.topo.replica(first).has_addr(c.vip));
+    let log = c.replicas[first].as_ref().expect("live").log();
+    assert!(
+        log.contains("injected by the test") && log.contains("trying again"),
+        "{}",
+        tail(&log)
+    );
+    std::fs::remove_file(&flag).expect("flag");
+}
+
 /// Rule 7: the VIP's interface going down on the active is a fault (noticed within a
 /// retry_period, before its renew_deadline would end it): it gives the lease up and
 /// sits out as `fault`; a majority replica takes the VIP; back up, the replica

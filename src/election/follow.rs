@@ -50,13 +50,21 @@ pub async fn run(
         match current {
             Want::Down => {
                 announcing.cancel();
-                if held.take().is_some() {
+                failing_since = None;
+                // Held until it is gone: a removal that fails is tried again, and the
+                // lease task waits (rule 5) until it succeeds or the address's kernel
+                // lifetime has run out, which `remove` then reports as gone too.
+                if held.is_some() {
                     match vip.remove().await {
-                        Ok(()) => tracing::info!(%vip, "VIP removed"),
-                        Err(e) => tracing::error!("{e}"),
+                        Ok(()) => {
+                            held = None;
+                            tracing::info!(%vip, "VIP removed");
+                        }
+                        Err(e) => tracing::error!(
+                            "{e}; trying again (the kernel deletes it by itself when its lifetime ends)"
+                        ),
                     }
                 }
-                failing_since = None;
             }
             Want::Up {
                 epoch,
@@ -99,8 +107,12 @@ pub async fn run(
                 }
             }
         }
-        done.send_replace(generation);
-        let retry = matches!(current, Want::Up { .. }) && held.is_none();
+        let up = matches!(current, Want::Up { .. });
+        if up || held.is_none() {
+            done.send_replace(generation);
+        }
+        // An add not done yet, or a removal not done yet.
+        let retry = up == held.is_none();
         tokio::select! {
             changed = want.changed() => if changed.is_err() {
                 // The lease task is gone (shutdown): nothing holds the VIP any more.
@@ -110,9 +122,9 @@ pub async fn run(
                 }
                 return;
             },
-            // Interface checks and add retries while active.
+            // Interface checks and add retries while active, removal retries after.
             () = tokio::time::sleep(if retry { settings.retry_period / 5 } else { settings.retry_period }),
-                if matches!(current, Want::Up { .. }) => {}
+                if up || retry => {}
         }
     }
 }

@@ -231,13 +231,27 @@ impl Follower {
         });
     }
 
-    /// Rule 5's order: the VIP is gone before the lease is released (bounded wait).
+    /// Rule 5's order: the VIP is gone before the lease is released. The VIP's task
+    /// retries a removal that fails; the wait ends at the latest when the address's
+    /// kernel lifetime must have run out: it was at most the whole seconds left of the
+    /// term (at least one), and the kernel sweeps a second after that.
     async fn down(&mut self) {
+        let gone_by = match self.want.borrow().1 {
+            Want::Up { deadline, .. } => deadline + Duration::from_secs(2),
+            Want::Down => Duration::ZERO,
+        };
         self.set(Want::Down);
         if self.has_vip {
             let generation = self.generation;
             let removed = self.done.wait_for(|g| *g >= generation);
-            let _ = tokio::time::timeout(Duration::from_secs(2), removed).await;
+            let wait = gone_by
+                .saturating_sub(clock::now())
+                .max(Duration::from_secs(2));
+            if tokio::time::timeout(wait, removed).await.is_err() {
+                tracing::error!(
+                    "the VIP's removal was not confirmed within {wait:?}; going on: its kernel lifetime has ended"
+                );
+            }
         }
     }
 }

@@ -4,7 +4,7 @@
 Rerun (root; iproute2, keepalived, socat, iputils-arping, curl; Python 3 stdlib only):
     cargo build --release
     benches/failover/run.py [--rounds 10] [--bin target/release/raftlb]
-        [--settings raftlb-reference,raftlb-fast,keepalived-v3_100ms,keepalived-v2_1s]
+        [--settings raftlb-reference,raftlb-fast,raftlb-quick,keepalived-v3_100ms,keepalived-v2_1s]
         [--max-minutes 25]
 
 Topology (rebuilt for every setting; nothing outside these namespaces): netns rfb-sw holds
@@ -18,7 +18,8 @@ raftlb: three `raftlb run` (one per replica namespace, peers on :7400, admin on
 127.0.0.1:9090 inside each namespace), listener 192.0.2.50:6443 -> 192.0.2.200:8080,
 leader_election with the VIP on eth0 and standby: close_listeners; profiles `reference`
 (lease 2s / renew 1500ms / retry 250ms, election_timeout 300ms, heartbeat 100ms) and `fast`
-(600ms / 450ms / 100ms, 100ms, 30ms). Variants: kill -9 of the active while it is the
+(600ms / 450ms / 100ms, 100ms, 30ms), and `quick` (300ms / 220ms / 50ms, 60ms, 15ms; not in
+the default --settings). Variants: kill -9 of the active while it is the
 Raft leader (`kill9-leader`), kill -9 of the active after `raftlb ctl raft move-leader` put
 Raft leadership on a standby (`kill9-moved`), SIGTERM of the active (`sigterm`). Between
 rounds the killed replica restarts on its data_dir and the script waits for the steady
@@ -57,12 +58,15 @@ PROFILES = {
                       heartbeat='100ms', retry_s=0.25, lease_s=2.0),
     'fast': dict(lease='600ms', renew='450ms', retry='100ms', election_timeout='100ms',
                  heartbeat='30ms', retry_s=0.1, lease_s=0.6),
+    'quick': dict(lease='300ms', renew='220ms', retry='50ms', election_timeout='60ms',
+                  heartbeat='15ms', retry_s=0.05, lease_s=0.3),
 }
 KA_SETTINGS = {'v3_100ms': (3, '0.1'), 'v2_1s': (2, '1')}
 KA_PRIO = {'r1': 150, 'r2': 100, 'r3': 50}
 SETTING_NAMES = {
     'raftlb-reference': 'raftlb reference (lease 2 s / renew 1.5 s / retry 250 ms, election 300 ms)',
     'raftlb-fast': 'raftlb fast (lease 600 ms / renew 450 ms / retry 100 ms, election 100 ms)',
+    'raftlb-quick': 'raftlb quick (lease 300 ms / renew 220 ms / retry 50 ms, election 60 ms)',
     'keepalived-v3_100ms': 'keepalived VRRPv3, advert 0.1 s',
     'keepalived-v2_1s': 'keepalived VRRPv2, advert 1 s',
 }
@@ -665,7 +669,7 @@ def fmt_s(x):
 
 def summarize(recs):
     rows = []
-    order = ['raftlb-reference', 'raftlb-fast', 'keepalived-v3_100ms', 'keepalived-v2_1s']
+    order = ['raftlb-reference', 'raftlb-fast', 'raftlb-quick', 'keepalived-v3_100ms', 'keepalived-v2_1s']
     for s in sorted({r['setting'] for r in recs}, key=lambda x: order.index(x) if x in order else 99):
         rr = [r for r in recs if r['setting'] == s]
         groups = []

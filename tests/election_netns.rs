@@ -398,43 +398,72 @@ fn an_active_that_cannot_add_the_vip_goes_to_fault_and_another_takes_over() {
     c.assert_client_served("after the fault");
 }
 
-/// Rule 5 when the VIP cannot be removed: every replica runs with an `ip` first in
-/// its PATH that fails `ip addr del` while a flag file exists and runs the real `ip`
-/// for everything else (the fault is injected at the command; the address, its
-/// lifetime and the kernel's sweep are real). The active, told to give the lease
-/// away, keeps trying, and releases only once the address is gone (here: its kernel
-/// lifetime ran out). At no time do two namespaces hold the VIP.
+/// An `ip` first in the replicas' PATH that fails `ip addr VERB` while a flag file
+/// says so (for every replica, or for one) and runs the real `ip` for everything
+/// else: the fault is injected at the command; the address, its lifetime and the
+/// kernel's sweep stay real.
+struct FaultyIp {
+    dir: tempfile::TempDir,
+}
+
+impl FaultyIp {
+    fn new() -> FaultyIp {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let real = ["/usr/sbin/ip", "/sbin/ip", "/usr/bin/ip", "/bin/ip"]
+            .into_iter()
+            .find(|p| std::path::Path::new(p).exists())
+            .expect("ip(8) installed");
+        let script = format!(
+            "#!/bin/sh\n\
+             if [ \"$1\" = addr ] && {{ [ -e '{dir}/fail-'\"$2\" ] || [ -e '{dir}/fail-'\"$2-$RAFTLB_TEST_REPLICA\" ]; }}; then\n  \
+             echo 'RTNETLINK answers: Operation not permitted (injected by the test)' >&2\n  exit 2\nfi\n\
+             exec {real} \"$@\"\n",
+            dir = dir.path().display()
+        );
+        let ip = dir.path().join("ip");
+        std::fs::write(&ip, script).expect("ip wrapper");
+        std::fs::set_permissions(&ip, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .expect("chmod");
+        FaultyIp { dir }
+    }
+
+    /// The command that starts replica `i` with this `ip` (see `Cluster::start_with`).
+    fn wrap(&self, i: usize) -> &'static [&'static str] {
+        let path = format!(
+            "PATH={}:/usr/sbin:/usr/bin:/sbin:/bin",
+            self.dir.path().display()
+        );
+        let args = ["env".to_string(), path, format!("RAFTLB_TEST_REPLICA={i}")];
+        let args: Vec<&'static str> = args
+            .into_iter()
+            .map(|a| &*Box::leak(a.into_boxed_str()))
+            .collect();
+        Box::leak(args.into_boxed_slice())
+    }
+
+    /// From now on `ip addr VERB` fails, on replica `i` or on all; the flag's path.
+    fn fail(&self, verb: &str, replica: Option<usize>) -> std::path::PathBuf {
+        let name = match replica {
+            Some(i) => format!("fail-{verb}-{i}"),
+            None => format!("fail-{verb}"),
+        };
+        let flag = self.dir.path().join(name);
+        std::fs::write(&flag, "").expect("flag");
+        flag
+    }
+}
+
+/// Rule 5 when the VIP cannot be removed (`ip addr del` fails everywhere, FaultyIp).
+/// The active, told to give the lease away, keeps trying, and releases only once the
+/// address is gone (here: its kernel lifetime ran out). At no time do two namespaces
+/// hold the VIP.
 #[test]
 fn a_vip_that_cannot_be_removed_is_tried_again_and_never_held_twice() {
-    let tools = tempfile::tempdir().expect("tempdir");
-    let flag = tools.path().join("fail-addr-del");
-    let real = ["/usr/sbin/ip", "/sbin/ip", "/usr/bin/ip", "/bin/ip"]
-        .into_iter()
-        .find(|p| std::path::Path::new(p).exists())
-        .expect("ip(8) installed");
-    let script = format!(
-        "#!/bin/sh\n\
-         if [ \"$1\" = addr ] && [ \"$2\" = del ] && [ -e '{flag}' ]; then\n  \
-         echo 'RTNETLINK answers: Operation not permitted (injected by the test)' >&2\n  exit 2\nfi\n\
-         exec {real} \"$@\"\n",
-        flag = flag.display()
-    );
-    let ip = tools.path().join("ip");
-    std::fs::write(&ip, script).expect("ip wrapper");
-    std::fs::set_permissions(&ip, std::os::unix::fs::PermissionsExt::from_mode(0o755))
-        .expect("chmod");
-    let path: &'static str = Box::leak(
-        format!(
-            "PATH={}:/usr/sbin:/usr/bin:/sbin:/bin",
-            tools.path().display()
-        )
-        .into_boxed_str(),
-    );
-    let wrap: &'static [&'static str] = Box::leak(Box::new(["env", path]));
-    let c = Cluster::start_with(3, "192.0.2.50", |_| {}, |_| wrap);
+    let ip = FaultyIp::new();
+    let c = Cluster::start_with(3, "192.0.2.50", |_| {}, |i| ip.wrap(i));
     let first = c.one_active(Duration::from_secs(20));
 
-    std::fs::write(&flag, "").expect("flag");
+    let flag = ip.fail("del", None);
     let done = std::sync::atomic::AtomicBool::new(false);
     let (status, body, twice, released) = std::thread::scope(|s| {
         let watcher = s.spawn(|| {
@@ -487,6 +516,39 @@ fn a_vip_that_cannot_be_removed_is_tried_again_and_never_held_twice() {
         tail(&log)
     );
     std::fs::remove_file(&flag).expect("flag");
+}
+
+/// An active whose VIP refreshes keep failing (`ip addr replace` fails on it alone,
+/// FaultyIp) would lose the address to its kernel lifetime and serve no one while
+/// it renews the lease: it gives the lease up (fault) before the address lapses, and
+/// another replica takes the VIP and serves.
+#[test]
+fn an_active_that_cannot_refresh_its_vip_gives_the_lease_up_before_it_lapses() {
+    let ip = FaultyIp::new();
+    let c = Cluster::start_with(3, "192.0.2.50", |_| {}, |i| ip.wrap(i));
+    let first = c.one_active(Duration::from_secs(20));
+    ip.fail("replace", Some(first));
+    let broken = Instant::now();
+    assert!(
+        c.sees_role(first, "fault", RENEW + SLACK),
+        "replica {first} kept the lease (role {}) with its VIP refreshes failing\n{}",
+        c.role(first),
+        c.logs()
+    );
+    eprintln!(
+        "fault {:?} after the refreshes began to fail",
+        broken.elapsed()
+    );
+    let log = c.replicas[first].as_ref().expect("live").log();
+    assert!(
+        log.contains("cannot refresh the VIP before its lifetime ends"),
+        "{}",
+        tail(&log)
+    );
+    let new = c.one_active(LEASE * 2 + SLACK);
+    assert_ne!(new, first);
+    assert_eq!(c.holders(), vec![new]);
+    c.assert_client_served("after the fault");
 }
 
 /// Rule 7: the VIP's interface going down on the active is a fault (noticed within a

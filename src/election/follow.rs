@@ -43,6 +43,9 @@ pub async fn run(
     }
     let mut held: Option<u64> = None;
     let mut failing_since: Option<Duration> = None;
+    // When the address held lapses unless refreshed (boot clock): the last refresh's
+    // lifetime, counted from before it ran.
+    let mut lapses_at = Duration::ZERO;
     // The pending announcements of the current hold, cancelled when it ends.
     let mut announcing = CancellationToken::new();
     loop {
@@ -77,9 +80,11 @@ pub async fn run(
                 } else if !vip.interface_up().await.unwrap_or(false) {
                     let _ = faults.send(format!("the VIP's interface {} is down", vip.interface()));
                 } else {
-                    match vip.add_or_refresh(vip::lifetime(deadline - now)).await {
+                    let lifetime = vip::lifetime(deadline - now);
+                    match vip.add_or_refresh(lifetime).await {
                         Ok(absent) => {
                             failing_since = None;
+                            lapses_at = now + lifetime;
                             if held != Some(epoch) {
                                 held = Some(epoch);
                                 tracing::info!(%vip, epoch, "VIP added");
@@ -96,11 +101,17 @@ pub async fn run(
                         Err(e) => {
                             let first = *failing_since.get_or_insert(now);
                             tracing::error!("{e}");
-                            // Rule 7: not added within retry_period of becoming active.
-                            if held != Some(epoch)
-                                && now.saturating_sub(since.max(first)) >= settings.retry_period
-                            {
-                                let _ = faults.send(format!("cannot add the VIP: {e}"));
+                            if held != Some(epoch) {
+                                // Rule 7: not added within retry_period of becoming active.
+                                if now.saturating_sub(since.max(first)) >= settings.retry_period {
+                                    let _ = faults.send(format!("cannot add the VIP: {e}"));
+                                }
+                            } else if now + settings.retry_period >= lapses_at {
+                                // Held, but the kernel drops it within a retry_period:
+                                // an active without its address serves no one.
+                                let _ = faults.send(format!(
+                                    "cannot refresh the VIP before its lifetime ends: {e}"
+                                ));
                             }
                         }
                     }
@@ -111,8 +122,12 @@ pub async fn run(
         if up || held.is_none() {
             done.send_replace(generation);
         }
-        // An add not done yet, or a removal not done yet.
-        let retry = up == held.is_none();
+        // An add or a refresh that failed, or a removal not done yet.
+        let retry = if up {
+            held.is_none() || failing_since.is_some()
+        } else {
+            held.is_some()
+        };
         tokio::select! {
             changed = want.changed() => if changed.is_err() {
                 // The lease task is gone (shutdown): nothing holds the VIP any more.

@@ -131,6 +131,20 @@ impl Cluster {
         })
     }
 
+    /// `POST /api/v1/leader/transfer` with `body` to replica `i`: (status, body).
+    fn transfer(&self, i: usize, body: &str) -> (u16, String) {
+        self.topo.replica(i).run_inside(|| {
+            common::http_request(
+                ADMIN.parse().expect("admin"),
+                "POST",
+                "/api/v1/leader/transfer",
+                &[("Content-Type", "application/json")],
+                body,
+            )
+            .expect("transfer")
+        })
+    }
+
     fn role(&self, i: usize) -> String {
         let body = self.admin_get(i, "/api/v1/status");
         serde_json::from_str::<serde_json::Value>(&body)
@@ -371,16 +385,7 @@ fn an_active_that_cannot_add_the_vip_goes_to_fault_and_another_takes_over() {
     let first = c.one_active(Duration::from_secs(20));
     assert_ne!(first, 0);
     // Hand the lease to replica 0 (node_id 1).
-    let (status, body) = c.topo.replica(first).run_inside(|| {
-        common::http_request(
-            ADMIN.parse().expect("admin"),
-            "POST",
-            "/api/v1/leader/transfer",
-            &[("Content-Type", "application/json")],
-            r#"{"to": 1}"#,
-        )
-        .expect("transfer")
-    });
+    let (status, body) = c.transfer(first, r#"{"to": 1}"#);
     assert_eq!(status, 200, "transfer: {body}");
     assert!(
         c.sees_role(0, "fault", LEASE + SLACK),
@@ -478,16 +483,7 @@ fn a_vip_that_cannot_be_removed_is_tried_again_and_never_held_twice() {
             twice
         });
         let asked = Instant::now();
-        let (status, body) = c.topo.replica(first).run_inside(|| {
-            common::http_request(
-                ADMIN.parse().expect("admin"),
-                "POST",
-                "/api/v1/leader/transfer",
-                &[("Content-Type", "application/json")],
-                "{}",
-            )
-            .expect("transfer")
-        });
+        let (status, body) = c.transfer(first, "{}");
         let released = asked.elapsed();
         // The new active takes the VIP; keep watching a while after.
         let new = c.one_active(LEASE * 2 + SLACK);

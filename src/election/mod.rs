@@ -395,7 +395,15 @@ async fn drive(driver: Driver) {
                     releases.push(done);
                     elector.release(to, stop, clock::now());
                 }
-                Some(Request::Fault(why)) => elector.fault(why, clock::now()),
+                // Every fault is an active's (its listeners, its VIP); one that
+                // arrives after the step-down (the VIP's task retries on a timer) is
+                // stale, and must not step down, run on_fault or count again.
+                Some(Request::Fault(why)) if elector.role() == Role::Active => {
+                    elector.fault(why, clock::now());
+                }
+                Some(Request::Fault(why)) => {
+                    tracing::debug!(%why, role = elector.role().as_str(), "fault ignored: not active");
+                }
                 Some(Request::Stop(done)) => {
                     gate.close();
                     follower.down().await;

@@ -100,6 +100,80 @@ async fn health_readiness_unknown_paths_and_methods() {
         "405 body: {}",
         post.body
     );
+    assert_eq!(post.header("allow"), Some("GET, HEAD, OPTIONS"), "{post:?}");
+}
+
+/// One raw HTTP/1.1 exchange with `Connection: close`: everything the server sent.
+fn raw(addr: SocketAddr, method: &str, path: &str) -> String {
+    use std::io::Read as _;
+    let mut s = std::net::TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .expect("write");
+    let mut got = String::new();
+    s.read_to_string(&mut got).expect("read");
+    got
+}
+
+/// HEAD is GET without the body, everywhere GET is (RFC 9110; a front LB or a
+/// monitor may probe `/readyz` with it), and OPTIONS (HAProxy's bare `option
+/// httpchk`) lists the methods with 204, as every 405 does in `Allow`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn head_and_options_answer_wherever_get_does() {
+    raise_nofile();
+    let backend = echo_backend().await;
+    let (admin, listen) = (loopback(), loopback());
+    let _lb = start(
+        &Raftlb::standalone_yaml(admin, listen, "", "", &[("echo", backend)]),
+        admin,
+    );
+    for path in [
+        "/healthz",
+        "/readyz",
+        "/metrics",
+        "/api/v1/status",
+        "/api/v1/backends",
+        "/",
+    ] {
+        let got = blocking(move || raw(admin, "HEAD", path));
+        let (head, body) = got.split_once("\r\n\r\n").expect("a response head");
+        assert!(head.starts_with("HTTP/1.1 200"), "HEAD {path}: {head}");
+        assert_eq!(body, "", "HEAD {path} sent a body");
+        let length = head
+            .lines()
+            .find_map(|l| {
+                l.to_ascii_lowercase()
+                    .strip_prefix("content-length: ")
+                    .map(str::to_string)
+            })
+            .unwrap_or_else(|| panic!("HEAD {path}: no content-length: {head}"));
+        assert_ne!(length, "0", "HEAD {path} announces an empty GET");
+
+        let options = blocking(move || raw(admin, "OPTIONS", path));
+        assert!(
+            options.starts_with("HTTP/1.1 204"),
+            "OPTIONS {path}: {options}"
+        );
+        assert!(
+            options
+                .to_ascii_lowercase()
+                .contains("\r\nallow: get, head, options\r\n"),
+            "OPTIONS {path}: {options}"
+        );
+    }
+    let options = blocking(move || raw(admin, "OPTIONS", "/api/v1/pools/echo/backends/echo/drain"));
+    assert!(
+        options
+            .to_ascii_lowercase()
+            .contains("\r\nallow: post, options\r\n"),
+        "{options}"
+    );
+    let missing = blocking(move || raw(admin, "OPTIONS", "/no/such/endpoint"));
+    assert!(missing.starts_with("HTTP/1.1 404"), "{missing}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

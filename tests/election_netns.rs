@@ -535,7 +535,11 @@ fn an_active_that_cannot_refresh_its_vip_gives_the_lease_up_before_it_lapses() {
         "fault {:?} after the refreshes began to fail",
         broken.elapsed()
     );
-    assert_eq!(c.transitions_to(first, "fault"), 1.0, "one fault, counted once");
+    assert_eq!(
+        c.transitions_to(first, "fault"),
+        1.0,
+        "one fault, counted once"
+    );
     let log = c.replicas[first].as_ref().expect("live").log();
     assert!(
         log.contains("cannot refresh the VIP before its lifetime ends"),
@@ -565,7 +569,11 @@ fn the_vip_interface_going_down_on_the_active_is_a_fault() {
         c.role(active),
         c.logs()
     );
-    assert_eq!(c.transitions_to(active, "fault"), 1.0, "one fault, counted once");
+    assert_eq!(
+        c.transitions_to(active, "fault"),
+        1.0,
+        "one fault, counted once"
+    );
     assert!(!c.topo.replica(active).has_addr(c.vip));
     let new = c.one_active(LEASE * 2 + SLACK);
     assert_ne!(new, active);

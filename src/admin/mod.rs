@@ -133,7 +133,7 @@ pub async fn serve(
 }
 
 /// `local`: the request came over loopback (see [`guard::check`]).
-async fn route(state: &State, req: Request<Incoming>, local: bool) -> Reply {
+async fn route(state: &State, mut req: Request<Incoming>, local: bool) -> Reply {
     let path = req.uri().path().to_string();
     let path = path.as_str();
     let open = matches!(path, "/healthz" | "/readyz" | "/metrics");
@@ -146,6 +146,67 @@ async fn route(state: &State, req: Request<Incoming>, local: bool) -> Reply {
         tracing::info!(method = %req.method(), path, error = %refusal, "admin request refused");
         return refusal.reply();
     }
+    let allow = allowed(path, state.cluster.is_some());
+    if req.method() == Method::OPTIONS {
+        return match allow {
+            Some(methods) => with_allow(text(StatusCode::NO_CONTENT, ""), methods),
+            None => error(StatusCode::NOT_FOUND, &format!("no such endpoint: {path}")),
+        };
+    }
+    // HEAD is GET without the body (RFC 9110 9.3.2): hyper leaves the body out of the
+    // answer to the HEAD it read, whatever the method is called here.
+    if req.method() == Method::HEAD {
+        *req.method_mut() = Method::GET;
+    }
+    let reply = dispatch(state, req, path).await;
+    match allow {
+        Some(methods) if reply.status() == StatusCode::METHOD_NOT_ALLOWED => {
+            with_allow(reply, methods)
+        }
+        _ => reply,
+    }
+}
+
+/// The methods `path` answers (for OPTIONS and a 405's `Allow`); `None` when there is
+/// no such endpoint (`cluster`: this replica is in cluster mode).
+fn allowed(path: &str, cluster: bool) -> Option<&'static str> {
+    const READ: &str = "GET, HEAD, OPTIONS";
+    let methods = match path {
+        "/" | "/status.js" | "/favicon.ico" | "/healthz" | "/readyz" | "/metrics"
+        | "/api/v1/status" | "/api/v1/backends" => READ,
+        "/api/v1/config" if cluster => "GET, HEAD, PUT, OPTIONS",
+        "/api/v1/snapshot" if cluster => READ,
+        "/api/v1/members" if cluster => "GET, HEAD, POST, OPTIONS",
+        "/api/v1/leader/transfer" | "/api/v1/raft/move-leader" if cluster => "POST, OPTIONS",
+        _ => {
+            if let Some(rest) = path.strip_prefix("/api/v1/members/").filter(|_| cluster) {
+                return match rest.split('/').collect::<Vec<_>>().as_slice() {
+                    [_] => Some("DELETE, OPTIONS"),
+                    [_, "promote"] => Some("POST, OPTIONS"),
+                    _ => None,
+                };
+            }
+            let rest = path.strip_prefix("/api/v1/pools/")?;
+            return match rest.split('/').collect::<Vec<_>>().as_slice() {
+                [_, "backends"] => Some("POST, OPTIONS"),
+                [_, "backends", _] => Some("PATCH, DELETE, OPTIONS"),
+                [_, "backends", _, "drain" | "undrain"] => Some("POST, OPTIONS"),
+                _ => None,
+            };
+        }
+    };
+    Some(methods)
+}
+
+fn with_allow(mut reply: Reply, methods: &'static str) -> Reply {
+    reply.headers_mut().insert(
+        hyper::header::ALLOW,
+        hyper::header::HeaderValue::from_static(methods),
+    );
+    reply
+}
+
+async fn dispatch(state: &State, req: Request<Incoming>, path: &str) -> Reply {
     match (req.method(), path) {
         (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
         (&Method::GET, "/readyz") => match state.not_ready() {
@@ -170,7 +231,7 @@ async fn route(state: &State, req: Request<Incoming>, local: bool) -> Reply {
             );
             reply
         }
-        (&Method::GET | &Method::HEAD, "/") => {
+        (&Method::GET, "/") => {
             let body = page::render(&status(state), &backends(state));
             let mut reply = with_etag(
                 page_reply(body.into(), "text/html; charset=utf-8"),
@@ -183,12 +244,12 @@ async fn route(state: &State, req: Request<Incoming>, local: bool) -> Reply {
             }
             reply
         }
-        (&Method::GET | &Method::HEAD, "/status.js") => page_reply(
+        (&Method::GET, "/status.js") => page_reply(
             Bytes::from_static(page::SCRIPT.as_bytes()),
             "text/javascript; charset=utf-8",
         ),
         // Browsers ask for it with every page: nothing, rather than a 404 in their console.
-        (&Method::GET | &Method::HEAD, "/favicon.ico") => {
+        (&Method::GET, "/favicon.ico") => {
             let mut reply = page_reply(Bytes::new(), "image/x-icon");
             *reply.status_mut() = StatusCode::NO_CONTENT;
             reply
@@ -197,8 +258,8 @@ async fn route(state: &State, req: Request<Incoming>, local: bool) -> Reply {
         (&Method::GET, "/api/v1/backends") => versioned(state, backends(state)),
         (
             _,
-            "/" | "/status.js" | "/healthz" | "/readyz" | "/metrics" | "/api/v1/status"
-            | "/api/v1/backends",
+            "/" | "/status.js" | "/favicon.ico" | "/healthz" | "/readyz" | "/metrics"
+            | "/api/v1/status" | "/api/v1/backends",
         ) => error(
             StatusCode::METHOD_NOT_ALLOWED,
             &format!("{} is not allowed on {path}: use GET", req.method()),

@@ -619,6 +619,29 @@ async fn ctl_adds_promotes_and_removes_a_member_and_applies_config() {
         let (_, b) = json(cluster.addrs[3].admin, "GET", "/api/v1/backends", "");
         b["pools"][0]["backends"][0]["weight"] == 5
     })));
+    // The 412 carries the current version; `*` matches any; a weak tag never does.
+    let put_if = |tag: &str, body: &str| {
+        blocking(|| {
+            http_response(
+                admin,
+                "PUT",
+                "/api/v1/config",
+                &[("Content-Type", "application/yaml"), ("If-Match", tag)],
+                body,
+            )
+        })
+        .expect("PUT")
+    };
+    let before = status(admin)["config_version"].as_u64().expect("version");
+    let stale = put_if("\"1\"", &yaml);
+    assert_eq!(stale.status, 412, "{stale:?}");
+    assert_eq!(stale.header("etag"), Some(format!("\"{before}\"").as_str()));
+    let weak = put_if(&format!("W/\"{before}\""), &yaml);
+    assert_eq!(weak.status, 412, "{weak:?}");
+    assert_eq!(status(admin)["config_version"], before);
+    let any = put_if("*", &yaml.replace("weight: 1", "weight: 7"));
+    assert_eq!(any.status, 200, "{any:?}");
+    assert_eq!(status(admin)["config_version"], before + 1);
 
     // A bad file: ctl names its line and column and sends nothing; the replica
     // itself names the line and column of its request body. Nothing changes.

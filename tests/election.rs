@@ -391,6 +391,20 @@ async fn a_transfer_sent_to_any_replica_moves_the_active_role() {
     });
     assert_ne!(code, 0, "{out}{err}");
     assert!(err.contains("is not reachable"), "{err}");
+    // Sent through the standby left, it is the active that refuses, and it says so.
+    let standby = (0..3).find(|i| *i != via && *i != target).expect("a third");
+    let (code, out, err) = blocking(|| {
+        ctl(
+            c.addrs[standby].admin,
+            &["leader", "transfer", &down.to_string()],
+        )
+    });
+    assert_ne!(code, 0, "{out}{err}");
+    assert!(
+        err.contains("refused") && err.contains("is not reachable"),
+        "{err}"
+    );
+    assert!(!err.contains("cannot reach the active"), "{err}");
     assert_eq!(c.one_active(&[via], Duration::from_secs(2)), target);
     assert!(proxies(c.addrs[target].listen).await);
 }

@@ -62,9 +62,13 @@ fn written(state: &State, result: Result<Outcome, WriteError>, created: StatusCo
             if won { created } else { StatusCode::CONFLICT },
             &json!({"lease": lease}),
         ),
-        Ok(Outcome::Refused { status, error: e }) => error(
-            StatusCode::from_u16(status).unwrap_or(StatusCode::CONFLICT),
-            &e,
+        // With the version the refusal was judged against (what a 412 needs to retry).
+        Ok(Outcome::Refused { status, error: e }) => with_etag(
+            error(
+                StatusCode::from_u16(status).unwrap_or(StatusCode::CONFLICT),
+                &e,
+            ),
+            state.config_version(),
         ),
         Err(WriteError::Invalid(e)) => error(StatusCode::BAD_REQUEST, &e),
         Err(WriteError::NotProposed(e)) => json_reply(
@@ -329,6 +333,20 @@ pub async fn config(state: &State, node: &Node, req: Request<Incoming>) -> Reply
         Method::PUT => {
             let if_match = match req.headers().get(IF_MATCH).map(|v| v.to_str()) {
                 None => None,
+                // Any current version matches `*` (RFC 9110 13.1.1).
+                Some(Ok(v)) if v.trim() == "*" => None,
+                // If-Match compares strongly: a weak tag never matches.
+                Some(Ok(v)) if v.trim().starts_with("W/") => {
+                    return with_etag(
+                        error(
+                            StatusCode::PRECONDITION_FAILED,
+                            &format!(
+                                "If-Match {v:?} is a weak ETag, which never matches; use the ETag of a read, e.g. \"7\""
+                            ),
+                        ),
+                        state.config_version(),
+                    );
+                }
                 Some(Ok(v)) => match v.trim().trim_matches('"').parse::<u64>() {
                     Ok(v) => Some(v),
                     Err(_) => {

@@ -1106,11 +1106,14 @@ impl Node {
                 let _ = tokio::time::timeout(WRITE_TIMEOUT, released).await;
                 Ok(())
             }
-            Ok(Reply::Error(e)) => Err(WriteError::NotProposed(e)),
             Ok(other) => Err(WriteError::Unknown(format!("unexpected reply: {other:?}"))),
-            Err(e @ (CallError::Connect(_) | CallError::Refused(_))) => Err(
-                WriteError::NotProposed(format!("cannot reach the active, node {holder}: {e}")),
-            ),
+            // The active's own refusal (its answer's error) comes back as `Refused`.
+            Err(CallError::Refused(why)) => Err(WriteError::NotProposed(format!(
+                "the active, node {holder}, refused: {why}"
+            ))),
+            Err(e @ CallError::Connect(_)) => Err(WriteError::NotProposed(format!(
+                "cannot reach the active, node {holder}: {e}"
+            ))),
             Err(e) => Err(WriteError::Unknown(format!("node {holder}: {e}"))),
         }
     }

@@ -334,6 +334,13 @@ async fn sigterm_hands_the_lease_over_without_waiting_for_it_to_expire() {
     let log = replicas[active].log();
     assert!(log.contains("released the lease"), "{log}");
     assert!(proxies(c.addrs[new].listen).await);
+    // A standby stopped gives nothing up, and does not say it did.
+    let standby = (0..3).find(|i| *i != active && *i != new).expect("a third");
+    replicas[standby].signal("TERM");
+    let exit = blocking(|| replicas[standby].wait_exit(Duration::from_secs(10)));
+    assert!(exit.is_some_and(|s| s.success()), "exit 0 after SIGTERM");
+    let log = replicas[standby].log();
+    assert!(!log.contains("released the lease"), "{log}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -283,6 +283,9 @@ async fn drive(driver: Driver) {
     let mut writes: JoinSet<(u64, CasResult)> = JoinSet::new();
     let mut releases: Vec<oneshot::Sender<()>> = Vec::new();
     let mut transfers: Vec<oneshot::Sender<Result<(), String>>> = Vec::new();
+    // Whether the release under way gives up a lease this replica held (a standby's
+    // release at shutdown only makes sure it holds none).
+    let mut releasing_held = false;
     loop {
         let now = clock::now();
         while let Some(action) = elector.poll(now) {
@@ -359,7 +362,9 @@ async fn drive(driver: Driver) {
                         .increment(1);
                 }
                 Action::Released => {
-                    tracing::info!(epoch = elector.epoch(), "released the lease");
+                    if std::mem::take(&mut releasing_held) {
+                        tracing::info!(epoch = elector.epoch(), "released the lease");
+                    }
                     for done in releases.drain(..) {
                         let _ = done.send(());
                     }
@@ -393,12 +398,14 @@ async fn drive(driver: Driver) {
             request = inbox.recv() => match request {
                 Some(Request::Release { to, stop, done }) => {
                     releases.push(done);
+                    releasing_held |= elector.role() == Role::Active;
                     elector.release(to, stop, clock::now());
                 }
                 // Every fault is an active's (its listeners, its VIP); one that
                 // arrives after the step-down (the VIP's task retries on a timer) is
                 // stale, and must not step down, run on_fault or count again.
                 Some(Request::Fault(why)) if elector.role() == Role::Active => {
+                    releasing_held = true;
                     elector.fault(why, clock::now());
                 }
                 Some(Request::Fault(why)) => {
@@ -432,6 +439,7 @@ async fn drive(driver: Driver) {
                     if elector.role() == Role::Active {
                         tracing::info!(to = ?t.to, "transferring the lease");
                         transfers.push(t.done);
+                        releasing_held = true;
                         elector.release(t.to, false, clock::now());
                     } else {
                         let _ = t.done.send(Err(format!("node {} is not the active replica", node.id)));

@@ -642,6 +642,33 @@ async fn ctl_adds_promotes_and_removes_a_member_and_applies_config() {
     let any = put_if("*", &yaml.replace("weight: 1", "weight: 7"));
     assert_eq!(any.status, 200, "{any:?}");
     assert_eq!(status(admin)["config_version"], before + 1);
+    // Asked for JSON, the config comes as JSON, and goes back through PUT as it is.
+    let got = blocking(|| {
+        http_response(
+            admin,
+            "GET",
+            "/api/v1/config",
+            &[("Accept", "application/json")],
+            "",
+        )
+    })
+    .expect("GET");
+    assert_eq!(got.status, 200, "{got:?}");
+    let doc: serde_json::Value = serde_json::from_str(&got.body).expect("JSON");
+    assert_eq!(doc["pools"]["web"]["backends"][0]["weight"], 7, "{doc}");
+    let tag = got.header("etag").expect("an ETag").to_string();
+    assert_eq!(tag, format!("\"{}\"", before + 1));
+    let again = blocking(|| {
+        http_response(
+            admin,
+            "PUT",
+            "/api/v1/config",
+            &[("Content-Type", "application/json"), ("If-Match", &tag)],
+            &got.body,
+        )
+    })
+    .expect("PUT");
+    assert_eq!(again.status, 200, "{again:?}");
 
     // A bad file: ctl names its line and column and sends nothing; the replica
     // itself names the line and column of its request body. Nothing changes.

@@ -312,6 +312,19 @@ pub async fn config(state: &State, node: &Node, req: Request<Incoming>) -> Reply
             let body = Replicated {
                 pools: std::sync::Arc::unwrap_or_clone(applied.state.pools),
             };
+            // YAML (what operators edit) unless JSON is asked for; either one goes
+            // back through PUT as it is.
+            let json = req
+                .headers()
+                .get(hyper::header::ACCEPT)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|a| a.contains("application/json") && !a.contains("yaml"));
+            if json {
+                return match serde_json::to_value(&body) {
+                    Ok(v) => with_etag(json_reply(StatusCode::OK, &v), version),
+                    Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+                };
+            }
             let reply = match crate::config::to_yaml_value(&body) {
                 Ok(yaml) => {
                     // The version on top (a comment: the file still applies as it is).

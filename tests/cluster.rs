@@ -333,6 +333,46 @@ async fn a_follower_cut_off_from_its_leader_refuses_writes_at_once() {
     }
 }
 
+/// The Raft leader killed with the rest and restarted alone names no leader: openraft
+/// takes its own leadership back from the vote it won, but with no quorum no one
+/// leads, as etcd would say (status, members, ctl).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_restarted_alone_names_no_leader() {
+    raise_nofile();
+    let cluster = Cluster::new(3, backend_names(&["b1"]).await);
+    let mut replicas: Vec<Raftlb> = (0..3).map(|i| cluster.spawn(i)).collect();
+    blocking(|| replicas.iter_mut().for_each(Raftlb::wait_ready));
+    let mut leader = None;
+    assert!(blocking(|| eventually(Duration::from_secs(10), || {
+        leader = status(cluster.addrs[0].admin)["cluster"]["leader_id"].as_u64();
+        leader.is_some()
+    })));
+    let leader = leader.expect("a leader") as usize - 1;
+    for r in &mut replicas {
+        r.signal("KILL");
+        blocking(|| r.wait_exit(Duration::from_secs(5)));
+    }
+    let mut alone = cluster.spawn(leader);
+    blocking(|| alone.wait_ready());
+    // A few election timeouts for whatever it would claim.
+    std::thread::sleep(Duration::from_secs(1));
+    let cluster_status = status(cluster.addrs[leader].admin)["cluster"].clone();
+    assert_eq!(cluster_status["quorum_reachable"], false, "{cluster_status}");
+    assert_eq!(
+        cluster_status["leader_id"],
+        Value::Null,
+        "alone, it names a leader: {cluster_status}\n{}",
+        alone.log()
+    );
+    let roles: Vec<&str> = cluster_status["members"]
+        .as_array()
+        .expect("members")
+        .iter()
+        .filter_map(|m| m["role"].as_str())
+        .collect();
+    assert!(!roles.contains(&"leader"), "{roles:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_replica_serves_its_last_config_without_a_quorum_and_a_wiped_one_refuses() {
     raise_nofile();

@@ -529,7 +529,7 @@ fn member_list(node: &Node) -> Vec<Value> {
     let membership = metrics.membership_config.membership();
     let voters: std::collections::BTreeSet<u64> = membership.voter_ids().collect();
     let reachability = node.reachability(&metrics);
-    let leader = metrics.current_leader;
+    let leader = node.known_leader(&metrics);
     let protocols = node.identity.protocols();
     let infos = node.applied().borrow().state.nodes.clone();
     membership
@@ -575,7 +575,7 @@ pub fn status(node: &Node) -> Value {
     json!({
         "cluster_id": node.cluster_id,
         "cluster_uuid": node.identity.uuid(),
-        "leader_id": metrics.current_leader,
+        "leader_id": node.known_leader(&metrics),
         "term": metrics.current_term,
         "commit_index": metrics.local_committed.as_ref().map_or(0, |l| l.index),
         "applied_index": metrics.last_applied.as_ref().map_or(0, |l| l.index),

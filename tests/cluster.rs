@@ -357,7 +357,10 @@ async fn a_leader_restarted_alone_names_no_leader() {
     // A few election timeouts for whatever it would claim.
     std::thread::sleep(Duration::from_secs(1));
     let cluster_status = status(cluster.addrs[leader].admin)["cluster"].clone();
-    assert_eq!(cluster_status["quorum_reachable"], false, "{cluster_status}");
+    assert_eq!(
+        cluster_status["quorum_reachable"], false,
+        "{cluster_status}"
+    );
     assert_eq!(
         cluster_status["leader_id"],
         Value::Null,

@@ -147,6 +147,57 @@ async fn terminating_listener_sends_plaintext_to_the_backend() {
     );
 }
 
+/// A TLS client that ends its half with a bare TCP FIN (no close_notify, as many
+/// clients do) half-closes: the backend sees the end of the request and its answer,
+/// sent after it, still reaches the client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fin_without_close_notify_is_a_half_close() {
+    let (_dir, pki, files) = setup();
+    // Reads to the end, then answers with how many bytes it got.
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let backend = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut got = Vec::new();
+                if s.read_to_end(&mut got).await.is_ok() {
+                    let _ = s.write_all(format!("got {}\n", got.len()).as_bytes()).await;
+                }
+            });
+        }
+    });
+    let (admin, listen) = (loopback(), loopback());
+    let yaml = Raftlb::standalone_yaml(
+        admin,
+        listen,
+        "",
+        &terminate_listener(&files, None),
+        &[("counter", backend)],
+    );
+    let _lb = tokio::task::block_in_place(|| Raftlb::start(&yaml, admin));
+    let exchange = async {
+        let tcp = TcpStream::connect(listen).await.expect("connect");
+        let mut tls = TlsConnector::from(pki.client_config(None, &[]))
+            .connect(ServerName::try_from("localhost").expect("name"), tcp)
+            .await
+            .expect("handshake");
+        tls.write_all(&[7u8; 100_000]).await.expect("write");
+        tls.flush().await.expect("flush");
+        // The TCP FIN alone: no close_notify.
+        socket2::SockRef::from(tls.get_ref().0)
+            .shutdown(std::net::Shutdown::Write)
+            .expect("shutdown");
+        let mut answer = Vec::new();
+        // The answer, then raftlb's FIN without close_notify: what came is the test.
+        let _ = tls.read_to_end(&mut answer).await;
+        String::from_utf8_lossy(&answer).into_owned()
+    };
+    let answer = tokio::time::timeout(TIMEOUT, exchange)
+        .await
+        .expect("no answer in time");
+    assert_eq!(answer, "got 100000\n");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_ca_requires_a_certificate_from_that_ca() {
     let (dir, pki, files) = setup();

@@ -552,7 +552,13 @@ where
 {
     let mut buf = vec![0u8; BUFFER_SIZE / 2];
     loop {
-        let n = from.read(&mut buf).await?;
+        let n = match from.read(&mut buf).await {
+            // A TLS peer that closed its TCP side without close_notify: an end of
+            // data like any FIN, passed on as a half-close (nginx and HAProxy do the
+            // same); the application's own framing tells a cut-off message.
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => 0,
+            read => read?,
+        };
         if n == 0 {
             to.shutdown().await?;
             return Ok(());

@@ -30,6 +30,26 @@ fn terminate_listener(files: &CertFiles, client_ca: Option<&Path>) -> String {
     )
 }
 
+/// raftlb with one terminating listener (`pool_extra` in its pool) in front of
+/// `backend`: the running process and the listener's address.
+fn terminating(
+    files: &CertFiles,
+    client_ca: Option<&Path>,
+    pool_extra: &str,
+    backend: (&str, SocketAddr),
+) -> (Raftlb, SocketAddr) {
+    let (admin, listen) = (loopback(), loopback());
+    let yaml = Raftlb::standalone_yaml(
+        admin,
+        listen,
+        pool_extra,
+        &terminate_listener(files, client_ca),
+        &[backend],
+    );
+    let lb = tokio::task::block_in_place(|| Raftlb::start(&yaml, admin));
+    (lb, listen)
+}
+
 /// Connects through raftlb with TLS, sends `msg`, reads the echo: (echo, negotiated ALPN, server cert).
 async fn tls_echo(
     listen: SocketAddr,
@@ -120,15 +140,7 @@ fn setup() -> (tempfile::TempDir, Pki, CertFiles) {
 async fn terminating_listener_sends_plaintext_to_the_backend() {
     let (_dir, pki, files) = setup();
     let (backend, mut seen) = plaintext_backend().await;
-    let (admin, listen) = (loopback(), loopback());
-    let yaml = Raftlb::standalone_yaml(
-        admin,
-        listen,
-        "",
-        &terminate_listener(&files, None),
-        &[("plain", backend)],
-    );
-    let _lb = tokio::task::block_in_place(|| Raftlb::start(&yaml, admin));
+    let (_lb, listen) = terminating(&files, None, "", ("plain", backend));
     let (echo, _, _) = tls_echo(
         listen,
         pki.client_config(None, &[]),
@@ -166,15 +178,7 @@ async fn a_fin_without_close_notify_is_a_half_close() {
             });
         }
     });
-    let (admin, listen) = (loopback(), loopback());
-    let yaml = Raftlb::standalone_yaml(
-        admin,
-        listen,
-        "",
-        &terminate_listener(&files, None),
-        &[("counter", backend)],
-    );
-    let _lb = tokio::task::block_in_place(|| Raftlb::start(&yaml, admin));
+    let (_lb, listen) = terminating(&files, None, "", ("counter", backend));
     let exchange = async {
         let tcp = TcpStream::connect(listen).await.expect("connect");
         let mut tls = TlsConnector::from(pki.client_config(None, &[]))
@@ -202,15 +206,7 @@ async fn a_fin_without_close_notify_is_a_half_close() {
 async fn client_ca_requires_a_certificate_from_that_ca() {
     let (dir, pki, files) = setup();
     let backend = echo_backend().await;
-    let (admin, listen) = (loopback(), loopback());
-    let yaml = Raftlb::standalone_yaml(
-        admin,
-        listen,
-        "",
-        &terminate_listener(&files, Some(&pki.ca)),
-        &[("echo", backend)],
-    );
-    let _lb = tokio::task::block_in_place(|| Raftlb::start(&yaml, admin));
+    let (_lb, listen) = terminating(&files, Some(&pki.ca), "", ("echo", backend));
 
     let good = pki.client("kubelet");
     let ok = tls_echo(listen, pki.client_config(Some(&good), &[]), b"hi").await;
@@ -235,7 +231,6 @@ async fn backend_tls_reencrypts_with_a_client_certificate_and_checks_the_server_
     let backend_cert = pki.server("backend", &["kubernetes"]);
     let raftlb_client = pki.client("raftlb");
     let backend = tls_echo_backend(pki.server_config(&backend_cert, true, &[])).await;
-    let (admin, listen) = (loopback(), loopback());
     let pool = |server_name: &str| {
         format!(
             "    backend_tls: {{ ca: \"{}\", server_name: {server_name}, cert: \"{}\", key: \"{}\" }}\n    retries: 0\n",
@@ -244,27 +239,12 @@ async fn backend_tls_reencrypts_with_a_client_certificate_and_checks_the_server_
             raftlb_client.key.display()
         )
     };
-    let yaml = Raftlb::standalone_yaml(
-        admin,
-        listen,
-        &pool("kubernetes"),
-        &terminate_listener(&files, None),
-        &[("tls", backend)],
-    );
-    let lb = tokio::task::block_in_place(|| Raftlb::start(&yaml, admin));
+    let (lb, listen) = terminating(&files, None, &pool("kubernetes"), ("tls", backend));
     let ok = tls_echo(listen, pki.client_config(None, &[]), b"secret").await;
     assert_eq!(ok.map(|r| r.0), Ok(b"secret".to_vec()), "{}", lb.log());
     drop(lb);
 
-    let (admin, listen) = (loopback(), loopback());
-    let yaml = Raftlb::standalone_yaml(
-        admin,
-        listen,
-        &pool("not-the-backend"),
-        &terminate_listener(&files, None),
-        &[("tls", backend)],
-    );
-    let lb = tokio::task::block_in_place(|| Raftlb::start(&yaml, admin));
+    let (lb, listen) = terminating(&files, None, &pool("not-the-backend"), ("tls", backend));
     assert!(
         tls_echo(listen, pki.client_config(None, &[]), b"secret")
             .await
@@ -290,19 +270,11 @@ async fn alpn_follows_what_the_backend_chose() {
     ] {
         let backend =
             tls_echo_backend(pki.server_config(&backend_cert, false, &[backend_alpn])).await;
-        let (admin, listen) = (loopback(), loopback());
         let pool = format!(
             "    backend_tls: {{ ca: \"{}\", server_name: localhost }}\n",
             pki.ca.display()
         );
-        let yaml = Raftlb::standalone_yaml(
-            admin,
-            listen,
-            &pool,
-            &terminate_listener(&files, None),
-            &[("tls", backend)],
-        );
-        let lb = tokio::task::block_in_place(|| Raftlb::start(&yaml, admin));
+        let (lb, listen) = terminating(&files, None, &pool, ("tls", backend));
         let (_, alpn, _) = tls_echo(listen, pki.client_config(None, &[b"h2", b"http/1.1"]), b"x")
             .await
             .expect("handshake");
@@ -314,15 +286,7 @@ async fn alpn_follows_what_the_backend_chose() {
 async fn certificates_are_reloaded_when_the_files_change() {
     let (_dir, pki, files) = setup();
     let backend = echo_backend().await;
-    let (admin, listen) = (loopback(), loopback());
-    let yaml = Raftlb::standalone_yaml(
-        admin,
-        listen,
-        "",
-        &terminate_listener(&files, None),
-        &[("echo", backend)],
-    );
-    let lb = tokio::task::block_in_place(|| Raftlb::start(&yaml, admin));
+    let (lb, listen) = terminating(&files, None, "", ("echo", backend));
     let client = pki.client_config(None, &[]);
     let first = pki::certs(&files.cert).remove(0).to_vec();
     let (_, _, seen) = tls_echo(listen, client.clone(), b"a")

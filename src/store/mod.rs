@@ -402,18 +402,6 @@ impl Node {
     /// cut off from it stays leader but can commit nothing), or a follower that heard
     /// from its leader recently (it keeps the name of a leader that went away until
     /// a new one is elected, which takes a quorum).
-    /// The leader for status and members: the one openraft follows, but not itself
-    /// without a quorum (a leader restarted alone is leader again in openraft, from
-    /// the vote it won; with no quorum no one leads).
-    pub fn known_leader(
-        &self,
-        metrics: &openraft::RaftMetrics<types::TypeConfig>,
-    ) -> Option<NodeId> {
-        metrics
-            .current_leader
-            .filter(|leader| *leader != self.id || self.has_leader(metrics))
-    }
-
     pub fn has_leader(&self, metrics: &openraft::RaftMetrics<types::TypeConfig>) -> bool {
         match metrics.current_leader {
             None => false,
@@ -427,6 +415,18 @@ impl Node {
                 .and_then(|at| *at)
                 .is_some_and(|at| at.elapsed() < self.election_timeout * 2),
         }
+    }
+
+    /// The leader for status and members: the one openraft follows, but not itself
+    /// without a quorum (a leader restarted alone is leader again in openraft, from
+    /// the vote it won; with no quorum no one leads).
+    pub fn known_leader(
+        &self,
+        metrics: &openraft::RaftMetrics<types::TypeConfig>,
+    ) -> Option<NodeId> {
+        metrics
+            .current_leader
+            .filter(|leader| *leader != self.id || self.has_leader(metrics))
     }
 
     /// Whether each member answered recently on the peer channel: the leader hears

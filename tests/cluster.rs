@@ -829,6 +829,40 @@ async fn a_learner_added_before_a_leader_change_is_promoted_by_the_next_leader()
     );
 }
 
+/// A replica added as a learner (and kept one) names itself like every replica:
+/// `members` shows its name and build, not "-".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_learner_kept_a_learner_shows_its_name() {
+    raise_nofile();
+    let cluster = Cluster::new(4, backend_names(&["b1"]).await);
+    let mut replicas: Vec<Raftlb> = (0..3).map(|i| cluster.spawn_without_last(i)).collect();
+    blocking(|| replicas.iter_mut().for_each(Raftlb::wait_ready));
+    let leader = blocking(|| cluster.agreed_leader(3));
+    let peer4 = cluster.addrs[3].peer.to_string();
+    let (code, out, err) = blocking(|| {
+        ctl(
+            cluster.addrs[leader].admin,
+            &["member", "add", "4", &peer4, "--learner"],
+        )
+    });
+    assert_eq!(code, 0, "member add --learner: {out}{err}");
+    let mut fourth = Raftlb::spawn(&cluster.yaml(3, "existing"), cluster.addrs[3].admin);
+    blocking(|| fourth.wait_ready());
+    let mut seen = Value::Null;
+    let named = blocking(|| {
+        eventually(Duration::from_secs(20), || {
+            let (_, members) = json(cluster.addrs[0].admin, "GET", "/api/v1/members", "");
+            seen = members["members"]
+                .as_array()
+                .and_then(|m| m.iter().find(|m| m["id"] == 4).cloned())
+                .unwrap_or(Value::Null);
+            seen["name"] == "lb-4" && seen["version"].is_string()
+        })
+    });
+    assert!(named, "the learner's entry: {seen}\n{}", fourth.log());
+    assert_eq!(seen["voter"], false, "{seen}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn snapshot_save_and_restore_into_a_new_cluster() {
     raise_nofile();

@@ -920,7 +920,12 @@ impl Node {
                 };
                 let command = match due {
                     Some(version) => Some(Command::ClusterVersion { version }),
-                    None if said_joined
+                    // A voter once it said it joined; a learner (never "joined": it
+                    // has no vote to cast twice) once it follows a leader.
+                    None if (said_joined
+                        || (member
+                            && !voters.contains(&self.id)
+                            && raft.current_leader.is_some()))
                         && state.state.cluster_version() >= 2
                         && state.state.nodes.get(&self.id) != Some(&info) =>
                     {

@@ -410,6 +410,14 @@ async fn a_restarted_replica_serves_its_last_config_without_a_quorum_and_a_wiped
         backends["pools"][0]["backends"][1]["weight"], 7,
         "the last applied config: {backends}"
     );
+    // Its file still says weight 1: the log names that difference, field by field.
+    assert!(
+        blocking(|| eventually(Duration::from_secs(5), || alone
+            .log()
+            .contains("pools.web.backends[b2].weight: file 1, store 7"))),
+        "{}",
+        alone.log()
+    );
     assert_eq!(
         which_backend(cluster.addrs[1].listen, None)
             .await

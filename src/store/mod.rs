@@ -21,6 +21,7 @@ use openraft::type_config::async_runtime::WatchReceiver;
 use openraft::{ChangeMembers, Instant as _, ServerState, SnapshotPolicy};
 use redb::Database;
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -1765,29 +1766,90 @@ fn log_seed_difference(
     file: &BTreeMap<String, schema::Pool>,
     store: &BTreeMap<String, schema::Pool>,
 ) {
-    let json = |p: &schema::Pool| serde_json::to_value(p).ok();
-    let mut differ = Vec::new();
-    for name in file.keys().chain(store.keys()).collect::<BTreeSet<_>>() {
-        let same = match (file.get(name), store.get(name)) {
-            (Some(a), Some(b)) => json(a) == json(b),
-            _ => false,
-        };
-        if !same {
-            differ.push(name.clone());
-        }
-    }
+    let differ = seed_difference(file, store);
     if !differ.is_empty() && !file.is_empty() {
         tracing::warn!(
-            pools = ?differ,
+            differences = ?differ,
             "the file's pools differ from the replicated config, which is the source of truth: \
              change pools with `raftlb ctl` or the admin API (the file only seeds a new cluster)"
         );
     }
 }
 
+/// What differs between the file's pools and the store's, one line a field
+/// (`pools.web.backends[b1].weight: file 1, store 7`), backends matched by name; at
+/// most 20 lines.
+fn seed_difference(
+    file: &BTreeMap<String, schema::Pool>,
+    store: &BTreeMap<String, schema::Pool>,
+) -> Vec<String> {
+    let json = |pools: &BTreeMap<String, schema::Pool>| serde_json::to_value(pools).ok();
+    let mut out = Vec::new();
+    diff_values("pools", json(file).as_ref(), json(store).as_ref(), &mut out);
+    out.truncate(20);
+    out
+}
+
+fn diff_values(path: &str, file: Option<&Value>, store: Option<&Value>, out: &mut Vec<String>) {
+    if let (Some(Value::Array(a)), Some(Value::Array(b))) = (file, store)
+        && let (Some(a), Some(b)) = (by_name(a), by_name(b))
+    {
+        for name in a.keys().chain(b.keys()).collect::<BTreeSet<_>>() {
+            diff_values(
+                &format!("{path}[{name}]"),
+                a.get(name).copied(),
+                b.get(name).copied(),
+                out,
+            );
+        }
+        return;
+    }
+    match (file, store) {
+        (Some(Value::Object(a)), Some(Value::Object(b))) => {
+            for key in a.keys().chain(b.keys()).collect::<BTreeSet<_>>() {
+                diff_values(&format!("{path}.{key}"), a.get(key), b.get(key), out);
+            }
+        }
+        (Some(a), Some(b)) if a == b => {}
+        (Some(a), Some(b)) => out.push(format!("{path}: file {a}, store {b}")),
+        (Some(_), None) => out.push(format!("{path}: only in the file")),
+        (None, Some(_)) => out.push(format!("{path}: only in the store")),
+        (None, None) => {}
+    }
+}
+
+/// A list whose items all have a `name` (backends), by that name.
+fn by_name(items: &[Value]) -> Option<BTreeMap<&str, &Value>> {
+    items
+        .iter()
+        .map(|v| Some((v.get("name")?.as_str()?, v)))
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_seed_difference_names_each_field_and_backend() {
+        let pools = |yaml: &str| crate::config::parse_pools(yaml, "test").expect("pools");
+        let file = pools(
+            "pools:\n  web:\n    backends:\n      - { name: b1, address: \"127.0.0.1:1\" }\n",
+        );
+        let store = pools(
+            "pools:\n  web:\n    balance: least_connections\n    backends:\n      - { name: b1, address: \"127.0.0.1:1\", weight: 7 }\n      - { name: b2, address: \"127.0.0.1:2\" }\n  api:\n    backends:\n      - { name: a, address: \"127.0.0.1:3\" }\n",
+        );
+        assert_eq!(
+            seed_difference(&file, &store),
+            vec![
+                "pools.api: only in the store",
+                "pools.web.backends[b1].weight: file 1, store 7",
+                "pools.web.backends[b2]: only in the store",
+                "pools.web.balance: file \"round_robin\", store \"least_connections\"",
+            ]
+        );
+        assert!(seed_difference(&file, &file).is_empty());
+    }
 
     #[test]
     fn names_shared_by_several_replicas_are_found() {

@@ -1473,7 +1473,7 @@ async fn status_tells_a_waiting_replica_and_a_lost_quorum_as_they_are() {
     let (code, out, err) = blocking(|| ctl(admin, &["backend", "drain", "web", "b1"]));
     assert_eq!(code, 1, "{out}{err}");
     for needed in [
-        "reaches 1 of 3 voters (itself included); a write needs 2",
+        "heard from 1 of 3 voters in the last 3 s (itself included); a write needs 2",
         &format!("node 2 ({})", c.addrs[1].peer),
         &format!("node 3 ({})", c.addrs[2].peer),
         "nothing was changed",

@@ -465,9 +465,10 @@ impl Node {
             .collect()
     }
 
-    /// What a write that cannot commit needs, for its error: "this replica reaches
-    /// 1 of 3 voters (itself included); a write needs 2 (a majority); unreachable:
-    /// node 2 (ADDR), node 3 (ADDR)".
+    /// What a write that cannot commit needs, for its error: "this replica heard
+    /// from 1 of 3 voters in the last 3 s (itself included); a write needs 2 (a
+    /// majority); not heard from: node 2 (ADDR), node 3 (ADDR)". Reachability looks
+    /// back 3 s, so a voter lost a moment ago may still count.
     pub fn quorum_note(&self) -> String {
         let metrics = self.metrics();
         let membership = metrics.membership_config.membership();
@@ -481,12 +482,13 @@ impl Node {
             })
             .collect();
         let mut note = format!(
-            "this replica reaches {} of {voters} voters (itself included); a write needs {} (a majority)",
+            "this replica heard from {} of {voters} voters in the last {} s (itself included); a write needs {} (a majority)",
             voters - unreachable.len(),
+            REACHABLE_WITHIN.as_secs(),
             voters / 2 + 1
         );
         if !unreachable.is_empty() {
-            note.push_str(&format!("; unreachable: {}", unreachable.join(", ")));
+            note.push_str(&format!("; not heard from: {}", unreachable.join(", ")));
         }
         note
     }

@@ -313,6 +313,8 @@ fn read_token(config: &Config) -> Result<Option<Arc<String>>, String> {
 }
 
 fn reload_failed(e: &str) {
+    // One line per event: several errors are joined, not put on lines of their own.
+    let e = e.trim().replace('\n', "; ");
     tracing::error!("reload: {e}; keeping the running config");
     metrics::counter!(m::CONFIG_RELOADS_TOTAL, "result" => "invalid").increment(1);
 }
@@ -780,8 +782,16 @@ impl Server {
             .and_then(|l| supported(&l.config).map(|()| l))
         {
             Ok(l) => l,
-            Err(e) => return reload_failed(&format!("the file is invalid:\n{e}")),
+            Err(e) => return reload_failed(&format!("the file is invalid: {e}")),
         };
+        // What `raftlb check` and a restart would refuse, a reload refuses too, whatever
+        // the role: files named by listeners a standby has not opened, and by the
+        // sections that apply at the next restart (admin.tls, cluster.tls).
+        let refused = preflight(&loaded.config);
+        if !refused.is_empty() {
+            let lines: Vec<String> = refused.iter().map(|e| loaded.refusal_line(e)).collect();
+            return reload_failed(&format!("the file is invalid: {}", lines.join("; ")));
+        }
         let token = match read_token(&loaded.config) {
             Ok(token) => token,
             Err(e) => return reload_failed(&e),

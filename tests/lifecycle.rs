@@ -579,6 +579,38 @@ async fn sighup_with_an_invalid_file_keeps_the_running_config() {
         log.contains("bogus_key"),
         "the log does not name the offending key:\n{log}"
     );
+    // One line per event: the error and "keeping the running config" together.
+    assert!(
+        log.lines()
+            .any(|l| l.contains("reload: the file is invalid")
+                && l.contains("bogus_key")
+                && l.contains("keeping the running config")),
+        "{log}"
+    );
+
+    // A section that applies at the next restart is checked as a restart would:
+    // admin.tls naming files that do not exist is refused now, not at the restart.
+    let later = config(admin, "10s", &[("front", listen)], &[("b", b)]).replace(
+        &format!("admin:\n  bind: {admin}\n"),
+        &format!(
+            "admin:\n  bind: {admin}\n  tls: {{ cert: /nonexistent/admin.crt, key: /nonexistent/admin.key }}\n"
+        ),
+    );
+    assert!(later.contains("admin.crt"), "{later}");
+    blocking(|| lb.rewrite_config(&later));
+    blocking(|| lb.signal("HUP"));
+    assert!(
+        blocking(|| eventually(Duration::from_secs(10), || {
+            lb.metric("raftlb_config_reloads_total{result=\"invalid\"}") >= 2.0
+        })),
+        "admin.tls with missing files was not refused:\n{}",
+        lb.log()
+    );
+    assert_eq!(
+        blocking(|| lb.metric("raftlb_config_reloads_total{result=\"ok\"}")),
+        0.0
+    );
+    assert_eq!(backend_of_new_connection(listen).await.unwrap(), "A");
 
     // Fixing the file and sending SIGHUP again applies it.
     blocking(|| lb.rewrite_config(&config(admin, "10s", &[("front", listen)], &[("b", b)])));

@@ -737,6 +737,8 @@ impl Server {
         // The queued hooks still run; nothing waits for them here.
         drop(election.stop(self.release_limit()).await);
         self.state.election.store(None);
+        // Only replicas with election on export it (alerts count them by it).
+        m::retire_metric(m::LEADER_ELECTION_IS_ACTIVE);
         self.stop_listeners().await;
         self.state.standby_serves.store(true, Ordering::Relaxed);
         self.lease_gate = Gate::always();

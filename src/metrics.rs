@@ -310,20 +310,42 @@ pub fn revive_backend(pool: &str, backend: &str) {
     revive(&backend_labels(pool, backend));
 }
 
+/// Whole metrics left out of `/metrics`: the leader election's gauge once a reload
+/// turned election off (a replica started without election never had it).
+static RETIRED_NAMES: Mutex<BTreeSet<&'static str>> = Mutex::new(BTreeSet::new());
+
+/// `name` leaves `/metrics`, HELP and TYPE lines included.
+pub fn retire_metric(name: &'static str) {
+    if let Ok(mut retired) = RETIRED_NAMES.lock() {
+        retired.insert(name);
+    }
+}
+
+/// `name` is rendered again.
+pub fn revive_metric(name: &'static str) {
+    if let Ok(mut retired) = RETIRED_NAMES.lock() {
+        retired.remove(name);
+    }
+}
+
 /// The text of `/metrics`: the recorder's series less those of removed backends
-/// and listeners, then the `process_*` metrics.
+/// and listeners and of retired metrics, then the `process_*` metrics.
 pub fn render(handle: &PrometheusHandle) -> String {
     let text = handle.render();
     let retired: Vec<Vec<String>> = RETIRED
         .lock()
         .map(|r| r.iter().cloned().collect())
         .unwrap_or_default();
-    let mut out = if retired.is_empty() {
+    let names: Vec<&str> = RETIRED_NAMES
+        .lock()
+        .map(|r| r.iter().copied().collect())
+        .unwrap_or_default();
+    let mut out = if retired.is_empty() && names.is_empty() {
         text
     } else {
         let mut kept = String::with_capacity(text.len());
         for line in text.lines() {
-            if !is_retired(line, &retired) {
+            if !is_retired(line, &retired) && !names.contains(&metric_name(line)) {
                 kept.push_str(line);
                 kept.push('\n');
             }
@@ -337,6 +359,19 @@ pub fn render(handle: &PrometheusHandle) -> String {
 /// Whether a sample line carries every label of one retired set. Pool, backend and
 /// listener names are `[A-Za-z0-9._-]+` (config validation): they need no escaping
 /// and hold no comma, so the labels are the comma-separated parts between the braces.
+/// The metric a line of the text format is about: a sample's name, or the name a
+/// `# HELP` or `# TYPE` line describes ("" for anything else).
+fn metric_name(line: &str) -> &str {
+    let line = line
+        .strip_prefix("# HELP ")
+        .or_else(|| line.strip_prefix("# TYPE "))
+        .unwrap_or(line);
+    if line.starts_with('#') {
+        return "";
+    }
+    line.split([' ', '{']).next().unwrap_or("")
+}
+
 fn is_retired(line: &str, retired: &[Vec<String>]) -> bool {
     let Some(labels) = line
         .split_once('{')

@@ -629,10 +629,26 @@ async fn a_reload_turns_election_off_and_on_again() {
         status(c.addrs[active].admin)["lease"].is_null(),
         "no lease shown with election off"
     );
+    // Only replicas with election on export the gauge an alert counts actives by.
+    for i in all {
+        let text = replicas[i].metrics();
+        assert!(
+            !text.contains("raftlb_leader_election_is_active"),
+            "replica {i} with election off:\n{text}"
+        );
+    }
 
     c.election_extra = String::new();
     reload_all(&c);
     let new = blocking(|| c.one_active(&[], LEASE * 2 + SLACK));
+    for i in all {
+        assert!(
+            replicas[i]
+                .metrics()
+                .contains("\nraftlb_leader_election_is_active "),
+            "replica {i} with election on again"
+        );
+    }
     assert!(
         epoch(c.addrs[new].admin) > first,
         "a new epoch after election came back"

@@ -94,6 +94,7 @@ impl Election {
         let (publish, status) = watch::channel(status);
         let (requests, inbox) = mpsc::unbounded_channel();
         let elector = Elector::new(me, settings, record, now, fastrand::u64(..));
+        m::revive_metric(m::LEADER_ELECTION_IS_ACTIVE);
         metrics::gauge!(m::LEADER_ELECTION_IS_ACTIVE).set(0.0);
         // Transfers sent to this replica by others (rule 6: only the holder gives it away).
         if let Some(mut transfers) = node.serve_lease_transfers() {

@@ -23,6 +23,9 @@ const DASHBOARD: &str = "config/grafana/raftlb-dashboard.json";
 /// Labels that Prometheus adds to every series it scrapes: never in `/metrics`.
 const TARGET_LABELS: [&str; 2] = ["job", "instance"];
 
+/// Series Prometheus makes itself for every target: never in `/metrics`.
+const SCRAPE_SERIES: [&str; 1] = ["up"];
+
 fn repo(path: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
 }
@@ -287,7 +290,7 @@ fn missing(uses: &[Use], exported: &Exported) -> Vec<String> {
             problems.push(format!("{}: selects no metric: {}", u.place, u.expr));
         }
         for metric in &used.metrics {
-            if !exported.contains_key(metric) {
+            if !exported.contains_key(metric) && !SCRAPE_SERIES.contains(&metric.as_str()) {
                 problems.push(format!("{}: metric {metric} is not exported", u.place));
             }
         }

@@ -679,17 +679,20 @@ impl Server {
         self.stop_listeners().await;
         // The hooks fired by the release (on_standby) run while connections drain.
         let mut hooks_done: Option<tokio::sync::oneshot::Receiver<()>> = None;
+        // A second signal exits at once: nothing after it waits (a hook still
+        // running is killed with what it started when the runtime ends).
+        let mut hurried = false;
         if let Some(election) = self.state.election() {
             let limit = self.release_limit();
             tokio::select! {
                 finished = election.stop(limit) => {
                     hooks_done = Some(finished);
                 }
-                _ = term.recv() => tracing::warn!("second signal: exiting now"),
-                _ = int.recv() => tracing::warn!("second signal: exiting now"),
+                _ = term.recv() => hurried = true,
+                _ = int.recv() => hurried = true,
             }
         }
-        if let Some(node) = &self.state.cluster {
+        if let Some(node) = self.state.cluster.as_ref().filter(|_| !hurried) {
             // A standby takes a released lease within one commit; wait a little
             // longer than a retry for it, then hand Raft leadership to it.
             let wait = elected(&self.config)
@@ -699,27 +702,32 @@ impl Server {
         }
         let connections = self.shared.connections.clone();
         connections.close();
-        let grace = self.config.runtime.shutdown_grace.get();
-        tracing::info!(
-            open = connections.len(),
-            ?grace,
-            "shutting down: no new connections; draining the open ones"
-        );
-        tokio::select! {
-            () = connections.wait() => tracing::info!("all connections closed"),
-            () = tokio::time::sleep(grace) => {
-                tracing::warn!(open = connections.len(), "shutdown_grace is over; closing the remaining connections");
-                self.shared.hard_stop.cancel();
+        if !hurried {
+            let grace = self.config.runtime.shutdown_grace.get();
+            tracing::info!(
+                open = connections.len(),
+                ?grace,
+                "shutting down: no new connections; draining the open ones"
+            );
+            tokio::select! {
+                () = connections.wait() => tracing::info!("all connections closed"),
+                () = tokio::time::sleep(grace) => {
+                    tracing::warn!(open = connections.len(), "shutdown_grace is over; closing the remaining connections");
+                    self.shared.hard_stop.cancel();
+                }
+                _ = term.recv() => hurried = true,
+                _ = int.recv() => hurried = true,
             }
-            _ = term.recv() => tracing::warn!("second signal: exiting now"),
-            _ = int.recv() => tracing::warn!("second signal: exiting now"),
         }
-        if let Some(finished) = hooks_done {
+        if let Some(finished) = hooks_done.filter(|_| !hurried) {
             tokio::select! {
                 _ = finished => {}
-                _ = term.recv() => tracing::warn!("second signal: not waiting for the hooks"),
-                _ = int.recv() => tracing::warn!("second signal: not waiting for the hooks"),
+                _ = term.recv() => hurried = true,
+                _ = int.recv() => hurried = true,
             }
+        }
+        if hurried {
+            tracing::warn!("second signal: exiting now, without waiting for connections or hooks");
         }
         self.stop_admin.cancel();
         ExitCode::SUCCESS

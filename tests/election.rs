@@ -691,6 +691,65 @@ async fn sigterm_waits_for_the_on_standby_hook_before_exiting() {
     );
 }
 
+/// A second SIGTERM exits without waiting for the hooks, but not without them: a
+/// running hook goes with everything it started (its process group), as on its
+/// timeout, instead of being left behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_sigterm_takes_a_running_hook_and_what_it_started() {
+    let mut c = Cluster::new(1).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pid = dir.path().join("sleep.pid");
+    let hook = hook_script(
+        dir.path(),
+        &format!(
+            "trap '' TERM\nsleep 300 &\necho $! > {}\nwait",
+            pid.display()
+        ),
+    );
+    c.election_extra = format!("  on_standby: {}\n", hook.display());
+    let (mut replicas, _) = blocking(|| c.start_all());
+    replicas[0].signal("TERM");
+    assert!(
+        blocking(|| eventually(Duration::from_secs(10), || pid.exists())),
+        "the on_standby hook did not start\n{}",
+        replicas[0].log()
+    );
+    let sleeper = std::fs::read_to_string(&pid).expect("pid");
+    replicas[0].signal("TERM");
+    let exit = blocking(|| replicas[0].wait_exit(Duration::from_secs(5)));
+    assert!(
+        exit.is_some_and(|e| e.success()),
+        "exit: {exit:?}\n{}",
+        replicas[0].log()
+    );
+    let alive = || {
+        std::fs::read_to_string(format!("/proc/{}/stat", sleeper.trim()))
+            .ok()
+            .and_then(|stat| {
+                let state = stat
+                    .rsplit_once(')')?
+                    .1
+                    .split_whitespace()
+                    .next()?
+                    .to_string();
+                Some(state != "Z" && state != "X")
+            })
+            .unwrap_or(false)
+    };
+    let gone = blocking(|| eventually(Duration::from_secs(5), || !alive()));
+    if !gone {
+        let _ = std::process::Command::new("kill")
+            .args(["-9", sleeper.trim()])
+            .status();
+    }
+    assert!(
+        gone,
+        "the hook's child {} outlived raftlb\n{}",
+        sleeper.trim(),
+        replicas[0].log()
+    );
+}
+
 /// An executable shell script `dir/hook.sh` running `body`, for the role hooks.
 fn hook_script(dir: &std::path::Path, body: &str) -> std::path::PathBuf {
     let hook = dir.join("hook.sh");

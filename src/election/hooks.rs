@@ -212,7 +212,13 @@ async fn run_hook(
         .kill_on_drop(true);
     drop_ambient_capabilities(&mut command);
     let mut child = command.spawn().map_err(HookError::Spawn)?;
-    match tokio::time::timeout(timeout, child.wait()).await {
+    // Dropped unfinished (the process exits on a second signal), the hook takes
+    // what it started with it, as on a timeout. Declared after `child`, so it runs
+    // before `kill_on_drop` reaps the leader.
+    let mut group = GroupGuard(child.id());
+    let waited = tokio::time::timeout(timeout, child.wait()).await;
+    group.0 = None;
+    match waited {
         Ok(Ok(status)) if status.success() => Ok(()),
         Ok(Ok(status)) => Err(HookError::Exit(status)),
         Ok(Err(e)) => Err(HookError::Wait(e)),
@@ -254,6 +260,17 @@ fn drop_ambient_capabilities(command: &mut Command) {
             }
             Ok(())
         });
+    }
+}
+
+/// Kills a running hook's process group when dropped, unless the hook was waited for.
+struct GroupGuard(Option<u32>);
+
+impl Drop for GroupGuard {
+    fn drop(&mut self) {
+        if let Some(pgid) = self.0 {
+            kill_process_group(pgid);
+        }
     }
 }
 

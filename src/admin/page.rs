@@ -58,6 +58,8 @@ pub const SCRIPT: &str = r#""use strict";
         var current = document.getElementById("status");
         if (!next || !current) { throw new Error("not a raftlb status page"); }
         current.replaceWith(document.importNode(next, true));
+        // The title names the role too (a tab shows it).
+        document.title = doc.title;
         say("refreshed " + new Date().toLocaleTimeString() + ", every " + every / 1000 + " s", false);
       })
       .catch(function (e) { say("cannot refresh: " + e.message + " (showing older data)", true); })

@@ -243,7 +243,7 @@ def run(args, procs, servers, drivers, scratch):
         raise Failure(f"the page shows {shown} bytes to clients after 5 responses")
 
     # A drain made with ctl appears after the page's own refresh (no reload).
-    driver.execute_script("document.body.dataset.loaded = 'first'")
+    driver.execute_script("document.body.dataset.loaded = 'first'; document.title = 'stale'")
     ctl = subprocess.run(
         [raftlb, "ctl", "--server", f"http://{admins[1]}", "--token-file", token_file,
          "backend", "drain", "web", "web-2"],
@@ -257,6 +257,9 @@ def run(args, procs, servers, drivers, scratch):
     wait_for("web-2 shows drained after the refresh", drained, POLL)
     if driver.execute_script("return document.body.dataset.loaded") != "first":
         raise Failure("the page was reloaded instead of refreshed by its script")
+    # The title (it names the role) is refreshed with the rest.
+    if not driver.title.startswith("raftlb "):
+        raise Failure(f"the title was not refreshed: {driver.title!r}")
     note = driver.find_element(By.ID, "refresh").text
     if not note.startswith("refreshed"):
         raise Failure(f"the refresh note says {note!r}")

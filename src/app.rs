@@ -78,6 +78,11 @@ impl State {
         let serving = self.standby_serves.load(Ordering::Relaxed)
             || (self.role() == Role::Active && self.listening.load(Ordering::Relaxed));
         if !serving {
+            if let Some(why) = self.election_status().and_then(|s| s.fault) {
+                return Some(format!(
+                    "fault: {why}; it sits out lease_duration, then campaigns again"
+                ));
+            }
             return Some(format!("{}: only the active serves", self.role().as_str()));
         }
         let snapshot = self.balancer.snapshot();

@@ -455,9 +455,26 @@ async fn an_active_that_cannot_bind_its_listener_gives_the_lease_up() {
     let to = (x + 1).to_string();
     let (code, out, err) = blocking(|| ctl(c.addrs[active].admin, &["leader", "transfer", &to]));
     assert_eq!(code, 0, "leader transfer: {out}{err}");
+    let mut seen = Value::Null;
     assert!(
-        eventually(Duration::from_secs(5), || role(c.addrs[x].admin) == "fault"),
+        eventually(Duration::from_secs(5), || {
+            seen = status(c.addrs[x].admin);
+            seen["role"] == "fault"
+        }),
         "replica {x} did not go to fault"
+    );
+    // Status says why (rule 7), and so does readiness.
+    assert!(
+        seen["fault"]
+            .as_str()
+            .is_some_and(|f| f.contains("cannot listen")),
+        "{seen}"
+    );
+    assert!(
+        seen["not_serving_because"]
+            .as_str()
+            .is_some_and(|f| f.starts_with("fault: ") && f.contains("cannot listen")),
+        "{seen}"
     );
     // It released the lease: another replica takes it (a free lease at once).
     let new = c.one_active(&[x], LEASE + SLACK);
@@ -474,6 +491,7 @@ async fn an_active_that_cannot_bind_its_listener_gives_the_lease_up() {
         eventually(LEASE + SLACK * 2, || role(c.addrs[x].admin) == "standby"),
         "replica {x} stayed in fault"
     );
+    assert!(status(c.addrs[x].admin)["fault"].is_null());
     drop(squatter);
 }
 

@@ -420,6 +420,7 @@ fn status(state: &State) -> Value {
         .lock()
         .map(|e| e.clone())
         .unwrap_or_default();
+    let election = state.election_status();
     json!({
         "node": {
             "name": state.node_name,
@@ -433,7 +434,9 @@ fn status(state: &State) -> Value {
         "config_version": state.config_version(),
         "config_apply_errors": errors,
         "cluster": state.cluster.as_ref().map_or(Value::Null, |n| cluster::status(n)),
-        "lease": state.election_status().map_or(Value::Null, |s| lease_json(&s)),
+        "lease": election.as_ref().map_or(Value::Null, lease_json),
+        // Rule 7's reason while the role is fault.
+        "fault": election.and_then(|s| s.fault),
     })
 }
 

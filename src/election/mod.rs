@@ -34,6 +34,8 @@ pub struct Status {
     pub record: Lease,
     pub observed_at: Duration,
     pub lease_duration: Duration,
+    /// Why this replica is `fault` (rule 7: its listeners or its VIP), while it is.
+    pub fault: Option<String>,
 }
 
 impl Status {
@@ -90,6 +92,7 @@ impl Election {
             record: record.clone(),
             observed_at: now,
             lease_duration: settings.lease_duration,
+            fault: None,
         };
         let (publish, status) = watch::channel(status);
         let (requests, inbox) = mpsc::unbounded_channel();
@@ -287,6 +290,8 @@ async fn drive(driver: Driver) {
     // Whether the release under way gives up a lease this replica held (a standby's
     // release at shutdown only makes sure it holds none).
     let mut releasing_held = false;
+    // The last fault's reason, shown while the role is fault.
+    let mut fault: Option<String> = None;
     loop {
         let now = clock::now();
         while let Some(action) = elector.poll(now) {
@@ -380,7 +385,7 @@ async fn drive(driver: Driver) {
                 }
             }
         }
-        publish_status(&publish, &elector);
+        publish_status(&publish, &elector, fault.as_deref());
         let wake = elector
             .next_wake()
             .map_or(Duration::from_secs(3600), |at| at.saturating_sub(now));
@@ -407,6 +412,7 @@ async fn drive(driver: Driver) {
                 // stale, and must not step down, run on_fault or count again.
                 Some(Request::Fault(why)) if elector.role() == Role::Active => {
                     releasing_held = true;
+                    fault = Some(why.clone());
                     elector.fault(why, clock::now());
                 }
                 Some(Request::Fault(why)) => {
@@ -455,15 +461,17 @@ async fn drive(driver: Driver) {
 
 /// Publishes the elector's status when it changed (most wake-ups change nothing:
 /// the record is cloned only when it did).
-fn publish_status(publish: &watch::Sender<Status>, elector: &Elector) {
+fn publish_status(publish: &watch::Sender<Status>, elector: &Elector, fault: Option<&str>) {
     let (record, observed_at) = elector.record();
     let (role, epoch) = (elector.role(), elector.epoch());
     let lease_duration = elector.settings().lease_duration;
+    let fault = fault.filter(|_| role == Role::Fault);
     publish.send_if_modified(|s| {
         if s.role == role
             && s.epoch == epoch
             && s.record == *record
             && s.lease_duration == lease_duration
+            && s.fault.as_deref() == fault
         {
             // Keeps the time of observation current without waking anyone.
             s.observed_at = observed_at;
@@ -475,6 +483,7 @@ fn publish_status(publish: &watch::Sender<Status>, elector: &Elector) {
             record: record.clone(),
             observed_at,
             lease_duration,
+            fault: fault.map(str::to_string),
         };
         true
     });

@@ -740,21 +740,7 @@ async fn a_second_sigterm_takes_a_running_hook_and_what_it_started() {
         "exit: {exit:?}\n{}",
         replicas[0].log()
     );
-    let alive = || {
-        std::fs::read_to_string(format!("/proc/{}/stat", sleeper.trim()))
-            .ok()
-            .and_then(|stat| {
-                let state = stat
-                    .rsplit_once(')')?
-                    .1
-                    .split_whitespace()
-                    .next()?
-                    .to_string();
-                Some(state != "Z" && state != "X")
-            })
-            .unwrap_or(false)
-    };
-    let gone = blocking(|| eventually(Duration::from_secs(5), || !alive()));
+    let gone = blocking(|| eventually(Duration::from_secs(5), || !running(&sleeper)));
     if !gone {
         let _ = std::process::Command::new("kill")
             .args(["-9", sleeper.trim()])

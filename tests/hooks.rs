@@ -3,9 +3,12 @@
 //! Scripts are run as `sh SCRIPT` (hook commands are split on whitespace), so a script
 //! just written is never executed while another test's fork holds it open (ETXTBSY).
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use common::running;
 use raftlb::config::schema::{self, LeaderElection};
 use raftlb::election::hooks::{HookCommands, Hooks, Role};
 
@@ -32,22 +35,6 @@ fn wait_for(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
         std::thread::sleep(Duration::from_millis(20));
     }
     f()
-}
-
-/// Whether `pid` runs (a zombie has finished).
-fn running(pid: &str) -> bool {
-    std::fs::read_to_string(format!("/proc/{}/stat", pid.trim()))
-        .ok()
-        .and_then(|stat| {
-            let state = stat
-                .rsplit_once(')')?
-                .1
-                .split_whitespace()
-                .next()?
-                .to_string();
-            Some(state != "Z" && state != "X")
-        })
-        .unwrap_or(false)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

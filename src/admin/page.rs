@@ -325,7 +325,17 @@ fn lease(out: &mut String, status: &Value) {
         epoch = v(&lease["epoch"]),
         renewed = esc(&ago(&lease["renewed_ms_ago"])),
         at = v(&lease["renewed_at"]),
-        duration = esc(&ago(&lease["lease_duration_ms"])),
+        // The holder's, which the standbys wait out (a replica's own may differ).
+        duration = esc(&ago(
+            if lease["holder_lease_duration_ms"]
+                .as_u64()
+                .is_some_and(|d| d > 0)
+            {
+                &lease["holder_lease_duration_ms"]
+            } else {
+                &lease["lease_duration_ms"]
+            }
+        )),
         mine = v(&lease["this_replica_epoch"]),
     );
 }
@@ -444,7 +454,8 @@ mod tests {
                         "members": [{"id": 1, "address": EVIL, "role": EVIL, "voter": true, "reachable": true},
                                     {"id": 2, "name": EVIL, "address": EVIL, "role": "follower", "voter": true, "reachable": false}]},
             "lease": {"holder_id": 2, "holder": EVIL, "epoch": 4, "renewed_ms_ago": 1500,
-                      "lease_duration_ms": 15000, "renewed_at": EVIL, "this_replica_epoch": 4},
+                      "lease_duration_ms": 15000, "holder_lease_duration_ms": 3000,
+                      "renewed_at": EVIL, "this_replica_epoch": 4},
         });
         let backends = json!({"config_version": 7, "pools": [{"name": EVIL, "balance": EVIL, "backends": [
             {"name": EVIL, "address": EVIL, "resolved": [EVIL], "weight": 1, "health": EVIL,
@@ -462,6 +473,8 @@ mod tests {
         assert!(page.matches(&escaped).count() >= 12, "{page}");
         assert!(page.contains("2.0 KiB") && page.contains("5 B"), "{page}");
         assert!(page.contains("1.5 s ago"), "{page}");
+        // The lease's duration is the holder's, which the standbys wait out.
+        assert!(page.contains("<td>3.0 s</td>"), "{page}");
         // The lease holder (node 2) is active; this replica's role is its own.
         assert!(
             page.contains("data-member=\"2\" data-role=\"active\""),

@@ -514,3 +514,19 @@ pub fn data_dirs(n: usize) -> Vec<tempfile::TempDir> {
         .map(|_| tempfile::tempdir().expect("tempdir"))
         .collect()
 }
+
+/// Whether process `pid` runs (a zombie has finished).
+pub fn running(pid: &str) -> bool {
+    std::fs::read_to_string(format!("/proc/{}/stat", pid.trim()))
+        .ok()
+        .and_then(|stat| {
+            let state = stat
+                .rsplit_once(')')?
+                .1
+                .split_whitespace()
+                .next()?
+                .to_string();
+            Some(state != "Z" && state != "X")
+        })
+        .unwrap_or(false)
+}

@@ -312,6 +312,12 @@ fn lease(out: &mut String, status: &Value) {
     } else {
         format!("{} (node {})", v(&lease["holder"]), v(&lease["holder_id"]))
     };
+    // The holder's, which the standbys wait out (a replica's own may differ).
+    let holders = &lease["holder_lease_duration_ms"];
+    let duration = match holders.as_u64() {
+        Some(ms) if ms > 0 => holders,
+        _ => &lease["lease_duration_ms"],
+    };
     let _ = writeln!(
         out,
         "<table id=\"lease\"><tr><th>holder</th><th>epoch</th><th>renewed</th><th>lease duration</th>\
@@ -325,17 +331,7 @@ fn lease(out: &mut String, status: &Value) {
         epoch = v(&lease["epoch"]),
         renewed = esc(&ago(&lease["renewed_ms_ago"])),
         at = v(&lease["renewed_at"]),
-        // The holder's, which the standbys wait out (a replica's own may differ).
-        duration = esc(&ago(
-            if lease["holder_lease_duration_ms"]
-                .as_u64()
-                .is_some_and(|d| d > 0)
-            {
-                &lease["holder_lease_duration_ms"]
-            } else {
-                &lease["lease_duration_ms"]
-            }
-        )),
+        duration = esc(&ago(duration)),
         mine = v(&lease["this_replica_epoch"]),
     );
 }

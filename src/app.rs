@@ -792,16 +792,14 @@ impl Server {
     /// file is logged and the running config kept.
     async fn reload(&mut self) {
         let loaded = config::load_with(&self.file, self.open_files, self.overrides);
-        let loaded = match loaded
-            .map_err(|e| e.to_string())
-            .and_then(|l| supported(&l.config).map(|()| l))
-        {
+        let loaded = match loaded {
             Ok(l) => l,
             Err(e) => return reload_failed(&format!("the file is invalid: {e}")),
         };
         // What `raftlb check` and a restart would refuse, a reload refuses too, whatever
-        // the role: files named by listeners a standby has not opened, and by the
-        // sections that apply at the next restart (admin.tls, cluster.tls).
+        // the role: what this build does not support, files named by listeners a
+        // standby has not opened, and by the sections that apply at the next restart
+        // (admin.tls, cluster.tls).
         let refused = preflight(&loaded.config);
         if !refused.is_empty() {
             let lines: Vec<String> = refused.iter().map(|e| loaded.refusal_line(e)).collect();

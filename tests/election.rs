@@ -558,7 +558,7 @@ async fn with_standby_serve_every_replica_accepts_and_only_the_hooks_follow_the_
     let new_epoch = epoch(c.addrs[new].admin);
     assert!(
         eventually(Duration::from_secs(5), || std::fs::read_to_string(&log)
-            .is_ok_and(|l| l.contains("on_standby standby")
+            .is_ok_and(|l| l.contains(&format!("on_standby standby {first}"))
                 && l.contains(&format!("on_active active {new_epoch}")))),
         "hooks: {:?}",
         std::fs::read_to_string(&log)
@@ -682,6 +682,53 @@ async fn a_reload_turns_election_off_and_on_again() {
     );
 }
 
+/// Every replica starts as a standby and runs on_standby with epoch 0 before it can
+/// run on_active, as keepalived runs notify_backup at start: after a kill -9 of the
+/// active, its restart undoes what its on_active did before it takes the lease again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_runs_on_standby_when_it_starts_before_on_active() {
+    let mut c = Cluster::new(1).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = dir.path().join("hooks.log");
+    let hook = hook_script(
+        dir.path(),
+        &format!(
+            "echo \"$1 $RAFTLB_ROLE $RAFTLB_EPOCH\" >> {}",
+            log.display()
+        ),
+    );
+    c.election_extra = format!(
+        "  on_active: {hook} on_active\n  on_standby: {hook} on_standby\n",
+        hook = hook.display()
+    );
+    let hooks_ran = |want: &str| {
+        eventually(Duration::from_secs(10), || {
+            std::fs::read_to_string(&log).is_ok_and(|l| l == want)
+        })
+    };
+    let (mut replicas, _) = blocking(|| c.start_all());
+    let first = epoch(c.addrs[0].admin);
+    let want = format!("on_standby standby 0\non_active active {first}\n");
+    assert!(
+        blocking(|| hooks_ran(&want)),
+        "want {want:?}, hooks ran: {:?}",
+        std::fs::read_to_string(&log)
+    );
+    replicas[0].signal("KILL");
+    blocking(|| replicas[0].wait_exit(Duration::from_secs(5)));
+    let restarted = c.spawn(0);
+    blocking(|| c.one_active(&[], Duration::from_secs(20)));
+    let second = epoch(c.addrs[0].admin);
+    assert!(second > first, "epoch {second} after {first}");
+    let want = format!("{want}on_standby standby 0\non_active active {second}\n");
+    assert!(
+        blocking(|| hooks_ran(&want)),
+        "want {want:?}, hooks ran: {:?}\n{}",
+        std::fs::read_to_string(&log),
+        restarted.log()
+    );
+}
+
 /// Rule 5 at shutdown: the on_standby hook the release fires runs to its end
 /// before the process exits (each hook bounded by its timeout).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -691,7 +738,10 @@ async fn sigterm_waits_for_the_on_standby_hook_before_exiting() {
     let out = dir.path().join("hooks.log");
     let hook = hook_script(
         dir.path(),
-        &format!("sleep 3\necho \"done $RAFTLB_ROLE\" >> {}", out.display()),
+        &format!(
+            "[ \"$RAFTLB_EPOCH\" = 0 ] && exit 0\nsleep 3\necho \"done $RAFTLB_ROLE\" >> {}",
+            out.display()
+        ),
     );
     c.election_extra = format!("  on_standby: {}\n", hook.display());
     let (mut replicas, _) = blocking(|| c.start_all());
@@ -720,7 +770,7 @@ async fn a_second_sigterm_takes_a_running_hook_and_what_it_started() {
     let hook = hook_script(
         dir.path(),
         &format!(
-            "trap '' TERM\nsleep 300 &\necho $! > {}\nwait",
+            "[ \"$RAFTLB_EPOCH\" = 0 ] && exit 0\ntrap '' TERM\nsleep 300 &\necho $! > {}\nwait",
             pid.display()
         ),
     );

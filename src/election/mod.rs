@@ -116,6 +116,11 @@ impl Election {
             });
         }
         let follower = Follower::start(vip, settings, requests.clone());
+        // Every replica starts as a standby and runs on_standby, as keepalived runs
+        // notify_backup at start: what an on_active did before a crash or kill -9
+        // is undone before this replica can become active again. Epoch 0: it has
+        // held no lease yet.
+        hooks.fire(Role::Standby, 0);
         tokio::spawn(drive(Driver {
             node,
             elector,

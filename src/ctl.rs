@@ -846,11 +846,17 @@ fn status_table(v: &Value, colour: bool) -> String {
     let lease = &v["lease"];
     if lease.is_null() {
         let _ = writeln!(out, "lease           none (leader election off)");
+    } else if lease["holder_id"].is_null() {
+        let _ = writeln!(
+            out,
+            "lease           free (nobody holds it) epoch {}",
+            text(&lease["epoch"])
+        );
     } else {
-        // As this replica sees it: a lease_duration after it saw the last renew.
+        // As this replica sees it: what it waits out after the last renew it saw.
         let expiry = match (
             lease["renewed_ms_ago"].as_u64(),
-            lease["lease_duration_ms"].as_u64(),
+            lease["waited_out_ms"].as_u64(),
         ) {
             (Some(ago), Some(duration)) if ago < duration => {
                 format!("expires in {} ms", duration - ago)
@@ -865,7 +871,7 @@ fn status_table(v: &Value, colour: bool) -> String {
             text(&lease["holder_id"]),
             text(&lease["epoch"]),
             text(&lease["renewed_ms_ago"]),
-            text(&lease["lease_duration_ms"])
+            text(&lease["waited_out_ms"])
         );
     }
     if !v["backends"].is_null() {
@@ -1002,4 +1008,37 @@ fn saved_line(v: &Value) -> String {
 
 fn version_line(v: &Value) -> String {
     format!("applied: config_version {}\n", text(&v["config_version"]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn lease_line(lease: Value) -> String {
+        let out = status_table(&json!({"role": "standby", "lease": lease}), false);
+        out.lines()
+            .find(|l| l.starts_with("lease"))
+            .unwrap_or_default()
+            .to_string()
+    }
+
+    #[test]
+    fn the_lease_line_counts_down_what_a_standby_waits_out() {
+        let held = json!({"holder": "lb-2", "holder_id": 2, "epoch": 4, "renewed_ms_ago": 500,
+            "lease_duration_ms": 2000, "holder_lease_duration_ms": 3000, "waited_out_ms": 3000});
+        assert_eq!(
+            lease_line(held.clone()),
+            "lease           holder lb-2 (node 2) epoch 4 renewed 500 ms ago, lease 3000 ms, expires in 2500 ms"
+        );
+        let mut late = held;
+        late["renewed_ms_ago"] = json!(3100);
+        assert!(lease_line(late).ends_with("expired 100 ms ago"));
+        let free = json!({"holder": null, "holder_id": null, "epoch": 4, "renewed_ms_ago": 10,
+            "lease_duration_ms": 2000, "holder_lease_duration_ms": 2000, "waited_out_ms": 2000});
+        assert_eq!(
+            lease_line(free),
+            "lease           free (nobody holds it) epoch 4"
+        );
+    }
 }

@@ -509,9 +509,11 @@ async fn a_one_member_cluster_elects_itself_through_the_same_lease() {
     assert_eq!(code, 0, "{err}");
     let lease_line = out.lines().find(|l| l.starts_with("lease")).unwrap_or("");
     assert!(
-        lease_line.contains("holder lb-1 (node 1)") && lease_line.contains(", expires in "),
+        lease_line.contains("holder lb-1 (node 1)")
+            && lease_line.contains(&format!(", lease {} ms, expires in ", LEASE.as_millis())),
         "{out}"
     );
+    assert_eq!(s["lease"]["waited_out_ms"], LEASE.as_millis() as u64, "{s}");
     // No one could take the lease: a transfer is refused, and the lone replica stays
     // active on the same epoch instead of sitting a lease_duration out.
     let (code, out, err) = blocking(|| ctl(c.addrs[0].admin, &["leader", "transfer"]));

@@ -443,15 +443,22 @@ fn status(state: &State) -> Value {
 /// SPEC.md's `lease` of `/api/v1/status`, with the record's epoch and version.
 fn lease_json(s: &crate::election::Status) -> Value {
     let r = &s.record;
+    let ms = |d: std::time::Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+    // What a standby waits out after the last renew it saw (rule 3): the longer
+    // of its own lease_duration and the one the holder wrote.
+    let waits = s
+        .lease_duration
+        .max(std::time::Duration::from_millis(r.lease_duration_ms));
     json!({
         "holder_id": r.holder,
         "holder": if r.holder.is_some() { Value::from(r.holder_name.clone()) } else { Value::Null },
         "handed_over": r.holder.is_some() && r.instance.is_none(),
         "epoch": r.epoch,
         "version": r.version,
-        "renewed_ms_ago": u64::try_from(s.renewed_ago().as_millis()).unwrap_or(u64::MAX),
-        "lease_duration_ms": u64::try_from(s.lease_duration.as_millis()).unwrap_or(u64::MAX),
+        "renewed_ms_ago": ms(s.renewed_ago()),
+        "lease_duration_ms": ms(s.lease_duration),
         "holder_lease_duration_ms": r.lease_duration_ms,
+        "waited_out_ms": ms(waits),
         "acquired_at": wall_time(r.acquire_time_ms),
         "renewed_at": wall_time(r.renew_time_ms),
         "this_replica_epoch": s.epoch,
@@ -561,4 +568,38 @@ fn text(status: StatusCode, body: impl Into<Bytes>) -> Reply {
     let mut reply = Response::new(Full::new(body.into()));
     *reply.status_mut() = status;
     reply
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::election::Status;
+    use crate::election::hooks::Role;
+    use crate::store::types::Lease;
+    use std::time::Duration;
+
+    fn status(own: Duration, holders_ms: u64) -> Status {
+        Status {
+            role: Role::Standby,
+            epoch: 0,
+            record: Lease {
+                holder: Some(2),
+                lease_duration_ms: holders_ms,
+                ..Lease::default()
+            },
+            observed_at: crate::clock::now(),
+            lease_duration: own,
+            fault: None,
+        }
+    }
+
+    #[test]
+    fn a_standby_waits_out_the_longer_of_its_own_lease_and_the_holders() {
+        let holder_longer = lease_json(&status(Duration::from_secs(2), 3000));
+        assert_eq!(holder_longer["lease_duration_ms"], 2000);
+        assert_eq!(holder_longer["holder_lease_duration_ms"], 3000);
+        assert_eq!(holder_longer["waited_out_ms"], 3000);
+        let own_longer = lease_json(&status(Duration::from_secs(5), 3000));
+        assert_eq!(own_longer["waited_out_ms"], 5000);
+    }
 }

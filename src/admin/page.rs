@@ -312,12 +312,8 @@ fn lease(out: &mut String, status: &Value) {
     } else {
         format!("{} (node {})", v(&lease["holder"]), v(&lease["holder_id"]))
     };
-    // The holder's, which the standbys wait out (a replica's own may differ).
-    let holders = &lease["holder_lease_duration_ms"];
-    let duration = match holders.as_u64() {
-        Some(ms) if ms > 0 => holders,
-        _ => &lease["lease_duration_ms"],
-    };
+    // What the standbys wait out: the longer of this replica's and the holder's.
+    let duration = &lease["waited_out_ms"];
     let _ = writeln!(
         out,
         "<table id=\"lease\"><tr><th>holder</th><th>epoch</th><th>renewed</th><th>lease duration</th>\
@@ -450,7 +446,7 @@ mod tests {
                         "members": [{"id": 1, "address": EVIL, "role": EVIL, "voter": true, "reachable": true},
                                     {"id": 2, "name": EVIL, "address": EVIL, "role": "follower", "voter": true, "reachable": false}]},
             "lease": {"holder_id": 2, "holder": EVIL, "epoch": 4, "renewed_ms_ago": 1500,
-                      "lease_duration_ms": 15000, "holder_lease_duration_ms": 3000,
+                      "lease_duration_ms": 2000, "holder_lease_duration_ms": 3000, "waited_out_ms": 3000,
                       "renewed_at": EVIL, "this_replica_epoch": 4},
         });
         let backends = json!({"config_version": 7, "pools": [{"name": EVIL, "balance": EVIL, "backends": [
@@ -469,7 +465,7 @@ mod tests {
         assert!(page.matches(&escaped).count() >= 12, "{page}");
         assert!(page.contains("2.0 KiB") && page.contains("5 B"), "{page}");
         assert!(page.contains("1.5 s ago"), "{page}");
-        // The lease's duration is the holder's, which the standbys wait out.
+        // The lease's duration is what the standbys wait out, not this replica's own.
         assert!(page.contains("<td>3.0 s</td>"), "{page}");
         // The lease holder (node 2) is active; this replica's role is its own.
         assert!(

@@ -684,6 +684,36 @@ async fn a_reload_turns_election_off_and_on_again() {
     );
 }
 
+/// A lone replica paused past its lease steps down when it resumes (its term ran
+/// out), then takes its own lease again at once (nobody else can be active on it)
+/// and opens its listeners again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lone_replica_paused_past_its_lease_serves_again_after_it_resumes() {
+    let c = Cluster::new(1).await;
+    let (replicas, _) = blocking(|| c.start_all());
+    let first = epoch(c.addrs[0].admin);
+    replicas[0].signal("STOP");
+    tokio::time::sleep(LEASE + SLACK).await;
+    replicas[0].signal("CONT");
+    blocking(|| c.one_active(&[], Duration::from_secs(20)));
+    let mut serves = false;
+    for _ in 0..100 {
+        if proxies(c.addrs[0].listen).await {
+            serves = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        serves,
+        "not serving after it resumed\n{}",
+        replicas[0].log()
+    );
+    let log = replicas[0].log();
+    assert!(epoch(c.addrs[0].admin) > first, "{log}");
+    assert!(log.contains("stepped down"), "{log}");
+}
+
 /// Every replica starts as a standby and runs on_standby with epoch 0 before it can
 /// run on_active, as keepalived runs notify_backup at start: after a kill -9 of the
 /// active, its restart undoes what its on_active did before it takes the lease again.

@@ -191,24 +191,56 @@ pub enum ConfigCommand {
 pub enum BackendCommand {
     /// Add a backend to a pool (cluster mode; standalone answers: edit the file).
     Add {
+        #[arg(value_parser = plain_name)]
         pool: String,
+        #[arg(value_parser = plain_name)]
         name: String,
         address: String,
         #[arg(long, default_value_t = 1)]
         weight: u32,
     },
     /// Remove a backend (cluster mode; standalone answers: edit the file).
-    Remove { pool: String, name: String },
+    Remove {
+        #[arg(value_parser = plain_name)]
+        pool: String,
+        #[arg(value_parser = plain_name)]
+        name: String,
+    },
     /// Stop new connections to a backend; open ones stay.
-    Drain { pool: String, name: String },
+    Drain {
+        #[arg(value_parser = plain_name)]
+        pool: String,
+        #[arg(value_parser = plain_name)]
+        name: String,
+    },
     /// Let a drained backend take new connections again.
-    Undrain { pool: String, name: String },
+    Undrain {
+        #[arg(value_parser = plain_name)]
+        pool: String,
+        #[arg(value_parser = plain_name)]
+        name: String,
+    },
     /// Set a backend's weight (1 to 256).
     Weight {
+        #[arg(value_parser = plain_name)]
         pool: String,
+        #[arg(value_parser = plain_name)]
         name: String,
         weight: u32,
     },
+}
+
+/// A pool or backend name as the config allows it, checked before it goes into a
+/// URL path: `b1?x` would otherwise name backend `b1` and change it.
+fn plain_name(s: &str) -> Result<String, String> {
+    if crate::config::validate::valid_name(s) {
+        Ok(s.to_string())
+    } else {
+        Err(format!(
+            "not a pool or backend name: {}",
+            crate::config::validate::NAME_RULE
+        ))
+    }
 }
 
 #[derive(Debug, clap::Args)]

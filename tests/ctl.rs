@@ -80,15 +80,32 @@ async fn ctl_reads_and_changes_backends_through_the_admin_api() {
         out.starts_with("set the weight of web/a to 7: ") && out.contains("weight 7"),
         "{out}"
     );
+    // A name the config would refuse never reaches a URL: `a?x` would name `a`.
+    for bad in [
+        ["web", "a?x"],
+        ["web", "a#x"],
+        ["we/b", "a"],
+        ["web", "a%3Fx"],
+    ] {
+        let (code, out, err) = ctl(&["backend", "weight", bad[0], bad[1], "3"]);
+        assert_eq!(code, 2, "{bad:?}: {out}{err}");
+        assert!(
+            err.contains("not a pool or backend name: use 1-63 characters"),
+            "{err}"
+        );
+    }
     let (code, out, _) = ctl(&["backend", "undrain", "web", "b", "-o", "yaml"]);
     assert_eq!(code, 0);
     let v: Value = serde_saphyr::from_str(&out).expect("-o yaml prints YAML");
     assert_eq!(v["name"], "b", "{out}");
     assert_eq!(v["drained"], false, "{out}");
+    let (code, out, err) = ctl(&["backend", "drain", "web", "b?"]);
+    assert_eq!(code, 2, "{out}{err}");
     let (code, out, _) = ctl(&["-o", "json", "backends"]);
     assert_eq!(code, 0);
     let v: serde_json::Value = serde_json::from_str(&out).expect("-o json prints JSON");
     assert_eq!(v["pools"][0]["backends"][0]["weight"], 7, "{v}");
+    assert_eq!(v["pools"][0]["backends"][1]["drained"], false, "{v}");
 
     let (code, _, err) = ctl(&["backend", "remove", "web", "a"]);
     assert_eq!(code, 1);

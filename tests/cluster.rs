@@ -625,12 +625,46 @@ async fn ctl_adds_promotes_and_removes_a_member_and_applies_config() {
     let (code, out, err) = blocking(|| ctl(admin, &["backend", "add", "web", "b9", "127.0.0.1:0"]));
     assert_ne!(code, 0, "backend add with port 0: {out}{err}");
     assert!(err.contains("port of 1-65535"), "{err}");
+    // ctl refuses a name the config would refuse before sending it; the API too.
     let (code, out, err) =
         blocking(|| ctl(admin, &["backend", "add", "web", "bad name", "127.0.0.1:1"]));
-    assert_ne!(code, 0, "backend add with a bad name: {out}{err}");
+    assert_eq!(code, 2, "backend add with a bad name: {out}{err}");
+    let (code, body) = blocking(|| {
+        json(
+            admin,
+            "POST",
+            "/api/v1/pools/web/backends",
+            r#"{"name": "bad name", "address": "127.0.0.1:1"}"#,
+        )
+    });
+    let error = body["error"].as_str().unwrap_or_default();
+    assert_eq!(code, 400, "{body}");
     assert!(
-        err.contains(": 400 name: ") && !err.contains("pools.p"),
-        "the error names the field, not a stand-in pool: {err}"
+        error.starts_with("name: ") && !error.contains("pools.p"),
+        "the error names the field, not a stand-in pool: {body}"
+    );
+    // An address a member listens on already, however spelt, is refused: the new
+    // id would be that member, and removing the new id would remove it.
+    let peer2 = cluster.addrs[1].peer;
+    for taken in [
+        peer2.to_string(),
+        format!("localhost:{}", peer2.port()),
+        format!("[::ffff:127.0.0.1]:{}", peer2.port()),
+    ] {
+        let (code, out, err) = blocking(|| ctl(admin, &["member", "add", "5", &taken]));
+        assert_ne!(code, 0, "member add 5 {taken}: {out}{err}");
+        assert!(
+            err.contains("400") && err.contains("is node 2's address"),
+            "member add 5 {taken}: {out}{err}"
+        );
+    }
+    let (_, listed, _) = blocking(|| ctl(admin, &["-o", "json", "members"]));
+    let listed: Value = serde_json::from_str(&listed).expect("members as JSON");
+    assert!(
+        listed["members"]
+            .as_array()
+            .is_some_and(|m| m.len() == 3 && m.iter().all(|m| m["id"] != 5)),
+        "{listed}"
     );
 
     let peer4 = cluster.addrs[3].peer.to_string();

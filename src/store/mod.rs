@@ -12,6 +12,7 @@ pub mod types;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -1468,14 +1469,23 @@ impl Node {
                 if id == 0 {
                     return WriteReply::Invalid("node id 0 is not allowed: use 1 or more".into());
                 }
-                // The same rule as cluster.peers in the file.
-                if let Err(e) = address.parse::<HostPort>() {
-                    return WriteReply::Invalid(e);
-                }
+                // The same rules as cluster.peers in the file.
+                let wanted = match address.parse::<HostPort>() {
+                    Ok(wanted) => wanted,
+                    Err(e) => return WriteReply::Invalid(e),
+                };
                 if known(id) {
                     return WriteReply::Invalid(format!(
                         "node {id} is a member already: remove it first"
                     ));
+                }
+                for (other, node) in membership.nodes() {
+                    if same_place(&wanted, &node.addr).await {
+                        return WriteReply::Invalid(format!(
+                            "{address} is node {other}'s address ({}): each replica needs its own address, or the one listening there answers for both ids (and removing the new id would remove node {other})",
+                            node.addr
+                        ));
+                    }
                 }
                 let node = RaftNode { addr: address };
                 let added = proposed(
@@ -1720,6 +1730,36 @@ type Proposal<E> = Result<
 >;
 
 /// Maps a proposal's result: not the leader any more means nothing was proposed.
+/// Whether a new member's address is where a member already listens: the same
+/// address however spelt, or a name that resolves to one of its addresses (each
+/// lookup bounded by a second; one that fails or times out finds nothing).
+async fn same_place(wanted: &HostPort, member: &str) -> bool {
+    let Ok(member) = member.parse::<HostPort>() else {
+        return false;
+    };
+    if wanted.same_as(&member) {
+        return true;
+    }
+    if wanted.ip().is_some() && member.ip().is_some() {
+        return false;
+    }
+    let resolve = |h: HostPort| async move {
+        let found = tokio::time::timeout(
+            Duration::from_secs(1),
+            tokio::net::lookup_host(h.to_string()),
+        )
+        .await;
+        match found {
+            Ok(Ok(addrs)) => addrs
+                .map(|a| SocketAddr::new(a.ip().to_canonical(), a.port()))
+                .collect(),
+            _ => Vec::new(),
+        }
+    };
+    let (a, b) = (resolve(wanted.clone()).await, resolve(member).await);
+    a.iter().any(|x| b.contains(x))
+}
+
 fn proposed(
     result: Proposal<ClientWriteError<types::TypeConfig>>,
     deadline: Duration,

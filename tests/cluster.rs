@@ -788,11 +788,31 @@ async fn ctl_adds_promotes_and_removes_a_member_and_applies_config() {
         .expect("PUT")
     };
     let node_local = format!("listeners: {{}}\n{yaml}");
+    // Values every probe would fail on: the pool would go down on every replica.
+    let with_check = |check: &str| {
+        yaml.replacen(
+            "  web:\n",
+            &format!("  web:\n    health_check: {check}\n"),
+            1,
+        )
+    };
+    let spaced_path = with_check("{ path: \"/ready z\" }");
+    let empty_sni = with_check("{ tls: { server_name: \"\" } }");
+    assert_ne!(spaced_path, yaml, "the pool is there to spoil");
     for (body, says) in [
         (bad_yaml.as_str(), format!("request body:{line}:{column}: ")),
         (
             node_local.as_str(),
             "request body:1:1: listeners: only pools are replicated".to_string(),
+        ),
+        (
+            spaced_path.as_str(),
+            r#"pools.web.health_check.path: \"/ready z\" is not a URL path"#.to_string(),
+        ),
+        (
+            empty_sni.as_str(),
+            r#"pools.web.health_check.tls.server_name: \"\" is not a valid TLS server name"#
+                .to_string(),
         ),
     ] {
         let (code, answer) = put_yaml(body);

@@ -8,7 +8,7 @@ use std::time::Duration;
 use serde_saphyr::{Location, Spanned};
 
 use super::schema::{
-    CheckKind, Cluster, Config, InitialState, LeaderElection, StoreKind, TlsMode, Vip,
+    BackendTls, CheckKind, Cluster, Config, InitialState, LeaderElection, StoreKind, TlsMode, Vip,
 };
 use super::types::{Dur, HostPort};
 use super::{Issue, Place};
@@ -602,6 +602,12 @@ fn validate_pools(config: &Config, existing: bool, f: &mut Findings) {
                 tls.value.cert.is_some(),
                 tls.value.key.is_some(),
             );
+            server_name(
+                f,
+                at(tls),
+                &format!("{path}.backend_tls.server_name"),
+                &tls.value,
+            );
         }
         if let Some(hc) = &p.health_check {
             let hp = format!("{path}.health_check");
@@ -623,6 +629,16 @@ fn validate_pools(config: &Config, existing: bool, f: &mut Findings) {
                     format!("{hp}.path"),
                     format!("{:?} must start with /, e.g. /readyz", hc_v.path.value),
                 );
+            } else if let Err(e) = hyper::Uri::try_from(hc_v.path.value.as_str()) {
+                // What the probe's request is built from: every probe would fail.
+                f.error(
+                    at(&hc_v.path),
+                    format!("{hp}.path"),
+                    format!(
+                        "{:?} is not a URL path ({e}): escape spaces and other special characters, e.g. /a%20b",
+                        hc_v.path.value
+                    ),
+                );
             }
             if let Some(tls) = &hc_v.tls {
                 cert_pair(
@@ -632,6 +648,7 @@ fn validate_pools(config: &Config, existing: bool, f: &mut Findings) {
                     tls.cert.is_some(),
                     tls.key.is_some(),
                 );
+                server_name(f, at(hc), &format!("{hp}.tls.server_name"), tls);
                 if hc_v.kind == CheckKind::Tcp {
                     f.warn(
                         at(hc),
@@ -685,6 +702,22 @@ fn validate_pools(config: &Config, existing: bool, f: &mut Findings) {
 fn positive(f: &mut Findings, d: &Spanned<Dur>, path: &str) {
     if d.value.get() == Duration::ZERO {
         f.error(at(d), path, "must be more than 0");
+    }
+}
+
+/// `server_name`, when set, is what every handshake sends and verifies: one the
+/// TLS library refuses would fail them all.
+fn server_name(f: &mut Findings, place: Place, path: &str, tls: &BackendTls) {
+    if let Some(name) = &tls.server_name
+        && let Err(e) = rustls_pki_types::ServerName::try_from(name.as_str())
+    {
+        f.error(
+            place,
+            path,
+            format!(
+                "{name:?} is not a valid TLS server name ({e}): use a DNS name or an IP address"
+            ),
+        );
     }
 }
 

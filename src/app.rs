@@ -17,7 +17,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::balancer::Balancer;
 use crate::cli::{LogFormat, RunArgs};
-use crate::config::schema::Standby;
+use crate::config::schema::{Standby, TlsMode};
 use crate::config::{self, Config, Loaded, Overrides};
 use crate::election::hooks::Hooks;
 use crate::election::lease::{self, Role};
@@ -59,7 +59,7 @@ pub struct State {
     /// The active's listeners are open (`standby: close_listeners`).
     listening: AtomicBool,
     /// Each listener's pool (listener name, pool name): a missing pool is not ready.
-    listener_pools: std::sync::Mutex<Vec<(String, String)>>,
+    listener_pools: std::sync::Mutex<Vec<ListenerPool>>,
     token: ArcSwapOption<String>,
 }
 
@@ -92,8 +92,8 @@ impl State {
             .unwrap_or_else(PoisonError::into_inner);
         let missing: Vec<String> = pools
             .iter()
-            .filter(|(_, pool)| !snapshot.pools.contains_key(pool))
-            .map(|(listener, pool)| format!("listener {listener}: pool {pool} does not exist"))
+            .filter(|l| !snapshot.pools.contains_key(&l.pool))
+            .map(|l| format!("listener {}: pool {} does not exist", l.listener, l.pool))
             .collect();
         (!missing.is_empty()).then(|| missing.join("; "))
     }
@@ -105,8 +105,28 @@ impl State {
             .unwrap_or_else(PoisonError::into_inner) = config
             .listeners
             .iter()
-            .map(|(name, l)| (name.clone(), l.pool.value.clone()))
+            .map(|(name, l)| ListenerPool {
+                listener: name.clone(),
+                pool: l.pool.value.clone(),
+                terminates: l.tls.value == TlsMode::Terminate,
+            })
             .collect();
+    }
+
+    /// Why this replica's own listeners refuse `pool` (the file's cross-check, for
+    /// replicated pools, which are checked without listeners): `backend_tls` behind
+    /// a listener that passes TLS through.
+    pub fn listeners_refuse(&self, name: &str, pool: &config::schema::Pool) -> Option<String> {
+        pool.backend_tls.as_ref()?;
+        let listeners = self
+            .listener_pools
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let through = listeners.iter().find(|l| l.pool == name && !l.terminates)?;
+        Some(format!(
+            "pools.{name}.backend_tls: {} here",
+            config::validate::backend_tls_behind_passthrough(&through.listener)
+        ))
     }
 
     /// This replica's role: election's, or active whenever it serves without one.
@@ -955,6 +975,14 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
     .collect()
 }
 
+/// A listener of this replica and the pool it serves.
+struct ListenerPool {
+    listener: String,
+    pool: String,
+    /// `tls: terminate`: the only mode a pool with `backend_tls` may sit behind.
+    terminates: bool,
+}
+
 /// Cluster mode: applies every committed config to the proxy's pools, without
 /// dropping established connections. Ready once a config is applied.
 async fn follow_store(node: Arc<Node>, state: Arc<State>) {
@@ -966,7 +994,9 @@ async fn follow_store(node: Arc<Node>, state: Arc<State>) {
             version = current.state.config_version;
             let failures = state
                 .balancer
-                .apply_replicated(&current.state.pools, version)
+                .apply_replicated(&current.state.pools, version, |name, pool| {
+                    state.listeners_refuse(name, pool)
+                })
                 .await;
             for f in &failures {
                 tracing::error!(

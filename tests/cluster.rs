@@ -798,6 +798,8 @@ async fn ctl_adds_promotes_and_removes_a_member_and_applies_config() {
     };
     let spaced_path = with_check("{ path: \"/ready z\" }");
     let empty_sni = with_check("{ tls: { server_name: \"\" } }");
+    // backend_tls behind this replica's passthrough listener `front`.
+    let reencrypting = yaml.replacen("  web:\n", "  web:\n    backend_tls: {}\n", 1);
     assert_ne!(spaced_path, yaml, "the pool is there to spoil");
     for (body, says) in [
         (bad_yaml.as_str(), format!("request body:{line}:{column}: ")),
@@ -813,6 +815,10 @@ async fn ctl_adds_promotes_and_removes_a_member_and_applies_config() {
             empty_sni.as_str(),
             r#"pools.web.health_check.tls.server_name: \"\" is not a valid TLS server name"#
                 .to_string(),
+        ),
+        (
+            reencrypting.as_str(),
+            "pools.web.backend_tls: backend_tls re-encrypts towards backends, so it needs tls: terminate on every listener of the pool, and listener front passes TLS through here".to_string(),
         ),
     ] {
         let (code, answer) = put_yaml(body);

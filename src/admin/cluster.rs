@@ -398,6 +398,16 @@ pub async fn config(state: &State, node: &Node, req: Request<Incoming>) -> Reply
                 Ok(c) => c,
                 Err(e) => return error(StatusCode::BAD_REQUEST, &e),
             };
+            // What this replica's listeners refuse, the others' most likely do too;
+            // each replica checks its own again when it applies the write.
+            let refused: Vec<String> = checked
+                .pools
+                .iter()
+                .filter_map(|(name, pool)| state.listeners_refuse(name, pool))
+                .collect();
+            if !refused.is_empty() {
+                return error(StatusCode::BAD_REQUEST, &refused.join("; "));
+            }
             let command = Command::SetPools {
                 pools: checked.pools,
                 if_version: if_match,

@@ -212,18 +212,22 @@ impl Balancer {
     }
 
     /// Applies a committed config at the store's `version`. A pool this replica cannot
-    /// build (a certificate file missing here) keeps its previous version; the errors
-    /// are returned, one line per pool.
+    /// build (a certificate file missing here) or that `refuse` names a reason for
+    /// (this replica's listeners) keeps its previous version; the errors are
+    /// returned, one line per pool.
     pub async fn apply_replicated(
         &self,
         pools: &BTreeMap<String, schema::Pool>,
         version: u64,
+        refuse: impl Fn(&str, &schema::Pool) -> Option<String>,
     ) -> Vec<String> {
         let mut config = self.config.lock().await;
         let mut effective = BTreeMap::new();
         let mut failures = Vec::new();
         for (name, pool) in pools {
-            let built = probe_tls(name, pool.health_check.as_ref().map(|c| &c.value))
+            let built = refuse(name, pool)
+                .map_or(Ok(()), Err)
+                .and_then(|()| probe_tls(name, pool.health_check.as_ref().map(|c| &c.value)))
                 .and_then(|_| backend_tls(name, pool));
             match built {
                 Ok(_) => {
@@ -594,5 +598,42 @@ mod tests {
             "the replacement token is a child too"
         );
         assert!(other.is_cancelled());
+    }
+
+    /// A pool the replica refuses (its listeners) keeps its previous version, and
+    /// the others apply at the store's version.
+    #[tokio::test]
+    async fn a_refused_pool_keeps_its_previous_version() {
+        let pools = |weight: u32| {
+            crate::config::parse_pools(
+                &format!(
+                    "pools:\n  a: {{ backends: [{{ name: a1, address: 127.0.0.1:1, weight: {weight} }}] }}\n  \
+                     b: {{ backends: [{{ name: b1, address: 127.0.0.1:2, weight: {weight} }}] }}\n"
+                ),
+                "test",
+            )
+            .expect("pools")
+        };
+        let weight = |b: &Balancer, pool: &str| b.snapshot().pools[pool].backends[0].weight;
+        let balancer = Balancer::new();
+        assert!(
+            balancer
+                .apply_replicated(&pools(1), 1, |_, _| None)
+                .await
+                .is_empty()
+        );
+        let failures = balancer
+            .apply_replicated(&pools(5), 2, |name, _| {
+                (name == "a").then(|| format!("pools.{name}: refused here"))
+            })
+            .await;
+        assert_eq!(failures, vec!["pools.a: refused here".to_string()]);
+        assert_eq!(balancer.snapshot().version, 2);
+        assert_eq!(
+            weight(&balancer, "a"),
+            1,
+            "the refused pool stays as it was"
+        );
+        assert_eq!(weight(&balancer, "b"), 5);
     }
 }

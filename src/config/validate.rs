@@ -524,7 +524,7 @@ fn validate_listeners(config: &Config, existing: bool, open_files: u64, f: &mut 
             f.error(
                 at(btls),
                 format!("pools.{}.backend_tls", l.pool.value),
-                format!("backend_tls re-encrypts towards backends, so it needs tls: terminate on every listener of the pool, and listener {name} passes TLS through"),
+                backend_tls_behind_passthrough(name),
             );
         }
         if let Some(max) = &l.max_connections {
@@ -703,6 +703,15 @@ fn positive(f: &mut Findings, d: &Spanned<Dur>, path: &str) {
     if d.value.get() == Duration::ZERO {
         f.error(at(d), path, "must be more than 0");
     }
+}
+
+/// Why a pool with `backend_tls` cannot sit behind `listener`, which passes TLS
+/// through: the file's check, and a replicated write that a replica's own
+/// listeners refuse.
+pub fn backend_tls_behind_passthrough(listener: &str) -> String {
+    format!(
+        "backend_tls re-encrypts towards backends, so it needs tls: terminate on every listener of the pool, and listener {listener} passes TLS through"
+    )
 }
 
 /// `server_name`, when set, is what every handshake sends and verifies: one the

@@ -754,6 +754,24 @@ async fn ctl_adds_promotes_and_removes_a_member_and_applies_config() {
     })
     .expect("PUT");
     assert_eq!(again.status, 200, "{again:?}");
+    // A pool named twice is refused, as the file's YAML reader refuses it; serde_json
+    // alone would keep the last one.
+    let version = status(admin)["config_version"].clone();
+    let web = &doc["pools"]["web"];
+    let twice = format!(r#"{{"pools": {{"web": {web}, "web": {web}}}}}"#);
+    let (code, answer) = blocking(|| {
+        http_request(
+            admin,
+            "PUT",
+            "/api/v1/config",
+            &[("Content-Type", "application/json")],
+            &twice,
+        )
+    })
+    .expect("PUT");
+    assert_eq!(code, 400, "{answer}");
+    assert!(answer.contains(r#"key \"web\" appears twice"#), "{answer}");
+    assert_eq!(status(admin)["config_version"], version);
 
     // A bad file: ctl names its line and column and sends nothing; the replica
     // itself names the line and column of its request body. Nothing changes.

@@ -51,12 +51,16 @@ struct NewMember {
 
 /// Answers a write's result: 200 (or `created`) with the config_version as ETag, the
 /// state machine's refusal with its status, 503 when there is no quorum.
-fn written(state: &State, result: Result<Outcome, WriteError>, created: StatusCode) -> Reply {
+async fn written(state: &State, result: Result<Outcome, WriteError>, created: StatusCode) -> Reply {
     match result {
-        Ok(Outcome::Applied { config_version }) => with_etag(
-            json_reply(created, &json!({"config_version": config_version})),
-            config_version,
-        ),
+        Ok(Outcome::Applied { config_version }) => {
+            // Read-your-writes on this replica: its status and proxy show the write.
+            until_applied(state, config_version).await;
+            with_etag(
+                json_reply(created, &json!({"config_version": config_version})),
+                config_version,
+            )
+        }
         Ok(Outcome::Record { version }) => json_reply(created, &json!({"version": version})),
         Ok(Outcome::Lease { won, lease }) => json_reply(
             if won { created } else { StatusCode::CONFLICT },
@@ -155,7 +159,7 @@ pub async fn backend_write(
         Command::RemoveBackend { pool, backend }
         | Command::SetWeight { pool, backend, .. }
         | Command::SetDrained { pool, backend, .. } => (pool.clone(), backend.clone()),
-        _ => return written(state, node.write(command).await, created),
+        _ => return written(state, node.write(command).await, created).await,
     };
     // A removed backend is answered as it was just before (what the write removed).
     let before = backend_now(state, &pool, &name);
@@ -169,7 +173,7 @@ pub async fn backend_write(
             let body = body.unwrap_or_else(|| json!({"name": name, "pool": pool}));
             with_etag(json_reply(created, &body), config_version)
         }
-        other => written(state, other, created),
+        other => written(state, other, created).await,
     }
 }
 
@@ -192,11 +196,17 @@ async fn applied_backend(
     pool: &str,
     name: &str,
 ) -> Option<Value> {
+    until_applied(state, config_version).await;
+    backend_now(state, pool, name)
+}
+
+/// Waits, a bounded time, until this replica has applied `config_version`, which
+/// follows the commit by a moment (on a follower, the leader's next message).
+async fn until_applied(state: &State, config_version: u64) {
     let deadline = tokio::time::Instant::now() + APPLY_WAIT;
     while state.config_version() < config_version && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
-    backend_now(state, pool, name)
 }
 
 /// How long a backend write waits for this replica to apply what it committed.
@@ -390,7 +400,7 @@ pub async fn config(state: &State, node: &Node, req: Request<Incoming>) -> Reply
                     })
                     .map(|pools| Replicated { pools })
             } else {
-                serde_json::from_slice(&body)
+                super::from_json(&body)
                     .map_err(|e| format!("invalid body: {e}"))
                     .and_then(check_json_pools)
             };
@@ -412,7 +422,7 @@ pub async fn config(state: &State, node: &Node, req: Request<Incoming>) -> Reply
                 pools: checked.pools,
                 if_version: if_match,
             };
-            written(state, node.write(command).await, StatusCode::OK)
+            written(state, node.write(command).await, StatusCode::OK).await
         }
         ref m => error(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -440,7 +450,7 @@ async fn read_target(req: Request<Incoming>, path: &str, required: bool) -> Resu
     let target = if body.iter().all(u8::is_ascii_whitespace) {
         Target::default()
     } else {
-        serde_json::from_slice(&body)
+        super::from_json(&body)
             .map_err(|e| error(StatusCode::BAD_REQUEST, &format!("invalid JSON body: {e}")))?
     };
     if required && target.to.is_none() {
@@ -468,7 +478,7 @@ pub async fn leader_transfer(state: &State, node: &Node, req: Request<Incoming>)
                 &json!({"transferred": true, "to": target.to, "lease": lease}),
             )
         }
-        Err(e) => written(state, Err(e), StatusCode::OK),
+        Err(e) => written(state, Err(e), StatusCode::OK).await,
     }
 }
 
@@ -483,7 +493,7 @@ pub async fn move_leader(state: &State, node: &Node, req: Request<Incoming>) -> 
     tracing::info!(to = target, "admin: move Raft leadership");
     match node.move_leader(target).await {
         Ok(_) => json_reply(StatusCode::OK, &json!({"moved": true, "to": target})),
-        Err(e) => written(state, Err(e), StatusCode::OK),
+        Err(e) => written(state, Err(e), StatusCode::OK).await,
     }
 }
 
@@ -530,7 +540,7 @@ pub async fn members(state: &State, node: &Node, req: Request<Incoming>, rest: &
             json_reply(StatusCode::ACCEPTED, &json!({"members": member_list(node)}))
         }
         Ok(_) => json_reply(StatusCode::OK, &json!({"members": member_list(node)})),
-        Err(e) => written(state, Err(e), StatusCode::OK),
+        Err(e) => written(state, Err(e), StatusCode::OK).await,
     }
 }
 

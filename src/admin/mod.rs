@@ -410,8 +410,74 @@ async fn read_body(req: Request<Incoming>) -> Result<Bytes, Reply> {
 
 async fn read_json<T: serde::de::DeserializeOwned>(req: Request<Incoming>) -> Result<T, Reply> {
     let body = read_body(req).await?;
-    serde_json::from_slice(&body)
-        .map_err(|e| error(StatusCode::BAD_REQUEST, &format!("invalid JSON body: {e}")))
+    from_json(&body).map_err(|e| error(StatusCode::BAD_REQUEST, &format!("invalid JSON body: {e}")))
+}
+
+/// A JSON body, refused when any object in it has a key twice (serde_json keeps the
+/// last one silently, where the config file's YAML reader refuses the duplicate).
+fn from_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, serde_json::Error> {
+    serde_json::from_slice::<UniqueKeys>(body)?;
+    serde_json::from_slice(body)
+}
+
+/// Any JSON value whose objects have no key twice; nothing is kept.
+struct UniqueKeys;
+
+impl<'de> serde::Deserialize<'de> for UniqueKeys {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(UniqueKeys)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for UniqueKeys {
+    type Value = UniqueKeys;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<UniqueKeys, E> {
+        Ok(UniqueKeys)
+    }
+
+    fn visit_i64<E>(self, _: i64) -> Result<UniqueKeys, E> {
+        Ok(UniqueKeys)
+    }
+
+    fn visit_u64<E>(self, _: u64) -> Result<UniqueKeys, E> {
+        Ok(UniqueKeys)
+    }
+
+    fn visit_f64<E>(self, _: f64) -> Result<UniqueKeys, E> {
+        Ok(UniqueKeys)
+    }
+
+    fn visit_str<E>(self, _: &str) -> Result<UniqueKeys, E> {
+        Ok(UniqueKeys)
+    }
+
+    fn visit_unit<E>(self) -> Result<UniqueKeys, E> {
+        Ok(UniqueKeys)
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<UniqueKeys, A::Error> {
+        while seq.next_element::<UniqueKeys>()?.is_some() {}
+        Ok(UniqueKeys)
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<UniqueKeys, A::Error> {
+        let mut seen = std::collections::HashSet::new();
+        while let Some(key) = map.next_key::<String>()? {
+            map.next_value::<UniqueKeys>()?;
+            if seen.contains(&key) {
+                return Err(serde::de::Error::custom(format!(
+                    "key {key:?} appears twice in one object"
+                )));
+            }
+            seen.insert(key);
+        }
+        Ok(UniqueKeys)
+    }
 }
 
 fn status(state: &State) -> Value {
@@ -591,6 +657,21 @@ mod tests {
             lease_duration: own,
             fault: None,
         }
+    }
+
+    #[test]
+    fn a_json_body_with_a_key_twice_in_one_object_is_refused() {
+        let parse = |body: &str| from_json::<Value>(body.as_bytes()).map_err(|e| e.to_string());
+        let twice = parse(r#"{"pools": {"p1": {"backends": []}, "p1": {"backends": []}}}"#);
+        assert_eq!(
+            twice.err().as_deref(),
+            Some(r#"key "p1" appears twice in one object at line 1 column 58"#)
+        );
+        let nested = parse(r#"[{"a": 1}, {"b": {"c": 1, "c": 2}}]"#);
+        assert!(nested.is_err_and(|e| e.contains(r#"key "c""#)));
+        // The same key in different objects, and every kind of value, are fine.
+        let fine = parse(r#"{"a": {"x": 1}, "b": {"x": [true, null, -1, 2.5, "s", {"x": 0}]}}"#);
+        assert_eq!(fine.expect("valid")["b"]["x"][5]["x"], 0);
     }
 
     #[test]

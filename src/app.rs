@@ -98,11 +98,22 @@ impl State {
         (!missing.is_empty()).then(|| missing.join("; "))
     }
 
+    /// The config's listeners, and their counters at 0 for every backend of their
+    /// pool, whether this replica serves them now or not (a standby's too, so that
+    /// `increase()` sees the first connections after a failover); the series of a
+    /// listener the config no longer has leave `/metrics`.
     fn set_listener_pools(&self, config: &Config) {
-        *self
+        let mut listeners = self
             .listener_pools
             .lock()
-            .unwrap_or_else(PoisonError::into_inner) = config
+            .unwrap_or_else(PoisonError::into_inner);
+        for gone in listeners
+            .iter()
+            .filter(|l| !config.listeners.contains_key(&l.listener))
+        {
+            m::listener_removed(&gone.listener);
+        }
+        *listeners = config
             .listeners
             .iter()
             .map(|(name, l)| ListenerPool {
@@ -111,6 +122,15 @@ impl State {
                 terminates: l.tls.value == TlsMode::Terminate,
             })
             .collect();
+        let snapshot = self.balancer.snapshot();
+        for l in listeners.iter() {
+            let backends = snapshot
+                .pools
+                .get(&l.pool)
+                .map(|p| p.backends.iter().map(|b| b.name.to_string()).collect())
+                .unwrap_or_else(Vec::new);
+            m::listener_serves(&l.listener, &l.pool, backends.into_iter());
+        }
     }
 
     /// Why this replica's own listeners refuse `pool` (the file's cross-check, for
@@ -910,7 +930,7 @@ impl Server {
         }
         for (name, settings) in updates {
             if let Some((_, running)) = self.listeners.get(&name) {
-                running.update(settings, &self.shared.balancer);
+                running.update(settings);
             }
         }
         let removed: Vec<String> = self
@@ -922,7 +942,6 @@ impl Server {
         for name in removed {
             if let Some((_, running)) = self.listeners.remove(&name) {
                 running.stop().await;
-                m::listener_removed(&name);
                 tracing::info!(listener = %name, "listener removed; its open connections carry on");
             }
         }

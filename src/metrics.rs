@@ -273,6 +273,13 @@ fn zero_listener_backend(listener: &str, pool: &str, backend: &str) {
     for direction in ["to_backend", "to_client"] {
         metrics::counter!(BYTES_TOTAL, &labels("direction", direction)).increment(0);
     }
+    let labels = [
+        ("listener", listener.to_string()),
+        ("pool", pool.to_string()),
+        ("backend", backend.to_string()),
+    ];
+    // Adds nothing to a gauge that may count open connections already.
+    metrics::gauge!(ACTIVE_CONNECTIONS, &labels).increment(0.0);
 }
 
 /// Label sets (as rendered, e.g. `pool="web"`) of what was removed from the config:

@@ -221,6 +221,23 @@ async fn exactly_one_active_accepts_and_a_killed_active_is_replaced() {
             "/readyz of replica {i}"
         );
     }
+    // A standby, whose listener is closed, exports its connection series at 0 too,
+    // so that increase() after a failover counts the first connections.
+    let standby = (active + 1) % 3;
+    let mut metrics = String::new();
+    for series in [
+        r#"raftlb_connections_total{listener="front",pool="web",backend="b",result="ok"} 0"#,
+        r#"raftlb_connections_total{listener="front",pool="web",backend="none",result="no_backend"} 0"#,
+        r#"raftlb_bytes_total{listener="front",pool="web",backend="b",direction="to_client"} 0"#,
+        r#"raftlb_active_connections{listener="front",pool="web",backend="b"} 0"#,
+    ] {
+        // Once the standby applied the replicated pools.
+        let there = eventually(Duration::from_secs(5), || {
+            metrics = replicas[standby].metrics();
+            metrics.lines().any(|l| l == series)
+        });
+        assert!(there, "{series} not on the standby:\n{metrics}");
+    }
     let s = status(c.addrs[active].admin);
     assert_eq!(s["lease"]["holder_id"], (active + 1) as u64);
     assert_eq!(s["lease"]["holder"], format!("lb-{}", active + 1));

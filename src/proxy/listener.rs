@@ -93,8 +93,7 @@ pub struct Listener {
 }
 
 impl Listener {
-    pub fn update(&self, settings: Settings, balancer: &Balancer) {
-        zero_counters(&self.name, &settings.pool, balancer);
+    pub fn update(&self, settings: Settings) {
         self.settings.store(Arc::new(settings));
     }
 
@@ -120,7 +119,6 @@ pub fn spawn(
     shared: Shared,
 ) -> io::Result<Listener> {
     let bind = socket.local_addr()?;
-    zero_counters(name, &settings.pool, &shared.balancer);
     let name: Arc<str> = name.into();
     let settings = Arc::new(ArcSwap::from_pointee(settings));
     let stop_accepting = CancellationToken::new();
@@ -144,22 +142,6 @@ pub fn spawn(
         stop_accepting,
         accepting: tokio::spawn(accept.run()),
     })
-}
-
-/// The listener's connection counters at 0 from the start, for every backend of its pool.
-fn zero_counters(listener: &str, pool: &str, balancer: &Balancer) {
-    let snapshot = balancer.snapshot();
-    let backends = snapshot
-        .pools
-        .get(pool)
-        .map(|p| {
-            p.backends
-                .iter()
-                .map(|b| b.name.to_string())
-                .collect::<Vec<_>>()
-        })
-        .unwrap_or_default();
-    m::listener_serves(listener, pool, backends.into_iter());
 }
 
 /// What a listener's accept loop and all its connections share, behind one `Arc`:

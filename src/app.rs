@@ -124,11 +124,11 @@ impl State {
             .collect();
         let snapshot = self.balancer.snapshot();
         for l in listeners.iter() {
-            let backends = snapshot
+            let backends: Vec<String> = snapshot
                 .pools
                 .get(&l.pool)
                 .map(|p| p.backends.iter().map(|b| b.name.to_string()).collect())
-                .unwrap_or_else(Vec::new);
+                .unwrap_or_default();
             m::listener_serves(&l.listener, &l.pool, backends.into_iter());
         }
     }

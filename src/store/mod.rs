@@ -482,14 +482,19 @@ impl Node {
                 None => format!("node {id}"),
             })
             .collect();
+        let (heard, needed) = (voters - unreachable.len(), voters / 2 + 1);
         let mut note = format!(
-            "this replica heard from {} of {voters} voters in the last {} s (itself included); a write needs {} (a majority)",
-            voters - unreachable.len(),
+            "this replica heard from {heard} of {voters} voters in the last {} s (itself included); a write or a linearizable read needs {needed} (a majority)",
             REACHABLE_WITHIN.as_secs(),
-            voters / 2 + 1
         );
         if !unreachable.is_empty() {
             note.push_str(&format!("; not heard from: {}", unreachable.join(", ")));
+        }
+        if heard >= needed {
+            // Enough voters answer: what is missing is a leader they agree on.
+            note.push_str(
+                ", so a majority is there: a Raft leader election is probably under way; retry in a moment",
+            );
         }
         note
     }
@@ -1282,7 +1287,7 @@ impl Node {
         }
         let Some((leader, addr)) = self.leader() else {
             return Err(WriteError::NotProposed(format!(
-                "no Raft leader: the cluster has no quorum right now ({}); nothing was changed",
+                "no Raft leader right now ({}); nothing was changed",
                 self.quorum_note()
             )));
         };

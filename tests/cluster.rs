@@ -866,6 +866,45 @@ async fn ctl_adds_promotes_and_removes_a_member_and_applies_config() {
     assert_eq!(exit.and_then(|s| s.code()), Some(2), "{}", again.log());
 }
 
+/// The README's way to rebuild a replica (member remove, wipe, member add, start
+/// with `initial_state: existing`), done back to back: the leader still telling
+/// the old process it was removed (it was down, so it never said it heard) must
+/// not stop the new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_removed_wiped_and_added_again_at_once_joins_and_stays() {
+    raise_nofile();
+    let cluster = Cluster::new(4, backend_names(&["b1"]).await);
+    let mut replicas: Vec<Raftlb> = (0..3).map(|i| cluster.spawn_without_last(i)).collect();
+    blocking(|| replicas.iter_mut().for_each(Raftlb::wait_ready));
+    blocking(|| cluster.agreed_leader(3));
+    let admin = cluster.addrs[0].admin;
+    let peer4 = cluster.addrs[3].peer.to_string();
+    let (code, out, err) = blocking(|| ctl(admin, &["member", "add", "4", &peer4, "--learner"]));
+    assert_eq!(code, 0, "member add: {out}{err}");
+    let mut fourth = Raftlb::spawn(&cluster.yaml(3, "existing"), cluster.addrs[3].admin);
+    blocking(|| fourth.wait_ready());
+    // Its host dies; the operator removes it, wipes it and adds it again.
+    fourth.signal("KILL");
+    blocking(|| fourth.wait_exit(Duration::from_secs(5)));
+    let (code, out, err) = blocking(|| ctl(admin, &["member", "remove", "4"]));
+    assert_eq!(code, 0, "member remove: {out}{err}");
+    let data = cluster.data[3].path();
+    std::fs::remove_dir_all(data).expect("wipe");
+    std::fs::create_dir(data).expect("data_dir");
+    let (code, out, err) = blocking(|| ctl(admin, &["member", "add", "4", &peer4, "--learner"]));
+    assert_eq!(code, 0, "member add again: {out}{err}");
+    let mut again = Raftlb::spawn(&cluster.yaml(3, "existing"), cluster.addrs[3].admin);
+    blocking(|| again.wait_ready());
+    // The leader's notices to the old process came every 0.5-2.5 s.
+    let exit = blocking(|| again.wait_exit(Duration::from_secs(6)));
+    assert!(
+        exit.is_none(),
+        "the new node 4 stopped: {exit:?}\n{}",
+        again.log()
+    );
+    assert!(!again.log().contains("was removed"), "{}", again.log());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_learner_added_before_a_leader_change_is_promoted_by_the_next_leader() {
     raise_nofile();

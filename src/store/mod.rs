@@ -1550,7 +1550,7 @@ impl Node {
                         // Joint consensus leaves it a learner: drop it entirely.
                         let _ = change(ChangeMembers::RemoveNodes(BTreeSet::from([id]))).await;
                     }
-                    tokio::spawn(tell_removed(self.net.clone(), id, addr));
+                    tokio::spawn(tell_removed(self.net.clone(), id, addr, self.raft()));
                 }
                 reply
             }
@@ -1658,12 +1658,17 @@ impl network::Handler for Node {
                 // The leader stops replicating to a removed replica, so its word (the
                 // frame passed the cluster identity check) is what tells it.
                 let metrics = self.metrics();
-                let member = metrics
-                    .membership_config
-                    .membership()
-                    .get_node(&self.id)
-                    .is_some();
-                if !member || metrics.current_leader == Some(from) {
+                let membership = metrics.membership_config.membership();
+                // A replica with no membership yet has joined nothing: one just
+                // added again (after a wipe) must not take its old self's removal.
+                let joined = membership.nodes().next().is_some();
+                let member = membership.get_node(&self.id).is_some();
+                if !joined {
+                    Reply::Error(format!(
+                        "node {} has not joined a cluster yet: nothing to be removed from",
+                        self.id
+                    ))
+                } else if !member || metrics.current_leader == Some(from) {
                     self.removed(&format!("node {from}, the Raft leader, says so"))
                         .await;
                     Reply::Ok
@@ -1678,9 +1683,22 @@ impl network::Handler for Node {
 }
 
 /// Tells a removed replica so, until it acknowledges (the leader stops replicating
-/// to it, so it may never see its removal committed): a few tries over ~20 s.
-async fn tell_removed(net: Arc<Net>, id: NodeId, addr: String) {
+/// to it, so it may never see its removal committed): a few tries over ~20 s. It
+/// stops once `id` is a member again: the documented way to move or rebuild a
+/// replica is remove, wipe, add again, start, and the new process must not be
+/// told what the old one was.
+async fn tell_removed(net: Arc<Net>, id: NodeId, addr: String, raft: Raft) {
     for _ in 0..10 {
+        let member_again = raft
+            .metrics()
+            .borrow_watched()
+            .membership_config
+            .membership()
+            .get_node(&id)
+            .is_some();
+        if member_again {
+            return;
+        }
         let mut client = PeerClient::new(net.clone(), id, addr.clone());
         if let Ok(Reply::Ok) = client.call(Request::Removed, Duration::from_secs(2)).await {
             return;

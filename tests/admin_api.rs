@@ -619,6 +619,21 @@ async fn standalone_drain_undrain_and_weight_are_runtime_state_until_reload() {
             400,
         ),
         ("PATCH", "/api/v1/pools/web/backends/a", "not json", 400),
+        // serde would take a list for the struct, and keep a key's last value.
+        ("PATCH", "/api/v1/pools/web/backends/a", "[2]", 400),
+        (
+            "PATCH",
+            "/api/v1/pools/web/backends/a",
+            r#"{"weight": 3, "weight": 2}"#,
+            400,
+        ),
+        ("POST", "/api/v1/pools/web/backends/b/drain", "{{{", 400),
+        (
+            "POST",
+            "/api/v1/pools/web/backends/b/drain",
+            r#"{"foo": 1}"#,
+            400,
+        ),
         ("POST", "/api/v1/pools/nosuch/backends/a/drain", "", 404),
         ("POST", "/api/v1/pools/web/backends/nosuch/drain", "", 404),
         (

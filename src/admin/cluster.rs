@@ -138,14 +138,19 @@ pub async fn backend_write(
                 StatusCode::OK,
             )
         }
-        (&Method::POST, [pool, "backends", name, action @ ("drain" | "undrain")]) => (
-            Command::SetDrained {
-                pool: pool.to_string(),
-                backend: name.to_string(),
-                drained: *action == "drain",
-            },
-            StatusCode::OK,
-        ),
+        (&Method::POST, [pool, "backends", name, action @ ("drain" | "undrain")]) => {
+            if let Err(reply) = super::no_body(req, action).await {
+                return reply;
+            }
+            (
+                Command::SetDrained {
+                    pool: pool.to_string(),
+                    backend: name.to_string(),
+                    drained: *action == "drain",
+                },
+                StatusCode::OK,
+            )
+        }
         _ => {
             return error(
                 StatusCode::NOT_FOUND,

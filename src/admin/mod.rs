@@ -328,6 +328,9 @@ async fn backend_write(state: &State, req: Request<Incoming>, rest: &str) -> Rep
     };
     let result = match (&method, parts.get(3).copied()) {
         (&Method::POST, Some(action)) => {
+            if let Err(reply) = no_body(req, action).await {
+                return reply;
+            }
             let drain = action == "drain";
             state
                 .balancer
@@ -408,9 +411,31 @@ async fn read_body(req: Request<Incoming>) -> Result<Bytes, Reply> {
         .to_bytes())
 }
 
+/// A JSON object body as `T` (a sequence, which serde would also take for a
+/// struct, is refused).
 async fn read_json<T: serde::de::DeserializeOwned>(req: Request<Incoming>) -> Result<T, Reply> {
     let body = read_body(req).await?;
-    from_json(&body).map_err(|e| error(StatusCode::BAD_REQUEST, &format!("invalid JSON body: {e}")))
+    let invalid = |e: String| error(StatusCode::BAD_REQUEST, &format!("invalid JSON body: {e}"));
+    let value: Value = from_json(&body).map_err(|e| invalid(e.to_string()))?;
+    if !value.is_object() {
+        return Err(invalid(format!(
+            "{value} is not a JSON object: send {{\"key\": value, ...}}"
+        )));
+    }
+    serde_json::from_value(value).map_err(|e| invalid(e.to_string()))
+}
+
+/// POST .../drain and .../undrain take no body: an empty one, or `{}`.
+async fn no_body(req: Request<Incoming>, action: &str) -> Result<(), Reply> {
+    let body = read_body(req).await?;
+    let text = String::from_utf8_lossy(&body);
+    match text.trim() {
+        "" | "{}" => Ok(()),
+        _ => Err(error(
+            StatusCode::BAD_REQUEST,
+            &format!("POST .../{action} takes no body (or {{}})"),
+        )),
+    }
 }
 
 /// A JSON body, refused when any object in it has a key twice (serde_json keeps the

@@ -332,6 +332,12 @@ fn yaml_issue(e: &serde_saphyr::Error, text: &str) -> Issue {
         message = &message[..i];
     }
     let message = message.replace(", set DuplicateKeyPolicy in Options if acceptable", "");
+    // The reader's advice is for programmers; a config is one document.
+    let message = if message.starts_with("multiple YAML documents detected") {
+        "a second YAML document (after ---): a config file is one document; remove the --- and merge it".to_string()
+    } else {
+        message
+    };
     let path = match at {
         Place::At { line, column } => key_before(text, line, column),
         Place::Unknown => None,

@@ -643,6 +643,24 @@ async fn ctl_adds_promotes_and_removes_a_member_and_applies_config() {
         error.starts_with("name: ") && !error.contains("pools.p"),
         "the error names the field, not a stand-in pool: {body}"
     );
+    // A path that exists answers another method with 405 and what it allows.
+    for (method, path, allow) in [
+        (
+            "GET",
+            "/api/v1/pools/web/backends/b1/drain",
+            "POST, OPTIONS",
+        ),
+        (
+            "PUT",
+            "/api/v1/pools/web/backends/b1",
+            "PATCH, DELETE, OPTIONS",
+        ),
+        ("DELETE", "/api/v1/members/2/promote", "POST, OPTIONS"),
+    ] {
+        let r = blocking(|| http_response(admin, method, path, &[], "")).expect("answer");
+        assert_eq!(r.status, 405, "{method} {path}: {r:?}");
+        assert_eq!(r.header("allow"), Some(allow), "{method} {path}: {r:?}");
+    }
     // An address a member listens on already, however spelt, is refused: the new
     // id would be that member, and removing the new id would remove it.
     let peer2 = cluster.addrs[1].peer;

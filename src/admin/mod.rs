@@ -153,6 +153,19 @@ async fn route(state: &State, mut req: Request<Incoming>, local: bool) -> Reply 
             None => error(StatusCode::NOT_FOUND, &format!("no such endpoint: {path}")),
         };
     }
+    // A path that exists answers another method with 405 and what it allows, the
+    // same for every endpoint (not a 404 from whichever handler it reached).
+    if let Some(methods) = allow
+        && !methods.split(", ").any(|m| m == req.method().as_str())
+    {
+        return with_allow(
+            error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                &format!("{} is not allowed on {path}: use {methods}", req.method()),
+            ),
+            methods,
+        );
+    }
     // HEAD is GET without the body (RFC 9110 9.3.2): hyper leaves the body out of the
     // answer to the HEAD it read, whatever the method is called here.
     if req.method() == Method::HEAD {

@@ -115,6 +115,20 @@ async fn ctl_reads_and_changes_backends_through_the_admin_api() {
     );
     let (code, _, err) = ctl(&["backend", "weight", "web", "a", "0"]);
     assert_eq!(code, 1, "{err}");
+    // Cluster-only commands say so on a standalone replica, every one of them.
+    for args in [
+        &["member", "add", "2", "127.0.0.1:7402"][..],
+        &["member", "promote", "2"][..],
+        &["member", "remove", "2"][..],
+        &["config", "get"][..],
+    ] {
+        let (code, out, err) = ctl(args);
+        assert_eq!(code, 1, "{args:?}: {out}{err}");
+        assert!(
+            err.contains("exists in cluster mode only: this replica is standalone"),
+            "{args:?}: {err}"
+        );
+    }
 
     let (code, _, err) = blocking(|| raftlb_cmd(&["ctl", "--server", server.as_str(), "status"]));
     assert_eq!(code, 1, "without the token: {err}");

@@ -292,19 +292,23 @@ async fn dispatch(state: &State, req: Request<Incoming>, path: &str) -> Reply {
                 let rest = path.trim_start_matches("/api/v1/members").to_string();
                 cluster::members(state, node, req, &rest).await
             }
-            (
-                None,
-                "/api/v1/config"
-                | "/api/v1/members"
-                | "/api/v1/snapshot"
-                | "/api/v1/leader/transfer"
-                | "/api/v1/raft/move-leader",
-            ) => error(
-                StatusCode::NOT_FOUND,
-                &format!(
-                    "{path} exists in cluster mode only: this replica is standalone (no cluster: section)"
-                ),
-            ),
+            (None, _)
+                if matches!(
+                    path,
+                    "/api/v1/config"
+                        | "/api/v1/members"
+                        | "/api/v1/snapshot"
+                        | "/api/v1/leader/transfer"
+                        | "/api/v1/raft/move-leader"
+                ) || path.starts_with("/api/v1/members/") =>
+            {
+                error(
+                    StatusCode::NOT_FOUND,
+                    &format!(
+                        "{path} exists in cluster mode only: this replica is standalone (no cluster: section)"
+                    ),
+                )
+            }
             _ => match path.strip_prefix("/api/v1/pools/") {
                 Some(rest) => match &state.cluster {
                     Some(node) => cluster::backend_write(state, node, req, rest).await,

@@ -2,7 +2,7 @@
 //! (renew_deadline < lease_duration, every listener's pool exists, ...) and the
 //! warnings SPEC.md asks for. It reads the config and never changes it.
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::BTreeSet;
 use std::time::Duration;
 
 use serde_saphyr::{Location, Spanned};
@@ -62,14 +62,22 @@ pub fn validate(config: &Config, open_files: u64) -> Findings {
         .as_ref()
         .is_some_and(|c| c.initial_state == InitialState::Existing);
 
-    if let Some(name) = &config.node.name
-        && name.trim().is_empty()
-    {
-        f.error(
-            Place::Unknown,
-            "node.name",
-            "must not be empty; remove it to use the hostname",
-        );
+    if let Some(name) = &config.node.name {
+        if name.trim().is_empty() {
+            f.error(
+                Place::Unknown,
+                "node.name",
+                "must not be empty; remove it to use the hostname",
+            );
+        } else if name.chars().any(char::is_control) {
+            f.error(
+                Place::Unknown,
+                "node.name",
+                format!(
+                    "{name:?} has a control character (a newline?): the name goes into logs, metrics and the lease record"
+                ),
+            );
+        }
     }
     if let Some(threads) = &config.runtime.worker_threads
         && !(1..=1024).contains(&threads.value)
@@ -149,6 +157,23 @@ fn validate_secret_files(config: &Config, f: &mut Findings) {
 
 fn validate_cluster(config: &Config, f: &mut Findings) {
     let Some(c) = &config.cluster else { return };
+    if c.data_dir.as_os_str().is_empty() {
+        f.error(
+            Place::Unknown,
+            "cluster.data_dir",
+            "must not be empty: name the Raft store's directory, e.g. /var/lib/raftlb",
+        );
+    }
+    if binds_overlap(config.admin.bind.0, c.bind.value.0) {
+        f.error(
+            at(&c.bind),
+            "cluster.bind",
+            format!(
+                "{} overlaps admin.bind ({}): each needs its own port or address",
+                c.bind.value, config.admin.bind
+            ),
+        );
+    }
     if !valid_name(&c.cluster_id.value) {
         f.error(
             at(&c.cluster_id),
@@ -466,8 +491,17 @@ fn validate_vip(config: &Config, le: &LeaderElection, v: &Vip, f: &mut Findings)
     }
 }
 
+/// Whether two listening sockets would collide: the same port and family, and the
+/// same IP or a wildcard on either side (IPv6 sockets are v6-only here, so `[::]`
+/// and `0.0.0.0` do not).
+fn binds_overlap(a: std::net::SocketAddr, b: std::net::SocketAddr) -> bool {
+    a.port() == b.port()
+        && a.is_ipv4() == b.is_ipv4()
+        && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+}
+
 fn validate_listeners(config: &Config, existing: bool, open_files: u64, f: &mut Findings) {
-    let mut binds = HashSet::new();
+    let mut binds = Vec::new();
     let mut total_max: u64 = 0;
     for (name, l) in &config.listeners {
         let path = format!("listeners.{name}");
@@ -478,12 +512,39 @@ fn validate_listeners(config: &Config, existing: bool, open_files: u64, f: &mut 
                 format!("listener name {name:?} is not valid: {NAME_RULE}"),
             );
         }
-        if !binds.insert(l.bind) {
+        if binds
+            .iter()
+            .any(|b: &std::net::SocketAddr| binds_overlap(*b, l.bind.0))
+        {
             f.error(
                 at(&l.pool),
                 format!("{path}.bind"),
                 format!(
                     "{} is used by another listener: each listener needs its own address",
+                    l.bind
+                ),
+            );
+        }
+        binds.push(l.bind.0);
+        // Two listening sockets on one port, the same IP or a wildcard beside another
+        // IP of its family: the second bind fails at run time (EADDRINUSE).
+        let others = [
+            Some(("admin.bind", config.admin.bind.0)),
+            config
+                .cluster
+                .as_ref()
+                .map(|c| ("cluster.bind", c.bind.value.0)),
+        ];
+        if let Some((other, addr)) = others
+            .into_iter()
+            .flatten()
+            .find(|(_, other)| binds_overlap(l.bind.0, *other))
+        {
+            f.error(
+                at(&l.pool),
+                format!("{path}.bind"),
+                format!(
+                    "{} overlaps {other} ({addr}): each needs its own port or address",
                     l.bind
                 ),
             );

@@ -500,6 +500,12 @@ impl Client {
         let uri: Uri = server
             .parse()
             .map_err(|e| CtlError::Usage(format!("--server {server:?}: not a URL: {e}")))?;
+        // Requests go to /api/v1/... on the server: a path here would be dropped.
+        if uri.path_and_query().is_some_and(|p| p.as_str() != "/") {
+            return Err(CtlError::Usage(format!(
+                "--server {server:?}: give scheme://host:port without a path, e.g. http://127.0.0.1:9090"
+            )));
+        }
         let tls = match uri.scheme_str() {
             Some("http") => None,
             Some("https") => {

@@ -142,6 +142,12 @@ async fn ctl_reads_and_changes_backends_through_the_admin_api() {
     );
     let (code, _, _) = blocking(|| raftlb_cmd(&["ctl", "--server", "not a url", "status"]));
     assert_eq!(code, 2);
+    // A path would be dropped from every request: refused, not ignored.
+    let with_path = format!("{server}/api");
+    let (code, _, err) =
+        blocking(|| raftlb_cmd(&["ctl", "--server", with_path.as_str(), "status"]));
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("without a path"), "{err}");
 }
 
 /// A plain HTTP server that is not raftlb: an HTML 404 for every request.

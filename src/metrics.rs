@@ -317,6 +317,31 @@ pub fn revive_backend(pool: &str, backend: &str) {
     revive(&backend_labels(pool, backend));
 }
 
+/// The Raft members at the last scrape.
+static MEMBERS: Mutex<BTreeSet<u64>> = Mutex::new(BTreeSet::new());
+
+/// The Raft members now: the series of one that left the cluster (its
+/// reachability, the errors calling it) leave `/metrics`, and come back if it is
+/// added again.
+pub fn members_now(ids: BTreeSet<u64>) {
+    let labels = |id: u64| {
+        [
+            vec![format!("member=\"{id}\"")],
+            vec![format!("peer=\"{id}\"")],
+        ]
+    };
+    let Ok(mut known) = MEMBERS.lock() else {
+        return;
+    };
+    for &gone in known.difference(&ids) {
+        labels(gone).into_iter().for_each(retire);
+    }
+    for &id in &ids {
+        labels(id).iter().for_each(revive);
+    }
+    *known = ids;
+}
+
 /// Whole metrics left out of `/metrics`: the leader election's gauge once a reload
 /// turned election off (a replica started without election never had it).
 static RETIRED_NAMES: Mutex<BTreeSet<&'static str>> = Mutex::new(BTreeSet::new());

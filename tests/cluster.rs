@@ -864,8 +864,29 @@ async fn ctl_adds_promotes_and_removes_a_member_and_applies_config() {
     assert_eq!(status(admin)["config_version"], version);
 
     // Remove node 4: it stops with a message and refuses to start on that data_dir.
+    let scrape = || {
+        http_get(admin, "/metrics")
+            .map(|(_, text)| text)
+            .unwrap_or_default()
+    };
+    let of_node_4 = |text: &str| {
+        text.lines()
+            .filter(|l| l.contains("member=\"4\"") || l.contains("peer=\"4\""))
+            .count()
+    };
+    let before = blocking(scrape);
+    assert!(of_node_4(&before) > 0, "{before}");
     let (code, out, err) = blocking(|| ctl(admin, &["member", "remove", "4"]));
     assert_eq!(code, 0, "member remove: {out}{err}");
+    // Its series leave the others' /metrics with it.
+    let mut after = String::new();
+    assert!(
+        blocking(|| eventually(Duration::from_secs(5), || {
+            after = scrape();
+            of_node_4(&after) == 0
+        })),
+        "{after}"
+    );
     let exit = blocking(|| fourth.wait_exit(Duration::from_secs(20)));
     assert!(
         exit.is_some(),

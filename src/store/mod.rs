@@ -398,6 +398,13 @@ impl Node {
             let value = if reachable == Some(true) { 1.0 } else { 0.0 };
             metrics::gauge!(m::RAFT_MEMBER_REACHABLE, "member" => id.to_string()).set(value);
         }
+        m::members_now(
+            raft.membership_config
+                .membership()
+                .nodes()
+                .map(|(id, _)| *id)
+                .collect(),
+        );
     }
 
     /// True when this replica is a Raft leader that heard from a quorum recently (one

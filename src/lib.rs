@@ -15,6 +15,7 @@ pub mod logging;
 pub mod metrics;
 pub mod net;
 pub mod proxy;
+pub mod state;
 pub mod store;
 pub mod sys;
 pub mod tls;

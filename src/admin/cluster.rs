@@ -9,8 +9,8 @@ use hyper::{Method, Request, StatusCode};
 use serde_json::{Value, json};
 
 use super::{Reply, error, json_reply, read_json, versioned, with_etag};
-use crate::app::State;
 use crate::config::schema;
+use crate::state::State;
 use crate::store::backup::Backup;
 use crate::store::network::Manage;
 use crate::store::storage::Applied;

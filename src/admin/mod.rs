@@ -20,8 +20,8 @@ use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::app::State;
 use crate::balancer::{Backend, UpdateError};
+use crate::state::State;
 use http_body_util::BodyExt;
 
 type Reply = Response<Full<Bytes>>;

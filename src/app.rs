@@ -301,6 +301,7 @@ impl Server {
             }
         };
         let balancer = Arc::new(Balancer::new());
+        tokio::spawn(crate::health::follow(balancer.clone()));
         let node_name = loaded
             .config
             .node

@@ -16,8 +16,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::schema::{self, BackendTls, Balance, HealthCheck, OnDown};
 use crate::config::types::HostPort;
-pub use crate::health::Health;
-use crate::health::{self, Detail};
+use crate::health::state::Detail;
+pub use crate::health::state::Health;
 use crate::metrics as m;
 use crate::tls::{self, Reloading};
 use tokio_rustls::rustls::ClientConfig;
@@ -151,7 +151,8 @@ pub struct Balancer {
     /// Keyed by (pool, backend, address): a backend whose address changes starts afresh.
     states: Mutex<HashMap<(String, String, String), Arc<BackendState>>>,
     resolvers: Mutex<Option<CancellationToken>>,
-    probes: Mutex<Option<CancellationToken>>,
+    /// Counts swapped snapshots: the health checks restart their probes on each.
+    swapped: tokio::sync::watch::Sender<u64>,
     /// The pools config the current snapshot was built from. Every writer (reload,
     /// runtime API) holds this lock from reading the config to swapping the snapshot.
     config: tokio::sync::Mutex<BTreeMap<String, schema::Pool>>,
@@ -182,7 +183,7 @@ impl Balancer {
             current: ArcSwap::from_pointee(Snapshot::default()),
             states: Mutex::new(HashMap::new()),
             resolvers: Mutex::new(None),
-            probes: Mutex::new(None),
+            swapped: tokio::sync::watch::Sender::new(0),
             config: tokio::sync::Mutex::new(BTreeMap::new()),
             stop: CancellationToken::new(),
         }
@@ -196,6 +197,11 @@ impl Balancer {
 
     pub fn snapshot(&self) -> Arc<Snapshot> {
         self.current.load_full()
+    }
+
+    /// Changes each time a new snapshot is swapped in (a config applied).
+    pub fn swapped(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.swapped.subscribe()
     }
 
     /// Builds a snapshot from `pools` and swaps it in as the next config version, all
@@ -353,18 +359,11 @@ impl Balancer {
         }
         self.start_resolvers(to_resolve);
         publish_backend_gauges(&self.current.load(), &snapshot);
-        let pools: Vec<Arc<Pool>> = snapshot.pools.values().cloned().collect();
         self.current.store(Arc::new(snapshot));
         if let Ok(mut states) = self.states.lock() {
             *states = keep;
         }
-        if let Ok(mut probes) = self.probes.lock() {
-            let stop = CancellationToken::new();
-            if let Some(old) = probes.replace(stop.clone()) {
-                old.cancel();
-            }
-            health::start_probes(&pools, &stop);
-        }
+        self.swapped.send_modify(|n| *n += 1);
         metrics::gauge!(m::CONFIG_VERSION).set(version as f64);
         Ok(version)
     }

@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use state::{CheckRecord, Detail, Health, Hysteresis};
 
-use crate::balancer::{Backend, Pool};
+use crate::balancer::{Backend, Balancer, Pool};
 use crate::config::schema::OnDown;
 use crate::metrics as m;
 use probe::Outcome;
@@ -22,9 +22,25 @@ use probe::Outcome;
 /// Consecutive data-path connect failures that mark a backend down when the pool has no `fall`.
 pub const DEFAULT_FALL: u32 = 3;
 
-/// Starts one probe task per backend of every pool that has `health_check`;
-/// they stop when `stop` is cancelled (the next config replaces them).
-pub fn start_probes(pools: &[Arc<Pool>], stop: &CancellationToken) {
+/// Runs the probes of the balancer's pools: one task per backend of every pool that
+/// has `health_check`, all replaced when a new snapshot is swapped in (a config
+/// applied), until the balancer is dropped.
+pub async fn follow(balancer: Arc<Balancer>) {
+    let mut swapped = balancer.swapped();
+    loop {
+        swapped.borrow_and_update();
+        let round = CancellationToken::new();
+        let pools: Vec<Arc<Pool>> = balancer.snapshot().pools.values().cloned().collect();
+        start_probes(&pools, &round);
+        let changed = swapped.changed().await;
+        round.cancel();
+        if changed.is_err() {
+            return;
+        }
+    }
+}
+
+fn start_probes(pools: &[Arc<Pool>], stop: &CancellationToken) {
     for pool in pools {
         if pool.health_check.is_none() {
             continue;

@@ -202,11 +202,18 @@ async fn a_fin_without_close_notify_is_a_half_close() {
     assert_eq!(answer, "got 100000\n");
 }
 
+/// A refused client never reaches the backend (towards a plain backend its
+/// handshake completes first) and is not counted as a proxied connection.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_ca_requires_a_certificate_from_that_ca() {
     let (dir, pki, files) = setup();
-    let backend = echo_backend().await;
-    let (_lb, listen) = terminating(&files, Some(&pki.ca), "", ("echo", backend));
+    let (backend, mut seen) = plaintext_backend().await;
+    let (lb, listen) = terminating(&files, Some(&pki.ca), "", ("echo", backend));
+    let proxied = || {
+        tokio::task::block_in_place(|| {
+            lb.metric(r#"raftlb_connections_total{listener="front",pool="web",backend="echo",result="ok"}"#)
+        })
+    };
 
     let good = pki.client("kubelet");
     let ok = tls_echo(listen, pki.client_config(Some(&good), &[]), b"hi").await;
@@ -222,6 +229,19 @@ async fn client_ca_requires_a_certificate_from_that_ca() {
     assert!(
         foreign.is_err(),
         "a client with a certificate of another CA got through"
+    );
+    // Only the good client reached the backend, and only it was counted.
+    assert_eq!(seen.recv().await.as_deref(), Some(&b"hi"[..]));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        seen.try_recv().is_err(),
+        "a refused client reached the backend"
+    );
+    assert_eq!(
+        proxied(),
+        1.0,
+        "{}",
+        tokio::task::block_in_place(|| lb.metrics())
     );
 }
 

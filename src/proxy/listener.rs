@@ -22,7 +22,7 @@ use tokio_rustls::client::TlsStream as ClientTlsStream;
 use tokio_rustls::rustls::ServerConfig;
 use tokio_rustls::rustls::server::Acceptor;
 use tokio_rustls::server::TlsStream as ServerTlsStream;
-use tokio_rustls::{LazyConfigAcceptor, TlsConnector};
+use tokio_rustls::{LazyConfigAcceptor, StartHandshake, TlsConnector};
 
 use super::gate::Gate;
 use super::proxy_protocol;
@@ -394,9 +394,12 @@ impl Connection {
         client.local_addr().unwrap_or(peer)
     }
 
-    /// `tls: terminate`: read the ClientHello, connect to a backend offering the
-    /// client's ALPN protocols (when re-encrypting), then finish the client's handshake
-    /// with the protocol the backend chose, so h2 stays h2 end to end.
+    /// `tls: terminate`. Towards a plain backend the client's handshake (its
+    /// certificate, with `client_ca`) completes before any backend connection, so
+    /// a refused client costs the backend nothing and is not counted as proxied.
+    /// When re-encrypting, the backend is connected after the ClientHello with the
+    /// client's ALPN protocols, and the client's handshake finishes with the
+    /// protocol the backend chose, so h2 stays h2 end to end.
     async fn terminate(
         &self,
         client: TcpStream,
@@ -409,6 +412,25 @@ impl Connection {
         let start = tokio::time::timeout(HANDSHAKE_TIMEOUT, accept)
             .await
             .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out"))??;
+        let finish = |start: StartHandshake<TcpStream>, alpn: Vec<Vec<u8>>| {
+            let mut config = (*server.get()).clone();
+            config.alpn_protocols = alpn;
+            async move {
+                tokio::time::timeout(HANDSHAKE_TIMEOUT, start.into_stream(Arc::new(config)))
+                    .await
+                    .map_err(|_| {
+                        io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out")
+                    })?
+            }
+        };
+        if pool.backend_tls.is_none() {
+            let mut client = finish(start, Vec::new()).await?;
+            let Some(mut conn) = self.connect(pool, peer, local, &[]).await else {
+                return Ok(None);
+            };
+            self.send_held_ack(&conn);
+            return Ok(Some(self.relay(&mut client, &mut conn).await));
+        }
         let offered: Vec<Vec<u8>> = start
             .client_hello()
             .alpn()
@@ -417,12 +439,8 @@ impl Connection {
         let Some(mut conn) = self.connect(pool, peer, local, &offered).await else {
             return Ok(None);
         };
-        // A held ACK goes now: the client's first bytes come after its own handshake.
-        if let Some(backend) = self.held_ack(&conn) {
-            crate::net::send_ack(backend);
-        }
-        let mut config = (*server.get()).clone();
-        config.alpn_protocols = match &conn.upstream {
+        self.send_held_ack(&conn);
+        let chosen = match &conn.upstream {
             Upstream::Tls(tls) => tls
                 .get_ref()
                 .1
@@ -431,13 +449,16 @@ impl Connection {
                 .unwrap_or_default(),
             Upstream::Plain(_) => Vec::new(),
         };
-        let mut client =
-            tokio::time::timeout(HANDSHAKE_TIMEOUT, start.into_stream(Arc::new(config)))
-                .await
-                .map_err(|_| {
-                    io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out")
-                })??;
+        let mut client = finish(start, chosen).await?;
         Ok(Some(self.relay(&mut client, &mut conn).await))
+    }
+
+    /// A held handshake ACK goes at once: on a terminating listener the client's
+    /// first bytes come through the TLS relay, which never looks for it.
+    fn send_held_ack(&self, conn: &Connected<'_>) {
+        if let Some(backend) = self.held_ack(conn) {
+            crate::net::send_ack(backend);
+        }
     }
 
     /// The backend connection whose handshake ACK still waits for the first bytes

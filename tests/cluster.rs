@@ -1140,7 +1140,7 @@ async fn snapshot_save_and_restore_into_a_new_cluster() {
     let (code, _, err) = blocking(|| restore(&offline_s, 0));
     assert_eq!(code, 2, "restoring over a used data_dir must fail");
     assert!(err.contains("holds a store already"), "{err}");
-    let (_restored, new_leader) = blocking(|| new.start_all());
+    let (mut restored, new_leader) = blocking(|| new.start_all());
     for a in &new.addrs {
         assert_eq!(blocking(|| drained(a.admin, "b1")), Some(true));
         let (_, b) = blocking(|| json(a.admin, "GET", "/api/v1/backends", ""));
@@ -1159,6 +1159,31 @@ async fn snapshot_save_and_restore_into_a_new_cluster() {
     let status = blocking(|| status(new.addrs[0].admin));
     assert_eq!(status["cluster"]["cluster_id"], "restored", "{status}");
     assert_eq!(status["config_version"], 4, "{status}");
+    // One member restored again from the same backup, once the cluster went on
+    // without it, refuses to start: its log lacks what the others know it had.
+    let again = (new_leader + 2) % 3;
+    assert!(
+        blocking(|| eventually(Duration::from_secs(10), || restored[again]
+            .log()
+            .contains("joined the cluster"))),
+        "{}",
+        restored[again].log()
+    );
+    restored[again].signal("TERM");
+    blocking(|| restored[again].wait_exit(Duration::from_secs(10)));
+    let dir = new.data[again].path();
+    std::fs::remove_dir_all(dir).expect("wipe");
+    std::fs::create_dir(dir).expect("data_dir");
+    let (code, out, err) = blocking(|| restore(&offline_s, again));
+    assert_eq!(code, 0, "restore again: {out}{err}");
+    let mut second = Raftlb::spawn(&new.yaml(again, "new"), new.addrs[again].admin);
+    let exit = blocking(|| second.wait_exit(Duration::from_secs(20)));
+    assert_eq!(exit.and_then(|e| e.code()), Some(2), "{}", second.log());
+    assert!(
+        second.log().contains("was restored from the backup again"),
+        "{}",
+        second.log()
+    );
     // The old cluster is untouched by the new one.
     assert_eq!(
         blocking(|| drained(admin, "b1")),

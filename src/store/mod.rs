@@ -187,6 +187,9 @@ impl Node {
             )));
         }
         let empty = storage::is_empty(&db).map_err(read)?;
+        let restored = storage::get_meta::<bool>(&db, storage::RESTORED)
+            .map_err(read)?
+            .unwrap_or(false);
         let recorded: Option<Recorded> = storage::get_meta(&db, storage::IDENTITY).map_err(read)?;
         let uuid = match recorded {
             Some(r) if r.cluster_id != cluster_id => {
@@ -287,8 +290,10 @@ impl Node {
             leader_contact: std::sync::Mutex::new(None),
             lease_transfers: std::sync::Mutex::new(None),
             stop: CancellationToken::new(),
+            // Unvetted: an empty replica bootstrapping, or a restored one, until
+            // its peers say it has not joined before.
             vetted: std::sync::atomic::AtomicBool::new(
-                !(empty && cluster.initial_state == InitialState::New),
+                !(restored || empty && cluster.initial_state == InitialState::New),
             ),
             advertised: cluster
                 .advertise
@@ -300,6 +305,8 @@ impl Node {
         tracing::info!(node_id = id, %bind, "Raft peer port listening");
         if empty && cluster.initial_state == InitialState::New {
             tokio::spawn(node.clone().bootstrap());
+        } else if restored {
+            tokio::spawn(node.clone().vet_restored());
         } else if empty {
             tracing::info!(
                 "initial_state: existing: waiting to be added (raftlb ctl member add {id} ADDR), then catching up"
@@ -711,6 +718,41 @@ impl Node {
         }
     }
 
+    /// A store restored from a backup that has not said "joined" yet: it takes no
+    /// vote and no entry until a quorum of its peers (itself included) answered
+    /// without counting it as joined. One that a peer counts as joined was restored
+    /// a second time into a cluster that went on without it: its log lacks entries
+    /// the leader knows it had, and Raft would never catch it up.
+    async fn vet_restored(self: Arc<Self>) {
+        let quorum = self.peers.len() / 2 + 1;
+        loop {
+            let mut answered = 1;
+            for (peer, addr) in &self.peers {
+                if *peer == self.id {
+                    continue;
+                }
+                let mut client = PeerClient::new(self.net.clone(), *peer, addr.clone());
+                let Ok(Reply::Hello(hello)) =
+                    client.call(Request::Hello, Duration::from_secs(1)).await
+                else {
+                    continue;
+                };
+                if hello.joined.contains(&self.id) {
+                    return self.die(config_error(format!(
+                        "node {id} has joined this cluster since it was restored, and this data_dir                          was restored from the backup again: its log lacks what it had since, and                          it must not rejoin under the same id. Run `raftlb ctl member remove {id}`,                          wipe the data_dir, run `raftlb ctl member add {id} ADDR`, then start it                          with initial_state: existing",
+                        id = self.id
+                    )));
+                }
+                answered += 1;
+            }
+            if answered >= quorum || self.stop.is_cancelled() {
+                self.vet();
+                return;
+            }
+            tokio::time::sleep(self.election_timeout).await;
+        }
+    }
+
     /// This replica may take votes and entries from now on.
     fn vet(&self) {
         self.vetted
@@ -910,6 +952,10 @@ impl Node {
                 } else if self.write(Command::Joined { node: self.id }).await.is_ok() {
                     tracing::info!(node_id = self.id, "joined the cluster");
                     said_joined = true;
+                }
+                // A restored store is an ordinary one once it has said "joined".
+                if said_joined && let Some(db) = self.db() {
+                    let _ = storage::put_meta_blocking(&db, storage::RESTORED, &false).await;
                 }
             }
             let shared = shared_names(&state.state.nodes);
@@ -1622,7 +1668,7 @@ impl network::Handler for Node {
             | Request::TransferLeader(_) => {
                 if !self.vetted.load(std::sync::atomic::Ordering::Acquire) {
                     return Reply::Error(format!(
-                        "node {} has an empty data_dir and is still asking its peers whether \
+                        "node {} has an empty or restored data_dir and is still asking its peers whether \
                          it joined this cluster before",
                         self.id
                     ));

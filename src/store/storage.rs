@@ -46,6 +46,9 @@ const POOLS: &str = "pools";
 const SNAPSHOT: &str = "snapshot";
 pub const IDENTITY: &str = "identity";
 pub const REMOVED: &str = "removed";
+/// Set by `raftlb snapshot restore`, cleared once the replica has said "joined":
+/// until then it asks its peers whether it joined before (a second restore).
+pub const RESTORED: &str = "restored";
 /// Written to check that a rebuilt store takes writes.
 pub const PROBE: &str = "probe";
 
@@ -168,6 +171,7 @@ pub fn restore<I: Serialize>(data_dir: &Path, identity: &I, applied: &Applied) -
         (IDENTITY, serde_json::to_vec(identity)),
         (SNAPSHOT, serde_json::to_vec(&snapshot)),
         (PURGED, serde_json::to_vec(&applied.last_applied)),
+        (RESTORED, serde_json::to_vec(&true)),
     ];
     let tx = db.begin_write().map_err(io::Error::other)?;
     {

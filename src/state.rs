@@ -14,6 +14,7 @@ use crate::config::{self, Config};
 use crate::election::lease::Role;
 use crate::election::{Election, Status};
 use crate::metrics as m;
+use crate::proxy::proxy_protocol;
 use crate::store::Node;
 
 /// What the admin API reads.
@@ -98,6 +99,17 @@ impl State {
                 terminates: l.tls.value == TlsMode::Terminate,
             })
             .collect();
+        // Health checks to a pool that gets PROXY headers send one too (the
+        // backend may require it), the one of a connection the proxy makes itself.
+        let headers = config
+            .listeners
+            .values()
+            .filter_map(|l| {
+                let header = proxy_protocol::local_header(l.proxy_protocol.value).ok()??;
+                Some((l.pool.value.clone(), Arc::from(header)))
+            })
+            .collect();
+        self.balancer.set_probe_headers(headers);
         let snapshot = self.balancer.snapshot();
         for l in listeners.iter() {
             let backends: Vec<String> = snapshot

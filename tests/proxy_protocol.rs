@@ -80,6 +80,38 @@ async fn v2_header_names_the_client_then_the_payload_follows_intact() {
     assert_eq!(&received[header.len()..], &payload[..]);
 }
 
+/// Health checks to a pool that gets PROXY headers send one first (a backend that
+/// requires the header would otherwise fail every probe): the header of a
+/// connection the proxy makes itself, v1 `PROXY UNKNOWN`, v2 LOCAL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_checks_send_the_header_of_a_local_connection() {
+    raise_nofile();
+    for version in ["v1", "v2"] {
+        let (backend, mut got) = recording_backend().await;
+        let (admin, listen) = (loopback(), loopback());
+        let yaml = Raftlb::standalone_yaml(
+            admin,
+            listen,
+            "    health_check: { kind: tcp, interval: 100ms, timeout: 1s, rise: 1, fall: 1 }\n",
+            &format!("    proxy_protocol: {version}\n"),
+            &[("pp", backend)],
+        );
+        let _lb = tokio::task::block_in_place(|| Raftlb::start(&yaml, admin));
+        let probe = tokio::time::timeout(Duration::from_secs(10), got.recv())
+            .await
+            .expect("a probe came")
+            .expect("channel");
+        match version {
+            "v1" => assert_eq!(probe, b"PROXY UNKNOWN\r\n", "{probe:?}"),
+            _ => {
+                let header = ppp::v2::Header::try_from(&probe[..]).expect("a PROXY v2 header");
+                assert_eq!(header.command, ppp::v2::Command::Local);
+                assert_eq!(header.len(), probe.len(), "nothing after the header");
+            }
+        }
+    }
+}
+
 /// nginx answering with the client address it read from the PROXY header.
 struct Nginx {
     child: Child,

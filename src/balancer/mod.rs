@@ -153,6 +153,9 @@ pub struct Balancer {
     resolvers: Mutex<Option<CancellationToken>>,
     /// Counts swapped snapshots: the health checks restart their probes on each.
     swapped: tokio::sync::watch::Sender<u64>,
+    /// The PROXY header a health check sends first, by pool: set from the
+    /// listeners in front of each pool (node-local), not from the pools.
+    probe_headers: ArcSwap<HashMap<String, Arc<[u8]>>>,
     /// The pools config the current snapshot was built from. Every writer (reload,
     /// runtime API) holds this lock from reading the config to swapping the snapshot.
     config: tokio::sync::Mutex<BTreeMap<String, schema::Pool>>,
@@ -184,6 +187,7 @@ impl Balancer {
             states: Mutex::new(HashMap::new()),
             resolvers: Mutex::new(None),
             swapped: tokio::sync::watch::Sender::new(0),
+            probe_headers: ArcSwap::default(),
             config: tokio::sync::Mutex::new(BTreeMap::new()),
             stop: CancellationToken::new(),
         }
@@ -197,6 +201,16 @@ impl Balancer {
 
     pub fn snapshot(&self) -> Arc<Snapshot> {
         self.current.load_full()
+    }
+
+    /// What a health check of `pool` sends before anything else: the PROXY header of
+    /// a connection the proxy makes itself, when a listener sends PROXY to the pool.
+    pub fn probe_header(&self, pool: &str) -> Option<Arc<[u8]>> {
+        self.probe_headers.load().get(pool).cloned()
+    }
+
+    pub fn set_probe_headers(&self, headers: HashMap<String, Arc<[u8]>>) {
+        self.probe_headers.store(Arc::new(headers));
     }
 
     /// Changes each time a new snapshot is swapped in (a config applied).

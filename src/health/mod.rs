@@ -31,7 +31,7 @@ pub async fn follow(balancer: Arc<Balancer>) {
         swapped.borrow_and_update();
         let round = CancellationToken::new();
         let pools: Vec<Arc<Pool>> = balancer.snapshot().pools.values().cloned().collect();
-        start_probes(&pools, &round);
+        start_probes(&balancer, &pools, &round);
         let changed = swapped.changed().await;
         round.cancel();
         if changed.is_err() {
@@ -40,18 +40,28 @@ pub async fn follow(balancer: Arc<Balancer>) {
     }
 }
 
-fn start_probes(pools: &[Arc<Pool>], stop: &CancellationToken) {
+fn start_probes(balancer: &Arc<Balancer>, pools: &[Arc<Pool>], stop: &CancellationToken) {
     for pool in pools {
         if pool.health_check.is_none() {
             continue;
         }
         for index in 0..pool.backends.len() {
-            tokio::spawn(probe_loop(pool.clone(), index, stop.clone()));
+            tokio::spawn(probe_loop(
+                balancer.clone(),
+                pool.clone(),
+                index,
+                stop.clone(),
+            ));
         }
     }
 }
 
-async fn probe_loop(pool: Arc<Pool>, index: usize, stop: CancellationToken) {
+async fn probe_loop(
+    balancer: Arc<Balancer>,
+    pool: Arc<Pool>,
+    index: usize,
+    stop: CancellationToken,
+) {
     let Some(check) = pool.health_check.clone() else {
         return;
     };
@@ -65,7 +75,8 @@ async fn probe_loop(pool: Arc<Pool>, index: usize, stop: CancellationToken) {
         }
         let backend = &pool.backends[index];
         let started = Instant::now();
-        let outcome = probe::run(&pool, backend, &check).await;
+        let header = balancer.probe_header(&pool.name);
+        let outcome = probe::run(&pool, backend, &check, header.as_deref()).await;
         record_probe(&pool, index, outcome, started.elapsed());
         // ±10% jitter keeps the probes apart over time.
         wait = interval.mul_f64(0.9 + 0.2 * fastrand::f64());

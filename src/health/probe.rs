@@ -7,6 +7,7 @@ use bytes::Bytes;
 use http_body_util::Empty;
 use hyper::Request;
 use hyper_util::rt::TokioIo;
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
@@ -21,12 +22,19 @@ pub enum Outcome {
     Timeout,
 }
 
-/// Runs one probe within the check's `timeout`.
-pub async fn run(pool: &Pool, backend: &Backend, check: &HealthCheck) -> Outcome {
+/// Runs one probe within the check's `timeout`, sending `header` (a PROXY header)
+/// first when there is one.
+pub async fn run(
+    pool: &Pool,
+    backend: &Backend,
+    check: &HealthCheck,
+    header: Option<&[u8]>,
+) -> Outcome {
     let Some(addr) = backend.connect_addr() else {
         return Outcome::Fail("no resolved address".into());
     };
-    match tokio::time::timeout(check.timeout.value.get(), probe(pool, backend, addr, check)).await {
+    let probe = probe(pool, backend, addr, check, header);
+    match tokio::time::timeout(check.timeout.value.get(), probe).await {
         Ok(Ok(())) => Outcome::Ok,
         Ok(Err(e)) => Outcome::Fail(e),
         Err(_) => Outcome::Timeout,
@@ -38,11 +46,17 @@ async fn probe(
     backend: &Backend,
     addr: SocketAddr,
     check: &HealthCheck,
+    header: Option<&[u8]>,
 ) -> Result<(), String> {
-    let tcp = TcpStream::connect(addr)
+    let mut tcp = TcpStream::connect(addr)
         .await
         .map_err(|e| format!("connect {addr}: {e}"))?;
     let _ = tcp.set_nodelay(true);
+    if let Some(header) = header {
+        tcp.write_all(header)
+            .await
+            .map_err(|e| format!("PROXY header to {addr}: {e}"))?;
+    }
     match check.kind {
         CheckKind::Tcp => Ok(()),
         CheckKind::Tls => handshake(pool, backend, tcp).await.map(drop),

@@ -28,6 +28,23 @@ pub fn header(
     }
 }
 
+/// The header of a connection the proxy makes for itself, a health check: v1
+/// `PROXY UNKNOWN`, v2 the LOCAL command, which tell the backend to use the
+/// connection's own addresses (as HAProxy sends on checks to a `send-proxy` server).
+pub fn local_header(version: ProxyProtocol) -> std::io::Result<Option<Vec<u8>>> {
+    match version {
+        ProxyProtocol::Off => Ok(None),
+        ProxyProtocol::V1 => Ok(Some(ppp::v1::Addresses::Unknown.to_string().into_bytes())),
+        ProxyProtocol::V2 => v2::Builder::with_addresses(
+            v2::Version::Two | v2::Command::Local,
+            v2::Protocol::Unspecified,
+            v2::Addresses::Unspecified,
+        )
+        .build()
+        .map(Some),
+    }
+}
+
 /// An IPv4 client on a dual-stack socket shows as `::ffff:a.b.c.d`; send it as IPv4.
 fn unmap(addr: SocketAddr) -> SocketAddr {
     match addr {
@@ -60,6 +77,14 @@ mod tests {
             header(ProxyProtocol::Off, client, local).expect("off"),
             None
         );
+        assert_eq!(
+            local_header(ProxyProtocol::V1).expect("v1").as_deref(),
+            Some(&b"PROXY UNKNOWN\r\n"[..])
+        );
+        let own = local_header(ProxyProtocol::V2).expect("v2").expect("some");
+        let parsed = v2::Header::try_from(&own[..]).expect("a valid v2 header");
+        assert_eq!(parsed.command, v2::Command::Local);
+        assert_eq!(parsed.addresses, v2::Addresses::Unspecified);
         let mapped: SocketAddr = "[::ffff:192.0.2.7]:51000".parse().expect("addr");
         assert_eq!(
             header(ProxyProtocol::V1, mapped, local).expect("v1"),

@@ -5,7 +5,7 @@
 //! 100 ms heartbeat) and dumps its whole state in INFO lines. A warning or error
 //! identical to one logged within [`FOLD_WINDOW`] (same target and fields) is
 //! counted instead of written; once the window is over, one line says how often
-//! it repeated.
+//! it repeated. A change of state (a `to` field) is always written.
 
 use std::collections::HashMap;
 use std::fmt::{self, Write as _};
@@ -146,8 +146,13 @@ impl Fold {
     /// False for a repeat to fold; writes the count of the last window when a new one starts.
     fn admit(&self, event: &Event<'_>) -> bool {
         let meta = event.metadata();
-        // Level order: ERROR < WARN < INFO; INFO and below are never folded.
-        if *meta.level() > Level::WARN || meta.target() == FOLD_TARGET {
+        // Level order: ERROR < WARN < INFO; INFO and below are never folded. Nor
+        // is a change of state (an event with a `to` field: a backend going down,
+        // a replica stepping down): each one happened, at its own time.
+        if *meta.level() > Level::WARN
+            || meta.target() == FOLD_TARGET
+            || meta.fields().field("to").is_some()
+        {
             return true;
         }
         let mut text = Text::default();
@@ -244,16 +249,27 @@ mod tests {
                 tracing::warn!(peer = 3, "failed to send a heartbeat: connection refused");
             }
             tracing::warn!(peer = 2, "failed to send a heartbeat: connection refused");
+            for _ in 0..2 {
+                tracing::warn!(backend = "b3", to = "down", "backend is down: HTTP 500");
+            }
             for i in 0..5 {
                 tracing::info!(i, "info lines are never folded");
                 tracing::info!("info lines are never folded");
             }
-            assert_eq!(out.lines().len(), 12, "{:#?}", out.lines());
+            assert_eq!(out.lines().len(), 14, "{:#?}", out.lines());
             fold.flush(Duration::ZERO);
         });
         let lines = out.lines();
-        assert_eq!(lines.len(), 13, "{lines:#?}");
-        let count = &lines[12];
+        assert_eq!(lines.len(), 15, "{lines:#?}");
+        assert_eq!(
+            lines
+                .iter()
+                .filter(|l| l.contains("backend is down"))
+                .count(),
+            2,
+            "a change of state is never folded: {lines:#?}"
+        );
+        let count = &lines[14];
         assert!(
             count.contains("repeated 49 more times")
                 && count.contains("failed to send a heartbeat")

@@ -58,8 +58,12 @@ pub fn run(args: RunArgs) -> ExitCode {
     for w in loaded.warning_lines() {
         tracing::warn!("{w}");
     }
-    if let Err(e) = supported(&loaded.config) {
-        eprintln!("error: {}", loaded.refusal_line(&e));
+    // What `raftlb check` refuses, with the same file:line:column.
+    let refused = preflight(&loaded.config);
+    if !refused.is_empty() {
+        for e in &refused {
+            eprintln!("error: {}", loaded.refusal_line(e));
+        }
         return ExitCode::from(EXIT_CONFIG);
     }
     let token = match read_token(&loaded.config) {

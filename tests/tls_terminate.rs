@@ -375,4 +375,13 @@ fn a_missing_certificate_file_is_refused_at_start() {
         stderr.contains("listeners.front.terminate") && stderr.contains("nope.crt"),
         "{stderr}"
     );
+    // Named where `raftlb check` names it: file, line and column.
+    let at = format!("{}:", config.display());
+    assert!(
+        stderr
+            .lines()
+            .any(|l| l.starts_with(&format!("error: {at}"))
+                && l.contains("listeners.front.terminate")),
+        "{stderr}"
+    );
 }

@@ -277,6 +277,18 @@ pub fn parse_pools(
             message: "define at least one pool".into(),
         }]));
     }
+    check_replicated(pools).map_err(|errors| invalid(placed(errors, text)))
+}
+
+/// Checks pools as the replicated part of a config, with `raftlb check`'s rules:
+/// a write's body, and the pools a backup restores. None at all is the caller's
+/// to refuse (a write) or take (a backup of a store that held none).
+pub fn check_replicated(
+    pools: std::collections::BTreeMap<String, schema::Pool>,
+) -> Result<std::collections::BTreeMap<String, schema::Pool>, Vec<Issue>> {
+    if pools.is_empty() {
+        return Ok(pools);
+    }
     let config = Config {
         node: Default::default(),
         admin: Default::default(),
@@ -287,10 +299,11 @@ pub fn parse_pools(
         pools,
     };
     let errors = validate::validate(&config, u64::MAX).errors;
-    if !errors.is_empty() {
-        return Err(invalid(placed(errors, text)));
+    if errors.is_empty() {
+        Ok(config.pools)
+    } else {
+        Err(errors)
     }
-    Ok(config.pools)
 }
 
 /// The validator's issues, each given the place of its field in `text` when the

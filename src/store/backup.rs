@@ -248,6 +248,18 @@ pub fn restore(
     members: &BTreeMap<NodeId, String>,
 ) -> Result<Restored, BackupError> {
     let (backup, sum) = Backup::verify(file_bytes)?;
+    // What a write could not commit (a file edited by hand, its checksum
+    // recomputed) is not restored either.
+    if let Err(issues) = crate::config::check_replicated((*backup.state.pools).clone()) {
+        let issues: Vec<String> = issues
+            .iter()
+            .map(|i| format!("{}: {}", i.path, i.message))
+            .collect();
+        return Err(BackupError::Input(format!(
+            "the backup's pools are invalid: {}",
+            issues.join("; ")
+        )));
+    }
     if !members.contains_key(&node_id) {
         return Err(BackupError::Input(format!(
             "--node-id {node_id} is not in --initial-cluster ({:?})",
@@ -342,6 +354,26 @@ mod tests {
             membership: StoredMembership::default(),
             state,
         }
+    }
+
+    #[test]
+    fn a_backup_whose_pools_a_write_would_refuse_is_not_restored() {
+        let mut bad = backup();
+        let pool: crate::config::schema::Pool = serde_json::from_value(serde_json::json!(
+            {"backends": [{"name": "a", "address": "127.0.0.1:1", "weight": 9999}]}
+        ))
+        .expect("a pool");
+        bad.state.pools = std::sync::Arc::new(BTreeMap::from([("web".to_string(), pool)]));
+        let bytes = bad.encode().expect("encode");
+        let members = parse_initial_cluster("1=127.0.0.1:7401").expect("valid");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let e = restore(&bytes, dir.path(), 1, "new", &members).expect_err("weight 9999");
+        assert!(
+            e.to_string()
+                .contains("pools.web.backends[0].weight: 9999 is out of range"),
+            "{e}"
+        );
+        assert!(!dir.path().join(storage::FILE).exists());
     }
 
     #[test]

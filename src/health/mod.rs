@@ -77,10 +77,18 @@ async fn probe_loop(
         let started = Instant::now();
         let header = balancer.probe_header(&pool.name);
         let outcome = probe::run(&pool, backend, &check, header.as_deref()).await;
-        record_probe(&pool, index, outcome, started.elapsed());
-        // ±10% jitter keeps the probes apart over time.
-        wait = interval.mul_f64(0.9 + 0.2 * fastrand::f64());
+        let took = started.elapsed();
+        record_probe(&pool, index, outcome, took);
+        wait = next_wait(interval, took, fastrand::f64());
     }
+}
+
+/// The wait before the next probe: one probe starts every interval (not an
+/// interval after the last one ended, so a hanging backend is found within
+/// fall x interval + timeout, as documented), with ±10% jitter from `random`
+/// (0 to 1) to keep the probes apart over time.
+fn next_wait(interval: Duration, took: Duration, random: f64) -> Duration {
+    interval.mul_f64(0.9 + 0.2 * random).saturating_sub(took)
 }
 
 /// Applies one probe result: counters, last check, and a flip when rise/fall is reached.
@@ -230,4 +238,31 @@ fn retry_after_hold(pool: &Pool, index: usize, generation: u64) {
             tracing::info!(pool = %pool_name, %backend, "passive_hold is over: the backend takes new connections again");
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn probes_start_one_interval_apart_whatever_each_took() {
+        let second = Duration::from_secs(1);
+        assert_eq!(next_wait(second, Duration::ZERO, 0.5), second);
+        assert_eq!(
+            next_wait(second, Duration::from_millis(400), 0.5),
+            Duration::from_millis(600)
+        );
+        assert_eq!(
+            next_wait(second, Duration::from_secs(2), 0.5),
+            Duration::ZERO
+        );
+        assert_eq!(
+            next_wait(second, Duration::ZERO, 0.0),
+            Duration::from_millis(900)
+        );
+        assert_eq!(
+            next_wait(second, Duration::ZERO, 1.0),
+            Duration::from_millis(1100)
+        );
+    }
 }

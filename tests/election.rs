@@ -68,6 +68,24 @@ impl Cluster {
         )
     }
 
+    /// on_active and on_standby append "on_active|on_standby ROLE EPOCH" to the
+    /// file this returns, in `dir`.
+    fn log_role_hooks(&mut self, dir: &std::path::Path) -> std::path::PathBuf {
+        let log = dir.join("hooks.log");
+        let hook = hook_script(
+            dir,
+            &format!(
+                "echo \"$1 $RAFTLB_ROLE $RAFTLB_EPOCH\" >> {}",
+                log.display()
+            ),
+        );
+        self.election_extra = format!(
+            "  on_active: {hook} on_active\n  on_standby: {hook} on_standby\n",
+            hook = hook.display()
+        );
+        log
+    }
+
     fn spawn(&self, i: usize) -> Raftlb {
         Raftlb::spawn(&self.yaml(i), self.addrs[i].admin)
     }
@@ -549,18 +567,7 @@ async fn with_standby_serve_every_replica_accepts_and_only_the_hooks_follow_the_
     let mut c = Cluster::new(3).await;
     c.standby = "serve";
     let dir = tempfile::tempdir().expect("tempdir");
-    let log = dir.path().join("hooks.log");
-    let hook = hook_script(
-        dir.path(),
-        &format!(
-            "echo \"$1 $RAFTLB_ROLE $RAFTLB_EPOCH\" >> {}",
-            log.display()
-        ),
-    );
-    c.election_extra = format!(
-        "  on_active: {hook} on_active\n  on_standby: {hook} on_standby\n",
-        hook = hook.display()
-    );
+    let log = c.log_role_hooks(dir.path());
     let (replicas, active) = blocking(|| c.start_all());
     // Each replica is ready once it applied the replicated config, whatever its role.
     c.all_serve("with standby: serve, standbys serve too").await;
@@ -738,18 +745,7 @@ async fn a_lone_replica_paused_past_its_lease_serves_again_after_it_resumes() {
 async fn a_replica_runs_on_standby_when_it_starts_before_on_active() {
     let mut c = Cluster::new(1).await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let log = dir.path().join("hooks.log");
-    let hook = hook_script(
-        dir.path(),
-        &format!(
-            "echo \"$1 $RAFTLB_ROLE $RAFTLB_EPOCH\" >> {}",
-            log.display()
-        ),
-    );
-    c.election_extra = format!(
-        "  on_active: {hook} on_active\n  on_standby: {hook} on_standby\n",
-        hook = hook.display()
-    );
+    let log = c.log_role_hooks(dir.path());
     let hooks_ran = |want: &str| {
         eventually(Duration::from_secs(10), || {
             std::fs::read_to_string(&log).is_ok_and(|l| l == want)

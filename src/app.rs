@@ -58,8 +58,22 @@ pub fn run(args: RunArgs) -> ExitCode {
     for w in loaded.warning_lines() {
         tracing::warn!("{w}");
     }
-    // What `raftlb check` refuses, with the same file:line:column.
-    let refused = preflight(&loaded.config);
+    let threads = loaded
+        .config
+        .runtime
+        .worker_threads
+        .as_ref()
+        .map_or(1, |t| t.value);
+    let runtime = match runtime(Some(threads)) {
+        Ok(rt) => rt,
+        Err(code) => return code,
+    };
+    // What `raftlb check` refuses, with the same file:line:column (inside the
+    // runtime: a TLS config it builds watches its files on a task).
+    let refused = {
+        let _entered = runtime.enter();
+        preflight(&loaded.config)
+    };
     if !refused.is_empty() {
         for e in &refused {
             eprintln!("error: {}", loaded.refusal_line(e));
@@ -72,16 +86,6 @@ pub fn run(args: RunArgs) -> ExitCode {
             eprintln!("error: {}", loaded.refusal_line(&e));
             return ExitCode::from(EXIT_CONFIG);
         }
-    };
-    let threads = loaded
-        .config
-        .runtime
-        .worker_threads
-        .as_ref()
-        .map_or(1, |t| t.value);
-    let runtime = match runtime(Some(threads)) {
-        Ok(rt) => rt,
-        Err(code) => return code,
     };
     // Counts of folded repeated warnings are written once they stop repeating.
     runtime.spawn(async {

@@ -35,7 +35,7 @@ pub struct State {
     pub(crate) ready: AtomicBool,
     /// The active's listeners are open (`standby: close_listeners`).
     pub(crate) listening: AtomicBool,
-    /// Each listener's pool (listener name, pool name): a missing pool is not ready.
+    /// Each listener of the config and its pool: a missing pool is not ready.
     pub(crate) listener_pools: std::sync::Mutex<Vec<ListenerPool>>,
     pub(crate) token: ArcSwapOption<String>,
 }

@@ -251,8 +251,11 @@ fn check_json_pools(doc: Value) -> Result<Replicated, String> {
 /// checked by each replica when it applies them).
 fn check_pools(pools: Value) -> Result<Replicated, String> {
     let doc = json!({"listeners": {}, "pools": pools});
-    let config: crate::config::Config =
-        serde_json::from_value(doc).map_err(|e| format!("invalid config: {e}"))?;
+    // A value of the wrong type is named by its whole path, as in a YAML body.
+    let config: crate::config::Config = serde_path_to_error::deserialize(doc).map_err(|e| {
+        let path = crate::config::without_spans(&e.path().to_string());
+        format!("invalid config: {path}: {}", e.into_inner())
+    })?;
     let findings = crate::config::validate::validate(&config, u64::MAX);
     if !findings.errors.is_empty() {
         return Err(findings
@@ -617,4 +620,24 @@ pub fn status(node: &Node) -> Value {
         "cluster_version": node.applied().borrow().state.cluster_version(),
         "members": member_list(node),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_json_value_of_the_wrong_type_is_named_by_its_whole_path() {
+        let pools = json!({"web": {"backends": [
+            {"name": "a", "address": "127.0.0.1:1"},
+            {"name": "b", "address": "127.0.0.1:2", "weight": "two"}
+        ]}});
+        let Err(e) = check_pools(pools) else {
+            panic!("a string weight was taken");
+        };
+        assert_eq!(
+            e,
+            r#"invalid config: pools.web.backends[1].weight: invalid type: string "two", expected u32"#
+        );
+    }
 }

@@ -240,7 +240,7 @@ pub fn parse_pools(
     struct PoolsDoc {
         pools: std::collections::BTreeMap<String, schema::Pool>,
     }
-    let yaml_error = |e: serde_saphyr::Error| ConfigError::Yaml {
+    let yaml_error = |e: YamlError| ConfigError::Yaml {
         file: file.to_string(),
         issue: yaml_issue(&e, text),
     };
@@ -330,13 +330,51 @@ const MAX_REPLAYED_EVENTS: usize = 20_000;
 /// Reads YAML (a config file, or a `PUT /api/v1/config` body) within serde-saphyr's
 /// budget (nesting depth 64, 250,000 nodes) and at most [`MAX_REPLAYED_EVENTS`] events
 /// replayed from aliases.
-pub fn from_yaml<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, serde_saphyr::Error> {
+/// A value that does not fit the schema is named by its whole path
+/// (`pools.web.backends[1].weight`, from serde_path_to_error).
+pub fn from_yaml<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, YamlError> {
     let mut options = serde_saphyr::Options::default();
     options.alias_limits.max_total_replayed_events = MAX_REPLAYED_EVENTS;
-    serde_saphyr::from_str_with_options(text, options)
+    let mut path = String::new();
+    serde_saphyr::with_deserializer_from_str_with_options(text, options, |de| {
+        serde_path_to_error::deserialize(de).map_err(|e| {
+            path = without_spans(&e.path().to_string());
+            e.into_inner()
+        })
+    })
+    .map_err(|error| YamlError {
+        error: Box::new(error),
+        path,
+    })
 }
 
-fn yaml_issue(e: &serde_saphyr::Error, text: &str) -> Issue {
+/// A path as the config names it: a `Spanned` field is read through its `value`,
+/// which is not part of the config's own names.
+pub fn without_spans(path: &str) -> String {
+    let path = path.replace(".value[", "[").replace(".value.", ".");
+    path.strip_suffix(".value").unwrap_or(&path).to_string()
+}
+
+/// What [`from_yaml`] could not read, and where in the document it was.
+#[derive(Debug)]
+pub struct YamlError {
+    pub error: Box<serde_saphyr::Error>,
+    /// The field's whole path, e.g. `pools.web.backends[1].weight`; empty or `.`
+    /// when the error is not about one value (a YAML syntax error).
+    pub path: String,
+}
+
+impl fmt::Display for YamlError {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        match self.path.as_str() {
+            "" | "." => write!(f, "{}", self.error),
+            path => write!(f, "{path}: {}", self.error),
+        }
+    }
+}
+
+fn yaml_issue(failure: &YamlError, text: &str) -> Issue {
+    let e = &failure.error;
     let at = e.location().map_or(Place::Unknown, Place::of);
     let rendered = e.without_snippet().to_string();
     let mut message = rendered.lines().next().unwrap_or("invalid YAML").trim();
@@ -351,9 +389,10 @@ fn yaml_issue(e: &serde_saphyr::Error, text: &str) -> Issue {
     } else {
         message
     };
-    let path = match at {
-        Place::At { line, column } => key_before(text, line, column),
-        Place::Unknown => None,
+    let path = match (failure.path.as_str(), at) {
+        ("" | ".", Place::At { line, column }) => key_before(text, line, column),
+        ("" | ".", Place::Unknown) => None,
+        (path, _) => Some(path.to_string()),
     };
     Issue {
         at,

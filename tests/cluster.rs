@@ -1180,7 +1180,7 @@ async fn snapshot_save_and_restore_into_a_new_cluster() {
     let exit = blocking(|| second.wait_exit(Duration::from_secs(20)));
     assert_eq!(exit.and_then(|e| e.code()), Some(2), "{}", second.log());
     assert!(
-        second.log().contains("was restored from the backup again"),
+        second.log().contains("and this data_dir was restored from the backup again"),
         "{}",
         second.log()
     );

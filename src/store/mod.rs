@@ -739,7 +739,11 @@ impl Node {
                 };
                 if hello.joined.contains(&self.id) {
                     return self.die(config_error(format!(
-                        "node {id} has joined this cluster since it was restored, and this data_dir                          was restored from the backup again: its log lacks what it had since, and                          it must not rejoin under the same id. Run `raftlb ctl member remove {id}`,                          wipe the data_dir, run `raftlb ctl member add {id} ADDR`, then start it                          with initial_state: existing",
+                        "node {id} has joined this cluster since it was restored, and this data_dir \
+                         was restored from the backup again: its log lacks what it had since, and \
+                         it must not rejoin under the same id. Run `raftlb ctl member remove {id}`, \
+                         wipe the data_dir, run `raftlb ctl member add {id} ADDR`, then start it \
+                         with initial_state: existing",
                         id = self.id
                     )));
                 }

@@ -1809,7 +1809,6 @@ type Proposal<E> = Result<
     tokio::time::error::Elapsed,
 >;
 
-/// Maps a proposal's result: not the leader any more means nothing was proposed.
 /// Whether a new member's address is where a member already listens: the same
 /// address however spelt, or a name that resolves to one of its addresses (each
 /// lookup bounded by a second; one that fails or times out finds nothing).
@@ -1840,6 +1839,7 @@ async fn same_place(wanted: &HostPort, member: &str) -> bool {
     a.iter().any(|x| b.contains(x))
 }
 
+/// Maps a proposal's result: not the leader any more means nothing was proposed.
 fn proposed(
     result: Proposal<ClientWriteError<types::TypeConfig>>,
     deadline: Duration,

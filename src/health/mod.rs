@@ -22,9 +22,9 @@ use probe::Outcome;
 /// Consecutive data-path connect failures that mark a backend down when the pool has no `fall`.
 pub const DEFAULT_FALL: u32 = 3;
 
-/// Runs the probes of the balancer's pools: one task per backend of every pool that
-/// has `health_check`, all replaced when a new snapshot is swapped in (a config
-/// applied), until the balancer is dropped.
+/// Runs the probes of the balancer's pools for as long as the process runs: one
+/// task per backend of every pool that has `health_check`, all replaced when a
+/// new snapshot is swapped in (a config applied).
 pub async fn follow(balancer: Arc<Balancer>) {
     let mut swapped = balancer.swapped();
     loop {

@@ -9,16 +9,19 @@ use std::time::Duration;
 use common::*;
 use serde_json::Value;
 
-/// A TCP backend that accepts until the task is aborted.
-async fn backend_on(addr: SocketAddr) -> tokio::task::JoinHandle<()> {
+/// A TCP backend on `addr` (port 0: one the kernel picks) that accepts until the
+/// task is aborted; its address.
+async fn backend_on(addr: SocketAddr) -> (SocketAddr, tokio::task::JoinHandle<()>) {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .expect("bind backend");
-    tokio::spawn(async move {
+    let addr = listener.local_addr().expect("backend address");
+    let task = tokio::spawn(async move {
         while let Ok((s, _)) = listener.accept().await {
             drop(s);
         }
-    })
+    });
+    (addr, task)
 }
 
 /// The JSON log lines about backend `name`'s health, in order: (level, message).
@@ -43,8 +46,9 @@ fn flips(lb: &Raftlb, name: &str) -> Vec<(String, String, Value)> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backend_flip_is_one_json_line_with_the_probe_detail() {
     raise_nofile();
-    let addr = loopback();
-    let backend = backend_on(addr).await;
+    // The kernel's pick, not a port found free a moment before: another process
+    // could take that one in between.
+    let (addr, backend) = backend_on(SocketAddr::from(([127, 0, 0, 1], 0))).await;
     let (admin, listen) = (loopback(), loopback());
     let probe = "    health_check: { kind: tcp, interval: 100ms, timeout: 1s, rise: 2, fall: 2 }\n";
     let yaml = Raftlb::standalone_yaml(admin, listen, probe, "", &[("b1", addr)]);
@@ -58,7 +62,7 @@ async fn a_backend_flip_is_one_json_line_with_the_probe_detail() {
     let went_down =
         blocking(|| eventually(Duration::from_secs(10), || flips(&lb, "b1").len() == 2));
     assert!(went_down, "no line for b1 going down:\n{}", lb.log());
-    let back = backend_on(addr).await;
+    let (_, back) = backend_on(addr).await;
     let came_back =
         blocking(|| eventually(Duration::from_secs(10), || flips(&lb, "b1").len() == 3));
     assert!(came_back, "no line for b1 coming back:\n{}", lb.log());

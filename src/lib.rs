@@ -91,6 +91,9 @@ fn snapshot(cmd: cli::SnapshotCommand) -> ExitCode {
                 })
             })
             .map(|r| {
+                for w in &r.warnings {
+                    eprintln!("warning: {w}");
+                }
                 format!(
                     "restored node {node_id} of cluster {cluster_id} (uuid {}) into {}: {}; \
                      start every member with initial_state: new and these peers",

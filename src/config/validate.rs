@@ -690,7 +690,9 @@ fn validate_pools(config: &Config, existing: bool, f: &mut Findings) {
                     format!("{hp}.path"),
                     format!("{:?} must start with /, e.g. /readyz", hc_v.path.value),
                 );
-            } else if let Err(e) = hyper::Uri::try_from(hc_v.path.value.as_str()) {
+            } else if hc_v.kind == CheckKind::Https
+                && let Err(e) = hyper::Uri::try_from(hc_v.path.value.as_str())
+            {
                 // What the probe's request is built from: every probe would fail.
                 f.error(
                     at(&hc_v.path),
@@ -709,7 +711,10 @@ fn validate_pools(config: &Config, existing: bool, f: &mut Findings) {
                     tls.cert.is_some(),
                     tls.key.is_some(),
                 );
-                server_name(f, at(hc), &format!("{hp}.tls.server_name"), tls);
+                // A tcp check makes no handshake: its tls is ignored (warned below).
+                if hc_v.kind != CheckKind::Tcp {
+                    server_name(f, at(hc), &format!("{hp}.tls.server_name"), tls);
+                }
                 if hc_v.kind == CheckKind::Tcp {
                     f.warn(
                         at(hc),

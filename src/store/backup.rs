@@ -248,18 +248,22 @@ pub fn restore(
     members: &BTreeMap<NodeId, String>,
 ) -> Result<Restored, BackupError> {
     let (backup, sum) = Backup::verify(file_bytes)?;
-    // What a write could not commit (a file edited by hand, its checksum
-    // recomputed) is not restored either.
-    if let Err(issues) = crate::config::check_replicated((*backup.state.pools).clone()) {
-        let issues: Vec<String> = issues
+    // Pools a write would refuse now (a rule newer than the backup, or a file
+    // edited by hand) are restored as they are, and named: refusing them would
+    // leave a disaster without a way back.
+    let warnings: Vec<String> = match crate::config::check_replicated((*backup.state.pools).clone())
+    {
+        Ok(_) => Vec::new(),
+        Err(issues) => issues
             .iter()
-            .map(|i| format!("{}: {}", i.path, i.message))
-            .collect();
-        return Err(BackupError::Input(format!(
-            "the backup's pools are invalid: {}",
-            issues.join("; ")
-        )));
-    }
+            .map(|i| {
+                format!(
+                    "{}: {} (restored as it is; fix it with a write once the cluster runs)",
+                    i.path, i.message
+                )
+            })
+            .collect(),
+    };
     if !members.contains_key(&node_id) {
         return Err(BackupError::Input(format!(
             "--node-id {node_id} is not in --initial-cluster ({:?})",
@@ -327,7 +331,11 @@ pub fn restore(
             data_dir.display()
         ))
     })?;
-    Ok(Restored { backup, uuid })
+    Ok(Restored {
+        backup,
+        uuid,
+        warnings,
+    })
 }
 
 /// What [`restore`] did.
@@ -335,6 +343,8 @@ pub fn restore(
 pub struct Restored {
     pub backup: Backup,
     pub uuid: Uuid,
+    /// What a write would refuse in the restored pools, one line each.
+    pub warnings: Vec<String>,
 }
 
 #[cfg(test)]
@@ -357,7 +367,7 @@ mod tests {
     }
 
     #[test]
-    fn a_backup_whose_pools_a_write_would_refuse_is_not_restored() {
+    fn pools_a_write_would_refuse_are_restored_and_named() {
         let mut bad = backup();
         let pool: crate::config::schema::Pool = serde_json::from_value(serde_json::json!(
             {"backends": [{"name": "a", "address": "127.0.0.1:1", "weight": 9999}]}
@@ -367,13 +377,14 @@ mod tests {
         let bytes = bad.encode().expect("encode");
         let members = parse_initial_cluster("1=127.0.0.1:7401").expect("valid");
         let dir = tempfile::tempdir().expect("tempdir");
-        let e = restore(&bytes, dir.path(), 1, "new", &members).expect_err("weight 9999");
+        let restored = restore(&bytes, dir.path(), 1, "new", &members).expect("restored");
+        assert_eq!(restored.warnings.len(), 1, "{:?}", restored.warnings);
         assert!(
-            e.to_string()
-                .contains("pools.web.backends[0].weight: 9999 is out of range"),
-            "{e}"
+            restored.warnings[0].starts_with("pools.web.backends[0].weight: 9999 is out of range"),
+            "{:?}",
+            restored.warnings
         );
-        assert!(!dir.path().join(storage::FILE).exists());
+        assert!(dir.path().join(storage::FILE).exists());
     }
 
     #[test]

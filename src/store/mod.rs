@@ -504,13 +504,15 @@ impl Node {
         if !unreachable.is_empty() {
             note.push_str(&format!("; not heard from: {}", unreachable.join(", ")));
         }
-        if heard >= needed {
-            // Enough voters answer: what is missing is a leader they agree on.
-            note.push_str(
-                ", so a majority is there: a Raft leader election is probably under way; retry in a moment",
-            );
-        }
         note
+    }
+
+    /// Whether this replica heard from a majority of the voters (itself included)
+    /// within [`REACHABLE_WITHIN`].
+    fn heard_majority(&self) -> bool {
+        let metrics = self.metrics();
+        let voters = metrics.membership_config.membership().voter_ids().count();
+        voters - self.unreachable_voters(&metrics).len() > voters / 2
     }
 
     /// The voters this replica knows to be unreachable now (one never heard from is
@@ -1343,8 +1345,14 @@ impl Node {
             )));
         }
         let Some((leader, addr)) = self.leader() else {
+            // With a majority answering, what is missing is a leader they agree on.
+            let hint = if self.heard_majority() {
+                "; a majority answers, so a Raft leader election is probably under way: retry in a moment"
+            } else {
+                ""
+            };
             return Err(WriteError::NotProposed(format!(
-                "no Raft leader right now ({}); nothing was changed",
+                "no Raft leader right now ({}){hint}; nothing was changed",
                 self.quorum_note()
             )));
         };

@@ -374,6 +374,7 @@ impl Server {
             listening: AtomicBool::new(false),
             listener_pools: std::sync::Mutex::default(),
             token: ArcSwapOption::new(token),
+            listeners_changed: tokio::sync::Notify::new(),
         });
         state.set_listener_pools(&loaded.config);
         let admin_tls = match admin_tls(&loaded.config) {
@@ -836,6 +837,8 @@ impl Server {
             tracing::warn!("reload: {section} changed; it takes effect at the next restart");
         }
         self.state.set_listener_pools(&new);
+        // Committed pools are checked against this replica's listeners again.
+        self.state.listeners_changed.notify_one();
         self.config = new;
         self.follow_role().await;
         metrics::counter!(m::CONFIG_RELOADS_TOTAL, "result" => "ok").increment(1);
@@ -871,9 +874,14 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
 async fn follow_store(node: Arc<Node>, state: Arc<State>) {
     let mut applied = node.applied();
     let mut version = 0;
+    // A reload changed this replica's listeners, which may now take (or refuse) a
+    // committed pool: the same version is applied again.
+    let mut again = false;
     loop {
         let current = applied.borrow_and_update().clone();
-        if current.state.cluster_uuid.is_some() && current.state.config_version != version {
+        if current.state.cluster_uuid.is_some()
+            && (current.state.config_version != version || std::mem::take(&mut again))
+        {
             version = current.state.config_version;
             let failures = state
                 .balancer
@@ -884,7 +892,7 @@ async fn follow_store(node: Arc<Node>, state: Arc<State>) {
             for f in &failures {
                 tracing::error!(
                     config_version = version,
-                    "cannot apply the committed pool here; keeping its previous version: {f}"
+                    "cannot apply the committed pool here; keeping the version it had here, if any: {f}"
                 );
                 metrics::counter!(m::CONFIG_APPLY_FAILURES_TOTAL).increment(1);
             }
@@ -897,6 +905,7 @@ async fn follow_store(node: Arc<Node>, state: Arc<State>) {
         tokio::select! {
             () = node.stop.cancelled() => return,
             changed = applied.changed() => if changed.is_err() { return },
+            () = state.listeners_changed.notified() => again = true,
         }
     }
 }

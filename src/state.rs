@@ -38,6 +38,9 @@ pub struct State {
     /// Each listener of the config and its pool: a missing pool is not ready.
     pub(crate) listener_pools: std::sync::Mutex<Vec<ListenerPool>>,
     pub(crate) token: ArcSwapOption<String>,
+    /// A reload changed the listeners: cluster mode applies the committed pools
+    /// again, since the listeners decide which of them this replica can take.
+    pub(crate) listeners_changed: tokio::sync::Notify,
 }
 
 impl State {

@@ -1705,3 +1705,73 @@ async fn a_replica_advertising_another_address_than_its_membership_says_so() {
     );
     again.signal("KILL");
 }
+
+/// A committed pool that one replica's listeners refuse (`backend_tls` behind a
+/// passthrough listener) keeps its old version there, and is applied there once a
+/// reload gives that replica a terminating listener: the listeners decide what a
+/// replica can take, so a change of them applies the committed pools again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_of_the_listeners_applies_a_refused_pool_again() {
+    raise_nofile();
+    let certs = tempfile::tempdir().expect("tempdir");
+    let pki = pki::Pki::new(certs.path(), "lb");
+    let server = pki.server("lb", &[]);
+    let cluster = Cluster::new(3, backend_names(&["b1"]).await);
+    let terminating = |i: usize| {
+        cluster.yaml(i, "new").replace(
+            "pool: web }",
+            &format!(
+                "pool: web, tls: terminate, terminate: {{ cert: {}, key: {} }} }}",
+                server.cert.display(),
+                server.key.display()
+            ),
+        )
+    };
+    // Replica 1 terminates TLS; replicas 2 and 3 pass it through.
+    let mut replicas = vec![Raftlb::spawn(&terminating(0), cluster.addrs[0].admin)];
+    replicas.extend((1..3).map(|i| cluster.spawn(i)));
+    blocking(|| replicas.iter_mut().for_each(Raftlb::wait_ready));
+    blocking(|| cluster.agreed_leader(3));
+    let body = "pools:\n  web:\n    backend_tls: {}\n    backends:\n      - { name: b1, address: ADDR, weight: 7 }\n"
+        .replace("ADDR", &cluster.backends[0].1.to_string());
+    let (code, answer) = blocking(|| {
+        http_request(
+            cluster.addrs[0].admin,
+            "PUT",
+            "/api/v1/config",
+            &[("Content-Type", "application/yaml")],
+            &body,
+        )
+    })
+    .expect("PUT");
+    assert_eq!(code, 200, "{answer}");
+    let weight = |i: usize| {
+        let (_, b) = json(cluster.addrs[i].admin, "GET", "/api/v1/backends", "");
+        b["pools"][0]["backends"][0]["weight"].as_u64()
+    };
+    let refused = |i: usize| {
+        status(cluster.addrs[i].admin)["config_apply_errors"]
+            .as_array()
+            .map_or(0, Vec::len)
+    };
+    assert!(
+        blocking(|| eventually(Duration::from_secs(5), || refused(1) == 1)),
+        "{}",
+        status(cluster.addrs[1].admin)
+    );
+    assert_eq!(
+        blocking(|| weight(1)),
+        Some(1),
+        "replica 2 kept the old pool"
+    );
+    // Replica 2 now terminates TLS too: a reload applies the committed pool.
+    replicas[1].rewrite_config(&terminating(1));
+    replicas[1].signal("HUP");
+    assert!(
+        blocking(|| eventually(Duration::from_secs(5), || refused(1) == 0
+            && weight(1) == Some(7))),
+        "{}\n{}",
+        status(cluster.addrs[1].admin),
+        replicas[1].log()
+    );
+}

@@ -860,10 +860,12 @@ fn status_table(v: &Value, colour: bool) -> String {
         );
     } else {
         // As this replica sees it: what it waits out after the last renew it saw.
-        let expiry = match (
-            lease["renewed_ms_ago"].as_u64(),
-            lease["waited_out_ms"].as_u64(),
-        ) {
+        // A server older than `waited_out_ms` gives its own lease_duration only.
+        let waited = match &lease["waited_out_ms"] {
+            Value::Null => &lease["lease_duration_ms"],
+            w => w,
+        };
+        let expiry = match (lease["renewed_ms_ago"].as_u64(), waited.as_u64()) {
             (Some(ago), Some(duration)) if ago < duration => {
                 format!("expires in {} ms", duration - ago)
             }
@@ -877,7 +879,7 @@ fn status_table(v: &Value, colour: bool) -> String {
             text(&lease["holder_id"]),
             text(&lease["epoch"]),
             text(&lease["renewed_ms_ago"]),
-            text(&lease["waited_out_ms"])
+            text(waited)
         );
     }
     if !v["backends"].is_null() {

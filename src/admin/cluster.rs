@@ -171,6 +171,7 @@ pub async fn backend_write(
     match node.write(command).await {
         Ok(Outcome::Applied { config_version }) => {
             let body = if method == Method::DELETE {
+                until_applied(state, config_version).await;
                 before
             } else {
                 applied_backend(state, config_version, &pool, &name).await

@@ -445,10 +445,12 @@ async fn read_json<T: serde::de::DeserializeOwned>(req: Request<Incoming>) -> Re
 /// POST .../drain and .../undrain take no body: an empty one, or `{}`.
 async fn no_body(req: Request<Incoming>, action: &str) -> Result<(), Reply> {
     let body = read_body(req).await?;
-    let text = String::from_utf8_lossy(&body);
-    match text.trim() {
-        "" | "{}" => Ok(()),
-        _ => Err(error(
+    let empty = body.iter().all(u8::is_ascii_whitespace)
+        || serde_json::from_slice::<serde_json::Map<String, Value>>(&body)
+            .is_ok_and(|m| m.is_empty());
+    match empty {
+        true => Ok(()),
+        false => Err(error(
             StatusCode::BAD_REQUEST,
             &format!("POST .../{action} takes no body (or {{}})"),
         )),

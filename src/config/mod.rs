@@ -351,8 +351,26 @@ pub fn from_yaml<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, YamlEr
 /// A path as the config names it: a `Spanned` field is read through its `value`,
 /// which is not part of the config's own names.
 pub fn without_spans(path: &str) -> String {
-    let path = path.replace(".value[", "[").replace(".value.", ".");
-    path.strip_suffix(".value").unwrap_or(&path).to_string()
+    let mut out = String::new();
+    let mut previous = "";
+    for segment in path.split('.') {
+        // Right after `pools` or `listeners` a segment is a name someone chose,
+        // which may be `value`; anywhere else `value` is a `Spanned` field.
+        let (field, index) = segment
+            .find('[')
+            .map_or((segment, ""), |i| segment.split_at(i));
+        let user_name = matches!(previous, "pools" | "listeners");
+        if field == "value" && !user_name {
+            out.push_str(index);
+        } else {
+            if !out.is_empty() {
+                out.push('.');
+            }
+            out.push_str(segment);
+        }
+        previous = field;
+    }
+    out
 }
 
 /// What [`from_yaml`] could not read, and where in the document it was.
@@ -494,6 +512,34 @@ impl fmt::Display for Place {
         match self {
             Place::At { line, column } => write!(f, "{line}:{column}"),
             Place::Unknown => f.write_str("?"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_path_drops_spanned_values_but_keeps_names_someone_chose() {
+        let cases = [
+            (
+                "pools.web.backends.value[1].weight.value",
+                "pools.web.backends[1].weight",
+            ),
+            (
+                "pools.value.backends.value[0].weight.value",
+                "pools.value.backends[0].weight",
+            ),
+            (
+                "listeners.value.max_connections.value",
+                "listeners.value.max_connections",
+            ),
+            ("cluster.peers.value.3", "cluster.peers.3"),
+            ("runtime.worker_threads", "runtime.worker_threads"),
+        ];
+        for (path, named) in cases {
+            assert_eq!(without_spans(path), named, "{path}");
         }
     }
 }

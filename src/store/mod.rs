@@ -727,6 +727,12 @@ impl Node {
     /// the leader knows it had, and Raft would never catch it up.
     async fn vet_restored(self: Arc<Self>) {
         let quorum = self.peers.len() / 2 + 1;
+        // Its own log says it joined already (stopped before the marker was
+        // cleared): it is past the restore.
+        if self.applied.borrow().state.joined.contains(&self.id) {
+            self.vet();
+            return;
+        }
         loop {
             let mut answered = 1;
             for (peer, addr) in &self.peers {

@@ -512,20 +512,20 @@ fn validate_listeners(config: &Config, existing: bool, open_files: u64, f: &mut 
                 format!("listener name {name:?} is not valid: {NAME_RULE}"),
             );
         }
-        if binds
+        if let Some((other, addr)) = binds
             .iter()
-            .any(|b: &std::net::SocketAddr| binds_overlap(*b, l.bind.0))
+            .find(|(_, b): &&(&String, std::net::SocketAddr)| binds_overlap(*b, l.bind.0))
         {
             f.error(
                 at(&l.pool),
                 format!("{path}.bind"),
                 format!(
-                    "{} is used by another listener: each listener needs its own address",
+                    "{} overlaps listener {other} ({addr}): each listener needs its own port or address (a wildcard takes the port on every address of its family)",
                     l.bind
                 ),
             );
         }
-        binds.push(l.bind.0);
+        binds.push((name, l.bind.0));
         // Two listening sockets on one port, the same IP or a wildcard beside another
         // IP of its family: the second bind fails at run time (EADDRINUSE).
         let others = [

@@ -254,7 +254,7 @@ fn check_pools(pools: Value) -> Result<Replicated, String> {
     let doc = json!({"listeners": {}, "pools": pools});
     // A value of the wrong type is named by its whole path, as in a YAML body.
     let config: crate::config::Config = serde_path_to_error::deserialize(doc).map_err(|e| {
-        let path = crate::config::without_spans(&e.path().to_string());
+        let path = crate::config::config_path(e.path());
         format!("invalid config: {path}: {}", e.into_inner())
     })?;
     let findings = crate::config::validate::validate(&config, u64::MAX);

@@ -338,7 +338,7 @@ pub fn from_yaml<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, YamlEr
     let mut path = String::new();
     serde_saphyr::with_deserializer_from_str_with_options(text, options, |de| {
         serde_path_to_error::deserialize(de).map_err(|e| {
-            path = without_spans(&e.path().to_string());
+            path = config_path(e.path());
             e.into_inner()
         })
     })
@@ -348,27 +348,32 @@ pub fn from_yaml<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, YamlEr
     })
 }
 
-/// A path as the config names it: a `Spanned` field is read through its `value`,
-/// which is not part of the config's own names.
-pub fn without_spans(path: &str) -> String {
+/// A path as the config names it, e.g. `pools.web.backends[1].weight`: a
+/// `Spanned` field is read through its `value`, which is not one of the config's
+/// names; right after `pools` or `listeners` a key is a name someone chose, which
+/// may be `value` too.
+pub fn config_path(path: &serde_path_to_error::Path) -> String {
+    use serde_path_to_error::Segment;
     let mut out = String::new();
-    let mut previous = "";
-    for segment in path.split('.') {
-        // Right after `pools` or `listeners` a segment is a name someone chose,
-        // which may be `value`; anywhere else `value` is a `Spanned` field.
-        let (field, index) = segment
-            .find('[')
-            .map_or((segment, ""), |i| segment.split_at(i));
-        let user_name = matches!(previous, "pools" | "listeners");
-        if field == "value" && !user_name {
-            out.push_str(index);
-        } else {
+    let mut parent = "";
+    for segment in path.iter() {
+        let key = match segment {
+            Segment::Seq { index } => {
+                out.push_str(&format!("[{index}]"));
+                continue;
+            }
+            Segment::Map { key } | Segment::Enum { variant: key } => key.as_str(),
+            // A key that did not parse (a peer id that is not a number): the
+            // place names it; the path stops at its map.
+            Segment::Unknown => continue,
+        };
+        if key != "value" || matches!(parent, "pools" | "listeners") {
             if !out.is_empty() {
                 out.push('.');
             }
-            out.push_str(segment);
+            out.push_str(key);
         }
-        previous = field;
+        parent = key;
     }
     out
 }
@@ -377,15 +382,15 @@ pub fn without_spans(path: &str) -> String {
 #[derive(Debug)]
 pub struct YamlError {
     pub error: Box<serde_saphyr::Error>,
-    /// The field's whole path, e.g. `pools.web.backends[1].weight`; empty or `.`
-    /// when the error is not about one value (a YAML syntax error).
+    /// The field's whole path, e.g. `pools.web.backends[1].weight`; empty when the
+    /// error is not about one value (a YAML syntax error).
     pub path: String,
 }
 
 impl fmt::Display for YamlError {
     fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
         match self.path.as_str() {
-            "" | "." => write!(f, "{}", self.error),
+            "" => write!(f, "{}", self.error),
             path => write!(f, "{path}: {}", self.error),
         }
     }
@@ -408,8 +413,8 @@ fn yaml_issue(failure: &YamlError, text: &str) -> Issue {
         message
     };
     let path = match (failure.path.as_str(), at) {
-        ("" | ".", Place::At { line, column }) => key_before(text, line, column),
-        ("" | ".", Place::Unknown) => None,
+        ("", Place::At { line, column }) => key_before(text, line, column),
+        ("", Place::Unknown) => None,
         (path, _) => Some(path.to_string()),
     };
     Issue {
@@ -512,34 +517,6 @@ impl fmt::Display for Place {
         match self {
             Place::At { line, column } => write!(f, "{line}:{column}"),
             Place::Unknown => f.write_str("?"),
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_path_drops_spanned_values_but_keeps_names_someone_chose() {
-        let cases = [
-            (
-                "pools.web.backends.value[1].weight.value",
-                "pools.web.backends[1].weight",
-            ),
-            (
-                "pools.value.backends.value[0].weight.value",
-                "pools.value.backends[0].weight",
-            ),
-            (
-                "listeners.value.max_connections.value",
-                "listeners.value.max_connections",
-            ),
-            ("cluster.peers.value.3", "cluster.peers.3"),
-            ("runtime.worker_threads", "runtime.worker_threads"),
-        ];
-        for (path, named) in cases {
-            assert_eq!(without_spans(path), named, "{path}");
         }
     }
 }

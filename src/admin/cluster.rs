@@ -251,24 +251,21 @@ fn check_json_pools(doc: Value) -> Result<Replicated, String> {
 /// Validates pools as `raftlb check` would (no file is read: certificate paths are
 /// checked by each replica when it applies them).
 fn check_pools(pools: Value) -> Result<Replicated, String> {
-    let doc = json!({"listeners": {}, "pools": pools});
+    let doc = json!({ "pools": pools });
     // A value of the wrong type is named by its whole path, as in a YAML body.
-    let config: crate::config::Config = serde_path_to_error::deserialize(doc).map_err(|e| {
+    let doc: Replicated = serde_path_to_error::deserialize(doc).map_err(|e| {
         let path = crate::config::config_path(e.path());
         format!("invalid config: {path}: {}", e.into_inner())
     })?;
-    let findings = crate::config::validate::validate(&config, u64::MAX);
-    if !findings.errors.is_empty() {
-        return Err(findings
-            .errors
+    // The same rules as a YAML body's (`config::parse_pools`).
+    let pools = crate::config::check_replicated(doc.pools).map_err(|errors| {
+        errors
             .iter()
             .map(|i| format!("{}: {}", i.path, i.message))
             .collect::<Vec<_>>()
-            .join("; "));
-    }
-    Ok(Replicated {
-        pools: config.pools,
-    })
+            .join("; ")
+    })?;
+    Ok(Replicated { pools })
 }
 
 /// The applied state: through the leader (linearizable) unless the request says

@@ -73,6 +73,20 @@ def machine():
     return user + nice + system + irq + softirq, idle + iowait, steal
 
 
+def tcp_counters():
+    """The machine's TCP segments sent, those carrying new data or a FIN, and delayed ACKs sent."""
+    def table(path, prefix):
+        with open(path) as f:
+            rows = [l.split() for l in f if l.startswith(prefix)]
+        out = {}
+        for names, values in zip(rows[0::2], rows[1::2]):
+            out.update(zip(names[1:], (int(v) for v in values[1:])))
+        return out
+    tcp = table("/proc/net/snmp", "Tcp:")
+    ext = table("/proc/net/netstat", "TcpExt:")
+    return tcp["OutSegs"], ext["TCPOrigDataSent"], ext["DelayedACKs"]
+
+
 def core_of(pid):
     with open(f"/proc/{pid}/stat") as f:
         return f.read().rsplit(")", 1)[1].split()[36]
@@ -95,6 +109,7 @@ def one_round(args, dir, proxy, kind, log):
         pids = {"wrk": wrk.pid, "nginx": web_worker, "proxy": px.pid}
         before = {k: cpu_and_switches(p) for k, p in pids.items()}
         machine_before = machine()
+        tcp_before = tcp_counters()
         cores = {k: {} for k in pids}
         start = time.monotonic()
         for _ in range(int((args.seconds - 2) * 10)):
@@ -105,6 +120,7 @@ def one_round(args, dir, proxy, kind, log):
         elapsed = time.monotonic() - start
         after = {k: cpu_and_switches(p) for k, p in pids.items()}
         machine_after = machine()
+        tcp_after = tcp_counters()
         out = wrk.communicate(timeout=args.seconds + 30)[0]
     finally:
         kill(px)
@@ -119,6 +135,10 @@ def one_round(args, dir, proxy, kind, log):
         row[f"{k} cores"] = cores[k]
     row["proxy user us/req"] = (after["proxy"][2] - before["proxy"][2]) / hz / elapsed * 1e6 / rate
     busy, idle, steal = (b - a for a, b in zip(machine_before, machine_after))
+    segs, data, delayed = (b - a for a, b in zip(tcp_before, tcp_after))
+    row["segs/req"] = segs / elapsed / rate
+    row["pure acks/req"] = (segs - data) / elapsed / rate
+    row["delayed acks/req"] = delayed / elapsed / rate
     row["machine us/req"] = busy / hz / elapsed * 1e6 / rate
     row["idle %"] = 100 * idle / (busy + idle + steal)
     row["steal %"] = 100 * steal / (busy + idle + steal)
@@ -191,6 +211,7 @@ pools:
         parts = "  ".join(
             f"{p} {med[f'{p} cpu']:.2f} cpu {med[f'{p} us/req']:.1f} us {med[f'{p} cs/req']:.3f} cs" for p in ("wrk", "nginx", "proxy"))
         print(f"{kind} {proxy:8s} {med['req/s']:8.0f} req/s  {parts}  proxy user {med['proxy user us/req']:.1f} us"
+              f"  segs {med['segs/req']:.2f} (pure acks {med['pure acks/req']:.2f}, delayed {med['delayed acks/req']:.3f})"
               f"  machine {med['machine us/req']:.1f} us  idle {med['idle %']:.1f}%  steal {med['steal %']:.1f}%")
 
 

@@ -470,16 +470,17 @@ impl Server {
         if let Some((_, old)) = self.listeners.remove(name) {
             old.stop().await;
         }
-        let socket = crate::net::listen_proxied(l.bind.0).map_err(|e| {
+        let socket = crate::net::listen_proxied(l.bind.value.0).map_err(|e| {
             StartError::Runtime(format!(
                 "listeners.{name}.bind {}: cannot listen: {e}",
-                l.bind
+                l.bind.value
             ))
         })?;
         let running = listener::spawn(name, socket, settings, self.shared.clone())
             .map_err(|e| StartError::Runtime(format!("listeners.{name}: {e}")))?;
         tracing::info!(listener = name, bind = %running.bind, pool = %l.pool.value, "listening");
-        self.listeners.insert(name.to_string(), (l.bind.0, running));
+        self.listeners
+            .insert(name.to_string(), (l.bind.value.0, running));
         Ok(())
     }
 
@@ -740,7 +741,7 @@ impl Server {
         let mut updates = Vec::new();
         for (name, l) in &new.listeners {
             if let Some((bind, _)) = self.listeners.get(name)
-                && *bind == l.bind.0
+                && *bind == l.bind.value.0
             {
                 match Settings::from_config(name, l) {
                     Ok(settings) => updates.push((name.clone(), settings)),
@@ -822,7 +823,7 @@ impl Server {
         if self.accepts_now() {
             for (name, l) in &new.listeners {
                 match self.listeners.get(name) {
-                    Some((bind, _)) if *bind == l.bind.0 => {}
+                    Some((bind, _)) if *bind == l.bind.value.0 => {}
                     _ => {
                         if let Err(e) = self.start_listener(name, l).await {
                             tracing::error!(

@@ -262,7 +262,7 @@ pub enum ProxyProtocol {
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Listener {
-    pub bind: BindAddr,
+    pub bind: Spanned<BindAddr>,
     pub pool: Spanned<String>,
     #[serde(default = "default_tls_mode")]
     pub tls: Spanned<TlsMode>,

@@ -514,18 +514,18 @@ fn validate_listeners(config: &Config, existing: bool, open_files: u64, f: &mut 
         }
         if let Some((other, addr)) = binds
             .iter()
-            .find(|(_, b): &&(&String, std::net::SocketAddr)| binds_overlap(*b, l.bind.0))
+            .find(|(_, b): &&(&String, std::net::SocketAddr)| binds_overlap(*b, l.bind.value.0))
         {
             f.error(
-                at(&l.pool),
+                at(&l.bind),
                 format!("{path}.bind"),
                 format!(
                     "{} overlaps listener {other} ({addr}): each listener needs its own port or address (a wildcard takes the port on every address of its family)",
-                    l.bind
+                    l.bind.value
                 ),
             );
         }
-        binds.push((name, l.bind.0));
+        binds.push((name, l.bind.value.0));
         // Two listening sockets on one port, the same IP or a wildcard beside another
         // IP of its family: the second bind fails at run time (EADDRINUSE).
         let others = [
@@ -538,14 +538,14 @@ fn validate_listeners(config: &Config, existing: bool, open_files: u64, f: &mut 
         if let Some((other, addr)) = others
             .into_iter()
             .flatten()
-            .find(|(_, other)| binds_overlap(l.bind.0, *other))
+            .find(|(_, other)| binds_overlap(l.bind.value.0, *other))
         {
             f.error(
-                at(&l.pool),
+                at(&l.bind),
                 format!("{path}.bind"),
                 format!(
                     "{} overlaps {other} ({addr}): each needs its own port or address",
-                    l.bind
+                    l.bind.value
                 ),
             );
         }

@@ -369,11 +369,14 @@ fn validate_leader_election(config: &Config, f: &mut Findings) {
             "ignored in standalone mode (no cluster section): this replica is always active",
         );
     }
-    if retry.is_zero() {
+    if retry < Duration::from_millis(1) {
         f.error(
             at(&le.retry_period),
             "leader_election.retry_period",
-            "must be more than 0",
+            format!(
+                "{} is under a millisecond: each try is a Raft write; 2s is Kubernetes' default",
+                le.retry_period.value
+            ),
         );
     }
     if renew >= lease {
@@ -407,8 +410,20 @@ fn validate_leader_election(config: &Config, f: &mut Findings) {
     }
     if let Some(c) = &config.cluster {
         // openraft campaigns 3-4 election timeouts after the last heartbeat.
-        let outage = c.election_timeout.value.get() * 4 + retry * 2;
-        if le.enabled && renew < outage {
+        let election_timeout = c.election_timeout.value.get();
+        let outage = election_timeout * 4 + retry * 2;
+        if le.enabled && renew < election_timeout {
+            f.error(
+                at(&le.renew_deadline),
+                "leader_election.renew_deadline",
+                format!(
+                    "renew_deadline ({}) is under cluster.election_timeout ({}): the active would step down whenever a renewal waits for Raft, and the lease would change hands many times a second; use at least 4 x election_timeout + 2 x retry_period ({})",
+                    le.renew_deadline.value,
+                    c.election_timeout.value,
+                    Dur(outage)
+                ),
+            );
+        } else if le.enabled && renew < outage {
             f.warn(
                 at(&le.renew_deadline),
                 "leader_election.renew_deadline",

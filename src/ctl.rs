@@ -872,11 +872,21 @@ fn status_table(v: &Value, colour: bool) -> String {
             (Some(ago), Some(duration)) => format!("expired {} ms ago", ago - duration),
             _ => "expiry unknown".into(),
         };
+        let holder = if lease["handed_over"] == true {
+            format!(
+                "handed to node {}, not yet taken (nobody serves until it does):",
+                text(&lease["holder_id"])
+            )
+        } else {
+            format!(
+                "holder {} (node {})",
+                text(&lease["holder"]),
+                text(&lease["holder_id"])
+            )
+        };
         let _ = writeln!(
             out,
-            "lease           holder {} (node {}) epoch {} renewed {} ms ago, lease {} ms, {expiry}",
-            text(&lease["holder"]),
-            text(&lease["holder_id"]),
+            "lease           {holder} epoch {} renewed {} ms ago, lease {} ms, {expiry}",
             text(&lease["epoch"]),
             text(&lease["renewed_ms_ago"]),
             text(waited)
@@ -1042,6 +1052,13 @@ mod tests {
         let mut late = held;
         late["renewed_ms_ago"] = json!(3100);
         assert!(lease_line(late).ends_with("expired 100 ms ago"));
+        let handed = json!({"holder": null, "holder_id": 3, "handed_over": true, "epoch": 4,
+            "renewed_ms_ago": 200, "lease_duration_ms": 2000, "holder_lease_duration_ms": 2000,
+            "waited_out_ms": 2000});
+        assert_eq!(
+            lease_line(handed),
+            "lease           handed to node 3, not yet taken (nobody serves until it does): epoch 4 renewed 200 ms ago, lease 2000 ms, expires in 1800 ms"
+        );
         let free = json!({"holder": null, "holder_id": null, "epoch": 4, "renewed_ms_ago": 10,
             "lease_duration_ms": 2000, "holder_lease_duration_ms": 2000, "waited_out_ms": 2000});
         assert_eq!(

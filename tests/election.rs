@@ -407,6 +407,19 @@ async fn a_transfer_sent_to_any_replica_moves_the_active_role() {
     assert_eq!(new, target, "the chosen replica became active");
     assert!(epoch(c.addrs[new].admin) > old_epoch);
     assert!(proxies(c.addrs[target].listen).await);
+    // Handed straight back, and on again: each named successor takes it at once,
+    // although it gave the lease away itself less than a lease_duration ago (it
+    // holds off the lease then, and once waited that out with nobody active).
+    for (to, now_active) in [(active, active), (target, target)] {
+        let (code, out, err) = blocking(|| {
+            ctl(
+                c.addrs[via].admin,
+                &["leader", "transfer", &(to + 1).to_string()],
+            )
+        });
+        assert_eq!(code, 0, "leader transfer back: {out}{err}");
+        assert_eq!(c.one_active(&[], LEASE / 2), now_active);
+    }
     // A transfer to an unknown node is refused and changes nothing.
     let (code, _, err) = blocking(|| ctl(c.addrs[via].admin, &["leader", "transfer", "9"]));
     assert_ne!(code, 0);

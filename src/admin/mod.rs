@@ -559,10 +559,12 @@ fn lease_json(s: &crate::election::Status) -> Value {
     let waits = s
         .lease_duration
         .max(std::time::Duration::from_millis(r.lease_duration_ms));
+    // Handed over: the successor has not written its name yet.
+    let handed_over = r.holder.is_some() && r.instance.is_none();
     json!({
         "holder_id": r.holder,
-        "holder": if r.holder.is_some() { Value::from(r.holder_name.clone()) } else { Value::Null },
-        "handed_over": r.holder.is_some() && r.instance.is_none(),
+        "holder": if r.holder.is_some() && !handed_over { Value::from(r.holder_name.clone()) } else { Value::Null },
+        "handed_over": handed_over,
         "epoch": r.epoch,
         "version": r.version,
         "renewed_ms_ago": ms(s.renewed_ago()),

@@ -222,6 +222,10 @@ impl Elector {
             let cause = Cause::Superseded(self.record.clone());
             self.step_down(Role::Standby, cause);
         }
+        // Rule 4: a lease handed to this replica is taken at once, not at the next try.
+        if self.record.holder == Some(self.me.node) && self.record.instance.is_none() {
+            self.next_attempt = self.next_attempt.min(now);
+        }
     }
 
     /// The result of the compare-and-set `id` (a late one still teaches the record).
@@ -421,8 +425,11 @@ impl Elector {
         let r = &self.record;
         let free_for_me = match (r.holder, &r.instance) {
             (None, _) => true,
-            // Handed over to this replica.
-            (Some(h), None) => h == self.me.node,
+            // Handed over to this replica: taken at once, even within the hold-off of
+            // its own last hand-over (no one else may take it, so there is no race to
+            // stay out of, and waiting would leave nobody active).
+            (Some(h), None) if h == self.me.node => return self.t_obs,
+            (Some(_), None) => false,
             // Its own lease, which it stopped serving (a term that ran out): nobody
             // else is active on it, so taking it again is safe at once.
             (Some(_), Some(_)) => self.holds(r),
@@ -887,6 +894,8 @@ mod tests {
         let (_, expect, op) = sent(&actions[1..]);
         let (_, handed) = applied(&lease, expect, op);
         assert_eq!((handed.holder, handed.instance.clone()), (Some(3), None));
+        // Not the sender's name beside the successor's id.
+        assert_eq!(handed.holder_name, "");
         // The successor takes it as soon as it applies it.
         let mut c = Elector::new(me(3, "c"), settings(), lease.clone(), s(0.0), 3);
         c.on_applied(&handed, s(1.2));
@@ -909,6 +918,46 @@ mod tests {
         a.on_applied(&taken, s(1.4));
         assert_eq!(poll_all(&mut a, s(5.0)), vec![Action::Released]);
         assert!(poll_all(&mut a, s(15.0)).is_empty());
+    }
+
+    #[test]
+    fn a_lease_handed_back_within_the_hold_off_is_taken_at_once() {
+        // A hands the lease to node 3 (and holds off a lease_duration), then node 3
+        // hands it straight back: A is the named successor and takes it at once.
+        let (mut a, lease) = active_at(s(0.0));
+        a.release(Some(3), false, s(1.0));
+        let actions = poll_all(&mut a, s(1.0));
+        let (_, expect, op) = sent(&actions[1..]);
+        let (_, to_c) = applied(&lease, expect, op);
+        a.on_applied(&to_c, s(1.1));
+        assert_eq!(poll_all(&mut a, s(1.1)), vec![Action::Released]);
+        let taken_by_c = Lease {
+            holder: Some(3),
+            instance: Some("c".into()),
+            epoch: to_c.epoch + 1,
+            version: to_c.version + 1,
+            ..to_c.clone()
+        };
+        a.on_applied(&taken_by_c, s(1.2));
+        let back = Lease {
+            holder: Some(1),
+            instance: None,
+            version: taken_by_c.version + 1,
+            ..taken_by_c.clone()
+        };
+        a.on_applied(&back, s(2.0));
+        let (id, expect, op) = sent(&poll_all(&mut a, s(2.0)));
+        assert!(matches!(op, LeaseOp::Acquire { .. }), "{op:?}");
+        let (won, retaken) = applied(&back, expect, op);
+        assert!(won);
+        a.on_result(id, CasResult::Won(retaken), s(2.1));
+        assert_eq!(
+            poll_all(&mut a, s(2.1)),
+            vec![Action::BecomeActive {
+                epoch: back.epoch + 1,
+                deadline: s(2.0) + RENEW
+            }]
+        );
     }
 
     #[test]

@@ -369,8 +369,18 @@ async fn sigterm_hands_the_lease_over_without_waiting_for_it_to_expire() {
     let log = replicas[active].log();
     assert!(log.contains("released the lease"), "{log}");
     assert!(proxies(c.addrs[new].listen).await);
-    // A standby stopped gives nothing up, and does not say it did.
+    // The new active stopped while the last standby is frozen: its release cannot
+    // commit, and it says so instead of saying that it released the lease.
     let standby = (0..3).find(|i| *i != active && *i != new).expect("a third");
+    replicas[standby].signal("STOP");
+    replicas[new].signal("TERM");
+    let exit = blocking(|| replicas[new].wait_exit(RENEW + Duration::from_secs(10)));
+    replicas[standby].signal("CONT");
+    assert!(exit.is_some_and(|s| s.success()), "exit 0 after SIGTERM");
+    let log = replicas[new].log();
+    assert!(log.contains("release did not commit"), "{log}");
+    assert!(!log.contains("released the lease"), "{log}");
+    // A standby stopped gives nothing up, and does not say it did.
     replicas[standby].signal("TERM");
     let exit = blocking(|| replicas[standby].wait_exit(Duration::from_secs(10)));
     assert!(exit.is_some_and(|s| s.success()), "exit 0 after SIGTERM");

@@ -373,17 +373,23 @@ async fn drive(driver: Driver) {
                         .increment(1);
                 }
                 Action::Released => {
-                    if std::mem::take(&mut releasing_held) {
-                        tracing::info!(epoch = elector.epoch(), "released the lease");
-                    }
-                    for done in releases.drain(..) {
-                        let _ = done.send(());
-                    }
                     let outcome = if elector.record().0.held_by(node.id, elector.instance()) {
                         Err("the release did not commit before the term ended".to_string())
                     } else {
                         Ok(())
                     };
+                    if std::mem::take(&mut releasing_held) {
+                        match &outcome {
+                            Ok(()) => tracing::info!(epoch = elector.epoch(), "released the lease"),
+                            Err(_) => tracing::warn!(
+                                epoch = elector.epoch(),
+                                "the lease's release did not commit before the term ended (no quorum): the standbys take it once it expires"
+                            ),
+                        }
+                    }
+                    for done in releases.drain(..) {
+                        let _ = done.send(());
+                    }
                     for done in transfers.drain(..) {
                         let _ = done.send(outcome.clone());
                     }

@@ -1252,6 +1252,11 @@ impl Node {
     /// the lease it just released, and hands leadership to that replica: the new
     /// active wants it anyway, and its takeover write is not caught by the move.
     pub async fn hand_off_leadership(&self, for_new_holder: Duration) {
+        // Nobody to hand it to (every other voter is down or stopping too): no wait.
+        let metrics = self.metrics();
+        if metrics.current_leader != Some(self.id) || self.other_voters_up(&metrics).is_empty() {
+            return;
+        }
         let mut applied = self.applied.clone();
         let taken = applied.wait_for(|a| {
             let lease = &a.state.lease;

@@ -446,6 +446,46 @@ async fn a_restarted_replica_serves_its_last_config_without_a_quorum_and_a_wiped
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_data_dir_of_another_cluster_with_the_same_name_is_refused_at_start() {
+    raise_nofile();
+    let cluster = Cluster::new(3, backend_names(&["b1"]).await);
+    // Node 3 first bootstraps a cluster of its own (same cluster_id, peers: itself).
+    let others: Vec<String> = (0..2)
+        .map(|i| format!("{}: {}, ", i + 1, cluster.addrs[i].peer))
+        .collect();
+    let alone = cluster.yaml(2, "new").replace(&others.concat(), "");
+    assert!(alone.contains("peers: { 3: "), "{alone}");
+    let mut own = Raftlb::spawn(&alone, cluster.addrs[2].admin);
+    blocking(|| own.wait_ready());
+    assert!(blocking(|| eventually(Duration::from_secs(10), || {
+        leader_of(cluster.addrs[2].admin) == Some(3)
+    })));
+    own.signal("KILL");
+    blocking(|| own.wait_exit(Duration::from_secs(5)));
+    // Nodes 1 and 2 form the real one, which node 3 is then started into.
+    let mut replicas: Vec<Raftlb> = (0..2).map(|i| cluster.spawn_without_last(i)).collect();
+    blocking(|| replicas.iter_mut().for_each(Raftlb::wait_ready));
+    cluster.agreed_leader(2);
+    let mut third = Raftlb::spawn(&cluster.yaml(2, "existing"), cluster.addrs[2].admin);
+    let exit = blocking(|| third.wait_exit(Duration::from_secs(20)));
+    assert_eq!(
+        exit.and_then(|s| s.code()),
+        Some(2),
+        "a replica whose store is another cluster's must not start (it would lead \
+         itself and take a lease of its own):\n{}",
+        third.log()
+    );
+    let log = third.log();
+    assert!(
+        log.contains("2 of the 2 other peers in the file belong to another cluster"),
+        "{log}"
+    );
+    assert!(log.contains("ctl member add 3"), "the fix is named:\n{log}");
+    // The real cluster carries on.
+    cluster.agreed_leader(2);
+}
+
 fn wipe(dir: &Path) {
     for entry in std::fs::read_dir(dir).expect("read data_dir").flatten() {
         std::fs::remove_file(entry.path()).expect("wipe");

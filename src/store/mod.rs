@@ -152,8 +152,9 @@ pub struct Node {
 }
 
 impl Node {
-    /// Opens the store and joins (or bootstraps) the cluster. Returns at once: a
-    /// restarted replica serves its last applied state before it reaches a quorum.
+    /// Opens the store and joins (or bootstraps) the cluster. Returns at once (after
+    /// at most a second's identity check of a formed store): a restarted replica
+    /// serves its last applied state before it reaches a quorum.
     pub async fn start(
         cluster: &schema::Cluster,
         name: &str,
@@ -303,6 +304,13 @@ impl Node {
         });
         tokio::spawn(network::serve(socket, net, node.clone(), node.stop.clone()));
         tracing::info!(node_id = id, %bind, "Raft peer port listening");
+        if !empty
+            && !restored
+            && let Err(fatal) = node.same_cluster_as_peers().await
+        {
+            node.stop.cancel();
+            return Err(fatal);
+        }
         if empty && cluster.initial_state == InitialState::New {
             tokio::spawn(node.clone().bootstrap());
         } else if restored {
@@ -763,6 +771,49 @@ impl Node {
             }
             tokio::time::sleep(self.election_timeout).await;
         }
+    }
+
+    /// A formed store among peers of which a majority answer as another cluster with
+    /// the same cluster_id: a data_dir from another cluster, or the peers' cluster
+    /// was bootstrapped again since. Left running, it would be a cluster of its own
+    /// (as its store has it) and take a lease of its own: a second active. Asks each
+    /// of the file's other peers once, bounded by a second; a peer down counts
+    /// neither way.
+    async fn same_cluster_as_peers(&self) -> Result<(), Fatal> {
+        let others: Vec<(NodeId, String)> = self
+            .peers
+            .iter()
+            .filter(|(peer, _)| **peer != self.id)
+            .map(|(peer, addr)| (*peer, addr.clone()))
+            .collect();
+        if others.is_empty() {
+            return Ok(());
+        }
+        let asks = others.iter().map(|(peer, addr)| async move {
+            let mut client = PeerClient::new(self.net.clone(), *peer, addr.clone());
+            match client.call(Request::Hello, Duration::from_secs(1)).await {
+                Err(CallError::OtherCluster { why }) => Some((*peer, why)),
+                _ => None,
+            }
+        });
+        let foreign: Vec<(NodeId, String)> = futures_util::future::join_all(asks)
+            .await
+            .into_iter()
+            .flatten()
+            .collect();
+        if foreign.len() * 2 <= others.len() {
+            return Ok(());
+        }
+        let why: Vec<String> = foreign.iter().map(|(_, why)| why.clone()).collect();
+        Err(config_error(format!(
+            "cluster.data_dir {}: {} of the {} other peers in the file belong to another cluster              named {:?}: {}. This data_dir is not their cluster's (from another cluster, or theirs              was bootstrapped again since); started, it would elect itself and take a lease of              its own. If this replica belongs to the peers' cluster: `raftlb ctl member remove {id}`              (if it is a member), wipe the data_dir, `raftlb ctl member add {id} ADDR`, then start              it with initial_state: existing",
+            self.data_dir.display(),
+            foreign.len(),
+            others.len(),
+            self.cluster_id,
+            why.join("; "),
+            id = self.id
+        )))
     }
 
     /// This replica may take votes and entries from now on.

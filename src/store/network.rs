@@ -293,6 +293,9 @@ pub enum CallError {
     Io(String),
     #[error("refused: {0}")]
     Refused(String),
+    /// The peer belongs to another cluster of the same cluster_id (another UUID).
+    #[error("refused: {why}")]
+    OtherCluster { why: String },
     /// Another node answered at the dialled peer's address.
     #[error(
         "peers[{dialled}] at {addr} answered as node {answered}: two replicas share node_id {answered}, or peers is wrong"
@@ -309,7 +312,9 @@ impl CallError {
         match self {
             CallError::Connect(_) => "connect",
             CallError::Io(_) => "io",
-            CallError::Refused(_) | CallError::WrongNode { .. } => "refused",
+            CallError::Refused(_)
+            | CallError::OtherCluster { .. }
+            | CallError::WrongNode { .. } => "refused",
         }
     }
 }
@@ -627,6 +632,9 @@ impl PeerClient {
         let reply: Envelope<Reply> = serde_json::from_slice(&frame)
             .map_err(|e| CallError::Io(format!("{}: malformed reply: {e}", self.addr)))?;
         if let Some(why) = self.net.identity.refuse(&reply) {
+            if reply.cluster_id == self.net.identity.cluster_id {
+                return Err(CallError::OtherCluster { why });
+            }
             return Err(CallError::Refused(why));
         }
         if reply.from != self.target {
@@ -750,7 +758,11 @@ async fn connection<H: Handler>(
             }
         };
         let reply = if let Some(why) = net.identity.refuse(&request) {
-            tracing::warn!(%peer, "peer refused: {why}");
+            // Once per reason and interval: a peer retries many times a second, each
+            // time from another port.
+            if net.logged.due(&why) {
+                tracing::warn!(%peer, "peer refused: {why}");
+            }
             Reply::Error(format!("refused: {why}"))
         } else if let Some(why) = net.identity.refuse_own_id(&request) {
             if net.logged.due(&why) {

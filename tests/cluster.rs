@@ -1707,6 +1707,40 @@ async fn status_tells_a_waiting_replica_and_a_lost_quorum_as_they_are() {
     assert_eq!(blocking(|| status(admin))["config_version"], version);
 }
 
+/// Five voters, three of them frozen: the leader and the follower left are a
+/// minority. The follower still hears the leader's heartbeats, but neither it nor
+/// the leader says there is a quorum or a leader, in status or in /metrics.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_beside_a_leader_without_quorum_says_there_is_none() {
+    raise_nofile();
+    let c = Cluster::new(5, backend_names(&["b1"]).await);
+    let (replicas, leader) = blocking(|| c.start_all());
+    let follower = (leader + 1) % 5;
+    let frozen: Vec<usize> = (0..5).filter(|i| *i != leader && *i != follower).collect();
+    for i in &frozen {
+        replicas[*i].signal("STOP");
+    }
+    let minority = blocking(|| {
+        eventually(Duration::from_secs(15), || {
+            let s = status(c.addrs[follower].admin)["cluster"].clone();
+            s["quorum_reachable"] == false
+                && replicas[follower].metric("raftlb_raft_quorum_reachable") == 0.0
+                && replicas[follower].metric("raftlb_raft_has_leader") == 0.0
+                && replicas[leader].metric("raftlb_raft_is_leader") == 0.0
+        })
+    });
+    let seen = blocking(|| status(c.addrs[follower].admin))["cluster"].clone();
+    for i in &frozen {
+        replicas[*i].signal("CONT");
+    }
+    assert!(minority, "the follower beside a cut-off leader: {seen}");
+    // Back to a majority: a leader with a quorum again, seen from the follower too.
+    blocking(|| c.agreed_leader(5));
+    assert!(blocking(|| eventually(Duration::from_secs(10), || {
+        status(c.addrs[follower].admin)["cluster"]["quorum_reachable"] == true
+    })));
+}
+
 /// A replica restarted with another peer address (its file changed since it joined):
 /// the membership still has the old one, where the others dial it, and the replica
 /// says so, with the way to move a replica.

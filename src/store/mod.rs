@@ -392,11 +392,11 @@ impl Node {
         let raft = self.metrics();
         let voters = raft.membership_config.membership().voter_ids().count();
         metrics::gauge!(m::RAFT_TERM).set(raft.current_term as f64);
-        metrics::gauge!(m::RAFT_IS_LEADER).set(if raft.state == ServerState::Leader {
-            1.0
-        } else {
-            0.0
-        });
+        // A leader cut off from its quorum stays leader in openraft until it hears
+        // of a newer term, and can commit nothing: not counted, as status names no
+        // leader then (a dashboard summing this would see two leaders).
+        let leads = raft.state == ServerState::Leader && self.has_leader(&raft);
+        metrics::gauge!(m::RAFT_IS_LEADER).set(if leads { 1.0 } else { 0.0 });
         metrics::gauge!(m::RAFT_COMMIT_INDEX)
             .set(raft.local_committed.as_ref().map_or(0, |l| l.index) as f64);
         metrics::gauge!(m::RAFT_APPLIED_INDEX)
@@ -432,25 +432,26 @@ impl Node {
             Some(leader) if leader == self.id => {
                 metrics.state == ServerState::Leader && self.quorum_reachable()
             }
-            Some(_) => self
-                .leader_contact
-                .lock()
-                .ok()
-                .and_then(|at| *at)
-                .is_some_and(|at| at.elapsed() < self.election_timeout * 2),
+            Some(_) => {
+                self.leader_contact
+                    .lock()
+                    .ok()
+                    .and_then(|at| *at)
+                    .is_some_and(|at| at.elapsed() < self.election_timeout * 2)
+                    && self.heard_majority_of(metrics)
+            }
         }
     }
 
-    /// The leader for status and members: the one openraft follows, but not itself
+    /// The leader for status and members: the one openraft follows, while it leads
+    /// a quorum as far as this replica can tell ([`Node::has_leader`]). Not itself
     /// without a quorum (a leader restarted alone is leader again in openraft, from
-    /// the vote it won; with no quorum no one leads).
+    /// the vote it won; with no quorum no one leads), nor a leader gone quiet.
     pub fn known_leader(
         &self,
         metrics: &openraft::RaftMetrics<types::TypeConfig>,
     ) -> Option<NodeId> {
-        metrics
-            .current_leader
-            .filter(|leader| *leader != self.id || self.has_leader(metrics))
+        metrics.current_leader.filter(|_| self.has_leader(metrics))
     }
 
     /// Whether each member answered recently on the peer channel: the leader hears
@@ -518,9 +519,12 @@ impl Node {
     /// Whether this replica heard from a majority of the voters (itself included)
     /// within [`REACHABLE_WITHIN`].
     fn heard_majority(&self) -> bool {
-        let metrics = self.metrics();
+        self.heard_majority_of(&self.metrics())
+    }
+
+    fn heard_majority_of(&self, metrics: &openraft::RaftMetrics<types::TypeConfig>) -> bool {
         let voters = metrics.membership_config.membership().voter_ids().count();
-        voters - self.unreachable_voters(&metrics).len() > voters / 2
+        voters - self.unreachable_voters(metrics).len() > voters / 2
     }
 
     /// The voters this replica knows to be unreachable now (one never heard from is
@@ -572,6 +576,9 @@ impl Node {
                 .last_quorum_acked
                 .as_ref()
                 .is_some_and(|at| at.elapsed() < fresh),
+            // Its leader's heartbeats alone do not say that the leader has a
+            // quorum (a leader cut off with one follower keeps sending them): this
+            // replica must also have heard from a majority itself.
             _ => {
                 metrics.current_leader.is_some()
                     && self
@@ -580,6 +587,7 @@ impl Node {
                         .ok()
                         .and_then(|at| *at)
                         .is_some_and(|at| at.elapsed() < fresh)
+                    && self.heard_majority_of(&metrics)
             }
         }
     }

@@ -78,19 +78,30 @@ impl Cluster {
         let mut replicas = Vec::new();
         for (i, ns) in topo.replicas().iter().enumerate() {
             let dir = tempfile::tempdir().expect("tempdir");
+            // on_active notes the addresses it finds (the VIP must be there already).
+            let hook = dir.path().join("on_active.sh");
+            std::fs::write(
+                &hook,
+                format!(
+                    "ip -o addr show dev eth0 >> {}\n",
+                    dir.path().join("on_active.log").display()
+                ),
+            )
+            .expect("hook");
             let yaml = format!(
                 "node: {{ name: lb-{id} }}\nadmin: {{ bind: \"{ADMIN}\" }}\n\
                  runtime: {{ shutdown_grace: 1s }}\n\
                  cluster:\n  cluster_id: netns\n  node_id: {id}\n  bind: \"{me}\"\n  data_dir: {data}\n  \
                  peers: {{ {peers} }}\n  heartbeat_interval: 100ms\n  election_timeout: 300ms\n\
                  leader_election:\n  lease_duration: 2s\n  renew_deadline: 1500ms\n  retry_period: 250ms\n  \
-                 vip: {{ address: \"{vip}/{prefix}\", interface: eth0 }}\n\
+                 vip: {{ address: \"{vip}/{prefix}\", interface: eth0 }}\n  on_active: /bin/sh {hook}\n\
                  listeners:\n  api: {{ bind: \"{listen}\", pool: web }}\n\
                  pools:\n  web:\n    backends:\n      - {{ name: b, address: \"{backend}\" }}\n",
                 id = i + 1,
                 me = peer(ns),
                 data = dir.path().join("data").display(),
                 peers = peers.join(", "),
+                hook = hook.display(),
             );
             let config = dir.path().join("raftlb.yaml");
             std::fs::write(&config, yaml).expect("config");
@@ -218,6 +229,17 @@ impl Cluster {
             .collect()
     }
 
+    /// Whether replica `i`'s on_active hook ran and found the VIP on its interface.
+    fn on_active_saw_vip(&self, i: usize) -> bool {
+        let Some(r) = &self.replicas[i] else {
+            return false;
+        };
+        let log = r.dir.path().join("on_active.log");
+        eventually(Duration::from_secs(5), || {
+            std::fs::read_to_string(&log).is_ok_and(|l| l.contains(&format!(" {}/", self.vip)))
+        })
+    }
+
     fn logs(&self) -> String {
         self.replicas
             .iter()
@@ -259,6 +281,8 @@ fn killed_active_moves_the_vip(vip: &str) {
     c.assert_client_served("at first");
     // A standby holds no VIP (removed at start, never added).
     assert_eq!(c.holders(), vec![active]);
+    // As keepalived's notify_master: on_active runs with the VIP in place.
+    assert!(c.on_active_saw_vip(active), "{}", c.logs());
     c.replicas[active].take();
     let killed = Instant::now();
     let mut gone = None;
@@ -287,6 +311,7 @@ fn killed_active_moves_the_vip(vip: &str) {
     );
     let new = c.one_active(LEASE * 2 + SLACK);
     assert_ne!(new, active);
+    assert!(c.on_active_saw_vip(new), "{}", c.logs());
     c.assert_client_served("of the new holder");
     assert_eq!(c.holders(), vec![new]);
 }

@@ -80,6 +80,38 @@ async fn hooks_run_one_at_a_time_in_the_order_fired_and_fire_never_waits() {
     assert_eq!(got, expected, "hooks overlapped or ran out of order");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hook_fired_when_ready_waits_for_it_and_the_next_waits_its_turn() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = dir.path().join("log");
+    let hook = script(
+        dir.path(),
+        "hook.sh",
+        &format!("echo \"$RAFTLB_ROLE $RAFTLB_EPOCH\" >> {}", log.display()),
+    );
+    let commands = HookCommands {
+        on_active: sh(&hook, ""),
+        on_standby: sh(&hook, ""),
+        on_fault: None,
+    };
+    let hooks = Hooks::new(commands, None, Duration::from_secs(5));
+    // on_active waits for the VIP (here: a signal), on_standby after it in the queue.
+    let (vip_added, added) = tokio::sync::oneshot::channel::<()>();
+    hooks.fire_when(
+        Role::Active,
+        1,
+        Box::pin(async move {
+            let _ = added.await;
+        }),
+    );
+    hooks.fire(Role::Standby, 1);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(read(&log), "", "a hook ran before what it waits for");
+    vip_added.send(()).expect("the hook task waits");
+    hooks.finish().await;
+    assert_eq!(read(&log), "active 1\nstandby 1\n");
+}
+
 #[tokio::test]
 async fn hooks_get_role_epoch_vip_arguments_and_no_stdin() {
     let dir = tempfile::tempdir().expect("tempdir");

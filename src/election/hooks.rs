@@ -83,10 +83,14 @@ pub enum HookError {
     Timeout(Duration),
 }
 
+/// What a hook waits for before it runs (on_active: the VIP's first add).
+pub type Ready = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
 enum Message {
     Fire {
         role: Role,
         epoch: u64,
+        ready: Option<Ready>,
     },
     Reload {
         commands: HookCommands,
@@ -116,7 +120,21 @@ impl Hooks {
 
     /// Queues the hook of `role`, if one is configured; returns at once.
     pub fn fire(&self, role: Role, epoch: u64) {
-        self.send(Message::Fire { role, epoch });
+        self.send(Message::Fire {
+            role,
+            epoch,
+            ready: None,
+        });
+    }
+
+    /// Queues the hook of `role` to run once `ready` is done (the hooks after it wait
+    /// too, so the order stays); returns at once.
+    pub fn fire_when(&self, role: Role, epoch: u64, ready: Ready) {
+        self.send(Message::Fire {
+            role,
+            epoch,
+            ready: Some(ready),
+        });
     }
 
     /// New commands (a SIGHUP reload) for the hooks fired after this call; those
@@ -162,10 +180,13 @@ async fn run_queue(
                 commands: c,
                 vip: v,
             } => (commands, vip) = (c, v),
-            Message::Fire { role, epoch } => {
+            Message::Fire { role, epoch, ready } => {
                 let Some(argv) = commands.get(role) else {
                     continue;
                 };
+                if let Some(ready) = ready {
+                    ready.await;
+                }
                 let command = argv.join(" ");
                 let started = Instant::now();
                 tracing::debug!(hook = role.hook_name(), %command, epoch, "running hook");

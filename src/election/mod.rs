@@ -229,6 +229,20 @@ impl Follower {
         self.want.send_replace((self.generation, want));
     }
 
+    /// Done once the VIP's task has handled the latest `set` (for an up, its first
+    /// add or the add's failure), or after two seconds; at once without a VIP.
+    fn handled(&self) -> hooks::Ready {
+        let mut done = self.done.clone();
+        let generation = self.generation;
+        let has_vip = self.has_vip;
+        Box::pin(async move {
+            if has_vip {
+                let handled = done.wait_for(|g| *g >= generation);
+                let _ = tokio::time::timeout(Duration::from_secs(2), handled).await;
+            }
+        })
+    }
+
     /// The term of the VIP held: a winning renew moves its deadline.
     fn renewed(&mut self, deadline: Duration) {
         self.want.send_if_modified(|(_, w)| match w {
@@ -335,7 +349,8 @@ async fn drive(driver: Driver) {
                         since: now,
                         deadline,
                     });
-                    hooks.fire(Role::Active, epoch);
+                    // As keepalived's notify_master: once the VIP is there.
+                    hooks.fire_when(Role::Active, epoch, follower.handled());
                     tracing::info!(
                         epoch,
                         node_id = node.id,

@@ -330,7 +330,11 @@ fn run_refuses_an_invalid_config_and_unsupported_sections() {
         "{stderr}"
     );
     // file:line:column: the store key's place.
-    let place = stderr
+    let line = stderr
+        .lines()
+        .find(|l| l.contains("cluster.store: etcd is not supported"))
+        .unwrap_or_default();
+    let place = line
         .split_once("etcd.yaml:")
         .and_then(|(_, rest)| rest.split_once(": cluster.store: etcd is not supported"))
         .map(|(place, _)| place.to_string());

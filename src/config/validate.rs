@@ -446,11 +446,42 @@ fn validate_leader_election(config: &Config, f: &mut Findings) {
                 format!("leader_election.{field}"),
                 "is empty: name a command (split on whitespace, no shell), or remove the key",
             );
+        } else if let Some(program) = command.as_deref().and_then(|c| c.split_whitespace().next())
+            && let Some(problem) = not_runnable(program)
+        {
+            // A warning, as keepalived's for a missing script: a hook never stops the
+            // election, and it may be installed after the config.
+            f.warn(
+                Place::Unknown,
+                format!("leader_election.{field}"),
+                format!("{program} {problem}: the hook will fail each time it runs"),
+            );
         }
     }
     if let Some(v) = &le.vip {
         validate_vip(config, le, v, f);
     }
+}
+
+/// Why `program` (a hook's first word) cannot be run, if it cannot: a path must be an
+/// executable file, a bare name one in a directory of PATH (as execvp finds it).
+fn not_runnable(program: &str) -> Option<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let executable = |path: &std::path::Path| {
+        std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    };
+    if program.contains('/') {
+        let path = std::path::Path::new(program);
+        return match std::fs::metadata(path) {
+            Err(e) => Some(format!("cannot be run: {e}")),
+            Ok(m) if !m.is_file() => Some("is not a file".into()),
+            Ok(_) if !executable(path) => Some("is not executable (chmod +x)".into()),
+            Ok(_) => None,
+        };
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let found = std::env::split_paths(&path).any(|dir| executable(&dir.join(program)));
+    (!found).then(|| "is not found in PATH (name it by its full path)".into())
 }
 
 fn validate_vip(config: &Config, le: &LeaderElection, v: &Vip, f: &mut Findings) {
@@ -833,6 +864,27 @@ impl Place {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_hook_program_must_be_an_executable_file_by_path_or_in_path() {
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(not_runnable("/bin/sh"), None);
+        assert_eq!(not_runnable("sh"), None);
+        let dir = tempfile::tempdir().expect("tempdir");
+        let script = dir.path().join("notify");
+        std::fs::write(&script, "#!/bin/sh\n").expect("write");
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        let path = script.to_str().expect("utf-8");
+        assert!(not_runnable(path).is_some_and(|p| p.contains("is not executable")));
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        assert_eq!(not_runnable(path), None);
+        let dir_path = dir.path().to_str().expect("utf-8");
+        assert_eq!(not_runnable(dir_path).as_deref(), Some("is not a file"));
+        assert!(not_runnable("/nonexistent/notify").is_some_and(|p| p.contains("No such file")));
+        assert!(
+            not_runnable("raftlb-no-such-hook").is_some_and(|p| p.contains("not found in PATH"))
+        );
+    }
 
     #[test]
     fn peer_addresses_compare_as_parsed_ips_or_as_written_names() {

@@ -283,6 +283,17 @@ fn election_settings(le: &config::schema::LeaderElection) -> lease::Settings {
 }
 
 /// `leader_election` when it is in force: cluster mode and `enabled`.
+/// The leader-election settings the peers compare (election off: zeros).
+fn lease_settings(config: &Config) -> crate::store::LeaseSettings {
+    let ms = |d: &config::types::Dur| u64::try_from(d.get().as_millis()).unwrap_or(u64::MAX);
+    elected(config).map_or_else(Default::default, |le| crate::store::LeaseSettings {
+        enabled: true,
+        lease_duration_ms: ms(&le.lease_duration.value),
+        renew_deadline_ms: ms(&le.renew_deadline.value),
+        retry_period_ms: ms(&le.retry_period.value),
+    })
+}
+
 fn elected(config: &Config) -> Option<&config::schema::LeaderElection> {
     config
         .leader_election
@@ -317,7 +328,14 @@ impl Server {
             .clone()
             .unwrap_or_else(config::hostname);
         let cluster = match &loaded.config.cluster {
-            Some(c) => match Node::start(c, &node_name, &loaded.config.pools).await {
+            Some(c) => match Node::start(
+                c,
+                &node_name,
+                &loaded.config.pools,
+                lease_settings(&loaded.config),
+            )
+            .await
+            {
                 Ok(node) => Some(node),
                 Err(fatal) => {
                     eprintln!("error: {}", fatal.message);
@@ -841,6 +859,9 @@ impl Server {
         // Committed pools are checked against this replica's listeners again.
         self.state.listeners_changed.notify_one();
         self.config = new;
+        if let Some(node) = &self.state.cluster {
+            node.set_lease_settings(lease_settings(&self.config));
+        }
         self.follow_role().await;
         metrics::counter!(m::CONFIG_RELOADS_TOTAL, "result" => "ok").increment(1);
         tracing::info!(config_version = version, "reloaded the config");

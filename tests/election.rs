@@ -388,6 +388,45 @@ async fn sigterm_hands_the_lease_over_without_waiting_for_it_to_expire() {
     assert!(!log.contains("released the lease"), "{log}");
 }
 
+/// SPEC: a replica whose election settings differ from its peers' is warned about,
+/// compared over the peer channel, at start and after a reload.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn election_settings_that_differ_between_replicas_are_warned_about() {
+    let c = Cluster::new(3).await;
+    let ours = format!("lease_duration: {}ms", LEASE.as_millis());
+    let longer = format!("lease_duration: {}ms", (LEASE + SLACK).as_millis());
+    let mut replicas: Vec<Raftlb> = (0..2).map(|i| c.spawn(i)).collect();
+    let odd = c.yaml(2).replace(&ours, &longer);
+    assert_ne!(odd, c.yaml(2));
+    replicas.push(Raftlb::spawn(&odd, c.addrs[2].admin));
+    c.one_active(&[], Duration::from_secs(20));
+    for r in &replicas {
+        assert!(
+            blocking(|| eventually(Duration::from_secs(10), || r
+                .log()
+                .contains("leader_election timing differs between replicas"))),
+            "no warning:\n{}",
+            r.log()
+        );
+    }
+    assert!(!replicas[0].log().contains("leader election is"));
+    // Node 3 reloaded with the same timing but election off: it would serve beside
+    // the active, and says so.
+    let off = c
+        .yaml(2)
+        .replace("leader_election:\n", "leader_election:\n  enabled: false\n");
+    assert_ne!(off, c.yaml(2));
+    replicas[2].rewrite_config(&off);
+    replicas[2].signal("HUP");
+    assert!(
+        blocking(|| eventually(Duration::from_secs(10), || replicas[2]
+            .log()
+            .contains("leader election is on on node"))),
+        "no warning:\n{}",
+        replicas[2].log()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_transfer_sent_to_any_replica_moves_the_active_role() {
     let c = Cluster::new(3).await;

@@ -30,6 +30,7 @@ use uuid::Uuid;
 use crate::config::schema::{self, InitialState};
 use crate::config::types::HostPort;
 use crate::metrics as m;
+pub use network::LeaseSettings;
 use network::{
     CallError, Factory, HelloReply, Identity, Manage, Net, PeerClient, Reply, Request, Tls,
     WriteReply,
@@ -149,6 +150,8 @@ pub struct Node {
     /// The address this replica says the others reach it at: `cluster.advertise`,
     /// else `peers[node_id]`.
     advertised: Option<HostPort>,
+    /// This replica's leader-election settings, which the peers compare with theirs.
+    lease_settings: std::sync::Mutex<LeaseSettings>,
 }
 
 impl Node {
@@ -159,6 +162,7 @@ impl Node {
         cluster: &schema::Cluster,
         name: &str,
         seed: &BTreeMap<String, schema::Pool>,
+        lease: LeaseSettings,
     ) -> Result<Arc<Node>, Fatal> {
         let id = cluster.node_id.value;
         let cluster_id = cluster.cluster_id.value.clone();
@@ -291,6 +295,7 @@ impl Node {
             leader_contact: std::sync::Mutex::new(None),
             lease_transfers: std::sync::Mutex::new(None),
             stop: CancellationToken::new(),
+            lease_settings: std::sync::Mutex::new(lease),
             // Unvetted: an empty replica bootstrapping, or a restored one, until
             // its peers say it has not joined before.
             vetted: std::sync::atomic::AtomicBool::new(
@@ -830,8 +835,28 @@ impl Node {
             .store(true, std::sync::atomic::Ordering::Release);
     }
 
-    /// Asks every peer once for its Raft timing and warns when it differs from ours:
-    /// mixed election timeouts make elections slow and lopsided.
+    fn lease_settings(&self) -> LeaseSettings {
+        match self.lease_settings.lock() {
+            Ok(s) => *s,
+            Err(poisoned) => *poisoned.into_inner(),
+        }
+    }
+
+    /// New leader-election settings (a reload): the peers are asked again.
+    pub fn set_lease_settings(self: &Arc<Self>, lease: LeaseSettings) {
+        let changed = match self.lease_settings.lock() {
+            Ok(mut s) => std::mem::replace(&mut *s, lease) != lease,
+            Err(_) => false,
+        };
+        if changed {
+            tokio::spawn(self.clone().compare_settings());
+        }
+    }
+
+    /// Asks every peer once for its Raft timing and leader-election settings and
+    /// warns when they differ from ours: mixed election timeouts make elections slow
+    /// and lopsided; a replica with election off serves beside the active, and a
+    /// longer lease anywhere is what every standby waits out.
     async fn compare_settings(self: Arc<Self>) {
         // The file's peers, and the members added since (as this replica's store has them).
         let members: Vec<(NodeId, String)> = self
@@ -857,6 +882,30 @@ impl Node {
                     client.call(Request::Hello, Duration::from_secs(1)).await
                 {
                     answered.push(*peer);
+                    let lease = self.lease_settings();
+                    match h.lease {
+                        Some(theirs) if theirs.enabled != lease.enabled => tracing::warn!(
+                            peer,
+                            "leader election is {} on node {peer} and {} here: a replica with it \
+                             off serves whatever the lease says, beside the active; set \
+                             leader_election.enabled the same everywhere",
+                            if theirs.enabled { "on" } else { "off" },
+                            if lease.enabled { "on" } else { "off" },
+                        ),
+                        Some(theirs) if theirs != lease => tracing::warn!(
+                            peer,
+                            peer_lease_duration_ms = theirs.lease_duration_ms,
+                            peer_renew_deadline_ms = theirs.renew_deadline_ms,
+                            peer_retry_period_ms = theirs.retry_period_ms,
+                            lease_duration_ms = lease.lease_duration_ms,
+                            renew_deadline_ms = lease.renew_deadline_ms,
+                            retry_period_ms = lease.retry_period_ms,
+                            "leader_election timing differs between replicas: a standby waits \
+                             out the longer lease, so a failover takes as long as the longest; \
+                             set the same values everywhere (a reload changes them in place)"
+                        ),
+                        _ => {}
+                    }
                     if (h.heartbeat_ms, h.election_timeout_ms) != ours {
                         tracing::warn!(
                             peer,
@@ -1735,6 +1784,7 @@ impl Node {
             joined: applied.state.joined.iter().copied().collect(),
             heartbeat_ms: millis(self.heartbeat),
             election_timeout_ms: millis(self.election_timeout),
+            lease: Some(self.lease_settings()),
         }
     }
 }

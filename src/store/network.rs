@@ -203,6 +203,19 @@ pub struct HelloReply {
     /// Its election settings, compared at start (a warning when they differ).
     pub heartbeat_ms: u64,
     pub election_timeout_ms: u64,
+    /// Its leader-election settings (absent from an older peer), compared at start
+    /// and after a reload that changes them.
+    #[serde(default)]
+    pub lease: Option<LeaseSettings>,
+}
+
+/// A replica's `leader_election` settings as the peers compare them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseSettings {
+    pub enabled: bool,
+    pub lease_duration_ms: u64,
+    pub renew_deadline_ms: u64,
+    pub retry_period_ms: u64,
 }
 
 /// Membership changes, forwarded to the leader like writes.

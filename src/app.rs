@@ -656,7 +656,16 @@ impl Server {
                 _ = int.recv() => hurried = true,
             }
         }
-        if let Some(finished) = hooks_done.filter(|_| !hurried) {
+        // Still running (a value or a closed channel: done, and not awaited again).
+        if let Some(mut finished) = hooks_done.filter(|_| !hurried)
+            && matches!(
+                finished.try_recv(),
+                Err(tokio::sync::oneshot::error::TryRecvError::Empty)
+            )
+        {
+            tracing::info!(
+                "waiting for the role hooks still queued or running (each is killed after 10 s; a second signal exits now)"
+            );
             tokio::select! {
                 _ = finished => {}
                 _ = term.recv() => hurried = true,

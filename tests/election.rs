@@ -864,6 +864,12 @@ async fn sigterm_waits_for_the_on_standby_hook_before_exiting() {
         "done standby\n",
         "the on_standby hook did not finish before the exit"
     );
+    // The wait is said, not silent.
+    assert!(
+        replicas[0].log().contains("waiting for the role hooks"),
+        "{}",
+        replicas[0].log()
+    );
 }
 
 /// A second SIGTERM exits without waiting for the hooks, but not without them: a

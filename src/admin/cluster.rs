@@ -598,6 +598,10 @@ pub fn status(node: &Node) -> Value {
     let reachable = voters - node.unreachable_voters(&metrics).len();
     // Before the cluster exists there is no membership, hence no quorum to speak of.
     let quorum = (voters > 0).then_some(voters / 2 + 1);
+    // Reachability looks back 3 s, the quorum's acknowledgements two election
+    // timeouts: a voter lost a moment ago may still count, but without a quorum no
+    // more may fail.
+    let quorum_reachable = node.quorum_reachable();
     json!({
         "cluster_id": node.cluster_id,
         "cluster_uuid": node.identity.uuid(),
@@ -611,9 +615,9 @@ pub fn status(node: &Node) -> Value {
         // SPEC: N - quorum, the size's tolerance (etcd's); and how many more voters
         // may fail now, counted from those reachable.
         "fault_tolerance": quorum.map(|q| voters - q),
-        "fault_tolerance_now": quorum.map(|q| reachable.saturating_sub(q)),
+        "fault_tolerance_now": quorum.map(|q| if quorum_reachable { reachable.saturating_sub(q) } else { 0 }),
         "waiting_for_peers": voters == 0,
-        "quorum_reachable": node.quorum_reachable(),
+        "quorum_reachable": quorum_reachable,
         "protocol": crate::store::network::protocol(),
         "cluster_version": node.applied().borrow().state.cluster_version(),
         "members": member_list(node),

@@ -377,12 +377,21 @@ async fn drive(driver: Driver) {
                     gate.close();
                     follower.down().await;
                     hooks.fire(role, elector.epoch());
-                    tracing::warn!(
-                        epoch = elector.epoch(),
-                        to = role.as_str(),
-                        %cause,
-                        "stepped down: no longer accepting"
-                    );
+                    if matches!(cause, lease::Cause::FaultOver) {
+                        // Not accepting since the fault: only the role changes now.
+                        tracing::info!(
+                            epoch = elector.epoch(),
+                            to = role.as_str(),
+                            "the fault's sit-out is over: a standby again, it may take the lease"
+                        );
+                    } else {
+                        tracing::warn!(
+                            epoch = elector.epoch(),
+                            to = role.as_str(),
+                            %cause,
+                            "stepped down: no longer accepting"
+                        );
+                    }
                     metrics::gauge!(m::LEADER_ELECTION_IS_ACTIVE).set(0.0);
                     metrics::counter!(m::LEADER_ELECTION_TRANSITIONS_TOTAL, "to" => role.as_str())
                         .increment(1);

@@ -696,7 +696,7 @@ pub async fn serve<H: Handler>(
         let (slot, pushed_out, dropped) = Pending::admit(&pending, peer.ip());
         if dropped > 0 {
             let line = format!(
-                "over {PENDING_PER_SOURCE} peer connections from {} have not sent a first frame: closing the oldest",
+                "over {PENDING_PER_SOURCE} peer connections from {} have not sent a first frame: closing the oldest (peers reconnecting after this replica stalled, or a flood)",
                 peer.ip()
             );
             if net.logged.due(&line) {

@@ -939,7 +939,7 @@ fn backend_line(v: &Value) -> String {
         return "ok\n".into();
     }
     format!(
-        "{}: weight {}, health {}, drained {}, {} connections\n",
+        "{}: weight {}, health {}, drained {}, {} open connections on this replica\n",
         text(&v["address"]),
         text(&v["weight"]),
         text(&v["health"]),

@@ -918,6 +918,13 @@ async fn ctl_adds_promotes_and_removes_a_member_and_applies_config() {
     assert!(of_node_4(&before) > 0, "{before}");
     let (code, out, err) = blocking(|| ctl(admin, &["member", "remove", "4"]));
     assert_eq!(code, 0, "member remove: {out}{err}");
+    // Removed again: not found, as an unknown backend is.
+    let (status_code, body) = blocking(|| json(admin, "DELETE", "/api/v1/members/4", ""));
+    assert_eq!(status_code, 404, "{body}");
+    assert!(
+        body.to_string().contains("node 4 is not a member"),
+        "{body}"
+    );
     // Its series leave the others' /metrics with it.
     let mut after = String::new();
     assert!(

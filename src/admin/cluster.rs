@@ -539,6 +539,19 @@ pub async fn members(state: &State, node: &Node, req: Request<Incoming>, rest: &
             );
         }
     };
+    // An id that is no member (as this replica has the membership) is not found, as
+    // an unknown backend is.
+    if let Manage::Promote { id } | Manage::Remove { id } = op {
+        let metrics = node.metrics();
+        let membership = metrics.membership_config.membership();
+        if membership.get_node(&id).is_none() {
+            let ids: Vec<String> = membership.nodes().map(|(id, _)| id.to_string()).collect();
+            return error(
+                StatusCode::NOT_FOUND,
+                &format!("node {id} is not a member (members: {})", ids.join(", ")),
+            );
+        }
+    }
     let accepted = matches!(op, Manage::AddMember { .. });
     tracing::info!(?op, "admin membership change");
     match node.manage(op).await {

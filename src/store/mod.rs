@@ -858,7 +858,8 @@ impl Node {
     /// and lopsided; a replica with election off serves beside the active, and a
     /// longer lease anywhere is what every standby waits out.
     async fn compare_settings(self: Arc<Self>) {
-        // The file's peers, and the members added since (as this replica's store has them).
+        // The members, as this replica's store has them; before it has any, the
+        // file's peers (a member removed since stays out, and out of /metrics).
         let members: Vec<(NodeId, String)> = self
             .metrics()
             .membership_config
@@ -866,13 +867,13 @@ impl Node {
             .nodes()
             .map(|(id, n)| (*id, n.addr.clone()))
             .collect();
-        let mut pending: BTreeMap<NodeId, String> = self
-            .peers
-            .iter()
-            .map(|(id, addr)| (*id, addr.clone()))
-            .chain(members)
-            .filter(|(id, _)| *id != self.id)
-            .collect();
+        let asked = if members.is_empty() {
+            self.peers.clone().into_iter().collect()
+        } else {
+            members
+        };
+        let mut pending: BTreeMap<NodeId, String> =
+            asked.into_iter().filter(|(id, _)| *id != self.id).collect();
         let ours = (millis(self.heartbeat), millis(self.election_timeout));
         for _ in 0..60 {
             let mut answered = Vec::new();

@@ -870,6 +870,7 @@ impl Server {
         self.config = new;
         if let Some(node) = &self.state.cluster {
             node.set_lease_settings(lease_settings(&self.config));
+            node.compare_file_pools(&self.config.pools);
         }
         self.follow_role().await;
         metrics::counter!(m::CONFIG_RELOADS_TOTAL, "result" => "ok").increment(1);

@@ -411,10 +411,21 @@ async fn a_restarted_replica_serves_its_last_config_without_a_quorum_and_a_wiped
         "the last applied config: {backends}"
     );
     // Its file still says weight 1: the log names that difference, field by field.
+    let told = |r: &Raftlb| {
+        r.log()
+            .matches("pools.web.backends[b2].weight: file 1, store 7")
+            .count()
+    };
     assert!(
-        blocking(|| eventually(Duration::from_secs(5), || alone
-            .log()
-            .contains("pools.web.backends[b2].weight: file 1, store 7"))),
+        blocking(|| eventually(Duration::from_secs(5), || told(&alone) == 1)),
+        "{}",
+        alone.log()
+    );
+    // A reload does not take the file's pools either, and says so.
+    alone.signal("HUP");
+    assert!(
+        blocking(|| eventually(Duration::from_secs(5), || told(&alone) == 2
+            && alone.log().contains("reload: the file's pools differ"))),
         "{}",
         alone.log()
     );

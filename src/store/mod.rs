@@ -829,6 +829,20 @@ impl Node {
         )))
     }
 
+    /// A reload: the file's pools, if they differ from the replicated ones, are
+    /// logged (the file seeds a new cluster only; a reload does not change pools).
+    pub fn compare_file_pools(&self, file: &BTreeMap<String, schema::Pool>) {
+        let applied = self.applied.borrow().clone();
+        let differ = seed_difference(file, &applied.state.pools);
+        if applied.state.cluster_uuid.is_some() && !differ.is_empty() && !file.is_empty() {
+            tracing::warn!(
+                differences = ?differ,
+                "reload: the file's pools differ from the replicated config and are not applied: \
+                 change pools with `raftlb ctl` or the admin API (the file only seeds a new cluster)"
+            );
+        }
+    }
+
     /// This replica may take votes and entries from now on.
     fn vet(&self) {
         self.vetted

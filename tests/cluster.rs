@@ -963,6 +963,47 @@ async fn ctl_adds_promotes_and_removes_a_member_and_applies_config() {
     assert_eq!(exit.and_then(|s| s.code()), Some(2), "{}", again.log());
 }
 
+/// `member add` given another address than the new replica listens at: the leader
+/// dials that one, nothing reaches the replica, and it says where it listens and
+/// how to fix the membership; the fix lets it join.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_added_at_the_wrong_address_says_where_it_listens() {
+    raise_nofile();
+    let cluster = Cluster::new(4, backend_names(&["b1"]).await);
+    let mut replicas: Vec<Raftlb> = (0..3).map(|i| cluster.spawn_without_last(i)).collect();
+    blocking(|| replicas.iter_mut().for_each(Raftlb::wait_ready));
+    blocking(|| cluster.agreed_leader(3));
+    let admin = cluster.addrs[0].admin;
+    let wrong = SocketAddr::from(([127, 0, 0, 1], free_port())).to_string();
+    let (code, out, err) = blocking(|| ctl(admin, &["member", "add", "4", &wrong]));
+    assert_eq!(code, 0, "member add: {out}{err}");
+    let fourth = Raftlb::spawn(&cluster.yaml(3, "existing"), cluster.addrs[3].admin);
+    let peer4 = cluster.addrs[3].peer.to_string();
+    assert!(
+        blocking(|| eventually(Duration::from_secs(20), || {
+            let log = fourth.log();
+            log.contains("no leader has reached this replica")
+                && log.contains(&format!("listens at {peer4}"))
+                && log.contains(&format!("raftlb ctl member add 4 {peer4}"))
+        })),
+        "{}",
+        fourth.log()
+    );
+    let (code, out, err) = blocking(|| ctl(admin, &["member", "remove", "4"]));
+    assert_eq!(code, 0, "member remove: {out}{err}");
+    let (code, out, err) = blocking(|| ctl(admin, &["member", "add", "4", &peer4]));
+    assert_eq!(code, 0, "member add: {out}{err}");
+    assert!(
+        blocking(|| eventually(Duration::from_secs(20), || {
+            status(cluster.addrs[3].admin)["cluster"]["members"]
+                .as_array()
+                .is_some_and(|m| m.len() == 4)
+        })),
+        "{}",
+        fourth.log()
+    );
+}
+
 /// The README's way to rebuild a replica (member remove, wipe, member add, start
 /// with `initial_state: existing`), done back to back: the leader still telling
 /// the old process it was removed (it was down, so it never said it heard) must

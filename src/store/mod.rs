@@ -54,6 +54,9 @@ const REACHABLE_WITHIN: Duration = Duration::from_secs(3);
 /// its leader otherwise).
 const HELLO_AFTER: Duration = Duration::from_secs(1);
 
+/// How often a replica waiting to be added says it is still waiting.
+const WAITING_REMINDER: Duration = Duration::from_secs(10);
+
 /// What `data_dir` records about the cluster it belongs to.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 struct Recorded {
@@ -324,6 +327,7 @@ impl Node {
             tracing::info!(
                 "initial_state: existing: waiting to be added (raftlb ctl member add {id} ADDR), then catching up"
             );
+            tokio::spawn(node.clone().remind_while_waiting(bind));
         }
         tokio::spawn(node.clone().housekeeping());
         tokio::spawn(node.clone().compare_settings());
@@ -839,6 +843,41 @@ impl Node {
                 differences = ?differ,
                 "reload: the file's pools differ from the replicated config and are not applied: \
                  change pools with `raftlb ctl` or the admin API (the file only seeds a new cluster)"
+            );
+        }
+    }
+
+    /// A replica waiting to be added that no leader has reached: every 10 s it says
+    /// where it listens, since a `member add` given another address makes the
+    /// leader dial that one, and nothing else would tell.
+    async fn remind_while_waiting(self: Arc<Self>, bind: std::net::SocketAddr) {
+        let mut waited = Duration::ZERO;
+        loop {
+            tokio::select! {
+                () = self.stop.cancelled() => return,
+                () = tokio::time::sleep(WAITING_REMINDER) => waited += WAITING_REMINDER,
+            }
+            if self
+                .metrics()
+                .membership_config
+                .membership()
+                .nodes()
+                .next()
+                .is_some()
+            {
+                return;
+            }
+            let at = self
+                .advertised
+                .as_ref()
+                .map_or_else(|| bind.to_string(), |a| a.to_string());
+            tracing::warn!(
+                "no leader has reached this replica in {}s: if `raftlb ctl member add {id}` was run, \
+                 check the address it was given (`raftlb ctl members`); the leader dials that \
+                 one, and this replica listens at {bind} (advertised as {at}). To fix it: \
+                 `raftlb ctl member remove {id}`, then `raftlb ctl member add {id} {at}`",
+                waited.as_secs(),
+                id = self.id
             );
         }
     }

@@ -140,6 +140,28 @@ impl State {
         ))
     }
 
+    /// Why replacing the pools with `pools` would leave one of this replica's
+    /// listeners without its pool (it would serve nothing), one line each.
+    pub fn listeners_left_without(
+        &self,
+        pools: &std::collections::BTreeMap<String, config::schema::Pool>,
+    ) -> Vec<String> {
+        let listeners = self
+            .listener_pools
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        listeners
+            .iter()
+            .filter(|l| !pools.contains_key(&l.pool))
+            .map(|l| {
+                format!(
+                    "pools.{}: listeners.{}.pool names it here, and without it the listener serves nothing: point the listener at another pool first (edit the file, reload)",
+                    l.pool, l.listener
+                )
+            })
+            .collect()
+    }
+
     /// This replica's role: election's, or active whenever it serves without one.
     pub fn role(&self) -> Role {
         match &*self.election.load() {

@@ -1640,26 +1640,43 @@ async fn readyz_says_not_serving_while_a_listeners_pool_is_missing() {
         );
         blocking(|| json(admin, "PUT", "/api/v1/config", &body))
     };
-    let (code, reply) = put("other");
-    assert_eq!(code, 200, "{reply}");
     let readyz = || blocking(|| http_get(admin, "/readyz")).expect("readyz");
+    // A write that would take a listener's pool away is refused by a replica whose
+    // listener uses it, and changes nothing.
+    let (code, reply) = put("other");
+    assert_eq!(code, 400, "{reply}");
+    assert!(
+        reply
+            .to_string()
+            .contains("pools.web: listeners.front.pool names it here"),
+        "{reply}"
+    );
+    assert_eq!(readyz().0, 200);
+    // A listener reloaded onto a pool the store lacks (the file's pools only seed
+    // a new cluster): not ready, and says why.
+    let other = c.yaml(0, "new").replace("pool: web }", "pool: other }")
+        + &format!("  other:\n    backends:\n      - {{ name: b1, address: {backend} }}\n");
+    assert!(other.contains("pool: other }"), "{other}");
+    node.rewrite_config(&other);
+    node.signal("HUP");
     assert!(
         blocking(|| eventually(Duration::from_secs(5), || readyz().0 == 503)),
-        "still ready without pool web: {:?}",
-        readyz()
+        "still ready without pool other: {:?}\n{}",
+        readyz(),
+        node.log()
     );
     assert!(
         readyz()
             .1
-            .contains("listener front: pool web does not exist"),
+            .contains("listener front: pool other does not exist"),
         "{:?}",
         readyz()
     );
-    let (code, reply) = put("web");
+    let (code, reply) = put("other");
     assert_eq!(code, 200, "{reply}");
     assert!(
         blocking(|| eventually(Duration::from_secs(5), || readyz().0 == 200)),
-        "not ready again with pool web back: {:?}",
+        "not ready again with pool other there: {:?}",
         readyz()
     );
 }

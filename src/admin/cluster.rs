@@ -416,11 +416,12 @@ pub async fn config(state: &State, node: &Node, req: Request<Incoming>) -> Reply
             };
             // What this replica's listeners refuse, the others' most likely do too;
             // each replica checks its own again when it applies the write.
-            let refused: Vec<String> = checked
+            let mut refused: Vec<String> = checked
                 .pools
                 .iter()
                 .filter_map(|(name, pool)| state.listeners_refuse(name, pool))
                 .collect();
+            refused.extend(state.listeners_left_without(&checked.pools));
             if !refused.is_empty() {
                 return error(StatusCode::BAD_REQUEST, &refused.join("; "));
             }

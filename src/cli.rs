@@ -177,7 +177,12 @@ pub enum MemberCommand {
 #[derive(Debug, Subcommand)]
 pub enum ConfigCommand {
     /// Print the replicated config (linearizable read).
-    Get,
+    Get {
+        /// This replica's applied copy, without asking the leader: answers without
+        /// a quorum (when recovering), and may lag (etcdctl's --consistency=s).
+        #[arg(long)]
+        local: bool,
+    },
     /// Replace the replicated pools with FILE (YAML with a pools: section).
     Apply {
         file: PathBuf,

@@ -251,8 +251,13 @@ async fn ctl(args: &CtlArgs) -> Result<(String, bool), CtlError> {
                 .await?,
             Box::new(|v: &Value, _| format!("Raft leadership moved to node {}\n", text(&v["to"]))),
         ),
-        CtlCommand::Config(ConfigCommand::Get) => {
-            let reply = client.call(Method::GET, "/api/v1/config", None).await?;
+        CtlCommand::Config(ConfigCommand::Get { local }) => {
+            let path = if *local {
+                "/api/v1/config?consistency=local"
+            } else {
+                "/api/v1/config"
+            };
+            let reply = client.call(Method::GET, path, None).await?;
             // The YAML as it came for people; as data for -o json|yaml.
             let data = match (&reply, args.output) {
                 (Value::String(yaml), Output::Json | Output::Yaml) => {
@@ -717,6 +722,21 @@ impl Client {
         );
         if status == StatusCode::UNAUTHORIZED && self.token.is_none() {
             message.push_str(" (this server has admin.token_file set: pass --token-file FILE)");
+        }
+        // A write whose fate is not known: what to compare before trying again.
+        if let Some(outcome) = value["outcome"].as_str() {
+            message.push_str(&format!(" (outcome: {outcome}"));
+            if let Some(version) = value["config_version"].as_u64() {
+                message.push_str(&format!(", config_version then: {version}"));
+            }
+            message.push(')');
+        }
+        // A read refused for want of a quorum has a local answer.
+        if status == StatusCode::SERVICE_UNAVAILABLE
+            && *method == Method::GET
+            && path == "/api/v1/config"
+        {
+            message.push_str(" (raftlb ctl config get --local reads this replica's copy)");
         }
         CtlError::Failed(format!("{method} {path}: {} {message}", status.as_u16()))
     }

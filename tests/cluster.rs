@@ -1781,6 +1781,13 @@ async fn status_tells_a_waiting_replica_and_a_lost_quorum_as_they_are() {
     }
     assert!(!err.contains("a majority answers"), "{err}");
     assert_eq!(blocking(|| status(admin))["config_version"], version);
+    // A linearizable read fails too and names the local one, which answers.
+    let (code, out, err) = blocking(|| ctl(admin, &["config", "get"]));
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(err.contains("config get --local"), "{err}");
+    let (code, out, err) = blocking(|| ctl(admin, &["config", "get", "--local"]));
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("pools:") && out.contains("b1"), "{out}");
 }
 
 /// Five voters, three of them frozen: the leader and the follower left are a

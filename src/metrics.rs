@@ -133,7 +133,7 @@ fn describe() {
     );
     describe_gauge!(
         LEADER_ELECTION_EPOCH,
-        "Epoch of the lease this replica last became active on (the fencing token)."
+        "Epoch of the lease (the fencing token) as this replica has applied it: the same on every replica."
     );
     describe_counter!(
         LEADER_ELECTION_TRANSITIONS_TOTAL,

@@ -363,7 +363,17 @@ async fn sigterm_hands_the_lease_over_without_waiting_for_it_to_expire() {
         took < RETRY + SLACK,
         "the standby took over after {took:?}: the release was not used"
     );
-    assert!(epoch(c.addrs[new].admin) > old_epoch);
+    let new_epoch = epoch(c.addrs[new].admin);
+    assert!(new_epoch > old_epoch);
+    // The metric is the lease's epoch, on the standby too (not its own last term).
+    let third = (0..3).find(|i| *i != active && *i != new).expect("a third");
+    assert!(
+        blocking(|| eventually(Duration::from_secs(5), || replicas[third]
+            .metric("raftlb_leader_election_epoch")
+            == new_epoch as f64)),
+        "{}",
+        replicas[third].metrics()
+    );
     let exit = blocking(|| replicas[active].wait_exit(Duration::from_secs(10)));
     assert!(exit.is_some_and(|s| s.success()), "exit 0 after SIGTERM");
     let log = replicas[active].log();

@@ -357,7 +357,6 @@ async fn drive(driver: Driver) {
                         "became active: this replica holds the lease"
                     );
                     metrics::gauge!(m::LEADER_ELECTION_IS_ACTIVE).set(1.0);
-                    metrics::gauge!(m::LEADER_ELECTION_EPOCH).set(epoch as f64);
                     metrics::counter!(m::LEADER_ELECTION_TRANSITIONS_TOTAL, "to" => "active")
                         .increment(1);
                     // The active holds Raft leadership, so a dying standby never
@@ -498,6 +497,8 @@ async fn drive(driver: Driver) {
 /// the record is cloned only when it did).
 fn publish_status(publish: &watch::Sender<Status>, elector: &Elector, fault: Option<&str>) {
     let (record, observed_at) = elector.record();
+    // The fencing token in force, as applied here: the same on every replica.
+    metrics::gauge!(m::LEADER_ELECTION_EPOCH).set(record.epoch as f64);
     let (role, epoch) = (elector.role(), elector.epoch());
     let lease_duration = elector.settings().lease_duration;
     let fault = fault.filter(|_| role == Role::Fault);

@@ -1523,10 +1523,17 @@ async fn a_late_first_start_catches_up_and_different_timing_is_warned_about() {
         "drain",
     );
 
-    // Node 3 starts for the first time afterwards, with another election timeout.
+    // Node 3 starts for the first time afterwards, with another election timeout,
+    // and a stale address for node 1 in its peers.
+    let stale = SocketAddr::from(([127, 0, 0, 1], free_port())).to_string();
     let odd = cluster
         .yaml(2, "new")
-        .replace("election_timeout: 1s", "election_timeout: 1200ms");
+        .replace("election_timeout: 1s", "election_timeout: 1200ms")
+        .replace(
+            &format!("1: {}", cluster.addrs[0].peer),
+            &format!("1: {stale}"),
+        );
+    assert!(odd.contains(&stale), "{odd}");
     let mut late = Raftlb::spawn(&odd, cluster.addrs[2].admin);
     blocking(|| late.wait_ready());
     assert!(
@@ -1542,6 +1549,16 @@ async fn a_late_first_start_catches_up_and_different_timing_is_warned_about() {
     })));
     assert!(
         !late.log().contains("cluster initialised"),
+        "{}",
+        late.log()
+    );
+    assert!(
+        blocking(
+            || eventually(Duration::from_secs(10), || late.log().contains(&format!(
+                "peers[1] in the file is {stale}, but the Raft membership has node 1 at {}",
+                cluster.addrs[0].peer
+            )))
+        ),
         "{}",
         late.log()
     );

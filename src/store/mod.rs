@@ -1011,6 +1011,30 @@ impl Node {
         );
     }
 
+    /// The file's `peers` that the membership holds at another address: the file is
+    /// used again for a restore's checks and a rebuild, so it should say what is.
+    fn compare_peers(&self, membership: &openraft::Membership<NodeId, openraft::BasicNode>) {
+        for (id, addr) in &self.peers {
+            let Some(member) = membership.get_node(id) else {
+                continue;
+            };
+            let same = match (member.addr.parse::<HostPort>(), addr.parse::<HostPort>()) {
+                (Ok(m), Ok(f)) => m.same_as(&f),
+                _ => member.addr == *addr,
+            };
+            if *id != self.id && !same {
+                tracing::warn!(
+                    peer = id,
+                    file = %addr,
+                    membership = %member.addr,
+                    "peers[{id}] in the file is {addr}, but the Raft membership has node {id} at {}: \
+                     the membership is what the replicas dial; correct the file",
+                    member.addr
+                );
+            }
+        }
+    }
+
     /// Background duties: the first leader commits the cluster UUID and seed; each
     /// replica records the UUID, says "joined" once, notices its removal, and keeps
     /// the Raft metrics current.
@@ -1105,6 +1129,7 @@ impl Node {
             {
                 compared_address = true;
                 self.compare_address(&me.addr);
+                self.compare_peers(state.membership.membership());
             }
             if member {
                 was_member = true;

@@ -79,6 +79,13 @@ pub fn validate(config: &Config, open_files: u64) -> Findings {
             );
         }
     }
+    if config.runtime.shutdown_grace.get() > super::types::LONGEST {
+        f.error(
+            Place::Unknown,
+            "runtime.shutdown_grace",
+            "is longer than a year (366d), the longest a setting takes",
+        );
+    }
     if let Some(threads) = &config.runtime.worker_threads
         && !(1..=1024).contains(&threads.value)
     {
@@ -157,6 +164,8 @@ fn validate_secret_files(config: &Config, f: &mut Findings) {
 
 fn validate_cluster(config: &Config, f: &mut Findings) {
     let Some(c) = &config.cluster else { return };
+    at_most_a_year(f, &c.heartbeat_interval, "cluster.heartbeat_interval");
+    at_most_a_year(f, &c.election_timeout, "cluster.election_timeout");
     if c.data_dir.as_os_str().is_empty() {
         f.error(
             Place::Unknown,
@@ -357,6 +366,13 @@ fn validate_leader_election(config: &Config, f: &mut Findings) {
     let Some(le) = &config.leader_election else {
         return;
     };
+    for (d, path) in [
+        (&le.lease_duration, "leader_election.lease_duration"),
+        (&le.renew_deadline, "leader_election.renew_deadline"),
+        (&le.retry_period, "leader_election.retry_period"),
+    ] {
+        at_most_a_year(f, d, path);
+    }
     let (lease, renew, retry) = (
         le.lease_duration.value.get(),
         le.renew_deadline.value.get(),
@@ -388,7 +404,7 @@ fn validate_leader_election(config: &Config, f: &mut Findings) {
                 le.renew_deadline.value, le.lease_duration.value
             ),
         );
-    } else if (lease - renew) * 5 < lease {
+    } else if (lease - renew).saturating_mul(5) < lease {
         f.warn(
             at(&le.renew_deadline),
             "leader_election.renew_deadline",
@@ -411,7 +427,9 @@ fn validate_leader_election(config: &Config, f: &mut Findings) {
     if let Some(c) = &config.cluster {
         // openraft campaigns 3-4 election timeouts after the last heartbeat.
         let election_timeout = c.election_timeout.value.get();
-        let outage = election_timeout * 4 + retry * 2;
+        let outage = election_timeout
+            .saturating_mul(4)
+            .saturating_add(retry.saturating_mul(2));
         if le.enabled && renew < election_timeout {
             f.error(
                 at(&le.renew_deadline),
@@ -646,6 +664,7 @@ fn validate_listeners(config: &Config, existing: bool, open_files: u64, f: &mut 
         } else {
             total_max += default_max_connections(open_files);
         }
+        at_most_a_year(f, &l.idle_timeout, &format!("{path}.idle_timeout"));
         if l.idle_timeout.value.get().is_zero() {
             f.error(
                 at(&l.idle_timeout),
@@ -814,6 +833,22 @@ fn validate_pools(config: &Config, existing: bool, f: &mut Findings) {
 fn positive(f: &mut Findings, d: &Spanned<Dur>, path: &str) {
     if d.value.get() == Duration::ZERO {
         f.error(at(d), path, "must be more than 0");
+    }
+    at_most_a_year(f, d, path);
+}
+
+/// Every duration of a config: more than a year is a typo, and the arithmetic on
+/// these (a lease times 5, an instant plus a timeout) must not overflow.
+fn at_most_a_year(f: &mut Findings, d: &Spanned<Dur>, path: &str) {
+    if d.value.get() > super::types::LONGEST {
+        f.error(
+            at(d),
+            path,
+            format!(
+                "{} is longer than a year (366d), the longest a setting takes",
+                d.value
+            ),
+        );
     }
 }
 

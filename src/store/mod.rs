@@ -791,44 +791,69 @@ impl Node {
     }
 
     /// A formed store among peers of which a majority answer as another cluster with
-    /// the same cluster_id: a data_dir from another cluster, or the peers' cluster
-    /// was bootstrapped again since. Left running, it would be a cluster of its own
-    /// (as its store has it) and take a lease of its own: a second active. Asks each
-    /// of the file's other peers once, bounded by a second; a peer down counts
-    /// neither way.
+    /// the same cluster_id, and no voter of its own membership answers as its own:
+    /// a data_dir from another cluster, or the peers' cluster was bootstrapped again
+    /// since. Left running, it would be a cluster of its own (as its store has it)
+    /// and take a lease of its own: a second active. Asks each of the file's other
+    /// peers and its membership's other voters once, bounded by a second each; a
+    /// peer down counts neither way.
     async fn same_cluster_as_peers(&self) -> Result<(), Fatal> {
-        let others: Vec<(NodeId, String)> = self
+        let mut asked: BTreeMap<NodeId, String> = self
             .peers
             .iter()
             .filter(|(peer, _)| **peer != self.id)
             .map(|(peer, addr)| (*peer, addr.clone()))
             .collect();
-        if others.is_empty() {
+        let others = asked.len();
+        if others == 0 {
             return Ok(());
         }
-        let asks = others.iter().map(|(peer, addr)| async move {
-            let mut client = PeerClient::new(self.net.clone(), *peer, addr.clone());
-            match client.call(Request::Hello, Duration::from_secs(1)).await {
-                Err(CallError::OtherCluster { why }) => Some((*peer, why)),
-                _ => None,
+        let metrics = self.metrics();
+        let membership = metrics.membership_config.membership();
+        let voters: BTreeSet<NodeId> = membership.voter_ids().filter(|v| *v != self.id).collect();
+        for v in &voters {
+            if let Some(node) = membership.get_node(v) {
+                asked.entry(*v).or_insert_with(|| node.addr.clone());
             }
+        }
+        let asks = asked.iter().map(|(peer, addr)| async move {
+            let mut client = PeerClient::new(self.net.clone(), *peer, addr.clone());
+            let answer = client.call(Request::Hello, Duration::from_secs(1)).await;
+            (*peer, answer)
         });
-        let foreign: Vec<(NodeId, String)> = futures_util::future::join_all(asks)
-            .await
-            .into_iter()
-            .flatten()
-            .collect();
-        if foreign.len() * 2 <= others.len() {
+        let answers = futures_util::future::join_all(asks).await;
+        // A voter of its own membership that answers as this cluster: the store is
+        // this cluster's, whatever the file's (stale) peers say.
+        if answers
+            .iter()
+            .any(|(peer, a)| voters.contains(peer) && matches!(a, Ok(Reply::Hello(_))))
+        {
             return Ok(());
         }
-        let why: Vec<String> = foreign.iter().map(|(_, why)| why.clone()).collect();
+        let foreign: Vec<String> = answers
+            .into_iter()
+            .filter(|(peer, _)| self.peers.contains_key(peer))
+            .filter_map(|(_, a)| match a {
+                Err(CallError::OtherCluster { why }) => Some(why),
+                _ => None,
+            })
+            .collect();
+        if foreign.len() * 2 <= others {
+            return Ok(());
+        }
         Err(config_error(format!(
-            "cluster.data_dir {}: {} of the {} other peers in the file belong to another cluster              named {:?}: {}. This data_dir is not their cluster's (from another cluster, or theirs              was bootstrapped again since); started, it would elect itself and take a lease of              its own. If this replica belongs to the peers' cluster: `raftlb ctl member remove {id}`              (if it is a member), wipe the data_dir, `raftlb ctl member add {id} ADDR`, then start              it with initial_state: existing",
+            "cluster.data_dir {}: {} of the {others} other peers in the file belong to another \
+             cluster named {:?}, and no voter of this store's membership answered as its own: {}. \
+             This data_dir is not their cluster's (from another cluster, or theirs was bootstrapped \
+             again since); started, it would lead the cluster its store holds and take a lease \
+             there. If the peers' cluster is the right one and this replica belongs to it: \
+             `raftlb ctl member remove {id}` (if it is a member), move this data_dir aside, \
+             `raftlb ctl member add {id} ADDR`, then start it with initial_state: existing. If \
+             this data_dir is the right one, correct the file's peers",
             self.data_dir.display(),
             foreign.len(),
-            others.len(),
             self.cluster_id,
-            why.join("; "),
+            foreign.join("; "),
             id = self.id
         )))
     }
@@ -1386,9 +1411,9 @@ impl Node {
             }
             Ok(other) => Err(WriteError::Unknown(format!("unexpected reply: {other:?}"))),
             // The active's own refusal (its answer's error) comes back as `Refused`.
-            Err(CallError::Refused(why)) => Err(WriteError::NotProposed(format!(
-                "the active, node {holder}, refused: {why}"
-            ))),
+            Err(CallError::Refused(why) | CallError::OtherCluster { why }) => Err(
+                WriteError::NotProposed(format!("the active, node {holder}, refused: {why}")),
+            ),
             Err(e @ CallError::Connect(_)) => Err(WriteError::NotProposed(format!(
                 "cannot reach the active, node {holder}: {e}"
             ))),
@@ -1575,12 +1600,13 @@ impl Node {
                 self.keep_forwarder(client);
                 Ok(reply)
             }
-            Err(e @ (CallError::Connect(_) | CallError::Refused(_))) => {
-                Err(WriteError::NotProposed(format!(
-                    "cannot reach the Raft leader (node {leader} at {addr}): {e}; {}; nothing was changed",
-                    self.quorum_note()
-                )))
-            }
+            Err(
+                e
+                @ (CallError::Connect(_) | CallError::Refused(_) | CallError::OtherCluster { .. }),
+            ) => Err(WriteError::NotProposed(format!(
+                "cannot reach the Raft leader (node {leader} at {addr}): {e}; {}; nothing was changed",
+                self.quorum_note()
+            ))),
             Err(e) => Err(WriteError::Unknown(format!(
                 "the Raft leader (node {leader} at {addr}) did not answer: {e}; {}",
                 self.quorum_note()

@@ -282,7 +282,6 @@ fn election_settings(le: &config::schema::LeaderElection) -> lease::Settings {
     }
 }
 
-/// `leader_election` when it is in force: cluster mode and `enabled`.
 /// The leader-election settings the peers compare (election off: zeros).
 fn lease_settings(config: &Config) -> crate::store::LeaseSettings {
     let ms = |d: &config::types::Dur| u64::try_from(d.get().as_millis()).unwrap_or(u64::MAX);
@@ -294,6 +293,7 @@ fn lease_settings(config: &Config) -> crate::store::LeaseSettings {
     })
 }
 
+/// `leader_election` when it is in force: cluster mode and `enabled`.
 fn elected(config: &Config) -> Option<&config::schema::LeaderElection> {
     config
         .leader_election

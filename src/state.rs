@@ -140,11 +140,13 @@ impl State {
         ))
     }
 
-    /// Why replacing the pools with `pools` would leave one of this replica's
-    /// listeners without its pool (it would serve nothing), one line each.
+    /// Why replacing the pools `now` with `new` would take away the pool of one of
+    /// this replica's listeners (it would serve nothing), one line each. A pool
+    /// missing already is not this write's doing.
     pub fn listeners_left_without(
         &self,
-        pools: &std::collections::BTreeMap<String, config::schema::Pool>,
+        now: &std::collections::BTreeMap<String, config::schema::Pool>,
+        new: &std::collections::BTreeMap<String, config::schema::Pool>,
     ) -> Vec<String> {
         let listeners = self
             .listener_pools
@@ -152,7 +154,7 @@ impl State {
             .unwrap_or_else(PoisonError::into_inner);
         listeners
             .iter()
-            .filter(|l| !pools.contains_key(&l.pool))
+            .filter(|l| now.contains_key(&l.pool) && !new.contains_key(&l.pool))
             .map(|l| {
                 format!(
                     "pools.{}: listeners.{}.pool names it here, and without it the listener serves nothing: point the listener at another pool first (edit the file, reload)",

@@ -421,7 +421,8 @@ pub async fn config(state: &State, node: &Node, req: Request<Incoming>) -> Reply
                 .iter()
                 .filter_map(|(name, pool)| state.listeners_refuse(name, pool))
                 .collect();
-            refused.extend(state.listeners_left_without(&checked.pools));
+            let now = node.applied().borrow().state.pools.clone();
+            refused.extend(state.listeners_left_without(&now, &checked.pools));
             if !refused.is_empty() {
                 return error(StatusCode::BAD_REQUEST, &refused.join("; "));
             }
@@ -479,7 +480,11 @@ pub async fn leader_transfer(state: &State, node: &Node, req: Request<Incoming>)
     tracing::info!(to = ?target.to, "admin: leader transfer");
     match node.transfer_lease(target.to).await {
         Ok(()) => {
-            let lease = node.applied().borrow().state.lease.clone();
+            let mut lease = node.applied().borrow().state.lease.clone();
+            // Handed over: the name in the record is still the sender's.
+            if lease.instance.is_none() {
+                lease.holder_name.clear();
+            }
             json_reply(
                 StatusCode::OK,
                 &json!({"transferred": true, "to": target.to, "lease": lease}),
@@ -540,12 +545,14 @@ pub async fn members(state: &State, node: &Node, req: Request<Incoming>, rest: &
             );
         }
     };
-    // An id that is no member (as this replica has the membership) is not found, as
-    // an unknown backend is.
+    // An id that is no member is not found, as an unknown backend is: said by the
+    // leader only (a follower's membership may lag a member added a moment ago;
+    // its write is forwarded, and the leader's refusal is a 400 then).
     if let Manage::Promote { id } | Manage::Remove { id } = op {
         let metrics = node.metrics();
         let membership = metrics.membership_config.membership();
-        if membership.get_node(&id).is_none() {
+        let leads = metrics.current_leader == Some(node.id) && node.quorum_reachable();
+        if leads && membership.get_node(&id).is_none() {
             let ids: Vec<String> = membership.nodes().map(|(id, _)| id.to_string()).collect();
             return error(
                 StatusCode::NOT_FOUND,

@@ -894,8 +894,6 @@ mod tests {
         let (_, expect, op) = sent(&actions[1..]);
         let (_, handed) = applied(&lease, expect, op);
         assert_eq!((handed.holder, handed.instance.clone()), (Some(3), None));
-        // Not the sender's name beside the successor's id.
-        assert_eq!(handed.holder_name, "");
         // The successor takes it as soon as it applies it.
         let mut c = Elector::new(me(3, "c"), settings(), lease.clone(), s(0.0), 3);
         c.on_applied(&handed, s(1.2));

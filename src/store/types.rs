@@ -331,8 +331,9 @@ impl Lease {
                     self.holder = to;
                     self.instance = None;
                     self.renew_time_ms = now_ms;
-                    // The sender's name; a successor's is written when it takes it.
-                    self.holder_name.clear();
+                    if to.is_none() {
+                        self.holder_name.clear();
+                    }
                 }
             }
         }

@@ -19,6 +19,7 @@ trait Suite {
     fn yaml(&self, i: usize, initial_state: &str) -> String;
     fn spawn(&self, i: usize) -> Raftlb;
     fn spawn_without_last(&self, i: usize) -> Raftlb;
+    fn start_without_last(&self) -> (Vec<Raftlb>, usize);
     fn voters_seen_by(&self, i: usize) -> usize;
     fn start_all(&self) -> (Vec<Raftlb>, usize);
     fn agreed_leader(&self, running: usize) -> usize;
@@ -42,6 +43,16 @@ impl Suite for Cluster {
             .yaml(i, "new")
             .replace(&format!(", {last}: {}", self.addrs[last - 1].peer), "");
         Raftlb::spawn(&yaml, self.addrs[i].admin)
+    }
+
+    /// Every replica but the last, formed without it (it is added later): the
+    /// replicas, ready, and the leader they agree on.
+    fn start_without_last(&self) -> (Vec<Raftlb>, usize) {
+        let n = self.addrs.len() - 1;
+        let mut replicas: Vec<Raftlb> = (0..n).map(|i| self.spawn_without_last(i)).collect();
+        blocking(|| replicas.iter_mut().for_each(Raftlb::wait_ready));
+        let leader = blocking(|| self.agreed_leader(n));
+        (replicas, leader)
     }
 
     /// How many voters `ctl members` on replica `i` lists.
@@ -475,9 +486,7 @@ async fn a_data_dir_of_another_cluster_with_the_same_name_is_refused_at_start() 
     own.signal("KILL");
     blocking(|| own.wait_exit(Duration::from_secs(5)));
     // Nodes 1 and 2 form the real one, which node 3 is then started into.
-    let mut replicas: Vec<Raftlb> = (0..2).map(|i| cluster.spawn_without_last(i)).collect();
-    blocking(|| replicas.iter_mut().for_each(Raftlb::wait_ready));
-    cluster.agreed_leader(2);
+    let (_replicas, _) = cluster.start_without_last();
     let mut third = Raftlb::spawn(&cluster.yaml(2, "existing"), cluster.addrs[2].admin);
     let exit = blocking(|| third.wait_exit(Duration::from_secs(20)));
     assert_eq!(
@@ -655,9 +664,7 @@ async fn ctl_adds_promotes_and_removes_a_member_and_applies_config() {
     raise_nofile();
     let cluster = Cluster::new(4, backend_names(&["b1", "b2"]).await);
     // Nodes 1-3 form the cluster; node 4 joins later with initial_state: existing.
-    let mut replicas: Vec<Raftlb> = (0..3).map(|i| cluster.spawn_without_last(i)).collect();
-    blocking(|| replicas.iter_mut().for_each(Raftlb::wait_ready));
-    blocking(|| cluster.agreed_leader(3));
+    let (_replicas, _) = cluster.start_without_last();
     let admin = cluster.addrs[1].admin;
 
     // An address the file would refuse (or id 0) is refused here too, and nothing joins.
@@ -972,9 +979,7 @@ async fn ctl_adds_promotes_and_removes_a_member_and_applies_config() {
 async fn a_replica_added_at_the_wrong_address_says_where_it_listens() {
     raise_nofile();
     let cluster = Cluster::new(4, backend_names(&["b1"]).await);
-    let mut replicas: Vec<Raftlb> = (0..3).map(|i| cluster.spawn_without_last(i)).collect();
-    blocking(|| replicas.iter_mut().for_each(Raftlb::wait_ready));
-    blocking(|| cluster.agreed_leader(3));
+    let (_replicas, _) = cluster.start_without_last();
     let admin = cluster.addrs[0].admin;
     let wrong = SocketAddr::from(([127, 0, 0, 1], free_port())).to_string();
     let (code, out, err) = blocking(|| ctl(admin, &["member", "add", "4", &wrong]));
@@ -1014,9 +1019,7 @@ async fn a_replica_added_at_the_wrong_address_says_where_it_listens() {
 async fn a_replica_removed_wiped_and_added_again_at_once_joins_and_stays() {
     raise_nofile();
     let cluster = Cluster::new(4, backend_names(&["b1"]).await);
-    let mut replicas: Vec<Raftlb> = (0..3).map(|i| cluster.spawn_without_last(i)).collect();
-    blocking(|| replicas.iter_mut().for_each(Raftlb::wait_ready));
-    blocking(|| cluster.agreed_leader(3));
+    let (_replicas, _) = cluster.start_without_last();
     let admin = cluster.addrs[0].admin;
     let peer4 = cluster.addrs[3].peer.to_string();
     let (code, out, err) = blocking(|| ctl(admin, &["member", "add", "4", &peer4, "--learner"]));
@@ -1100,9 +1103,7 @@ async fn a_learner_added_before_a_leader_change_is_promoted_by_the_next_leader()
 async fn a_learner_kept_a_learner_shows_its_name() {
     raise_nofile();
     let cluster = Cluster::new(4, backend_names(&["b1"]).await);
-    let mut replicas: Vec<Raftlb> = (0..3).map(|i| cluster.spawn_without_last(i)).collect();
-    blocking(|| replicas.iter_mut().for_each(Raftlb::wait_ready));
-    let leader = blocking(|| cluster.agreed_leader(3));
+    let (_replicas, leader) = cluster.start_without_last();
     let peer4 = cluster.addrs[3].peer.to_string();
     let (code, out, err) = blocking(|| {
         ctl(

@@ -1808,6 +1808,7 @@ async fn status_tells_a_waiting_replica_and_a_lost_quorum_as_they_are() {
     let (code, out, err) = blocking(|| ctl(admin, &["config", "get"]));
     assert_eq!(code, 1, "{out}{err}");
     assert!(err.contains("config get --local"), "{err}");
+    assert!(!err.contains("nothing was changed"), "a read: {err}");
     let (code, out, err) = blocking(|| ctl(admin, &["config", "get", "--local"]));
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("pools:") && out.contains("b1"), "{out}");

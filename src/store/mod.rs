@@ -1549,10 +1549,19 @@ impl Node {
 
     /// A linearizable read of the replicated state (through the leader).
     pub async fn read(&self) -> Result<Applied, WriteError> {
-        match self.forward_or_local(Request::Read, WRITE_TIMEOUT).await? {
+        // The refusals are worded for writes; a read changes nothing anyway.
+        let as_read = |e: String| e.replace("; nothing was changed", "");
+        let reply = self
+            .forward_or_local(Request::Read, WRITE_TIMEOUT)
+            .await
+            .map_err(|e| match e {
+                WriteError::NotProposed(e) => WriteError::NotProposed(as_read(e)),
+                other => other,
+            })?;
+        match reply {
             Reply::Read(Ok(value)) => serde_json::from_value(value)
                 .map_err(|e| WriteError::Unknown(format!("malformed read reply: {e}"))),
-            Reply::Read(Err(e)) => Err(WriteError::NotProposed(e)),
+            Reply::Read(Err(e)) => Err(WriteError::NotProposed(as_read(e))),
             other => Err(WriteError::Unknown(format!("unexpected reply: {other:?}"))),
         }
     }

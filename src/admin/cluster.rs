@@ -421,8 +421,8 @@ pub async fn config(state: &State, node: &Node, req: Request<Incoming>) -> Reply
                 .iter()
                 .filter_map(|(name, pool)| state.listeners_refuse(name, pool))
                 .collect();
-            let now = node.applied().borrow().state.pools.clone();
-            refused.extend(state.listeners_left_without(&now, &checked.pools));
+            let now = node.applied().borrow().clone();
+            refused.extend(state.listeners_left_without(&now.state.pools, &checked.pools));
             if !refused.is_empty() {
                 return error(StatusCode::BAD_REQUEST, &refused.join("; "));
             }

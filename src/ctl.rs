@@ -715,31 +715,38 @@ impl Client {
 
     /// A refused request: the server's `{"error": ...}`, with a hint for a 401.
     fn failure(&self, method: &Method, path: &str, status: StatusCode, body: &[u8]) -> CtlError {
-        let value: Value = serde_json::from_slice(body).unwrap_or_default();
-        let mut message = value["error"].as_str().map_or_else(
-            || String::from_utf8_lossy(body).into_owned(),
-            str::to_string,
-        );
-        if status == StatusCode::UNAUTHORIZED && self.token.is_none() {
-            message.push_str(" (this server has admin.token_file set: pass --token-file FILE)");
-        }
-        // A write whose fate is not known: what to compare before trying again.
-        if let Some(outcome) = value["outcome"].as_str() {
-            message.push_str(&format!(" (outcome: {outcome}"));
-            if let Some(version) = value["config_version"].as_u64() {
-                message.push_str(&format!(", config_version then: {version}"));
-            }
-            message.push(')');
-        }
-        // A read refused for want of a quorum has a local answer.
-        if status == StatusCode::SERVICE_UNAVAILABLE
-            && *method == Method::GET
-            && path == "/api/v1/config"
-        {
-            message.push_str(" (raftlb ctl config get --local reads this replica's copy)");
-        }
-        CtlError::Failed(format!("{method} {path}: {} {message}", status.as_u16()))
+        CtlError::Failed(refusal(method, path, status, body, self.token.is_some()))
     }
+}
+
+/// The line for a refused request: the server's `{"error": ...}`, with what to do
+/// next where the answer says more (a missing token, an unknown outcome, a read
+/// that has a local answer).
+fn refusal(method: &Method, path: &str, status: StatusCode, body: &[u8], token: bool) -> String {
+    let value: Value = serde_json::from_slice(body).unwrap_or_default();
+    let mut message = value["error"].as_str().map_or_else(
+        || String::from_utf8_lossy(body).into_owned(),
+        str::to_string,
+    );
+    if status == StatusCode::UNAUTHORIZED && !token {
+        message.push_str(" (this server has admin.token_file set: pass --token-file FILE)");
+    }
+    // A write whose fate is not known: what to compare before trying again.
+    if let Some(outcome) = value["outcome"].as_str() {
+        message.push_str(&format!(" (outcome: {outcome}"));
+        if let Some(version) = value["config_version"].as_u64() {
+            message.push_str(&format!(", config_version then: {version}"));
+        }
+        message.push(')');
+    }
+    // A read refused for want of a quorum has a local answer.
+    if status == StatusCode::SERVICE_UNAVAILABLE
+        && *method == Method::GET
+        && path == "/api/v1/config"
+    {
+        message.push_str(" (raftlb ctl config get --local reads this replica's copy)");
+    }
+    format!("{method} {path}: {} {message}", status.as_u16())
 }
 
 /// A failed connect in words.
@@ -1059,6 +1066,44 @@ mod tests {
             .find(|l| l.starts_with("lease"))
             .unwrap_or_default()
             .to_string()
+    }
+
+    #[test]
+    fn a_refusal_says_what_to_do_next() {
+        let unknown =
+            br#"{"error": "not committed within 5s", "outcome": "unknown", "config_version": 90}"#;
+        let line = refusal(
+            &Method::POST,
+            "/api/v1/pools/web/backends/b2/drain",
+            StatusCode::SERVICE_UNAVAILABLE,
+            unknown,
+            true,
+        );
+        assert_eq!(
+            line,
+            "POST /api/v1/pools/web/backends/b2/drain: 503 not committed within 5s (outcome: unknown, config_version then: 90)"
+        );
+        let read = refusal(
+            &Method::GET,
+            "/api/v1/config",
+            StatusCode::SERVICE_UNAVAILABLE,
+            br#"{"error": "no Raft leader right now"}"#,
+            true,
+        );
+        assert!(
+            read.ends_with("(raftlb ctl config get --local reads this replica's copy)"),
+            "{read}"
+        );
+        let no_token = refusal(
+            &Method::GET,
+            "/api/v1/status",
+            StatusCode::UNAUTHORIZED,
+            br#"{"error": "a token is needed"}"#,
+            false,
+        );
+        assert!(no_token.contains("pass --token-file FILE"), "{no_token}");
+        let plain = refusal(&Method::GET, "/x", StatusCode::NOT_FOUND, b"not json", true);
+        assert_eq!(plain, "GET /x: 404 not json");
     }
 
     #[test]

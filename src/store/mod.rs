@@ -637,8 +637,7 @@ impl Node {
                 if *peer == self.id {
                     continue;
                 }
-                let mut client = PeerClient::new(self.net.clone(), *peer, addr.clone());
-                let hello = match client.call(Request::Hello, Duration::from_secs(1)).await {
+                let hello = match self.say_hello(*peer, addr, Duration::from_secs(1)).await {
                     Ok(Reply::Hello(h)) => h,
                     Ok(_) => continue,
                     Err(CallError::Refused(why)) => {
@@ -728,11 +727,9 @@ impl Node {
                     .last(*id)
                     .is_none_or(|at| at.elapsed() >= HELLO_AFTER)
             });
-            let hellos = quiet.map(|(id, addr)| {
-                let mut client = PeerClient::new(self.net.clone(), id, addr);
-                async move {
-                    let _ = client.call(Request::Hello, REACHABLE_WITHIN / 2).await;
-                }
+            let node = &self;
+            let hellos = quiet.map(|(id, addr)| async move {
+                let _ = node.say_hello(id, &addr, REACHABLE_WITHIN / 2).await;
             });
             tokio::select! {
                 () = self.stop.cancelled() => return,
@@ -764,9 +761,8 @@ impl Node {
                 if *peer == self.id {
                     continue;
                 }
-                let mut client = PeerClient::new(self.net.clone(), *peer, addr.clone());
                 let Ok(Reply::Hello(hello)) =
-                    client.call(Request::Hello, Duration::from_secs(1)).await
+                    self.say_hello(*peer, addr, Duration::from_secs(1)).await
                 else {
                     continue;
                 };
@@ -817,9 +813,10 @@ impl Node {
             }
         }
         let asks = asked.iter().map(|(peer, addr)| async move {
-            let mut client = PeerClient::new(self.net.clone(), *peer, addr.clone());
-            let answer = client.call(Request::Hello, Duration::from_secs(1)).await;
-            (*peer, answer)
+            (
+                *peer,
+                self.say_hello(*peer, addr, Duration::from_secs(1)).await,
+            )
         });
         let answers = futures_util::future::join_all(asks).await;
         // A voter of its own membership that answers as this cluster: the store is
@@ -862,13 +859,8 @@ impl Node {
     /// logged (the file seeds a new cluster only; a reload does not change pools).
     pub fn compare_file_pools(&self, file: &BTreeMap<String, schema::Pool>) {
         let applied = self.applied.borrow().clone();
-        let differ = seed_difference(file, &applied.state.pools);
-        if applied.state.cluster_uuid.is_some() && !differ.is_empty() && !file.is_empty() {
-            tracing::warn!(
-                differences = ?differ,
-                "reload: the file's pools differ from the replicated config and are not applied: \
-                 change pools with `raftlb ctl` or the admin API (the file only seeds a new cluster)"
-            );
+        if applied.state.cluster_uuid.is_some() {
+            log_seed_difference(file, &applied.state.pools, "reload: ");
         }
     }
 
@@ -907,6 +899,19 @@ impl Node {
         }
     }
 
+    /// One "hello" to `peer` at `addr`, on a connection of its own: its answer, or
+    /// why there is none.
+    async fn say_hello(
+        &self,
+        peer: NodeId,
+        addr: &str,
+        timeout: Duration,
+    ) -> Result<Reply, CallError> {
+        PeerClient::new(self.net.clone(), peer, addr.to_string())
+            .call(Request::Hello, timeout)
+            .await
+    }
+
     /// This replica may take votes and entries from now on.
     fn vet(&self) {
         self.vetted
@@ -914,18 +919,20 @@ impl Node {
     }
 
     fn lease_settings(&self) -> LeaseSettings {
-        match self.lease_settings.lock() {
-            Ok(s) => *s,
-            Err(poisoned) => *poisoned.into_inner(),
-        }
+        *self
+            .lease_settings
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// New leader-election settings (a reload): the peers are asked again.
     pub fn set_lease_settings(self: &Arc<Self>, lease: LeaseSettings) {
-        let changed = match self.lease_settings.lock() {
-            Ok(mut s) => std::mem::replace(&mut *s, lease) != lease,
-            Err(_) => false,
-        };
+        let mut settings = self
+            .lease_settings
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let changed = std::mem::replace(&mut *settings, lease) != lease;
+        drop(settings);
         if changed {
             tokio::spawn(self.clone().compare_settings());
         }
@@ -956,9 +963,8 @@ impl Node {
         for _ in 0..60 {
             let mut answered = Vec::new();
             for (peer, addr) in &pending {
-                let mut client = PeerClient::new(self.net.clone(), *peer, addr.clone());
                 if let Ok(Reply::Hello(h)) =
-                    client.call(Request::Hello, Duration::from_secs(1)).await
+                    self.say_hello(*peer, addr, Duration::from_secs(1)).await
                 {
                     answered.push(*peer);
                     let lease = self.lease_settings();
@@ -1164,7 +1170,7 @@ impl Node {
             }
             if state.state.cluster_uuid.is_some() && !compared_seed {
                 compared_seed = true;
-                log_seed_difference(&self.seed, &state.state.pools);
+                log_seed_difference(&self.seed, &state.state.pools, "");
             }
             if !said_joined
                 && voters.contains(&self.id)
@@ -2125,17 +2131,20 @@ fn millis(d: Duration) -> u64 {
 }
 
 /// After the first start the store is the source of truth; a file that differs is
-/// logged once, naming the pools.
+/// logged at start and on each reload (`when`: "" or "reload: ", so the two lines
+/// are not folded into one), naming the pools.
 fn log_seed_difference(
     file: &BTreeMap<String, schema::Pool>,
     store: &BTreeMap<String, schema::Pool>,
+    when: &str,
 ) {
     let differ = seed_difference(file, store);
     if !differ.is_empty() && !file.is_empty() {
         tracing::warn!(
             differences = ?differ,
-            "the file's pools differ from the replicated config, which is the source of truth: \
-             change pools with `raftlb ctl` or the admin API (the file only seeds a new cluster)"
+            "{when}the file's pools differ from the replicated config, the source of truth, \
+             and are not applied: change pools with `raftlb ctl` or the admin API (the file \
+             only seeds a new cluster)"
         );
     }
 }

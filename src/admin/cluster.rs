@@ -482,7 +482,7 @@ pub async fn leader_transfer(state: &State, node: &Node, req: Request<Incoming>)
         Ok(()) => {
             let mut lease = node.applied().borrow().state.lease.clone();
             // Handed over: the name in the record is still the sender's.
-            if lease.instance.is_none() {
+            if lease.handed_over() {
                 lease.holder_name.clear();
             }
             json_reply(

@@ -560,7 +560,7 @@ fn lease_json(s: &crate::election::Status) -> Value {
         .lease_duration
         .max(std::time::Duration::from_millis(r.lease_duration_ms));
     // Handed over: the successor has not written its name yet.
-    let handed_over = r.holder.is_some() && r.instance.is_none();
+    let handed_over = r.handed_over();
     json!({
         "holder_id": r.holder,
         "holder": if r.holder.is_some() && !handed_over { Value::from(r.holder_name.clone()) } else { Value::Null },

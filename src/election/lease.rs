@@ -223,7 +223,7 @@ impl Elector {
             self.step_down(Role::Standby, cause);
         }
         // Rule 4: a lease handed to this replica is taken at once, not at the next try.
-        if self.record.holder == Some(self.me.node) && self.record.instance.is_none() {
+        if self.record.handed_over() && self.record.holder == Some(self.me.node) {
             self.next_attempt = self.next_attempt.min(now);
         }
     }

@@ -232,6 +232,12 @@ impl Lease {
     pub fn held_by(&self, node: NodeId, instance: &str) -> bool {
         self.holder == Some(node) && self.instance.as_deref() == Some(instance)
     }
+
+    /// Handed over to `holder` by a transfer, and not taken yet (the record still
+    /// carries the sender's name).
+    pub fn handed_over(&self) -> bool {
+        self.holder.is_some() && self.instance.is_none()
+    }
 }
 
 impl fmt::Display for Lease {

@@ -284,7 +284,7 @@ fn election_settings(le: &config::schema::LeaderElection) -> lease::Settings {
 
 /// The leader-election settings the peers compare (election off: zeros).
 fn lease_settings(config: &Config) -> crate::store::LeaseSettings {
-    let ms = |d: &config::types::Dur| u64::try_from(d.get().as_millis()).unwrap_or(u64::MAX);
+    let ms = |d: &config::types::Dur| crate::clock::millis(d.get());
     elected(config).map_or_else(Default::default, |le| crate::store::LeaseSettings {
         enabled: true,
         lease_duration_ms: ms(&le.lease_duration.value),

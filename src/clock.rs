@@ -5,6 +5,11 @@
 
 use std::time::Duration;
 
+/// `d` in whole milliseconds, saturating at u64::MAX (as records and JSON carry it).
+pub fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
 /// Time since boot, suspend included.
 pub fn now() -> Duration {
     let mut ts = libc::timespec {

@@ -553,7 +553,7 @@ fn status(state: &State) -> Value {
 /// SPEC.md's `lease` of `/api/v1/status`, with the record's epoch and version.
 fn lease_json(s: &crate::election::Status) -> Value {
     let r = &s.record;
-    let ms = |d: std::time::Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+    let ms = crate::clock::millis;
     // What a standby waits out after the last renew it saw (rule 3): the longer
     // of its own lease_duration and the one the holder wrote.
     let waits = s

@@ -8,6 +8,7 @@ use std::collections::VecDeque;
 use std::fmt;
 use std::time::Duration;
 
+use crate::clock::millis;
 use crate::store::types::{Claim, Lease, LeaseOp, NodeId};
 
 /// A point on the lease's clock: time since an origin (boot, in production).
@@ -485,10 +486,6 @@ impl Elector {
             op,
         }
     }
-}
-
-fn millis(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 #[cfg(test)]

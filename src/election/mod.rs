@@ -528,5 +528,5 @@ fn publish_status(publish: &watch::Sender<Status>, elector: &Elector, fault: Opt
 fn wall_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .map_or(0, clock::millis)
 }

@@ -587,7 +587,7 @@ impl Activity {
     }
 
     fn touch(&self) {
-        let ms = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let ms = crate::clock::millis(self.start.elapsed());
         self.last_ms.store(ms, Ordering::Relaxed);
     }
 

@@ -27,6 +27,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use crate::clock::millis;
 use crate::config::schema::{self, InitialState};
 use crate::config::types::HostPort;
 use crate::metrics as m;
@@ -2124,10 +2125,6 @@ fn shared_names(nodes: &BTreeMap<NodeId, NodeInfo>) -> BTreeSet<String> {
         .filter(|info| !seen.insert(info.name.as_str()))
         .map(|info| info.name.clone())
         .collect()
-}
-
-fn millis(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// After the first start the store is the source of truth; a file that differs is

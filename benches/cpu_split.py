@@ -12,6 +12,7 @@ its CPU time, and for the whole machine its busy time per request (steal left
 out) and the share of time both cores sat idle or were stolen by the host.
 
     benches/cpu_split.py --bin target/release/raftlb --rounds 4
+    benches/cpu_split.py --variant spin=/tmp/raftlb-wrapper --only rps   # a second binary beside it
 
 Loopback only; every wrk run is bounded (--seconds, default 6).
 """
@@ -96,7 +97,7 @@ def one_round(args, dir, proxy, kind, log):
     if proxy == "haproxy":
         cmd = ["haproxy", "-db", "-f", f"{dir}/haproxy.cfg"]
     else:
-        cmd = [args.bin, "run", "--config", f"{dir}/raftlb.yaml"]
+        cmd = [args.bins[proxy], "run", "--config", f"{dir}/raftlb.yaml"]
     px = spawn(cmd, log)
     try:
         wait_port(PROXY)
@@ -151,7 +152,15 @@ def main():
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--seconds", type=int, default=6)
     ap.add_argument("--only", default="rps,cps")
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME=BIN",
+                    help="another raftlb binary (or a wrapper script) to run in the same interleaved rounds")
     args = ap.parse_args()
+    args.bins = {"raftlb": args.bin}
+    for v in args.variant:
+        name, sep, path = v.partition("=")
+        if not sep or not name or not path or name in ("haproxy", "raftlb"):
+            sys.exit(f"--variant {v}: expected NAME=BIN with a NAME other than haproxy and raftlb")
+        args.bins[name] = path
     dir = tempfile.mkdtemp(prefix="cpu-split-")
     with open(f"{dir}/web.conf", "w") as f:
         f.write(f"""worker_processes 1; daemon off; pid {dir}/web.pid; error_log {dir}/web.err;
@@ -196,7 +205,8 @@ pools:
     try:
         wait_port(WEB)
         for r in range(args.rounds):
-            proxies = ["haproxy", "raftlb"] if r % 2 == 0 else ["raftlb", "haproxy"]
+            proxies = ["haproxy", *args.bins]
+            proxies = proxies[r % len(proxies):] + proxies[:r % len(proxies)]
             for kind in args.only.split(","):
                 for proxy in proxies:
                     row = one_round(args, dir, proxy, kind, log)
@@ -210,7 +220,7 @@ pools:
         med = {k: statistics.median(r[k] for r in rs) for k in rs[0] if not k.endswith("cores")}
         parts = "  ".join(
             f"{p} {med[f'{p} cpu']:.2f} cpu {med[f'{p} us/req']:.1f} us {med[f'{p} cs/req']:.3f} cs" for p in ("wrk", "nginx", "proxy"))
-        print(f"{kind} {proxy:8s} {med['req/s']:8.0f} req/s  {parts}  proxy user {med['proxy user us/req']:.1f} us"
+        print(f"{kind} {proxy:10s} {med['req/s']:8.0f} req/s  {parts}  proxy user {med['proxy user us/req']:.1f} us"
               f"  segs {med['segs/req']:.2f} (pure acks {med['pure acks/req']:.2f}, delayed {med['delayed acks/req']:.3f})"
               f"  machine {med['machine us/req']:.1f} us  idle {med['idle %']:.1f}%  steal {med['steal %']:.1f}%")
 

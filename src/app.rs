@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::balancer::Balancer;
-use crate::cli::{LogFormat, RunArgs};
+use crate::cli::{EXIT_CONFIG, EXIT_RUNTIME, LogFormat, RunArgs};
 use crate::config::schema::Standby;
 use crate::config::{self, Config, Loaded, Overrides};
 use crate::election::Election;
@@ -27,10 +27,6 @@ use crate::proxy::gate::Gate;
 use crate::proxy::listener::{self, Listener, Settings, Shared};
 use crate::state::State;
 use crate::store::Node;
-
-/// Exit codes (SPEC.md): 0 ok, 1 runtime failure, 2 usage or invalid config.
-pub const EXIT_RUNTIME: u8 = 1;
-pub const EXIT_CONFIG: u8 = 2;
 
 /// The exit code of a replica that cannot start or must stop.
 fn exit_code(kind: crate::store::FatalKind) -> u8 {

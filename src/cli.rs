@@ -1,8 +1,43 @@
-//! The command line (clap derive): `raftlb run | check | demo | ctl | snapshot`.
+//! The command line (clap derive): `raftlb run | check | demo | ctl | snapshot`, its
+//! exit codes, and how a command writes its output.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
+
+/// Exit codes (SPEC.md): 0 ok, 1 runtime failure, 2 usage or invalid config.
+pub const EXIT_RUNTIME: u8 = 1;
+pub const EXIT_CONFIG: u8 = 2;
+
+/// Writes a command's output, then exits with `code`. A reader that stopped early
+/// (`| head`) is no error; another failure to write exits 1. (`print!` would panic.)
+pub fn write_out(bytes: &[u8], code: ExitCode) -> ExitCode {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(bytes).and_then(|()| out.flush()) {
+        Ok(()) => code,
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => code,
+        Err(e) => {
+            eprintln!("error: cannot write the output: {e}");
+            ExitCode::from(EXIT_RUNTIME)
+        }
+    }
+}
+
+/// Writes `bytes` to `file` through a temporary file and a rename, so a failed
+/// write never leaves a half file under the name.
+pub fn write_file(file: &Path, bytes: &[u8]) -> Result<(), String> {
+    let mut part = file.as_os_str().to_owned();
+    part.push(".part");
+    let part = PathBuf::from(part);
+    std::fs::write(&part, bytes)
+        .and_then(|()| std::fs::rename(&part, file))
+        .map_err(|e| {
+            let _ = std::fs::remove_file(&part);
+            format!("{}: cannot write: {e}", file.display())
+        })
+}
 
 #[derive(Debug, Parser)]
 #[command(

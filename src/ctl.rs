@@ -13,11 +13,11 @@ use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
 use tokio::net::TcpStream;
 
-use crate::app::{EXIT_CONFIG, EXIT_RUNTIME};
 use crate::cli::{
     BackendCommand, ConfigCommand, CtlArgs, CtlCommand, CtlSnapshotCommand, EndpointCommand,
     LeaderCommand, MemberCommand, Output, RaftCommand,
 };
+use crate::cli::{EXIT_CONFIG, EXIT_RUNTIME, write_file, write_out};
 
 const TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -33,7 +33,7 @@ pub fn run(args: CtlArgs) -> ExitCode {
             } else {
                 ExitCode::from(EXIT_RUNTIME)
             };
-            crate::write_out(text.as_bytes(), code)
+            write_out(text.as_bytes(), code)
         }
         Err(CtlError::Usage(e)) => {
             eprintln!("error: {e}");
@@ -273,7 +273,7 @@ async fn ctl(args: &CtlArgs) -> Result<(String, bool), CtlError> {
             let bytes = client.download("/api/v1/snapshot").await?;
             let (backup, sum) = crate::store::backup::Backup::verify(&bytes)
                 .map_err(|e| CtlError::Failed(format!("the server sent a damaged backup: {e}")))?;
-            crate::write_file(file, &bytes).map_err(CtlError::Failed)?;
+            write_file(file, &bytes).map_err(CtlError::Failed)?;
             (
                 json!({
                     "file": file.display().to_string(),

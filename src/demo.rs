@@ -49,7 +49,7 @@ pub fn run(args: DemoArgs) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("demo failed: {e}");
-            ExitCode::from(crate::app::EXIT_RUNTIME)
+            ExitCode::from(crate::cli::EXIT_RUNTIME)
         }
     }
 }

@@ -22,7 +22,7 @@ pub mod tls;
 
 use std::process::ExitCode;
 
-use cli::{Cli, Command};
+use cli::{Cli, Command, write_file, write_out};
 
 /// Runs one command of the CLI.
 pub fn main(cli: Cli) -> ExitCode {
@@ -40,21 +40,6 @@ pub fn main(cli: Cli) -> ExitCode {
             let mut script = Vec::new();
             clap_complete::generate(shell, &mut command, "raftlb", &mut script);
             write_out(&script, ExitCode::SUCCESS)
-        }
-    }
-}
-
-/// Writes a command's output, then exits with `code`. A reader that stopped early
-/// (`| head`) is no error; another failure to write exits 1. (`print!` would panic.)
-pub(crate) fn write_out(bytes: &[u8], code: ExitCode) -> ExitCode {
-    use std::io::Write as _;
-    let mut out = std::io::stdout().lock();
-    match out.write_all(bytes).and_then(|()| out.flush()) {
-        Ok(()) => code,
-        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => code,
-        Err(e) => {
-            eprintln!("error: cannot write the output: {e}");
-            ExitCode::from(app::EXIT_RUNTIME)
         }
     }
 }
@@ -108,25 +93,11 @@ fn snapshot(cmd: cli::SnapshotCommand) -> ExitCode {
         Err(e) => {
             eprintln!("error: {e}");
             ExitCode::from(match e {
-                BackupError::Input(_) => app::EXIT_CONFIG,
-                BackupError::Io(_) => app::EXIT_RUNTIME,
+                BackupError::Input(_) => cli::EXIT_CONFIG,
+                BackupError::Io(_) => cli::EXIT_RUNTIME,
             })
         }
     }
-}
-
-/// Writes `bytes` to `file` through a temporary file and a rename, so a failed
-/// write never leaves a half file under the name.
-pub fn write_file(file: &std::path::Path, bytes: &[u8]) -> Result<(), String> {
-    let mut part = file.as_os_str().to_owned();
-    part.push(".part");
-    let part = std::path::PathBuf::from(part);
-    std::fs::write(&part, bytes)
-        .and_then(|()| std::fs::rename(&part, file))
-        .map_err(|e| {
-            let _ = std::fs::remove_file(&part);
-            format!("{}: cannot write: {e}", file.display())
-        })
 }
 
 /// [`app::preflight`] from `check`: what it builds (a TLS config's file watcher)
@@ -162,7 +133,7 @@ fn check(file: &std::path::Path, syntax_only: bool) -> ExitCode {
                 for e in &refused {
                     eprintln!("error: {}", loaded.refusal_line(e));
                 }
-                return ExitCode::from(app::EXIT_CONFIG);
+                return ExitCode::from(cli::EXIT_CONFIG);
             }
             write_out(
                 config::to_yaml(&loaded.config).as_bytes(),
@@ -171,7 +142,7 @@ fn check(file: &std::path::Path, syntax_only: bool) -> ExitCode {
         }
         Err(e) => {
             eprintln!("error: {e}");
-            ExitCode::from(app::EXIT_CONFIG)
+            ExitCode::from(cli::EXIT_CONFIG)
         }
     }
 }

@@ -25,8 +25,9 @@ use std::time::Duration;
 use net::{Router, SimFactory, Timing};
 use openraft::type_config::async_runtime::WatchReceiver;
 use openraft::{BasicNode, Instant as _, ServerState};
+use raftlb::store::storage::Raft;
 use raftlb::store::storage::{self, Applied};
-use raftlb::store::types::{Command, NodeId, Outcome, Raft};
+use raftlb::store::types::{Command, NodeId, Outcome};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 

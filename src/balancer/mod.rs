@@ -3,6 +3,7 @@
 //! that must outlive a swap (health, active connections, resolved addresses) lives
 //! in [`BackendState`], shared between the snapshots that name the same backend.
 
+pub mod health;
 pub mod policy;
 
 use std::collections::{BTreeMap, HashMap};
@@ -16,10 +17,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::schema::{self, BackendTls, Balance, HealthCheck, OnDown};
 use crate::config::types::HostPort;
-use crate::health::state::Detail;
-pub use crate::health::state::Health;
 use crate::metrics as m;
 use crate::tls::{self, Reloading};
+use health::Detail;
+pub use health::Health;
 use tokio_rustls::rustls::ClientConfig;
 
 /// Per-backend state that survives config swaps.

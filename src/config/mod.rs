@@ -4,6 +4,7 @@
 pub mod schema;
 pub mod types;
 pub mod validate;
+pub mod vip;
 
 use std::fmt;
 use std::path::{Path, PathBuf};

@@ -11,8 +11,8 @@ use super::schema::{
     BackendTls, CheckKind, Cluster, Config, InitialState, LeaderElection, StoreKind, TlsMode, Vip,
 };
 use super::types::{Dur, HostPort};
+use super::vip;
 use super::{Issue, Place};
-use crate::election::vip;
 
 /// Errors and warnings found in one config.
 #[derive(Debug, Default)]

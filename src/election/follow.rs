@@ -8,8 +8,9 @@ use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
-use super::vip::{self, Vip};
+use super::vip::Vip;
 use crate::clock;
+use crate::config::vip;
 use crate::metrics as m;
 
 /// What the lease task wants of the VIP.

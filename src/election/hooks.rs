@@ -21,8 +21,7 @@ use tokio::process::Command;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use super::vip;
-use crate::config::schema;
+use crate::config::{schema, vip};
 use crate::metrics::HOOK_FAILURES_TOTAL;
 
 /// How long a hook may run before it is killed, as in production.

@@ -4,7 +4,6 @@
 //! the proxy reads health from the backend's state on every pick.
 
 pub mod probe;
-pub mod state;
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -12,7 +11,7 @@ use std::time::{Duration, SystemTime};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-pub use state::{CheckRecord, Detail, Health, Hysteresis};
+pub use crate::balancer::health::{CheckRecord, Detail, Health, Hysteresis};
 
 use crate::balancer::{Backend, Balancer, Pool};
 use crate::config::schema::OnDown;

@@ -36,10 +36,8 @@ use network::{
     CallError, Factory, HelloReply, Identity, Manage, Net, PeerClient, Reply, Request, Tls,
     WriteReply,
 };
-use storage::Applied;
-use types::{
-    Command, Node as RaftNode, NodeId, NodeInfo, Outcome, Raft, TypeConfig, to_completion,
-};
+use storage::{Applied, Raft};
+use types::{Command, Node as RaftNode, NodeId, NodeInfo, Outcome, TypeConfig, to_completion};
 
 /// How long a write may wait for its commit before the answer is "outcome unknown".
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(5);

@@ -848,7 +848,7 @@ impl<T: Transport> Network<T> {
 
 /// Hands a Raft RPC that arrived from a peer to the local Raft; `Err` gives back a
 /// request that is not a Raft RPC.
-pub async fn raft_rpc(raft: &super::types::Raft, request: Request) -> Result<Reply, Request> {
+pub async fn raft_rpc(raft: &super::storage::Raft, request: Request) -> Result<Reply, Request> {
     fn answer<R, E: std::fmt::Display>(r: Result<R, E>, ok: fn(R) -> Reply) -> Reply {
         r.map_or_else(|e| Reply::Error(e.to_string()), ok)
     }

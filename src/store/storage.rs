@@ -598,6 +598,9 @@ struct StoredSnapshot {
     data: Vec<u8>,
 }
 
+/// This replica's Raft node, over the state machine below.
+pub type Raft = openraft::Raft<TypeConfig, StateMachine>;
+
 /// The replicated state; every change is published on a watch channel for the proxy.
 pub struct StateMachine {
     db: Arc<Database>,

@@ -19,7 +19,6 @@ openraft::declare_raft_types!(
 
 pub type NodeId = u64;
 pub type Node = openraft::BasicNode;
-pub type Raft = openraft::Raft<TypeConfig, super::storage::StateMachine>;
 pub type LogId = openraft::alias::LogIdOf<TypeConfig>;
 pub type Entry = openraft::alias::EntryOf<TypeConfig>;
 pub type Vote = openraft::alias::VoteOf<TypeConfig>;

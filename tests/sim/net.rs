@@ -16,7 +16,8 @@ use openraft::type_config::async_runtime::WatchReceiver;
 use openraft::{BasicNode, Instant as _, ServerState, SnapshotPolicy};
 use raftlb::store::WRITE_TIMEOUT;
 use raftlb::store::network::{self, CallError, Network, Reply, Request, Transport, WriteReply};
-use raftlb::store::types::{Command, NodeId, Outcome, Raft, TypeConfig};
+use raftlb::store::storage::Raft;
+use raftlb::store::types::{Command, NodeId, Outcome, TypeConfig};
 use tokio::sync::{oneshot, watch};
 use tokio::time::Instant;
 

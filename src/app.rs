@@ -898,18 +898,24 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
 }
 
 /// Cluster mode: applies every committed config to the proxy's pools, without
-/// dropping established connections. Ready once a config is applied.
+/// dropping established connections. Ready once a config is applied. A pool this
+/// replica cannot build (a certificate file missing here) is tried again once what
+/// stops it changes, looked at every [`RETRY_UNBUILT_POOLS`].
 async fn follow_store(node: Arc<Node>, state: Arc<State>) {
     let mut applied = node.applied();
     let mut version = 0;
     // A reload changed this replica's listeners, which may now take (or refuse) a
-    // committed pool: the same version is applied again.
+    // committed pool, or what stopped a pool here changed: the same version is
+    // applied again.
     let mut again = false;
+    // What stopped the last apply here, as `Balancer::unbuildable` words it.
+    let mut unbuilt = Vec::new();
     loop {
         let current = applied.borrow_and_update().clone();
         if current.state.cluster_uuid.is_some()
             && (current.state.config_version != version || std::mem::take(&mut again))
         {
+            let retried = current.state.config_version == version;
             version = current.state.config_version;
             let failures = state
                 .balancer
@@ -917,23 +923,56 @@ async fn follow_store(node: Arc<Node>, state: Arc<State>) {
                     state.listeners_refuse(name, pool)
                 })
                 .await;
-            for f in &failures {
+            let before = state
+                .apply_errors
+                .lock()
+                .map(|e| e.clone())
+                .unwrap_or_default();
+            for f in failures.iter().filter(|f| !before.contains(f)) {
                 tracing::error!(
                     config_version = version,
-                    "cannot apply the committed pool here; keeping the version it had here, if any: {f}"
+                    "cannot apply the committed pool here; keeping the version it had here, if any (tried again when this changes): {f}"
                 );
                 metrics::counter!(m::CONFIG_APPLY_FAILURES_TOTAL).increment(1);
             }
+            if !retried || failures != before {
+                tracing::info!(config_version = version, "applied the replicated config");
+            }
+            unbuilt = if failures.is_empty() {
+                Vec::new()
+            } else {
+                Balancer::unbuildable(&current.state.pools, |name, pool| {
+                    state.listeners_refuse(name, pool)
+                })
+            };
             if let Ok(mut errors) = state.apply_errors.lock() {
                 *errors = failures;
             }
-            tracing::info!(config_version = version, "applied the replicated config");
             state.ready.store(true, Ordering::Relaxed);
         }
+        let look_again = async {
+            if unbuilt.is_empty() {
+                std::future::pending().await
+            }
+            loop {
+                tokio::time::sleep(RETRY_UNBUILT_POOLS).await;
+                let now = Balancer::unbuildable(&current.state.pools, |name, pool| {
+                    state.listeners_refuse(name, pool)
+                });
+                if now != unbuilt {
+                    return;
+                }
+            }
+        };
         tokio::select! {
             () = node.stop.cancelled() => return,
             changed = applied.changed() => if changed.is_err() { return },
             () = state.listeners_changed.notified() => again = true,
+            () = look_again => again = true,
         }
     }
 }
+
+/// How often a replica that could not build a committed pool looks whether what
+/// stopped it changed (the certificate watcher's period).
+const RETRY_UNBUILT_POOLS: Duration = Duration::from_secs(2);

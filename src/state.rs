@@ -70,10 +70,24 @@ impl State {
             .listener_pools
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
+        let unapplied = self
+            .apply_errors
+            .lock()
+            .map(|e| e.clone())
+            .unwrap_or_default();
         let missing: Vec<String> = pools
             .iter()
             .filter(|l| !snapshot.pools.contains_key(&l.pool))
-            .map(|l| format!("listener {}: pool {} does not exist", l.listener, l.pool))
+            .map(|l| {
+                let prefix = format!("pools.{}.", l.pool);
+                match unapplied.iter().find(|e| e.starts_with(&prefix)) {
+                    Some(why) => format!(
+                        "listener {}: pool {} is not applied here: {why}",
+                        l.listener, l.pool
+                    ),
+                    None => format!("listener {}: pool {} does not exist", l.listener, l.pool),
+                }
+            })
             .collect();
         (!missing.is_empty()).then(|| missing.join("; "))
     }

@@ -1956,3 +1956,54 @@ async fn a_reload_of_the_listeners_applies_a_refused_pool_again() {
         replicas[1].log()
     );
 }
+
+/// A committed pool whose certificate file is missing on this replica is not
+/// applied here (its listener serves nothing, and `/readyz` says why); once the file
+/// is there, the pool is applied within a few seconds, with no signal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_whose_ca_file_appears_later_is_applied_without_a_signal() {
+    raise_nofile();
+    let certs = tempfile::tempdir().expect("tempdir");
+    let pki = pki::Pki::new(certs.path(), "apiservers");
+    let ca = certs.path().join("late-ca.pem");
+    let cluster = Cluster::new(1, backend_names(&["b1"]).await);
+    let yaml = cluster.yaml(0, "new").replace(
+        "pools:\n  web:\n",
+        &format!(
+            "pools:\n  web:\n    health_check: {{ kind: https, path: /readyz, tls: {{ ca: {} }} }}\n",
+            ca.display()
+        ),
+    );
+    let lb = Raftlb::spawn(&yaml, cluster.addrs[0].admin);
+    let readyz = || {
+        http_get(cluster.addrs[0].admin, "/readyz")
+            .map_or(String::new(), |(c, b)| format!("{c} {b}"))
+    };
+    assert!(
+        blocking(|| eventually(Duration::from_secs(15), || readyz()
+            .contains("pool web is not applied here: pools.web.health_check.tls"))),
+        "{}\n{}",
+        readyz(),
+        lb.log()
+    );
+    std::fs::copy(&pki.ca, &ca).expect("copy the CA");
+    assert!(
+        blocking(|| eventually(Duration::from_secs(15), || {
+            status(cluster.addrs[0].admin)["config_apply_errors"]
+                .as_array()
+                .is_some_and(Vec::is_empty)
+                && !readyz().contains("not applied")
+        })),
+        "{}\n{}",
+        readyz(),
+        lb.log()
+    );
+    assert_eq!(
+        lb.log()
+            .matches("cannot apply the committed pool here")
+            .count(),
+        1,
+        "the failure is logged once, not at every look: {}",
+        lb.log()
+    );
+}

@@ -246,11 +246,7 @@ impl Balancer {
         let mut effective = BTreeMap::new();
         let mut failures = Vec::new();
         for (name, pool) in pools {
-            let built = refuse(name, pool)
-                .map_or(Ok(()), Err)
-                .and_then(|()| probe_tls(name, pool.health_check.as_ref().map(|c| &c.value)))
-                .and_then(|_| backend_tls(name, pool));
-            match built {
+            match buildable(name, pool, &refuse) {
                 Ok(_) => {
                     effective.insert(name.clone(), pool.clone());
                 }
@@ -267,6 +263,17 @@ impl Balancer {
             Err(e) => failures.push(e),
         }
         failures
+    }
+
+    /// What [`Balancer::apply_replicated`] would refuse in `pools`, found without
+    /// starting anything: after a failed apply, this is asked again until the answer
+    /// changes (a missing certificate file was created), and then the apply is retried.
+    pub fn unbuildable(
+        pools: &BTreeMap<String, schema::Pool>,
+        refuse: impl Fn(&str, &schema::Pool) -> Option<String>,
+    ) -> Vec<String> {
+        let refused = pools.iter().filter_map(|(name, pool)| refuse(name, pool));
+        refused.chain(check_pools(pools)).collect()
     }
 
     /// Changes one backend of the running config (the standalone runtime API: drain,
@@ -445,6 +452,18 @@ pub fn check_pools(pools: &BTreeMap<String, schema::Pool>) -> Vec<String> {
         }
     }
     errors
+}
+
+/// Whether this replica can build a committed pool: `refuse` (its listeners) has no
+/// reason against it and its certificate files load.
+fn buildable(
+    name: &str,
+    pool: &schema::Pool,
+    refuse: &impl Fn(&str, &schema::Pool) -> Option<String>,
+) -> Result<(), String> {
+    refuse(name, pool).map_or(Ok(()), Err)?;
+    probe_tls(name, pool.health_check.as_ref().map(|c| &c.value))?;
+    backend_tls(name, pool).map(|_| ())
 }
 
 fn probe_tls(

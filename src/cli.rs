@@ -145,8 +145,7 @@ pub enum CtlCommand {
     /// Every pool's backends with health, weight, drain state and connections.
     Backends,
     /// Change one backend.
-    #[command(subcommand)]
-    Backend(BackendCommand),
+    Backend(BackendArgs),
     /// The Raft members with their roles and reachability (cluster mode).
     Members,
     /// Add, promote or remove a Raft member (cluster mode).
@@ -227,6 +226,15 @@ pub enum ConfigCommand {
     },
 }
 
+#[derive(Debug, clap::Args)]
+pub struct BackendArgs {
+    #[command(subcommand)]
+    pub command: BackendCommand,
+    /// Only if the config_version still is this (compare-and-set, If-Match).
+    #[arg(long, global = true, value_name = "VERSION")]
+    pub if_version: Option<u64>,
+}
+
 #[derive(Debug, Subcommand)]
 pub enum BackendCommand {
     /// Add a backend to a pool (cluster mode; standalone answers: edit the file).
@@ -260,14 +268,34 @@ pub enum BackendCommand {
         #[arg(value_parser = plain_name)]
         name: String,
     },
-    /// Set a backend's weight (1 to 256).
+    /// Set a backend's weight (1 to 256): `weight POOL NAME N`, or `--weight N`.
     Weight {
         #[arg(value_parser = plain_name)]
         pool: String,
         #[arg(value_parser = plain_name)]
         name: String,
-        weight: u32,
+        #[arg(
+            required_unless_present = "weight_flag",
+            conflicts_with = "weight_flag"
+        )]
+        weight: Option<u32>,
+        #[arg(long = "weight", id = "weight_flag", value_name = "N")]
+        weight_flag: Option<u32>,
     },
+}
+
+impl BackendCommand {
+    /// The weight that `weight` sets, given as its third argument or as `--weight`.
+    pub fn weight(&self) -> Option<u32> {
+        match self {
+            BackendCommand::Weight {
+                weight,
+                weight_flag,
+                ..
+            } => weight.or(*weight_flag),
+            _ => None,
+        }
+    }
 }
 
 /// A pool or backend name as the config allows it, checked before it goes into a

@@ -14,8 +14,8 @@ use serde_json::{Value, json};
 use tokio::net::TcpStream;
 
 use crate::cli::{
-    BackendCommand, ConfigCommand, CtlArgs, CtlCommand, CtlSnapshotCommand, EndpointCommand,
-    LeaderCommand, MemberCommand, Output, RaftCommand,
+    BackendArgs, BackendCommand, ConfigCommand, CtlArgs, CtlCommand, CtlSnapshotCommand,
+    EndpointCommand, LeaderCommand, MemberCommand, Output, RaftCommand,
 };
 use crate::cli::{EXIT_CONFIG, EXIT_RUNTIME, write_file, write_out};
 
@@ -182,10 +182,17 @@ async fn ctl(args: &CtlArgs) -> Result<(String, bool), CtlError> {
             client.call(Method::GET, "/api/v1/backends", None).await?,
             Box::new(backends_table),
         ),
-        CtlCommand::Backend(cmd) => {
+        CtlCommand::Backend(BackendArgs {
+            command: cmd,
+            if_version,
+        }) => {
             let (method, path, body) = backend_request(cmd);
             let what = backend_change(cmd);
-            let reply = client.call(method, &path, body).await?;
+            let body = body.map(|b| b.to_string()).unwrap_or_default();
+            let if_match = if_version.map(|v| format!("\"{v}\""));
+            let reply = client
+                .send(method, &path, body, "application/json", if_match)
+                .await?;
             (
                 reply,
                 Box::new(move |v: &Value, _| format!("{what}: {}", backend_line(v))),
@@ -445,7 +452,8 @@ fn backend_change(cmd: &BackendCommand) -> String {
         BackendCommand::Remove { pool, name } => format!("removed {pool}/{name}"),
         BackendCommand::Drain { pool, name } => format!("drained {pool}/{name}"),
         BackendCommand::Undrain { pool, name } => format!("undrained {pool}/{name}"),
-        BackendCommand::Weight { pool, name, weight } => {
+        BackendCommand::Weight { pool, name, .. } => {
+            let weight = cmd.weight().unwrap_or_default();
             format!("set the weight of {pool}/{name} to {weight}")
         }
     }
@@ -471,10 +479,10 @@ fn backend_request(cmd: &BackendCommand) -> (Method, String, Option<Value>) {
         BackendCommand::Undrain { pool, name } => {
             (Method::POST, format!("{}/undrain", path(pool, name)), None)
         }
-        BackendCommand::Weight { pool, name, weight } => (
+        BackendCommand::Weight { pool, name, .. } => (
             Method::PATCH,
             path(pool, name),
-            Some(json!({"weight": weight})),
+            Some(json!({"weight": cmd.weight()})),
         ),
     }
 }

@@ -598,6 +598,32 @@ async fn standalone_drain_undrain_and_weight_are_runtime_state_until_reload() {
     );
     assert_eq!(version(&lb), v0 + 3);
 
+    // If-Match: a stale version is 412 with the current one, and changes nothing;
+    // the current one or `*` is taken; one that is not a version is 400.
+    let with_if = |tag: &str, weight: u32| {
+        blocking(|| {
+            http_response(
+                lb.admin,
+                "PATCH",
+                "/api/v1/pools/web/backends/a",
+                &[("content-type", "application/json"), ("if-match", tag)],
+                &format!(r#"{{"weight": {weight}}}"#),
+            )
+        })
+        .expect("PATCH")
+    };
+    let now = v0 + 3;
+    let stale = with_if(&format!("\"{v0}\""), 4);
+    assert_eq!(stale.status, 412, "{}", stale.body);
+    assert_eq!(stale.header("etag"), Some(format!("\"{now}\"").as_str()));
+    assert_eq!(version(&lb), now, "a stale If-Match changed the config");
+    assert_eq!(with_if("garbage", 4).status, 400);
+    assert_eq!(version(&lb), now);
+    let current = with_if(&format!("\"{now}\""), 4);
+    assert_eq!(current.status, 200, "{}", current.body);
+    assert_eq!(with_if("*", 3).status, 200);
+    assert_eq!(version(&lb), now + 2);
+
     // Bad input: a 4xx with {"error": ...}, and nothing changes.
     for (method, path, body, status) in [
         (
@@ -654,7 +680,7 @@ async fn standalone_drain_undrain_and_weight_are_runtime_state_until_reload() {
             .body
             .contains("standalone: edit the file and send SIGHUP")
     );
-    assert_eq!(version(&lb), v0 + 3, "a refused write changed the config");
+    assert_eq!(version(&lb), v0 + 5, "a refused write changed the config");
 
     // The file is the source of truth: a reload drops the runtime changes.
     assert_eq!(
@@ -664,7 +690,7 @@ async fn standalone_drain_undrain_and_weight_are_runtime_state_until_reload() {
     lb.signal("HUP");
     assert!(blocking(|| eventually(
         Duration::from_secs(10),
-        || version(&lb) == v0 + 5
+        || version(&lb) == v0 + 7
     )));
     let after = json(&get(&lb, "/api/v1/backends", &[]), "backends");
     let backends = after["pools"][0]["backends"]
@@ -684,7 +710,7 @@ async fn standalone_drain_undrain_and_weight_are_runtime_state_until_reload() {
         .matches("reloaded the config")
         .count()
         == 2)));
-    assert_eq!(version(&lb), v0 + 5, "an identical file bumped the version");
+    assert_eq!(version(&lb), v0 + 7, "an identical file bumped the version");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -2007,3 +2007,132 @@ async fn a_pool_whose_ca_file_appears_later_is_applied_without_a_signal() {
         lb.log()
     );
 }
+
+/// Every backend write takes `If-Match` as `PUT /api/v1/config` does: a stale
+/// version is 412 and changes nothing, on the leader and through a follower; the
+/// current one (or `*`) is taken; ctl's `--if-version` sends it; `weight` takes the
+/// weight as its third argument or as `--weight` (SPEC's form).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backend_writes_take_if_match() {
+    raise_nofile();
+    let cluster = Cluster::new(3, backend_names(&["b1", "b2"]).await);
+    let (_replicas, leader) = cluster.start_all_with("");
+    let follower = cluster.addrs[(leader + 1) % 3].admin;
+    let admin = cluster.addrs[leader].admin;
+    let version = || status(admin)["config_version"].as_u64().expect("version");
+    let send = |at: SocketAddr, method: &str, path: &str, tag: &str, body: &str| {
+        blocking(|| {
+            http_response(
+                at,
+                method,
+                path,
+                &[("Content-Type", "application/json"), ("If-Match", tag)],
+                body,
+            )
+        })
+        .expect("answer")
+    };
+    let weight_of = |name: &str| {
+        let (_, b) = json(admin, "GET", "/api/v1/backends", "");
+        b["pools"][0]["backends"]
+            .as_array()
+            .and_then(|bs| bs.iter().find(|x| x["name"] == name).cloned())
+            .map(|x| x["weight"].clone())
+    };
+    let v = version();
+    let tag = |v: u64| format!("\"{v}\"");
+    let b1 = "/api/v1/pools/web/backends/b1";
+
+    // Through a follower, the current version is taken.
+    let r = send(follower, "PATCH", b1, &tag(v), r#"{"weight": 3}"#);
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.header("etag"), Some(tag(v + 1).as_str()), "{r:?}");
+    assert!(blocking(|| eventually(
+        Duration::from_secs(5),
+        || weight_of("b1") == Some(3.into())
+    )));
+    // The same version again is stale now, on either replica, for every write.
+    for (at, method, path, body) in [
+        (follower, "PATCH", b1, r#"{"weight": 9}"#),
+        (admin, "PATCH", b1, r#"{"weight": 9}"#),
+        (
+            admin,
+            "POST",
+            "/api/v1/pools/web/backends",
+            r#"{"name": "b3", "address": "127.0.0.1:9"}"#,
+        ),
+        (follower, "DELETE", "/api/v1/pools/web/backends/b2", ""),
+        (admin, "POST", "/api/v1/pools/web/backends/b2/drain", ""),
+    ] {
+        let r = send(at, method, path, &tag(v), body);
+        assert_eq!(r.status, 412, "{method} {path}: {r:?}");
+        assert_eq!(r.header("etag"), Some(tag(v + 1).as_str()), "{r:?}");
+        assert!(r.body.contains("no longer matches"), "{r:?}");
+    }
+    // A version not reached yet, and one that is not a version.
+    assert_eq!(
+        send(follower, "PATCH", b1, &tag(v + 50), r#"{"weight": 9}"#).status,
+        412
+    );
+    assert_eq!(
+        send(admin, "PATCH", b1, "seven", r#"{"weight": 9}"#).status,
+        400
+    );
+    // A refusal of the write itself keeps its own status under If-Match.
+    let r = send(
+        admin,
+        "POST",
+        "/api/v1/pools/web/backends/nosuch/drain",
+        &tag(v + 1),
+        "",
+    );
+    assert_eq!(r.status, 404, "{r:?}");
+    assert_eq!(version(), v + 1, "a refused write changed the config");
+    assert_eq!(weight_of("b1"), Some(3.into()));
+    assert_eq!(weight_of("b3"), None);
+
+    // ctl: --if-version on a backend command; SPEC's --weight form.
+    let stale = (v).to_string();
+    let (code, out, err) = blocking(|| {
+        ctl(
+            admin,
+            &[
+                "backend",
+                "weight",
+                "web",
+                "b1",
+                "--weight",
+                "5",
+                "--if-version",
+                &stale,
+            ],
+        )
+    });
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(err.contains("412"), "{err}");
+    let current = (v + 1).to_string();
+    let (code, out, err) = blocking(|| {
+        ctl(
+            follower,
+            &[
+                "backend",
+                "weight",
+                "web",
+                "b1",
+                "--weight",
+                "5",
+                "--if-version",
+                &current,
+            ],
+        )
+    });
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("set the weight of web/b1 to 5"), "{out}");
+    let (code, out, err) = blocking(|| ctl(admin, &["backend", "weight", "web", "b1", "6"]));
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(blocking(|| eventually(
+        Duration::from_secs(5),
+        || weight_of("b1") == Some(6.into())
+    )));
+    assert_eq!(version(), v + 3);
+}

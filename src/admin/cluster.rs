@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use hyper::body::Incoming;
-use hyper::header::{CONTENT_TYPE, IF_MATCH};
+use hyper::header::CONTENT_TYPE;
 use hyper::{Method, Request, StatusCode};
 use serde_json::{Value, json};
 
@@ -99,6 +99,10 @@ pub async fn backend_write(
 ) -> Reply {
     let parts: Vec<&str> = rest.split('/').collect();
     let method = req.method().clone();
+    let if_version = match super::if_match(state, &req) {
+        Ok(v) => v,
+        Err(reply) => return *reply,
+    };
     let (command, created) = match (&method, parts.as_slice()) {
         (&Method::POST, [pool, "backends"]) => {
             let new = match read_json::<NewBackend>(req).await {
@@ -166,6 +170,13 @@ pub async fn backend_write(
         | Command::SetDrained { pool, backend, .. } => (pool.clone(), backend.clone()),
         _ => return written(state, node.write(command).await, created).await,
     };
+    let command = match if_version {
+        None => command,
+        Some(v) => match guarded(node, command, v).await {
+            Ok(c) => c,
+            Err(reply) => return reply,
+        },
+    };
     // A removed backend is answered as it was just before (what the write removed).
     let before = backend_now(state, &pool, &name);
     match node.write(command).await {
@@ -180,6 +191,40 @@ pub async fn backend_write(
             with_etag(json_reply(created, &body), config_version)
         }
         other => written(state, other, created).await,
+    }
+}
+
+/// A backend write with `If-Match: "v"`, made the compare-and-set that a config PUT
+/// is: the pools at config_version `v` with the change made, committed only if the
+/// config_version still is `v` then. A replica behind `v` waits for it a bounded time;
+/// past it (or a `v` never reached), the answer is 412.
+async fn guarded(node: &Node, command: Command, v: u64) -> Result<Command, Reply> {
+    let mut applied = node.applied();
+    let _ = tokio::time::timeout(
+        APPLY_WAIT,
+        applied.wait_for(|a| a.state.config_version >= v),
+    )
+    .await;
+    let mut at = applied.borrow().state.clone();
+    if at.config_version != v {
+        return Err(super::stale(v, at.config_version));
+    }
+    match at.apply(command) {
+        Outcome::Applied { .. } => Ok(Command::SetPools {
+            pools: (*at.pools).clone(),
+            if_version: Some(v),
+        }),
+        Outcome::Refused { status, error: e } => Err(with_etag(
+            error(
+                StatusCode::from_u16(status).unwrap_or(StatusCode::CONFLICT),
+                &e,
+            ),
+            v,
+        )),
+        other => Err(error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            &format!("a backend write came out as {other:?}"),
+        )),
     }
 }
 
@@ -360,34 +405,9 @@ pub async fn config(state: &State, node: &Node, req: Request<Incoming>) -> Reply
             with_etag(reply, applied.state.config_version)
         }
         Method::PUT => {
-            let if_match = match req.headers().get(IF_MATCH).map(|v| v.to_str()) {
-                None => None,
-                // Any current version matches `*` (RFC 9110 13.1.1).
-                Some(Ok(v)) if v.trim() == "*" => None,
-                // If-Match compares strongly: a weak tag never matches.
-                Some(Ok(v)) if v.trim().starts_with("W/") => {
-                    return with_etag(
-                        error(
-                            StatusCode::PRECONDITION_FAILED,
-                            &format!(
-                                "If-Match {v:?} is a weak ETag, which never matches; use the ETag of a read, e.g. \"7\""
-                            ),
-                        ),
-                        state.config_version(),
-                    );
-                }
-                Some(Ok(v)) => match v.trim().trim_matches('"').parse::<u64>() {
-                    Ok(v) => Some(v),
-                    Err(_) => {
-                        return error(
-                            StatusCode::BAD_REQUEST,
-                            &format!(
-                                "If-Match {v:?} is not a config_version: use the ETag of a read, e.g. \"7\""
-                            ),
-                        );
-                    }
-                },
-                Some(Err(_)) => return error(StatusCode::BAD_REQUEST, "If-Match is not text"),
+            let if_match = match super::if_match(state, &req) {
+                Ok(v) => v,
+                Err(reply) => return *reply,
             };
             let yaml = req
                 .headers()

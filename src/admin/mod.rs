@@ -11,7 +11,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::header::{CONTENT_TYPE, ETAG};
+use hyper::header::{CONTENT_TYPE, ETAG, IF_MATCH};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
@@ -343,6 +343,10 @@ async fn backend_write(state: &State, req: Request<Incoming>, rest: &str) -> Rep
             );
         }
     };
+    let if_version = match if_match(state, &req) {
+        Ok(v) => v,
+        Err(reply) => return *reply,
+    };
     let result = match (&method, parts.get(3).copied()) {
         (&Method::POST, Some(action)) => {
             if let Err(reply) = no_body(req, action).await {
@@ -351,7 +355,7 @@ async fn backend_write(state: &State, req: Request<Incoming>, rest: &str) -> Rep
             let drain = action == "drain";
             state
                 .balancer
-                .update_backend(pool, name, |b| b.drained = drain)
+                .update_backend(pool, name, if_version, |b| b.drained = drain)
                 .await
         }
         (&Method::PATCH, None) => {
@@ -361,7 +365,7 @@ async fn backend_write(state: &State, req: Request<Incoming>, rest: &str) -> Rep
             };
             state
                 .balancer
-                .update_backend(pool, name, |b| b.weight.value = weight)
+                .update_backend(pool, name, if_version, |b| b.weight.value = weight)
                 .await
         }
         _ => {
@@ -391,6 +395,7 @@ async fn backend_write(state: &State, req: Request<Incoming>, rest: &str) -> Rep
         Err(e @ (UpdateError::NoPool(_) | UpdateError::NoBackend { .. })) => {
             error(StatusCode::NOT_FOUND, &e.to_string())
         }
+        Err(UpdateError::Stale { if_version, now }) => stale(if_version, now),
         Err(UpdateError::Apply(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, &e),
     }
 }
@@ -632,6 +637,55 @@ fn backend_json(b: &Backend) -> Value {
 
 fn versioned(state: &State, body: Value) -> Reply {
     with_etag(json_reply(StatusCode::OK, &body), state.config_version())
+}
+
+/// The config_version a write's `If-Match` names (`None`: no header, or `*`, which
+/// any version matches: RFC 9110 13.1.1). Every write that answers an ETag takes it.
+fn if_match(state: &State, req: &Request<Incoming>) -> Result<Option<u64>, Box<Reply>> {
+    match req.headers().get(IF_MATCH).map(|v| v.to_str()) {
+        None => Ok(None),
+        Some(Ok(v)) if v.trim() == "*" => Ok(None),
+        // If-Match compares strongly: a weak tag never matches.
+        Some(Ok(v)) if v.trim().starts_with("W/") => Err(Box::new(with_etag(
+            error(
+                StatusCode::PRECONDITION_FAILED,
+                &format!(
+                    "If-Match {v:?} is a weak ETag, which never matches; use the ETag of a read, e.g. \"7\""
+                ),
+            ),
+            state.config_version(),
+        ))),
+        Some(Ok(v)) => v
+            .trim()
+            .trim_matches('"')
+            .parse::<u64>()
+            .map(Some)
+            .map_err(|_| {
+                Box::new(error(
+                    StatusCode::BAD_REQUEST,
+                    &format!(
+                        "If-Match {v:?} is not a config_version: use the ETag of a read, e.g. \"7\""
+                    ),
+                ))
+            }),
+        Some(Err(_)) => Err(Box::new(error(
+            StatusCode::BAD_REQUEST,
+            "If-Match is not text",
+        ))),
+    }
+}
+
+/// 412 for an `If-Match` that names another config_version than `now`.
+fn stale(if_version: u64, now: u64) -> Reply {
+    with_etag(
+        error(
+            StatusCode::PRECONDITION_FAILED,
+            &format!(
+                "If-Match \"{if_version}\" no longer matches: the config_version is {now}; read it again and retry"
+            ),
+        ),
+        now,
+    )
 }
 
 /// `ETag: "<config_version>"`.

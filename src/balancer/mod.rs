@@ -171,6 +171,9 @@ pub enum UpdateError {
     NoPool(String),
     #[error("backend {backend:?} does not exist in pool {pool:?}")]
     NoBackend { pool: String, backend: String },
+    /// The write's `If-Match` named another version than the running one.
+    #[error("version {if_version} no longer matches: the config_version is {now}")]
+    Stale { if_version: u64, now: u64 },
     #[error("{0}")]
     Apply(String),
 }
@@ -277,14 +280,20 @@ impl Balancer {
     }
 
     /// Changes one backend of the running config (the standalone runtime API: drain,
-    /// undrain, weight). The file is untouched; the next reload replaces the change.
+    /// undrain, weight), if the running version still is `if_version` when given. The
+    /// file is untouched; the next reload replaces the change.
     pub async fn update_backend(
         &self,
         pool: &str,
         backend: &str,
+        if_version: Option<u64>,
         change: impl FnOnce(&mut schema::Backend),
     ) -> Result<u64, UpdateError> {
         let mut config = self.config.lock().await;
+        let now = self.snapshot().version;
+        if let Some(v) = if_version.filter(|v| *v != now) {
+            return Err(UpdateError::Stale { if_version: v, now });
+        }
         let mut pools = config.clone();
         let p = pools
             .get_mut(pool)

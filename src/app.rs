@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
+use tokio::net::TcpListener;
 use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -429,7 +430,7 @@ impl Server {
         if server.accepts_now() {
             let listeners = server.config.listeners.clone();
             for (name, l) in &listeners {
-                if let Err(e) = server.start_listener(name, l).await {
+                if let Err(e) = server.start_listener(name, l, None).await {
                     eprintln!("error: {e}");
                     return ExitCode::from(e.exit_code());
                 }
@@ -475,27 +476,64 @@ impl Server {
         self.state.standby_serves.load(Ordering::Relaxed) || self.state.role() == Role::Active
     }
 
+    /// Opens listener `name` on its address (on `bound`, when the caller listened on
+    /// it already), closing the one of that name that runs now, if any.
     async fn start_listener(
         &mut self,
         name: &str,
         l: &config::schema::Listener,
+        bound: Option<TcpListener>,
     ) -> Result<(), StartError> {
         let settings = Settings::from_config(name, l).map_err(StartError::Config)?;
         if let Some((_, old)) = self.listeners.remove(name) {
             old.stop().await;
         }
-        let socket = crate::net::listen_proxied(l.bind.value.0).map_err(|e| {
-            StartError::Runtime(format!(
-                "listeners.{name}.bind {}: cannot listen: {e}",
-                l.bind.value
-            ))
-        })?;
+        let socket = match bound {
+            Some(socket) => socket,
+            None => crate::net::listen_proxied(l.bind.value.0).map_err(|e| {
+                StartError::Runtime(format!(
+                    "listeners.{name}.bind {}: cannot listen: {e}",
+                    l.bind.value
+                ))
+            })?,
+        };
         let running = listener::spawn(name, socket, settings, self.shared.clone())
             .map_err(|e| StartError::Runtime(format!("listeners.{name}: {e}")))?;
         tracing::info!(listener = name, bind = %running.bind, pool = %l.pool.value, "listening");
         self.listeners
             .insert(name.to_string(), (l.bind.value.0, running));
         Ok(())
+    }
+
+    /// The running listener whose socket holds `addr` (the same port, and the same
+    /// address or a wildcard on either side), which keeps another socket off it.
+    fn holder_of(&self, addr: SocketAddr) -> Option<&str> {
+        self.listeners.iter().find_map(|(name, (bind, _))| {
+            let overlaps = bind.port() == addr.port()
+                && bind.is_ipv4() == addr.is_ipv4()
+                && (bind.ip() == addr.ip()
+                    || bind.ip().is_unspecified()
+                    || addr.ip().is_unspecified());
+            overlaps.then_some(name.as_str())
+        })
+    }
+
+    /// A listener that could not open its new address opens its previous one again,
+    /// with its previous settings (the running config's).
+    async fn listen_as_before(&mut self, name: &str, e: &StartError) {
+        let Some(previous) = self.config.listeners.get(name).cloned() else {
+            tracing::error!("reload: {e}; the listener is new, so it does not listen");
+            return;
+        };
+        match self.start_listener(name, &previous, None).await {
+            Ok(()) => tracing::error!(
+                "reload: {e}; listener {name} listens on its previous address {} again",
+                previous.bind.value
+            ),
+            Err(again) => tracing::error!(
+                "reload: {e}; listener {name} cannot listen on its previous address either: {again}"
+            ),
+        }
     }
 
     /// Closes every listening socket, returning once they are closed.
@@ -533,7 +571,7 @@ impl Server {
             {
                 continue;
             }
-            if let Err(e) = self.start_listener(name, l).await {
+            if let Err(e) = self.start_listener(name, l, None).await {
                 tracing::error!("{e}; giving the lease up (fault)");
                 self.stop_listeners().await;
                 election.fault(e.to_string());
@@ -772,6 +810,44 @@ impl Server {
                 }
             }
         }
+        // A listener that moves (or is new) listens on its address before anything
+        // changes, so one that cannot refuses the whole reload. One that moves onto an
+        // address its own running socket holds (0.0.0.0:443 to 10.0.0.1:443) opens
+        // after that socket closes, below.
+        let mut opening = BTreeMap::new();
+        if self.accepts_now() {
+            for (name, l) in &new.listeners {
+                let addr = l.bind.value.0;
+                if self
+                    .listeners
+                    .get(name)
+                    .is_some_and(|(bind, _)| *bind == addr)
+                {
+                    continue;
+                }
+                if let Err(e) = Settings::from_config(name, l) {
+                    return reload_failed(&e);
+                }
+                match crate::net::listen_proxied(addr) {
+                    Ok(socket) => {
+                        opening.insert(name.clone(), socket);
+                    }
+                    Err(_) if self.holder_of(addr) == Some(name.as_str()) => {}
+                    Err(e) => {
+                        let hint = match self.holder_of(addr) {
+                            Some(other) => format!(
+                                " (listener {other} holds it now, and a reload opens new addresses before it closes old ones: free it in one reload, take it in the next)"
+                            ),
+                            None => String::new(),
+                        };
+                        return reload_failed(&format!(
+                            "listeners.{name}.bind {}: cannot listen: {e}{hint}",
+                            l.bind.value
+                        ));
+                    }
+                }
+            }
+        }
         // In cluster mode the pools are the replicated config, not the file's.
         let version = if self.state.cluster.is_some() {
             self.state.config_version()
@@ -845,15 +921,16 @@ impl Server {
         // A standby that closes its listeners starts none.
         if self.accepts_now() {
             for (name, l) in &new.listeners {
-                match self.listeners.get(name) {
-                    Some((bind, _)) if *bind == l.bind.value.0 => {}
-                    _ => {
-                        if let Err(e) = self.start_listener(name, l).await {
-                            tracing::error!(
-                                "reload: {e}; the listener keeps its previous address, if any"
-                            );
-                        }
-                    }
+                if self
+                    .listeners
+                    .get(name)
+                    .is_some_and(|(bind, _)| *bind == l.bind.value.0)
+                {
+                    continue;
+                }
+                let bound = opening.remove(name);
+                if let Err(e) = self.start_listener(name, l, bound).await {
+                    self.listen_as_before(name, &e).await;
                 }
             }
         }

@@ -630,3 +630,108 @@ async fn sighup_with_an_invalid_file_keeps_the_running_config() {
     );
     assert!(lb.child.try_wait().expect("try_wait").is_none());
 }
+
+/// A reload that moves a listener onto an address it cannot listen on (another
+/// program holds it) is refused whole: the listener keeps its address and the
+/// reload counts as invalid. Two listeners swapping ports are refused the same way,
+/// with the advice to move them one reload at a time. A listener moving from its
+/// wildcard address to a specific one on the same port (its own socket holds it)
+/// opens there once its old socket is closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_onto_a_busy_address_keeps_the_listener_where_it_was() {
+    raise_nofile();
+    let a = greeting_echo_backend("A").await;
+    let (admin, first, second) = (loopback(), loopback(), loopback());
+    let lb = start(
+        &config(
+            admin,
+            "10s",
+            &[("front", first), ("side", second)],
+            &[("a", a)],
+        ),
+        admin,
+    );
+    // Another program listens on `busy`.
+    let holder = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let busy = holder.local_addr().expect("address");
+    let reloads = |result: &str| {
+        lb.metric(&format!(
+            "raftlb_config_reloads_total{{result=\"{result}\"}}"
+        ))
+    };
+    let reload = |yaml: String| {
+        blocking(|| lb.rewrite_config(&yaml));
+        blocking(|| lb.signal("HUP"));
+    };
+
+    reload(config(
+        admin,
+        "10s",
+        &[("front", busy), ("side", second)],
+        &[("a", a)],
+    ));
+    assert!(
+        blocking(|| eventually(Duration::from_secs(10), || reloads("invalid") == 1.0)),
+        "{}",
+        lb.log()
+    );
+    assert!(
+        lb.log()
+            .contains(&format!("listeners.front.bind {busy}: cannot listen")),
+        "{}",
+        lb.log()
+    );
+    assert_eq!(greeted(first).await.expect("front still listens").1, "A");
+    assert_eq!(greeted(second).await.expect("side still listens").1, "A");
+
+    // A swap: each new address is held by the other listener until the reload.
+    reload(config(
+        admin,
+        "10s",
+        &[("front", second), ("side", first)],
+        &[("a", a)],
+    ));
+    assert!(
+        blocking(|| eventually(Duration::from_secs(10), || reloads("invalid") == 2.0)),
+        "{}",
+        lb.log()
+    );
+    assert!(
+        lb.log()
+            .contains("free it in one reload, take it in the next"),
+        "{}",
+        lb.log()
+    );
+    assert_eq!(greeted(first).await.expect("front still listens").1, "A");
+    assert_eq!(greeted(second).await.expect("side still listens").1, "A");
+    drop(holder);
+
+    // Its own wildcard socket holds the port: opened after that one closes.
+    let wildcard: SocketAddr = format!("0.0.0.0:{}", first.port())
+        .parse()
+        .expect("address");
+    reload(config(
+        admin,
+        "10s",
+        &[("front", wildcard), ("side", second)],
+        &[("a", a)],
+    ));
+    assert!(
+        blocking(|| eventually(Duration::from_secs(10), || reloads("ok") == 1.0)),
+        "{}",
+        lb.log()
+    );
+    reload(config(
+        admin,
+        "10s",
+        &[("front", first), ("side", second)],
+        &[("a", a)],
+    ));
+    assert!(
+        blocking(|| eventually(Duration::from_secs(10), || reloads("ok") == 2.0)),
+        "{}",
+        lb.log()
+    );
+    assert_eq!(greeted(first).await.expect("front listens").1, "A");
+    assert_eq!(reloads("invalid"), 2.0);
+}

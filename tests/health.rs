@@ -876,3 +876,46 @@ async fn a_silent_backend_does_not_stall_the_probes_of_the_others() {
     );
     assert_eq!(request(listen, &lab.client).await.as_deref(), Ok("good"));
 }
+
+/// A reload that removes the pool's `health_check` counts its backends as up again,
+/// the ones the probes had taken out and the ones they never passed (SPEC: without
+/// probes only passive checks apply); they take traffic, with no stale last check.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removing_the_health_check_brings_probed_out_backends_back() {
+    let lab = lab();
+    let a = Apiserver::start("a", lab.server.clone()).await;
+    let b = Apiserver::start("b", lab.server.clone()).await;
+    b.ready.store(false, Ordering::SeqCst);
+    let (admin, listen) = (loopback(), loopback());
+    let probed = https_check(&lab.pki, "200ms", "150ms", 2, 2);
+    let backends = [("a", a.addr), ("b", b.addr)];
+    let lb = blocking(|| {
+        Raftlb::start(
+            &Raftlb::standalone_yaml(admin, listen, &probed, "", &backends),
+            admin,
+        )
+    });
+    blocking(|| {
+        wait_health(&lb, "web", "a", "up", WAIT);
+        wait_health(&lb, "web", "b", "down", WAIT);
+    });
+    blocking(|| lb.rewrite_config(&Raftlb::standalone_yaml(admin, listen, "", "", &backends)));
+    blocking(|| lb.signal("HUP"));
+    blocking(|| wait_health(&lb, "web", "b", "up", WAIT));
+    let detail = blocking(|| backend_json(&lb, "web", "b"));
+    assert!(detail["last_check"].is_null(), "{detail}");
+    assert_eq!(
+        blocking(|| lb.metric("raftlb_backend_up{pool=\"web\",backend=\"b\"}")),
+        1.0
+    );
+    let mut names = Vec::new();
+    for _ in 0..10 {
+        names.push(request(listen, &lab.client).await.expect("request"));
+    }
+    assert!(names.iter().any(|n| n == "b"), "{names:?}");
+    assert!(
+        lb.log().contains("the pool's health_check was removed"),
+        "{}",
+        lb.log()
+    );
+}

@@ -82,6 +82,23 @@ impl BackendState {
     pub fn addrs(&self) -> Arc<Vec<SocketAddr>> {
         self.addrs.load_full()
     }
+
+    /// The pool's probes were removed: what they found no longer counts. The backend
+    /// is up once it has an address (a hostname's comes when it resolves).
+    fn forget_probes(&self, pool: &str, backend: &str) {
+        if let Ok(mut detail) = self.detail.lock() {
+            detail.probes.reset();
+            detail.last_check = None;
+        }
+        if self.health() != Health::Up && !self.addrs.load().is_empty() {
+            self.set_health(Health::Up);
+            tracing::info!(
+                pool,
+                backend,
+                "backend is up: the pool's health_check was removed, so only passive checks apply"
+            );
+        }
+    }
 }
 
 /// One backend in a snapshot: its config plus a handle to its runtime state.
@@ -334,7 +351,16 @@ impl Balancer {
         };
         let mut keep = HashMap::new();
         let mut to_resolve = Vec::new();
+        let before = self.current.load();
         for (pool_name, pool) in pools {
+            // A pool whose health_check is removed: its backends count as up again
+            // (SPEC: without probes only passive checks apply), whatever the probes
+            // had found; nothing else would ever bring one back.
+            let unprobed = pool.health_check.is_none()
+                && before
+                    .pools
+                    .get(pool_name.as_str())
+                    .is_some_and(|p| p.health_check.is_some());
             let mut backends = Vec::with_capacity(pool.backends.value.len());
             for b in &pool.backends.value {
                 let key = (
@@ -357,6 +383,9 @@ impl Balancer {
                         backend: b.name.value.clone(),
                         probed,
                     }),
+                }
+                if unprobed {
+                    state.forget_probes(pool_name, &b.name.value);
                 }
                 backends.push(Backend {
                     name: b.name.value.as_str().into(),

@@ -919,3 +919,43 @@ async fn removing_the_health_check_brings_probed_out_backends_back() {
         lb.log()
     );
 }
+
+/// Config writes start a new round of probes; a backend probed before keeps its
+/// pace through them (one probe an interval), instead of starting again at a random
+/// point of the interval at every write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probes_keep_their_pace_through_config_writes() {
+    let lab = lab();
+    let a = Apiserver::start("a", lab.server.clone()).await;
+    let b = Apiserver::start("b", lab.server.clone()).await;
+    let (admin, listen) = (loopback(), loopback());
+    let check = https_check(&lab.pki, "1s", "500ms", 1, 1);
+    let yaml = Raftlb::standalone_yaml(admin, listen, &check, "", &[("a", a.addr), ("b", b.addr)]);
+    let lb = blocking(|| Raftlb::start(&yaml, admin));
+    blocking(|| wait_health(&lb, "web", "a", "up", WAIT));
+    // Writes every 100 ms for 5 s; the probe times of `a` as its last check shows them.
+    let mut seen: Vec<SystemTime> = Vec::new();
+    let until = Instant::now() + Duration::from_secs(5);
+    let mut drain = true;
+    while Instant::now() < until {
+        let action = if drain { "drain" } else { "undrain" };
+        let path = format!("/api/v1/pools/web/backends/b/{action}");
+        let (code, body) = blocking(|| http_request(admin, "POST", &path, &[], "")).expect("drain");
+        assert_eq!(code, 200, "{body}");
+        drain = !drain;
+        let at = time_of(&blocking(|| backend_json(&lb, "web", "a"))["last_check"]["at"]);
+        if seen.last() != Some(&at) {
+            seen.push(at);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let gaps: Vec<Duration> = seen
+        .windows(2)
+        .filter_map(|w| w[1].duration_since(w[0]).ok())
+        .collect();
+    assert!(gaps.len() >= 3, "probes at {seen:?}");
+    assert!(
+        gaps.iter().all(|g| *g >= Duration::from_millis(600)),
+        "two probes of a 1 s interval came closer than 0.6 s: {gaps:?}"
+    );
+}

@@ -65,8 +65,7 @@ async fn probe_loop(
         return;
     };
     let interval = check.interval.value.get();
-    // Spread the first probes over one interval so replicas and backends do not probe in lockstep.
-    let mut wait = interval.mul_f64(fastrand::f64());
+    let mut wait = first_wait(&pool.backends[index], interval);
     loop {
         tokio::select! {
             () = stop.cancelled() => return,
@@ -79,6 +78,23 @@ async fn probe_loop(
         let took = started.elapsed();
         record_probe(&pool, index, outcome, took);
         wait = next_wait(interval, took, fastrand::f64());
+    }
+}
+
+/// The wait before a backend's first probe of a round. A backend probed before keeps
+/// its pace across the config writes that start a new round (a write every second
+/// must not starve a 3 s interval); a new one starts at a random point of the
+/// interval, so replicas and backends do not probe in lockstep.
+fn first_wait(backend: &Backend, interval: Duration) -> Duration {
+    let last = backend
+        .state
+        .detail
+        .lock()
+        .ok()
+        .and_then(|d| d.last_check.as_ref().map(|c| c.at));
+    match last.and_then(|at| at.elapsed().ok()) {
+        Some(since) => interval.saturating_sub(since),
+        None => interval.mul_f64(fastrand::f64()),
     }
 }
 
@@ -126,15 +142,14 @@ pub fn record_probe(pool: &Pool, index: usize, outcome: Outcome, latency: Durati
         )
     };
     if let Some(to) = flip {
+        let probes = |n: u32, what: &str| match n {
+            1 => format!("the probe {what}"),
+            n => format!("{n} consecutive probes {what}"),
+        };
         let why = match &outcome {
-            Outcome::Ok => format!("{} consecutive probes passed", check.rise.value),
-            Outcome::Fail(e) => {
-                format!("{} consecutive probes failed, last: {e}", check.fall.value)
-            }
-            Outcome::Timeout => format!(
-                "{} consecutive probes failed, last: timeout",
-                check.fall.value
-            ),
+            Outcome::Ok => probes(check.rise.value, "passed"),
+            Outcome::Fail(e) => format!("{}, last: {e}", probes(check.fall.value, "failed")),
+            Outcome::Timeout => format!("{}, last: timeout", probes(check.fall.value, "failed")),
         };
         set_health(pool, index, to, &why);
     }

@@ -469,3 +469,35 @@ fn the_systemd_unit_passes_systemd_analyze_verify() {
         "systemd-analyze verify warns: {stderr}"
     );
 }
+
+/// Listeners left at the default max_connections never warn about open files (each
+/// default is the whole budget, and they share it); limits set in the file that
+/// together exceed the open-files limit do.
+#[test]
+fn only_max_connections_set_in_the_file_count_against_the_open_files_limit() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let yaml = |a: &str, b: &str| {
+        format!(
+            "listeners:\n  a: {{ bind: 127.0.0.1:7001, pool: p{a} }}\n  b: {{ bind: 127.0.0.1:7002, pool: p{b} }}\npools:\n  p: {{ backends: [ {{ name: a, address: 127.0.0.1:8001 }} ] }}\n"
+        )
+    };
+    for (name, a, b, warns) in [
+        ("defaults", "", "", false),
+        (
+            "set",
+            ", max_connections: 2000000000",
+            ", max_connections: 2000000000",
+            true,
+        ),
+    ] {
+        let file = tmp.path().join(format!("{name}.yaml"));
+        std::fs::write(&file, yaml(a, b)).expect("write");
+        let (code, _, stderr) = check(&file);
+        assert_eq!(code, 0, "{name}: {stderr}");
+        assert_eq!(
+            stderr.contains("open files with the reserve"),
+            warns,
+            "{name}:\n{stderr}"
+        );
+    }
+}

@@ -187,8 +187,7 @@ pub fn load_with(
         file: label.clone(),
         source,
     })?;
-    let config = parse_with(&text, &label, open_files, overrides)?;
-    let warnings = validate::validate(&config, open_files).warnings;
+    let (config, warnings) = parse_with(&text, &label, open_files, overrides)?;
     Ok(Loaded {
         file: file.to_path_buf(),
         config,
@@ -199,15 +198,17 @@ pub fn load_with(
 
 /// Parses and validates YAML text; `file` only labels the messages.
 pub fn parse(text: &str, file: &str, open_files: u64) -> Result<Config, ConfigError> {
-    parse_with(text, file, open_files, Overrides::default())
+    parse_with(text, file, open_files, Overrides::default()).map(|(config, _)| config)
 }
 
+/// The config with its defaults filled in, and the warnings about it as written
+/// (before the defaults, so that a default is never what a warning blames).
 fn parse_with(
     text: &str,
     file: &str,
     open_files: u64,
     overrides: Overrides,
-) -> Result<Config, ConfigError> {
+) -> Result<(Config, Vec<Issue>), ConfigError> {
     let mut config: Config = from_yaml(text).map_err(|e| ConfigError::Yaml {
         file: file.to_string(),
         issue: yaml_issue(&e, text),
@@ -225,7 +226,7 @@ fn parse_with(
         });
     }
     fill_defaults(&mut config, open_files);
-    Ok(config)
+    Ok((config, findings.warnings))
 }
 
 /// Parses and validates the replicated part of a config, a document with only

@@ -661,8 +661,6 @@ fn validate_listeners(config: &Config, existing: bool, open_files: u64, f: &mut 
                 );
             }
             total_max += u64::from(max.value);
-        } else {
-            total_max += default_max_connections(open_files);
         }
         at_most_a_year(f, &l.idle_timeout, &format!("{path}.idle_timeout"));
         if l.idle_timeout.value.get().is_zero() {
@@ -673,6 +671,8 @@ fn validate_listeners(config: &Config, existing: bool, open_files: u64, f: &mut 
             );
         }
     }
+    // Only the limits set in the file count: a default is the whole budget, and
+    // listeners left at it share that budget (two of them would always warn).
     let need = total_max * 2 + RESERVED_FILES;
     if need > open_files {
         f.warn(

@@ -4,7 +4,7 @@
 
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
 
 use arc_swap::ArcSwap;
 
@@ -19,7 +19,7 @@ pub trait Policy: Send + Sync {
 pub fn for_balance(balance: Balance, backends: &[Backend]) -> Box<dyn Policy> {
     match balance {
         Balance::RoundRobin => Box::new(RoundRobin::new(backends)),
-        Balance::LeastConnections => Box::new(LeastConnections::default()),
+        Balance::LeastConnections => Box::new(LeastConnections::new(backends)),
         Balance::RandomTwo => Box::new(RandomTwo),
         Balance::SourceHash => Box::new(SourceHash),
     }
@@ -113,29 +113,49 @@ impl Policy for RoundRobin {
     }
 }
 
-/// Fewest active connections per unit of weight; ties rotate so equal backends share.
-#[derive(Default)]
+/// Fewest active connections per unit of weight. Ties (every backend idle, say)
+/// go by smooth weighted round robin among the tied backends, as nginx's
+/// least_conn breaks them, so short connections follow the weights too and a
+/// backend that cannot take connections passes none of its turns to a neighbour.
 pub struct LeastConnections {
-    next: AtomicUsize,
+    /// Each backend's smooth round-robin credit (nginx's `current_weight`).
+    credit: Vec<AtomicI64>,
+}
+
+impl LeastConnections {
+    pub fn new(backends: &[Backend]) -> Self {
+        LeastConnections {
+            credit: backends.iter().map(|_| AtomicI64::new(0)).collect(),
+        }
+    }
 }
 
 impl Policy for LeastConnections {
     fn pick(&self, backends: &[Backend], _client: IpAddr, tried: &[usize]) -> Option<usize> {
-        let n = backends.len();
-        if n == 0 {
-            return None;
-        }
-        let start = self.next.fetch_add(1, Ordering::Relaxed);
-        let mut best: Option<usize> = None;
-        for k in 0..n {
-            let i = (start + k) % n;
-            if candidate(backends, i, tried)
-                && best.is_none_or(|b| lighter(&backends[i], &backends[b]))
-            {
-                best = Some(i);
+        let eligible = |i: usize| i < self.credit.len() && candidate(backends, i, tried);
+        let lightest = (0..backends.len())
+            .filter(|&i| eligible(i))
+            .reduce(|best, i| {
+                if lighter(&backends[i], &backends[best]) {
+                    i
+                } else {
+                    best
+                }
+            })?;
+        let tied = |i: usize| eligible(i) && !lighter(&backends[lightest], &backends[i]);
+        let mut total = 0;
+        let mut best: Option<(usize, i64)> = None;
+        for i in (0..backends.len()).filter(|&i| tied(i)) {
+            let weight = i64::from(backends[i].weight);
+            total += weight;
+            let credit = self.credit[i].fetch_add(weight, Ordering::Relaxed) + weight;
+            if best.is_none_or(|(_, c)| credit > c) {
+                best = Some((i, credit));
             }
         }
-        best
+        let (chosen, _) = best?;
+        self.credit[chosen].fetch_sub(total, Ordering::Relaxed);
+        Some(chosen)
     }
 }
 
@@ -278,9 +298,29 @@ mod tests {
         b[1].state.active.store(5, Ordering::Relaxed);
         // 3/1 > 5/2, so the weight-2 backend is lighter.
         assert_eq!(
-            LeastConnections::default().pick(&b, IpAddr::from([127, 0, 0, 1]), &[]),
+            LeastConnections::new(&b).pick(&b, IpAddr::from([127, 0, 0, 1]), &[]),
             Some(1)
         );
+    }
+
+    #[test]
+    fn least_connections_ties_follow_the_weights_and_skip_a_drained_backend() {
+        // Every backend idle: the weights decide, as round robin's do.
+        let mut b = test_backends(&[1, 2, 3]);
+        let lc = LeastConnections::new(&b);
+        assert_eq!(counts(&lc, &b, 600), vec![100, 200, 300]);
+        // A drained backend's turns are not all handed to the one after it.
+        for backend in &mut b {
+            backend.weight = 1;
+        }
+        b[0].drained = true;
+        let lc = LeastConnections::new(&b);
+        assert_eq!(counts(&lc, &b, 300), vec![0, 150, 150]);
+        // Load still comes first: the lighter backend wins whatever the credits.
+        b[2].state.active.store(1, Ordering::Relaxed);
+        for _ in 0..10 {
+            assert_eq!(lc.pick(&b, IpAddr::from([127, 0, 0, 1]), &[]), Some(1));
+        }
     }
 
     #[test]

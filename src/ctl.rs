@@ -351,8 +351,9 @@ async fn endpoint_status(args: &CtlArgs) -> Result<(String, bool), CtlError> {
         .into_iter()
         .map(|(endpoint, answer)| match answer {
             Ok(status) => endpoint_row(&endpoint, &status),
+            // `errors` is a list in every row, so a script's `errors | length` finds it.
             Err(CtlError::Failed(e) | CtlError::Usage(e)) => {
-                json!({"endpoint": endpoint, "error": e})
+                json!({"endpoint": endpoint, "error": e, "errors": [e]})
             }
         })
         .collect();
@@ -549,12 +550,19 @@ impl Client {
             .map(|a| a.as_str().to_string())
             .ok_or_else(|| CtlError::Usage(format!("--server {server:?}: no host:port")))?;
         let token = match &args.token_file {
-            Some(file) => Some(
-                std::fs::read_to_string(file)
+            Some(file) => {
+                let token = std::fs::read_to_string(file)
                     .map_err(|e| CtlError::Usage(format!("--token-file {}: {e}", file.display())))?
                     .trim()
-                    .to_string(),
-            ),
+                    .to_string();
+                if token.is_empty() {
+                    return Err(CtlError::Usage(format!(
+                        "--token-file {}: the file is empty: give the file admin.token_file names",
+                        file.display()
+                    )));
+                }
+                Some(token)
+            }
             None => None,
         };
         Ok(Client {

@@ -936,15 +936,28 @@ async fn ctl_adds_promotes_and_removes_a_member_and_applies_config() {
     assert!(of_node_4(&before) > 0, "{before}");
     let (code, out, err) = blocking(|| ctl(admin, &["member", "remove", "4"]));
     assert_eq!(code, 0, "member remove: {out}{err}");
-    // Removed again, through the leader: not found, as an unknown backend is.
+    // Removed again, through the leader or a follower: not found, as an unknown
+    // backend is; promoting it too.
     let leader = blocking(|| leader_of(admin)).expect("a leader") as usize - 1;
-    let leader_admin = cluster.addrs[leader].admin;
-    let (status_code, body) = blocking(|| json(leader_admin, "DELETE", "/api/v1/members/4", ""));
-    assert_eq!(status_code, 404, "{body}");
-    assert!(
-        body.to_string().contains("node 4 is not a member"),
-        "{body}"
-    );
+    let follower = (leader + 1) % 3;
+    for at in [leader, follower] {
+        for (method, path) in [
+            ("DELETE", "/api/v1/members/4"),
+            ("POST", "/api/v1/members/4/promote"),
+        ] {
+            let (status_code, body) = blocking(|| json(cluster.addrs[at].admin, method, path, ""));
+            assert_eq!(
+                status_code,
+                404,
+                "{method} {path} on node {}: {body}",
+                at + 1
+            );
+            assert!(
+                body.to_string().contains("node 4 is not a member"),
+                "{body}"
+            );
+        }
+    }
     // Its series leave the others' /metrics with it.
     let mut after = String::new();
     assert!(
@@ -2135,4 +2148,16 @@ async fn backend_writes_take_if_match() {
         || weight_of("b1") == Some(6.into())
     )));
     assert_eq!(version(), v + 3);
+
+    // A read's query is checked too: a misspelt consistency is not a linearizable read.
+    for (query, code) in [
+        ("?consistency=local", 200),
+        ("?consistency=linearizable", 200),
+        ("?consistency=locl", 400),
+        ("?Consistency=Local", 400),
+    ] {
+        let path = format!("/api/v1/config{query}");
+        let r = blocking(|| http_response(follower, "GET", &path, &[], "")).expect("GET");
+        assert_eq!(r.status, code, "{query}: {r:?}");
+    }
 }

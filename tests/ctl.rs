@@ -133,6 +133,21 @@ async fn ctl_reads_and_changes_backends_through_the_admin_api() {
     let (code, _, err) = blocking(|| raftlb_cmd(&["ctl", "--server", server.as_str(), "status"]));
     assert_eq!(code, 1, "without the token: {err}");
     assert!(err.contains("401") && err.contains("--token-file"), "{err}");
+    let empty = dir.path().join("empty-token");
+    std::fs::write(&empty, "\n").expect("write");
+    let empty = empty.to_string_lossy().to_string();
+    let (code, _, err) = blocking(|| {
+        raftlb_cmd(&[
+            "ctl",
+            "--server",
+            server.as_str(),
+            "--token-file",
+            &empty,
+            "status",
+        ])
+    });
+    assert_eq!(code, 2, "an empty token file: {err}");
+    assert!(err.contains("the file is empty"), "{err}");
     let (code, _, err) =
         blocking(|| raftlb_cmd(&["ctl", "--server", "http://127.0.0.1:1", "status"]));
     assert_eq!(code, 1);
@@ -579,6 +594,7 @@ async fn cluster_writes_print_what_they_changed_and_endpoint_status_shows_every_
             .is_some_and(|e| e.contains("is raftlb running?")),
         "{rows}"
     );
+    assert_eq!(rows[1]["errors"][0], rows[1]["error"], "{rows}");
     assert!(
         rows[2]["error"]
             .as_str()

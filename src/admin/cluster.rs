@@ -314,12 +314,24 @@ fn check_pools(pools: Value) -> Result<Replicated, String> {
 }
 
 /// The applied state: through the leader (linearizable) unless the request says
-/// `?consistency=local`.
+/// `?consistency=local`; any other query is refused.
 async fn read(node: &Node, req: &Request<Incoming>) -> Result<Applied, Reply> {
-    let local = req
-        .uri()
-        .query()
-        .is_some_and(|q| q.split('&').any(|kv| kv == "consistency=local"));
+    let mut local = false;
+    for kv in req.uri().query().unwrap_or_default().split('&') {
+        match kv {
+            "" => {}
+            "consistency=local" => local = true,
+            "consistency=linearizable" => local = false,
+            other => {
+                return Err(error(
+                    StatusCode::BAD_REQUEST,
+                    &format!(
+                        "unknown query {other:?}: use ?consistency=local (this replica's copy) or ?consistency=linearizable (the default)"
+                    ),
+                ));
+            }
+        }
+    }
     if local {
         return Ok(node.applied().borrow().as_ref().clone());
     }
@@ -565,15 +577,30 @@ pub async fn members(state: &State, node: &Node, req: Request<Incoming>, rest: &
             );
         }
     };
-    // An id that is no member is not found, as an unknown backend is: said by the
-    // leader only (a follower's membership may lag a member added a moment ago;
-    // its write is forwarded, and the leader's refusal is a 400 then).
+    // An id that is no member is not found, as an unknown backend is, on every
+    // replica. A follower's membership may lag a member added a moment ago, so it
+    // first catches up with the leader (a linearizable read) and looks again.
     if let Manage::Promote { id } | Manage::Remove { id } = op {
-        let metrics = node.metrics();
-        let membership = metrics.membership_config.membership();
-        let leads = metrics.current_leader == Some(node.id) && node.quorum_reachable();
-        if leads && membership.get_node(&id).is_none() {
-            let ids: Vec<String> = membership.nodes().map(|(id, _)| id.to_string()).collect();
+        let leads = || {
+            let metrics = node.metrics();
+            metrics.current_leader == Some(node.id) && node.quorum_reachable()
+        };
+        let unknown = || {
+            let metrics = node.metrics();
+            let membership = metrics.membership_config.membership();
+            membership.get_node(&id).is_none().then(|| {
+                membership
+                    .nodes()
+                    .map(|(id, _)| id.to_string())
+                    .collect::<Vec<_>>()
+            })
+        };
+        let confirmed = match unknown() {
+            Some(_) if leads() => true,
+            Some(_) => node.read().await.is_ok(),
+            None => false,
+        };
+        if let Some(ids) = unknown().filter(|_| confirmed) {
             return error(
                 StatusCode::NOT_FOUND,
                 &format!("node {id} is not a member (members: {})", ids.join(", ")),

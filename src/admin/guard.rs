@@ -111,13 +111,18 @@ fn authorize<B>(token: &str, req: &Request<B>, write: bool) -> Result<(), Refusa
         .get(AUTHORIZATION)
         .and_then(|h| h.to_str().ok())
         .ok_or(Refusal::Unauthorized)?;
-    if let Some(bearer) = header.strip_prefix("Bearer ") {
-        if constant_time_eq(bearer.trim().as_bytes(), token.as_bytes()) {
+    // The scheme's name is case-insensitive (RFC 9110 §11.1).
+    let (scheme, credentials) = header.split_once(' ').ok_or(Refusal::Unauthorized)?;
+    if scheme.eq_ignore_ascii_case("bearer") {
+        if constant_time_eq(credentials.trim().as_bytes(), token.as_bytes()) {
             return Ok(());
         }
         return Err(Refusal::Unauthorized);
     }
-    let basic = header.strip_prefix("Basic ").ok_or(Refusal::Unauthorized)?;
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return Err(Refusal::Unauthorized);
+    }
+    let basic = credentials;
     // A browser sends user:password; the token is the password, any user name.
     let pair = base64::engine::general_purpose::STANDARD
         .decode(basic.trim())
@@ -305,6 +310,22 @@ mod tests {
         let bearer = format!("Bearer {TOKEN}");
         let write = request(Method::POST, DRAIN, &[("authorization", &bearer)]);
         assert!(check(Some(TOKEN), &write, true).is_ok());
+        // The scheme's name is case-insensitive; the token is not.
+        for scheme in ["bearer", "BEARER", "bEaReR"] {
+            let header = format!("{scheme} {TOKEN}");
+            let write = request(Method::POST, DRAIN, &[("authorization", &header)]);
+            assert!(check(Some(TOKEN), &write, true).is_ok(), "{scheme}");
+        }
+        let upper = format!("Bearer {}", TOKEN.to_uppercase());
+        let write = request(Method::POST, DRAIN, &[("authorization", &upper)]);
+        assert!(check(Some(TOKEN), &write, true).is_err());
+        let lower_basic = right.replacen("Basic", "basic", 1);
+        let read = request(
+            Method::GET,
+            "/api/v1/status",
+            &[("authorization", &lower_basic)],
+        );
+        assert!(check(Some(TOKEN), &read, true).is_ok());
         // A wrong basic password on a write does not say the scheme is the problem.
         let wrong = basic("admin:nope");
         let write = request(Method::POST, DRAIN, &[("authorization", &wrong)]);

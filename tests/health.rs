@@ -418,7 +418,7 @@ async fn a_failing_readyz_takes_a_backend_out_and_a_passing_one_brings_it_back()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn backends_are_unknown_and_unused_until_rise_probes_pass() {
+async fn backends_are_unknown_until_probed_and_unused_until_rise_probes_pass() {
     let lab = lab();
     let a = Apiserver::start("a", lab.server.clone()).await;
     let (admin, listen) = (loopback(), loopback());
@@ -433,10 +433,12 @@ async fn backends_are_unknown_and_unused_until_rise_probes_pass() {
         blocking(|| lb.metric("raftlb_backend_up{pool=\"web\",backend=\"a\"}")),
         0.0
     );
+    // After its first probe it is no longer unknown: down (as it was routed) until
+    // the second passes.
     let first_passed = blocking(|| {
         eventually(WAIT, || {
             let d = backend_json(&lb, "web", "a");
-            d["consecutive_ok"] == 1 && d["health"] == "unknown"
+            d["consecutive_ok"] == 1 && d["health"] == "down"
         })
     });
     assert!(
@@ -450,8 +452,15 @@ async fn backends_are_unknown_and_unused_until_rise_probes_pass() {
     let took = started.elapsed();
     assert_eq!(
         blocking(|| health(&lb, "web", "a")),
-        "unknown",
+        "down",
         "the second probe came too soon for this test"
+    );
+    assert!(
+        lb.log()
+            .contains("its first probe passed; the backend is up once 2 pass in a row")
+            && !lb.log().contains("backend is down"),
+        "{}",
+        lb.log()
     );
     assert!(
         early.is_err(),
@@ -548,7 +557,8 @@ async fn tcp_and_tls_probes_follow_the_port_and_verify_the_certificate() {
     ] {
         let d = blocking(|| backend_json(&lb, pool, backend));
         assert!(error_of(&d).contains(why), "{pool}/{backend}: {d}");
-        assert!(blocking(|| checks(&lb, pool, backend, "fail")) >= 2.0);
+        // Down at its first failed probe: a backend is unknown only until then.
+        assert!(blocking(|| checks(&lb, pool, backend, "fail")) >= 1.0);
     }
     let tls_ok = blocking(|| backend_json(&lb, "tls", "tls"));
     assert_eq!(tls_ok["last_check"]["ok"], true, "{tls_ok}");
@@ -854,7 +864,7 @@ async fn a_silent_backend_does_not_stall_the_probes_of_the_others() {
         error_of(&slow_detail).contains("no answer within"),
         "{slow_detail}"
     );
-    assert!(blocking(|| checks(&lb, "web", "slow", "timeout")) >= 2.0);
+    assert!(blocking(|| checks(&lb, "web", "slow", "timeout")) >= 1.0);
 
     // Over 2 s the good backend is probed about 10 times; in turn it would be twice.
     let ok_before = blocking(|| checks(&lb, "web", "good", "ok"));

@@ -1,6 +1,7 @@
-//! Rise/fall hysteresis: pure logic, no I/O and no clock.
+//! A backend's health as this replica sees it: up, down or unknown, the rise/fall
+//! hysteresis that moves it, and what status shows of its probes. No I/O.
 
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 /// A backend's health as this replica sees it (never replicated).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -30,16 +31,22 @@ pub struct Hysteresis {
 }
 
 impl Hysteresis {
-    /// Records one probe result; returns the new health if it flips.
+    /// Records one probe result; returns the new health if it flips. A backend is
+    /// `unknown` only until its first probe (SPEC.md): then it is up if `rise` is 1
+    /// and that probe passed, and down otherwise, until `rise` pass in a row.
     pub fn record(&mut self, current: Health, ok: bool, rise: u32, fall: u32) -> Option<Health> {
         if ok {
             self.ok_run = self.ok_run.saturating_add(1);
             self.fail_run = 0;
-            (current != Health::Up && self.ok_run >= rise).then_some(Health::Up)
         } else {
             self.fail_run = self.fail_run.saturating_add(1);
             self.ok_run = 0;
-            (current != Health::Down && self.fail_run >= fall).then_some(Health::Down)
+        }
+        match current {
+            Health::Unknown if ok && self.ok_run >= rise => Some(Health::Up),
+            Health::Unknown => Some(Health::Down),
+            Health::Down => (ok && self.ok_run >= rise).then_some(Health::Up),
+            Health::Up => (!ok && self.fail_run >= fall).then_some(Health::Down),
         }
     }
 
@@ -68,6 +75,9 @@ pub struct Detail {
     pub passive_failures: u32,
     /// Grows on every flip, so a stale passive_hold timer does nothing.
     pub flips: u64,
+    /// When the last probe started (its result may have been dropped, by a config
+    /// applied while it ran): the next round of probes keeps pace from it.
+    pub probe_started: Option<Instant>,
 }
 
 #[cfg(test)]
@@ -98,12 +108,26 @@ mod tests {
     }
 
     #[test]
-    fn unknown_needs_rise_successes_or_fall_failures() {
+    fn unknown_lasts_until_the_first_probe() {
+        // Passed, with rise 2: down (as it was routed) until the second passes.
         let mut h = Hysteresis::default();
-        assert_eq!(h.record(Health::Unknown, true, 2, 3), None);
-        assert_eq!(h.record(Health::Unknown, true, 2, 3), Some(Health::Up));
+        assert_eq!(h.record(Health::Unknown, true, 2, 3), Some(Health::Down));
+        assert_eq!(h.record(Health::Down, true, 2, 3), Some(Health::Up));
+        // Passed, with rise 1: up at once.
         let mut h = Hysteresis::default();
-        assert_eq!(h.record(Health::Unknown, false, 2, 1), Some(Health::Down));
+        assert_eq!(h.record(Health::Unknown, true, 1, 3), Some(Health::Up));
+        // Failed: down at once, whatever fall is (fall counts from up).
+        let mut h = Hysteresis::default();
+        assert_eq!(h.record(Health::Unknown, false, 2, 3), Some(Health::Down));
+        // Flapping from the start stays down, not unknown.
+        let mut h = Hysteresis::default();
+        let mut health = Health::Unknown;
+        for i in 0..20 {
+            if let Some(to) = h.record(health, i % 2 == 0, 2, 2) {
+                health = to;
+            }
+        }
+        assert_eq!(health, Health::Down);
     }
 
     #[test]

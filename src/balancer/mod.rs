@@ -89,6 +89,7 @@ impl BackendState {
         if let Ok(mut detail) = self.detail.lock() {
             detail.probes.reset();
             detail.last_check = None;
+            detail.probe_started = None;
         }
         if self.health() != Health::Up && !self.addrs.load().is_empty() {
             self.set_health(Health::Up);

@@ -73,12 +73,31 @@ async fn probe_loop(
         }
         let backend = &pool.backends[index];
         let started = Instant::now();
+        if let Ok(mut detail) = backend.state.detail.lock() {
+            detail.probe_started = Some(started.into_std());
+        }
         let header = balancer.probe_header(&pool.name);
         let outcome = probe::run(&pool, backend, &check, header.as_deref()).await;
         let took = started.elapsed();
+        // A config applied while it ran ended this round: the result still counts if
+        // the backend is still probed (most writes change something else), and is
+        // dropped if the check or the backend was removed.
+        if stop.is_cancelled() && !still_probed(&balancer, &pool.name, backend) {
+            return;
+        }
         record_probe(&pool, index, outcome, took);
         wait = next_wait(interval, took, fastrand::f64());
     }
+}
+
+/// Whether the running config still probes `backend` of pool `pool`.
+fn still_probed(balancer: &Balancer, pool: &str, backend: &Backend) -> bool {
+    balancer.snapshot().pools.get(pool).is_some_and(|p| {
+        p.health_check.is_some()
+            && p.backends
+                .iter()
+                .any(|b| Arc::ptr_eq(&b.state, &backend.state))
+    })
 }
 
 /// The wait before a backend's first probe of a round. A backend probed before keeps
@@ -91,9 +110,9 @@ fn first_wait(backend: &Backend, interval: Duration) -> Duration {
         .detail
         .lock()
         .ok()
-        .and_then(|d| d.last_check.as_ref().map(|c| c.at));
-    match last.and_then(|at| at.elapsed().ok()) {
-        Some(since) => interval.saturating_sub(since),
+        .and_then(|d| d.probe_started);
+    match last {
+        Some(started) => interval.saturating_sub(started.elapsed()),
         None => interval.mul_f64(fastrand::f64()),
     }
 }
@@ -141,6 +160,13 @@ pub fn record_probe(pool: &Pool, index: usize, outcome: Outcome, latency: Durati
             check.fall.value,
         )
     };
+    if backend.state.health() == Health::Unknown && flip == Some(Health::Down) && ok {
+        // A first probe that passed, with `rise` still to go: routed as down, as it
+        // was, so no flip to warn about.
+        backend.state.set_health(Health::Down);
+        tracing::info!(pool = %pool.name, backend = %backend.name, "its first probe passed; the backend is up once {} pass in a row", check.rise.value);
+        return;
+    }
     if let Some(to) = flip {
         let probes = |n: u32, what: &str| match n {
             1 => format!("the probe {what}"),

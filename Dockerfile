@@ -14,9 +14,10 @@ COPY src ./src
 RUN touch src/main.rs src/lib.rs && cargo build --release --locked --bin raftlb
 
 FROM debian:bookworm-slim
-# iproute2 (`ip addr`) and iputils-arping (gratuitous ARP) move the VIP.
+# iproute2 (`ip addr`) and iputils-arping (gratuitous ARP) move the VIP; tini runs as
+# PID 1, reaping what role hooks leave behind and passing signals on to raftlb.
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends ca-certificates iproute2 iputils-arping \
+    && apt-get install -y --no-install-recommends ca-certificates iproute2 iputils-arping tini \
     && rm -rf /var/lib/apt/lists/* \
     && useradd --system --uid 10001 --home-dir /var/lib/raftlb --shell /usr/sbin/nologin raftlb \
     && mkdir -p /etc/raftlb /var/lib/raftlb \
@@ -26,13 +27,18 @@ COPY config/standalone.yaml /etc/raftlb/raftlb.yaml
 USER raftlb
 # cluster.data_dir (the Raft log, vote and snapshots) belongs on a volume.
 VOLUME ["/var/lib/raftlb"]
-# 6443 apiserver listener, 9090 admin API and metrics, 7400 Raft peers.
+# 6443 apiserver listener, 9090 admin API and metrics, 7400 Raft peers: the ports of
+# a config like config/kubeadm-external.yaml. The example config baked in below
+# listens on loopback only; mount your own at /etc/raftlb/raftlb.yaml.
 EXPOSE 6443 9090 7400
 # A virtual IP (leader_election.vip) needs CAP_NET_ADMIN and CAP_NET_RAW in the host's
 # network namespace. Docker gives added capabilities to root only (it sets no ambient
 # capabilities for another user), so a replica that holds a VIP runs as root in the
 # container:  docker run --user 0 --cap-add NET_ADMIN --cap-add NET_RAW --network host ...
 # (on a host with systemd, packaging/raftlb.service runs it as a non-root user instead).
-# The example config listens on loopback; mount your own at /etc/raftlb/raftlb.yaml.
-ENTRYPOINT ["raftlb"]
+# SIGTERM drains for up to runtime.shutdown_grace (30 s by default), longer than
+# docker's 10 s stop timeout: run with --stop-timeout 60 (or docker stop -t 60), as
+# the systemd unit allows 60 s, or the drain is cut short by SIGKILL.
+STOPSIGNAL SIGTERM
+ENTRYPOINT ["tini", "--", "raftlb"]
 CMD ["run", "--config", "/etc/raftlb/raftlb.yaml"]

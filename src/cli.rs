@@ -353,7 +353,8 @@ impl RunArgs {
 
 #[derive(Debug, clap::Args)]
 pub struct DemoArgs {
-    /// How many client connections the demo makes, in all.
+    /// Client connections of the first part before and after a backend leaves (more
+    /// are made while its /readyz fails, until raftlb takes it out).
     #[arg(long, default_value_t = 300)]
     pub requests: u32,
     /// Keep the cluster running at the end (its status pages stay up) until Ctrl-C.

@@ -94,7 +94,7 @@ impl Drop for DemoChild {
 
 async fn demo(args: DemoArgs) -> Result<(), String> {
     println!(
-        "raftlb demo: {BACKENDS} HTTPS backends, one raftlb, {} client connections, on loopback\n",
+        "raftlb demo: {BACKENDS} HTTPS backends, one raftlb, {} client connections (and more while a backend is taken out), on loopback\n",
         args.requests
     );
     let tls =

@@ -969,3 +969,21 @@ async fn probes_keep_their_pace_through_config_writes() {
         "two probes of a 1 s interval came closer than 0.6 s: {gaps:?}"
     );
 }
+
+/// A backend that requires a client certificate refuses a probe without one with a
+/// TLS alert after the handshake; the probe's error says so, not only "connection
+/// error".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_probe_refused_for_want_of_a_client_certificate_says_why() {
+    let lab = lab();
+    let files = lab.pki.server("apiserver", &["kubernetes"]);
+    let mtls = Apiserver::start("m", lab.pki.server_config(&files, true, &[])).await;
+    let (admin, listen) = (loopback(), loopback());
+    let check = https_check(&lab.pki, "200ms", "150ms", 1, 1);
+    let yaml = Raftlb::standalone_yaml(admin, listen, &check, "", &[("m", mtls.addr)]);
+    let lb = blocking(|| Raftlb::start(&yaml, admin));
+    blocking(|| wait_health(&lb, "web", "m", "down", WAIT));
+    let detail = blocking(|| backend_json(&lb, "web", "m"));
+    let error = error_of(&detail).to_lowercase();
+    assert!(error.contains("certificate"), "{detail}");
+}

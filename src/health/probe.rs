@@ -2,6 +2,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::Empty;
@@ -98,9 +99,7 @@ async fn get(stream: TlsStream<TcpStream>, path: &str, host: &str) -> Result<(),
         hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(TokioIo::new(stream))
             .await
             .map_err(|e| format!("HTTP: {e}"))?;
-    let driver = tokio::spawn(async move {
-        let _ = conn.await;
-    });
+    let driver = tokio::spawn(conn);
     let request = Request::get(path)
         .header(hyper::header::HOST, host)
         .header(
@@ -109,12 +108,40 @@ async fn get(stream: TlsStream<TcpStream>, path: &str, host: &str) -> Result<(),
         )
         .body(Empty::new())
         .map_err(|e| format!("bad probe request: {e}"))?;
-    let result = sender.send_request(request).await;
-    driver.abort();
-    let status = result.map_err(|e| format!("HTTP: {e}"))?.status();
+    let status = match sender.send_request(request).await {
+        Ok(response) => {
+            driver.abort();
+            response.status()
+        }
+        // The connection's own error says why (a TLS alert such as "certificate
+        // required" arrives after the handshake, on the first read).
+        Err(e) => {
+            let why = match tokio::time::timeout(Duration::from_millis(100), driver).await {
+                Ok(Ok(Err(conn))) => causes(&conn),
+                _ => causes(&e),
+            };
+            return Err(format!("HTTP: {why}"));
+        }
+    };
     if status.is_success() {
         Ok(())
     } else {
         Err(format!("GET {path}: HTTP {}", status.as_u16()))
     }
+}
+
+/// An error with its causes, `outer: inner: innermost` (hyper's "connection error"
+/// alone does not say which).
+fn causes(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let more = cause.to_string();
+        if !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        source = cause.source();
+    }
+    text
 }

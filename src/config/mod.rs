@@ -408,12 +408,7 @@ fn yaml_issue(failure: &YamlError, text: &str) -> Issue {
         message = &message[..i];
     }
     let message = message.replace(", set DuplicateKeyPolicy in Options if acceptable", "");
-    // The reader's advice is for programmers; a config is one document.
-    let message = if message.starts_with("multiple YAML documents detected") {
-        "a second YAML document (after ---): a config file is one document; remove the --- and merge it".to_string()
-    } else {
-        message
-    };
+    let message = for_operators(message);
     let path = match (failure.path.as_str(), at) {
         ("", Place::At { line, column }) => key_before(text, line, column),
         ("", Place::Unknown) => None,
@@ -423,6 +418,27 @@ fn yaml_issue(failure: &YamlError, text: &str) -> Issue {
         at,
         path: path.unwrap_or_else(|| "yaml".into()),
         message,
+    }
+}
+
+/// The reader's messages that speak of Rust types, in the words of the config.
+fn for_operators(message: String) -> String {
+    let whole = |max: &str| format!("expected a whole number from 0 to {max}");
+    match message.as_str() {
+        m if m.starts_with("multiple YAML documents detected") => {
+            "a second YAML document (after ---): a config file is one document; remove the --- and merge it".into()
+        }
+        m if m.starts_with("cannot deserialize null into") => {
+            "has no value: write one after the colon, or remove the key".into()
+        }
+        "invalid u8" => whole("255"),
+        "invalid u16" => whole("65535"),
+        "invalid u32" => whole("4294967295"),
+        "invalid u64" => whole("18446744073709551615"),
+        "expected string scalar" => {
+            "expected a single value, not a list or a map; quote a value that starts with [ or {, e.g. an IPv6 address with its port: \"[::1]:6443\"".into()
+        }
+        _ => message,
     }
 }
 

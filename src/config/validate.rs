@@ -826,6 +826,22 @@ fn validate_pools(config: &Config, existing: bool, f: &mut Findings) {
                     format!("{} is out of range: use 1 to {MAX_WEIGHT} (drain a backend to stop new connections)", b.weight.value),
                 );
             }
+            // The parser takes it as a hostname, so that stored state still decodes.
+            if let HostPort::Name(host, _) = &b.address
+                && host
+                    .rsplit('.')
+                    .next()
+                    .is_some_and(|label| label.chars().all(|c| c.is_ascii_digit()))
+            {
+                f.error(
+                    at(&b.name),
+                    format!("{bp}.address"),
+                    format!(
+                        "{} is not an IPv4 address (each of its four numbers is 0 to 255) and not a hostname (a hostname's last label is not all digits)",
+                        b.address
+                    ),
+                );
+            }
         }
     }
 }

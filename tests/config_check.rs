@@ -501,3 +501,30 @@ fn only_max_connections_set_in_the_file_count_against_the_open_files_limit() {
         );
     }
 }
+
+/// A wildcard cluster.bind listens on its own port only: a peers entry for this
+/// replica on another port is a warning (nothing would answer there), unless
+/// cluster.advertise says where the peers reach it (NAT).
+#[test]
+fn a_wildcard_peer_bind_on_another_port_than_its_peers_entry_warns() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let yaml = |extra: &str| {
+        format!(
+            "cluster:\n  node_id: 1\n  bind: 0.0.0.0:7400\n{extra}  peers: {{ 1: 127.0.0.1:7500, 2: 127.0.0.1:7401, 3: 127.0.0.1:7402 }}\nlisteners:\n  a: {{ bind: 127.0.0.1:7001, pool: p }}\npools:\n  p: {{ backends: [ {{ name: a, address: 127.0.0.1:8001 }} ] }}\n"
+        )
+    };
+    for (name, extra, warns) in [
+        ("plain", "", true),
+        ("nat", "  advertise: 127.0.0.1:7500\n", false),
+    ] {
+        let file = tmp.path().join(format!("{name}.yaml"));
+        std::fs::write(&file, yaml(extra)).expect("write");
+        let (code, _, stderr) = check(&file);
+        assert_eq!(code, 0, "{name}: {stderr}");
+        assert_eq!(
+            stderr.contains("listens on port 7400, but peers[1]"),
+            warns,
+            "{name}:\n{stderr}"
+        );
+    }
+}

@@ -121,6 +121,13 @@ impl HostPort {
         }
     }
 
+    pub fn port(&self) -> u16 {
+        match self {
+            HostPort::Ip(a) => a.port(),
+            HostPort::Name(_, port) => *port,
+        }
+    }
+
     /// The literal socket address, if this is not a hostname.
     pub fn ip(&self) -> Option<SocketAddr> {
         match self {

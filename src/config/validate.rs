@@ -321,7 +321,21 @@ fn validate_peer_addresses(c: &Cluster, f: &mut Findings) {
     // (a hostname in peers may well resolve to the bind address).
     let (field, place, own) = match &c.advertise {
         Some(a) => ("cluster.advertise", at(a), a.value.clone()),
-        None if c.bind.value.0.ip().is_unspecified() => return,
+        None if c.bind.value.0.ip().is_unspecified() => {
+            // A wildcard bind takes any address, but only its own port.
+            let port = c.bind.value.0.port();
+            if mine.value.port() != port {
+                f.warn(
+                    at(&c.bind),
+                    "cluster.bind",
+                    format!(
+                        "listens on port {port}, but peers[{id}], where the others call this replica, is {}: fix the port of one, or set cluster.advertise: {} if a NAT maps it here",
+                        mine.value, mine.value
+                    ),
+                );
+            }
+            return;
+        }
         None if matches!(mine.value, HostPort::Name(..)) => return,
         None => ("cluster.bind", at(&c.bind), HostPort::Ip(c.bind.value.0)),
     };

@@ -505,34 +505,49 @@ impl Server {
         Ok(())
     }
 
-    /// The running listener whose socket holds `addr` (the same port, and the same
-    /// address or a wildcard on either side), which keeps another socket off it.
-    fn holder_of(&self, addr: SocketAddr) -> Option<&str> {
-        self.listeners.iter().find_map(|(name, (bind, _))| {
-            let overlaps = bind.port() == addr.port()
-                && bind.is_ipv4() == addr.is_ipv4()
-                && (bind.ip() == addr.ip()
-                    || bind.ip().is_unspecified()
-                    || addr.ip().is_unspecified());
-            overlaps.then_some(name.as_str())
-        })
+    /// The running listeners whose sockets hold `addr` (the same port, and the same
+    /// address or a wildcard on either side), which keep another socket off it.
+    fn holders_of(&self, addr: SocketAddr) -> Vec<&str> {
+        self.listeners
+            .iter()
+            .filter(|(_, (bind, _))| {
+                bind.port() == addr.port()
+                    && bind.is_ipv4() == addr.is_ipv4()
+                    && (bind.ip() == addr.ip()
+                        || bind.ip().is_unspecified()
+                        || addr.ip().is_unspecified())
+            })
+            .map(|(name, _)| name.as_str())
+            .collect()
     }
 
     /// A listener that could not open its new address opens its previous one again,
     /// with its previous settings (the running config's).
-    async fn listen_as_before(&mut self, name: &str, e: &StartError) {
+    /// What it listens with now, if anything: the running config keeps that, so
+    /// readiness and the next reload see what is, not what failed.
+    async fn listen_as_before(
+        &mut self,
+        name: &str,
+        e: &StartError,
+    ) -> Option<config::schema::Listener> {
         let Some(previous) = self.config.listeners.get(name).cloned() else {
             tracing::error!("reload: {e}; the listener is new, so it does not listen");
-            return;
+            return None;
         };
         match self.start_listener(name, &previous, None).await {
-            Ok(()) => tracing::error!(
-                "reload: {e}; listener {name} listens on its previous address {} again",
-                previous.bind.value
-            ),
-            Err(again) => tracing::error!(
-                "reload: {e}; listener {name} cannot listen on its previous address either: {again}"
-            ),
+            Ok(()) => {
+                tracing::error!(
+                    "reload: {e}; listener {name} listens on its previous address {} again",
+                    previous.bind.value
+                );
+                Some(previous)
+            }
+            Err(again) => {
+                tracing::error!(
+                    "reload: {e}; listener {name} cannot listen on its previous address either: {again}"
+                );
+                None
+            }
         }
     }
 
@@ -828,17 +843,30 @@ impl Server {
                 if let Err(e) = Settings::from_config(name, l) {
                     return reload_failed(&e);
                 }
+                // Held only by sockets this reload closes before it opens this one
+                // (the listener's own, or those of listeners it removes): opened then.
+                let holders = self.holders_of(addr);
+                let closed_first = !holders.is_empty()
+                    && holders
+                        .iter()
+                        .all(|h| *h == name.as_str() || !new.listeners.contains_key(*h));
                 match crate::net::listen_proxied(addr) {
                     Ok(socket) => {
                         opening.insert(name.clone(), socket);
                     }
-                    Err(_) if self.holder_of(addr) == Some(name.as_str()) => {}
+                    Err(_) if closed_first => {}
                     Err(e) => {
-                        let hint = match self.holder_of(addr) {
-                            Some(other) => format!(
-                                " (listener {other} holds it now, and a reload opens new addresses before it closes old ones: free it in one reload, take it in the next)"
-                            ),
-                            None => String::new(),
+                        let others: Vec<&str> = holders
+                            .into_iter()
+                            .filter(|h| *h != name.as_str())
+                            .collect();
+                        let hint = if others.is_empty() {
+                            String::new()
+                        } else {
+                            format!(
+                                " (listener {} holds it now, and a reload opens new addresses before it closes old ones: free it in one reload, take it in the next)",
+                                others.join(", ")
+                            )
                         };
                         return reload_failed(&format!(
                             "listeners.{name}.bind {}: cannot listen: {e}{hint}",
@@ -919,6 +947,7 @@ impl Server {
             }
         }
         // A standby that closes its listeners starts none.
+        let mut fell_back = Vec::new();
         if self.accepts_now() {
             for (name, l) in &new.listeners {
                 if self
@@ -930,9 +959,16 @@ impl Server {
                 }
                 let bound = opening.remove(name);
                 if let Err(e) = self.start_listener(name, l, bound).await {
-                    self.listen_as_before(name, &e).await;
+                    fell_back.push((name.clone(), self.listen_as_before(name, &e).await));
                 }
             }
+        }
+        let mut new = new;
+        for (name, now) in fell_back {
+            match now {
+                Some(previous) => new.listeners.insert(name, previous),
+                None => new.listeners.remove(&name),
+            };
         }
         for section in restart_only_changes(&self.config, &new) {
             tracing::warn!("reload: {section} changed; it takes effect at the next restart");

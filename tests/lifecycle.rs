@@ -636,7 +636,8 @@ async fn sighup_with_an_invalid_file_keeps_the_running_config() {
 /// reload counts as invalid. Two listeners swapping ports are refused the same way,
 /// with the advice to move them one reload at a time. A listener moving from its
 /// wildcard address to a specific one on the same port (its own socket holds it)
-/// opens there once its old socket is closed.
+/// opens there once its old socket is closed; so does a listener renamed on the same
+/// address (the removed name closes first).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_onto_a_busy_address_keeps_the_listener_where_it_was() {
     raise_nofile();
@@ -734,4 +735,19 @@ async fn sighup_onto_a_busy_address_keeps_the_listener_where_it_was() {
     );
     assert_eq!(greeted(first).await.expect("front listens").1, "A");
     assert_eq!(reloads("invalid"), 2.0);
+
+    // A listener renamed on the same address: the removed one closes first.
+    reload(config(
+        admin,
+        "10s",
+        &[("front", first), ("renamed", second)],
+        &[("a", a)],
+    ));
+    assert!(
+        blocking(|| eventually(Duration::from_secs(10), || reloads("ok") == 3.0)),
+        "{}",
+        lb.log()
+    );
+    assert_eq!(greeted(second).await.expect("renamed listens").1, "A");
+    assert_eq!(reloads("invalid"), 2.0, "{}", lb.log());
 }

@@ -78,6 +78,9 @@ pub struct Detail {
     /// When the last probe started (its result may have been dropped, by a config
     /// applied while it ran): the next round of probes keeps pace from it.
     pub probe_started: Option<Instant>,
+    /// Grows when the pool's probes are removed: a probe that started before does
+    /// not record its result.
+    pub probe_epoch: u64,
 }
 
 #[cfg(test)]

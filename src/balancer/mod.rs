@@ -86,17 +86,28 @@ impl BackendState {
     /// The pool's probes were removed: what they found no longer counts. The backend
     /// is up once it has an address (a hostname's comes when it resolves).
     fn forget_probes(&self, pool: &str, backend: &str) {
-        if let Ok(mut detail) = self.detail.lock() {
-            detail.probes.reset();
-            detail.last_check = None;
-            detail.probe_started = None;
-        }
-        if self.health() != Health::Up && !self.addrs.load().is_empty() {
-            self.set_health(Health::Up);
+        let Ok(mut detail) = self.detail.lock() else {
+            return;
+        };
+        detail.probes.reset();
+        detail.last_check = None;
+        detail.probe_started = None;
+        detail.probe_epoch += 1;
+        // A hostname not resolved yet is unknown: its first resolution makes it up.
+        let to = if self.addrs.load().is_empty() {
+            Health::Unknown
+        } else {
+            Health::Up
+        };
+        if self.health() != to {
+            detail.flips += 1;
+            detail.last_flip = Some(std::time::SystemTime::now());
+            self.set_health(to);
             tracing::info!(
                 pool,
                 backend,
-                "backend is up: the pool's health_check was removed, so only passive checks apply"
+                health = to.as_str(),
+                "the pool's health_check was removed: only passive checks apply"
             );
         }
     }
@@ -352,7 +363,10 @@ impl Balancer {
         };
         let mut keep = HashMap::new();
         let mut to_resolve = Vec::new();
-        let before = self.current.load();
+        let before = self.current.load_full();
+        // Backends whose probes were removed: what the probes found is forgotten
+        // once the new snapshot is in place (a probe of the old round drops its result).
+        let mut forget = Vec::new();
         for (pool_name, pool) in pools {
             // A pool whose health_check is removed: its backends count as up again
             // (SPEC: without probes only passive checks apply), whatever the probes
@@ -386,7 +400,7 @@ impl Balancer {
                     }),
                 }
                 if unprobed {
-                    state.forget_probes(pool_name, &b.name.value);
+                    forget.push((state.clone(), pool_name.clone(), b.name.value.clone()));
                 }
                 backends.push(Backend {
                     name: b.name.value.as_str().into(),
@@ -419,8 +433,11 @@ impl Balancer {
             resolve_into(r).await;
         }
         self.start_resolvers(to_resolve);
-        publish_backend_gauges(&self.current.load(), &snapshot);
         self.current.store(Arc::new(snapshot));
+        for (state, pool, backend) in forget {
+            state.forget_probes(&pool, &backend);
+        }
+        publish_backend_gauges(&before, &self.current.load());
         if let Ok(mut states) = self.states.lock() {
             *states = keep;
         }

@@ -73,31 +73,19 @@ async fn probe_loop(
         }
         let backend = &pool.backends[index];
         let started = Instant::now();
-        if let Ok(mut detail) = backend.state.detail.lock() {
+        let Ok(epoch) = backend.state.detail.lock().map(|mut detail| {
             detail.probe_started = Some(started.into_std());
-        }
+            detail.probe_epoch
+        }) else {
+            return;
+        };
         let header = balancer.probe_header(&pool.name);
         let outcome = probe::run(&pool, backend, &check, header.as_deref()).await;
         let took = started.elapsed();
-        // A config applied while it ran ended this round: the result still counts if
-        // the backend is still probed (most writes change something else), and is
-        // dropped if the check or the backend was removed.
-        if stop.is_cancelled() && !still_probed(&balancer, &pool.name, backend) {
-            return;
-        }
-        record_probe(&pool, index, outcome, took);
+        // A config applied while it ran still counts it, unless it removed the check.
+        record_probe(&pool, index, outcome, took, epoch);
         wait = next_wait(interval, took, fastrand::f64());
     }
-}
-
-/// Whether the running config still probes `backend` of pool `pool`.
-fn still_probed(balancer: &Balancer, pool: &str, backend: &Backend) -> bool {
-    balancer.snapshot().pools.get(pool).is_some_and(|p| {
-        p.health_check.is_some()
-            && p.backends
-                .iter()
-                .any(|b| Arc::ptr_eq(&b.state, &backend.state))
-    })
 }
 
 /// The wait before a backend's first probe of a round. A backend probed before keeps
@@ -126,23 +114,21 @@ fn next_wait(interval: Duration, took: Duration, random: f64) -> Duration {
 }
 
 /// Applies one probe result: counters, last check, and a flip when rise/fall is reached.
-pub fn record_probe(pool: &Pool, index: usize, outcome: Outcome, latency: Duration) {
+/// A probe that started at `epoch` of the backend's probes; dropped if the pool's
+/// check was removed since.
+pub fn record_probe(pool: &Pool, index: usize, outcome: Outcome, latency: Duration, epoch: u64) {
     let backend = &pool.backends[index];
     let Some(check) = &pool.health_check else {
         return;
     };
-    let result = match outcome {
-        Outcome::Ok => "ok",
-        Outcome::Fail(_) => "fail",
-        Outcome::Timeout => "timeout",
-    };
-    metrics::counter!(m::HEALTH_CHECKS_TOTAL, "pool" => pool.name.to_string(), "backend" => backend.name.to_string(), "result" => result)
-        .increment(1);
     let ok = matches!(outcome, Outcome::Ok);
-    let flip = {
+    let (from, flip) = {
         let Ok(mut detail) = backend.state.detail.lock() else {
             return;
         };
+        if detail.probe_epoch != epoch {
+            return;
+        }
         detail.last_check = Some(CheckRecord {
             ok,
             latency,
@@ -153,14 +139,20 @@ pub fn record_probe(pool: &Pool, index: usize, outcome: Outcome, latency: Durati
                 Outcome::Timeout => Some(format!("no answer within {}", check.timeout.value)),
             },
         });
-        detail.probes.record(
-            backend.state.health(),
-            ok,
-            check.rise.value,
-            check.fall.value,
-        )
+        let from = backend.state.health();
+        let flip = detail
+            .probes
+            .record(from, ok, check.rise.value, check.fall.value);
+        (from, flip)
     };
-    if backend.state.health() == Health::Unknown && flip == Some(Health::Down) && ok {
+    let result = match outcome {
+        Outcome::Ok => "ok",
+        Outcome::Fail(_) => "fail",
+        Outcome::Timeout => "timeout",
+    };
+    metrics::counter!(m::HEALTH_CHECKS_TOTAL, "pool" => pool.name.to_string(), "backend" => backend.name.to_string(), "result" => result)
+        .increment(1);
+    if from == Health::Unknown && flip == Some(Health::Down) && ok {
         // A first probe that passed, with `rise` still to go: routed as down, as it
         // was, so no flip to warn about.
         backend.state.set_health(Health::Down);
@@ -172,10 +164,16 @@ pub fn record_probe(pool: &Pool, index: usize, outcome: Outcome, latency: Durati
             1 => format!("the probe {what}"),
             n => format!("{n} consecutive probes {what}"),
         };
-        let why = match &outcome {
-            Outcome::Ok => probes(check.rise.value, "passed"),
-            Outcome::Fail(e) => format!("{}, last: {e}", probes(check.fall.value, "failed")),
-            Outcome::Timeout => format!("{}, last: timeout", probes(check.fall.value, "failed")),
+        let why = match (&outcome, from) {
+            (Outcome::Ok, _) => probes(check.rise.value, "passed"),
+            (Outcome::Fail(e), Health::Unknown) => format!("its first probe failed: {e}"),
+            (Outcome::Timeout, Health::Unknown) => "its first probe timed out".to_string(),
+            (Outcome::Fail(e), _) => {
+                format!("{}, last: {e}", probes(check.fall.value, "failed"))
+            }
+            (Outcome::Timeout, _) => {
+                format!("{}, last: timeout", probes(check.fall.value, "failed"))
+            }
         };
         set_health(pool, index, to, &why);
     }

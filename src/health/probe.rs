@@ -99,7 +99,7 @@ async fn get(stream: TlsStream<TcpStream>, path: &str, host: &str) -> Result<(),
         hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(TokioIo::new(stream))
             .await
             .map_err(|e| format!("HTTP: {e}"))?;
-    let driver = tokio::spawn(conn);
+    let mut driver = tokio::spawn(conn);
     let request = Request::get(path)
         .header(hyper::header::HOST, host)
         .header(
@@ -116,7 +116,9 @@ async fn get(stream: TlsStream<TcpStream>, path: &str, host: &str) -> Result<(),
         // The connection's own error says why (a TLS alert such as "certificate
         // required" arrives after the handshake, on the first read).
         Err(e) => {
-            let why = match tokio::time::timeout(Duration::from_millis(100), driver).await {
+            let ended = tokio::time::timeout(Duration::from_millis(100), &mut driver).await;
+            driver.abort();
+            let why = match ended {
                 Ok(Ok(Err(conn))) => causes(&conn),
                 _ => causes(&e),
             };

@@ -1021,8 +1021,13 @@ async fn follow_store(node: Arc<Node>, state: Arc<State>) {
     // committed pool, or what stopped a pool here changed: the same version is
     // applied again.
     let mut again = false;
-    // What stopped the last apply here, as `Balancer::unbuildable` words it.
+    // Whether the last apply failed, and what stopped it, as `Balancer::unbuildable`
+    // words it (asked just before that apply).
+    let mut retrying = false;
     let mut unbuilt = Vec::new();
+    let unbuildable = |pools: &BTreeMap<String, config::schema::Pool>| {
+        Balancer::unbuildable(pools, |name, pool| state.listeners_refuse(name, pool))
+    };
     loop {
         let current = applied.borrow_and_update().clone();
         if current.state.cluster_uuid.is_some()
@@ -1030,6 +1035,9 @@ async fn follow_store(node: Arc<Node>, state: Arc<State>) {
         {
             let retried = current.state.config_version == version;
             version = current.state.config_version;
+            // Asked before the apply: a file that appears in between is then seen
+            // as a change, and the pool is tried again.
+            let seen = unbuildable(&current.state.pools);
             let failures = state
                 .balancer
                 .apply_replicated(&current.state.pools, version, |name, pool| {
@@ -1041,7 +1049,8 @@ async fn follow_store(node: Arc<Node>, state: Arc<State>) {
                 .lock()
                 .map(|e| e.clone())
                 .unwrap_or_default();
-            for f in failures.iter().filter(|f| !before.contains(f)) {
+            // A new version that fails the same way is logged and counted again.
+            for f in failures.iter().filter(|f| !retried || !before.contains(f)) {
                 tracing::error!(
                     config_version = version,
                     "cannot apply the committed pool here; keeping the version it had here, if any (tried again when this changes): {f}"
@@ -1051,28 +1060,20 @@ async fn follow_store(node: Arc<Node>, state: Arc<State>) {
             if !retried || failures != before {
                 tracing::info!(config_version = version, "applied the replicated config");
             }
-            unbuilt = if failures.is_empty() {
-                Vec::new()
-            } else {
-                Balancer::unbuildable(&current.state.pools, |name, pool| {
-                    state.listeners_refuse(name, pool)
-                })
-            };
+            retrying = !failures.is_empty();
+            unbuilt = seen;
             if let Ok(mut errors) = state.apply_errors.lock() {
                 *errors = failures;
             }
             state.ready.store(true, Ordering::Relaxed);
         }
         let look_again = async {
-            if unbuilt.is_empty() {
+            if !retrying {
                 std::future::pending().await
             }
             loop {
                 tokio::time::sleep(RETRY_UNBUILT_POOLS).await;
-                let now = Balancer::unbuildable(&current.state.pools, |name, pool| {
-                    state.listeners_refuse(name, pool)
-                });
-                if now != unbuilt {
+                if unbuildable(&current.state.pools) != unbuilt {
                     return;
                 }
             }

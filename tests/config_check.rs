@@ -470,11 +470,11 @@ fn the_systemd_unit_passes_systemd_analyze_verify() {
     );
 }
 
-/// Listeners left at the default max_connections never warn about open files (each
-/// default is the whole budget, and they share it); limits set in the file that
-/// together exceed the open-files limit do.
+/// Listeners left at the default max_connections count once together against the
+/// open-files limit (each may take the whole budget, and they share it): defaults
+/// alone never warn; limits that together exceed it do, a default among them too.
 #[test]
-fn only_max_connections_set_in_the_file_count_against_the_open_files_limit() {
+fn listeners_at_the_default_max_connections_count_once_against_the_open_files_limit() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let yaml = |a: &str, b: &str| {
         format!(
@@ -487,6 +487,13 @@ fn only_max_connections_set_in_the_file_count_against_the_open_files_limit() {
             "set",
             ", max_connections: 2000000000",
             ", max_connections: 2000000000",
+            true,
+        ),
+        // A limit set beside a default: the default may take the whole budget.
+        (
+            "beside a default",
+            ", max_connections: 2000000000",
+            "",
             true,
         ),
     ] {

@@ -67,13 +67,9 @@ async fn written(state: &State, result: Result<Outcome, WriteError>, created: St
             &json!({"lease": lease}),
         ),
         // With the version the refusal was judged against (what a 412 needs to retry).
-        Ok(Outcome::Refused { status, error: e }) => with_etag(
-            error(
-                StatusCode::from_u16(status).unwrap_or(StatusCode::CONFLICT),
-                &e,
-            ),
-            state.config_version(),
-        ),
+        Ok(Outcome::Refused { status, error: e }) => {
+            super::refusal(status, &e, state.config_version())
+        }
         Err(WriteError::Invalid(e)) => error(StatusCode::BAD_REQUEST, &e),
         Err(WriteError::NotProposed(e)) => json_reply(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -214,13 +210,7 @@ async fn guarded(node: &Node, command: Command, v: u64) -> Result<Command, Reply
             pools: (*at.pools).clone(),
             if_version: Some(v),
         }),
-        Outcome::Refused { status, error: e } => Err(with_etag(
-            error(
-                StatusCode::from_u16(status).unwrap_or(StatusCode::CONFLICT),
-                &e,
-            ),
-            v,
-        )),
+        Outcome::Refused { status, error: e } => Err(super::refusal(status, &e, v)),
         other => Err(error(
             StatusCode::INTERNAL_SERVER_ERROR,
             &format!("a backend write came out as {other:?}"),

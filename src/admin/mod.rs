@@ -677,14 +677,22 @@ fn if_match(state: &State, req: &Request<Incoming>) -> Result<Option<u64>, Box<R
 
 /// 412 for an `If-Match` that names another config_version than `now`.
 fn stale(if_version: u64, now: u64) -> Reply {
+    refusal(
+        412,
+        &crate::store::types::stale_version(if_version, now),
+        now,
+    )
+}
+
+/// A write refused with `status` (the state machine's, or this replica's), with the
+/// config_version it was judged against as `ETag`, so a client can retry on it.
+fn refusal(status: u16, message: &str, config_version: u64) -> Reply {
     with_etag(
         error(
-            StatusCode::PRECONDITION_FAILED,
-            &format!(
-                "If-Match \"{if_version}\" no longer matches: the config_version is {now}; read it again and retry"
-            ),
+            StatusCode::from_u16(status).unwrap_or(StatusCode::CONFLICT),
+            message,
         ),
-        now,
+        config_version,
     )
 }
 

@@ -423,7 +423,8 @@ fn yaml_issue(failure: &YamlError, text: &str) -> Issue {
 
 /// The reader's messages that speak of Rust types, in the words of the config.
 fn for_operators(message: String) -> String {
-    let whole = |max: &str| format!("expected a whole number from 0 to {max}");
+    // The field's own range is checked, and named, once the number is read.
+    let whole = || "expected a whole number".to_string();
     match message.as_str() {
         m if m.starts_with("multiple YAML documents detected") => {
             "a second YAML document (after ---): a config file is one document; remove the --- and merge it".into()
@@ -431,10 +432,7 @@ fn for_operators(message: String) -> String {
         m if m.starts_with("cannot deserialize null into") => {
             "has no value: write one after the colon, or remove the key".into()
         }
-        "invalid u8" => whole("255"),
-        "invalid u16" => whole("65535"),
-        "invalid u32" => whole("4294967295"),
-        "invalid u64" => whole("18446744073709551615"),
+        "invalid u8" | "invalid u16" | "invalid u32" | "invalid u64" => whole(),
         "expected string scalar" => {
             "expected a single value, not a list or a map; quote a value that starts with [ or {, e.g. an IPv6 address with its port: \"[::1]:6443\"".into()
         }

@@ -581,6 +581,7 @@ fn binds_overlap(a: std::net::SocketAddr, b: std::net::SocketAddr) -> bool {
 fn validate_listeners(config: &Config, existing: bool, open_files: u64, f: &mut Findings) {
     let mut binds = Vec::new();
     let mut total_max: u64 = 0;
+    let mut defaulted = false;
     for (name, l) in &config.listeners {
         let path = format!("listeners.{name}");
         if !valid_name(name) {
@@ -675,6 +676,8 @@ fn validate_listeners(config: &Config, existing: bool, open_files: u64, f: &mut 
                 );
             }
             total_max += u64::from(max.value);
+        } else {
+            defaulted = true;
         }
         at_most_a_year(f, &l.idle_timeout, &format!("{path}.idle_timeout"));
         if l.idle_timeout.value.get().is_zero() {
@@ -685,8 +688,11 @@ fn validate_listeners(config: &Config, existing: bool, open_files: u64, f: &mut 
             );
         }
     }
-    // Only the limits set in the file count: a default is the whole budget, and
-    // listeners left at it share that budget (two of them would always warn).
+    // Listeners left at the default count once together: each may take the whole
+    // budget, and they share it (two of them alone would always warn).
+    if defaulted {
+        total_max += default_max_connections(open_files);
+    }
     let need = total_max * 2 + RESERVED_FILES;
     if need > open_files {
         f.warn(

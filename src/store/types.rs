@@ -410,13 +410,9 @@ impl Replicated {
                 self.bump()
             }
             Command::SetPools { pools, if_version } => match if_version {
-                Some(v) if v != self.config_version => refused(
-                    412,
-                    format!(
-                        "If-Match \"{v}\" no longer matches: the config_version is {}; read it again and retry",
-                        self.config_version
-                    ),
-                ),
+                Some(v) if v != self.config_version => {
+                    refused(412, stale_version(v, self.config_version))
+                }
                 _ => self.set_pools(pools),
             },
             Command::AddBackend { pool, backend } => {
@@ -559,6 +555,13 @@ impl Replicated {
             config_version: self.config_version,
         }
     }
+}
+
+/// Why a write whose `If-Match` names version `v` was refused at version `now`.
+pub fn stale_version(v: u64, now: u64) -> String {
+    format!(
+        "If-Match \"{v}\" no longer matches: the config_version is {now}; read it again and retry"
+    )
 }
 
 fn refused(status: u16, error: impl Into<String>) -> Outcome {

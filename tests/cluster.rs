@@ -2105,40 +2105,24 @@ async fn backend_writes_take_if_match() {
     assert_eq!(weight_of("b3"), None);
 
     // ctl: --if-version on a backend command; SPEC's --weight form.
-    let stale = (v).to_string();
-    let (code, out, err) = blocking(|| {
-        ctl(
-            admin,
-            &[
-                "backend",
-                "weight",
-                "web",
-                "b1",
-                "--weight",
-                "5",
-                "--if-version",
-                &stale,
-            ],
-        )
-    });
+    let weight_if = |at: SocketAddr, version: u64| {
+        let version = version.to_string();
+        let args = [
+            "backend",
+            "weight",
+            "web",
+            "b1",
+            "--weight",
+            "5",
+            "--if-version",
+            &version,
+        ];
+        blocking(|| ctl(at, &args))
+    };
+    let (code, out, err) = weight_if(admin, v);
     assert_eq!(code, 1, "{out}{err}");
     assert!(err.contains("412"), "{err}");
-    let current = (v + 1).to_string();
-    let (code, out, err) = blocking(|| {
-        ctl(
-            follower,
-            &[
-                "backend",
-                "weight",
-                "web",
-                "b1",
-                "--weight",
-                "5",
-                "--if-version",
-                &current,
-            ],
-        )
-    });
+    let (code, out, err) = weight_if(follower, v + 1);
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains("set the weight of web/b1 to 5"), "{out}");
     let (code, out, err) = blocking(|| ctl(admin, &["backend", "weight", "web", "b1", "6"]));

@@ -660,22 +660,18 @@ async fn sighup_onto_a_busy_address_keeps_the_listener_where_it_was() {
             "raftlb_config_reloads_total{{result=\"{result}\"}}"
         ))
     };
-    let reload = |yaml: String| {
-        blocking(|| lb.rewrite_config(&yaml));
+    // Reloads with these listeners, and waits until `result` has counted `count`.
+    let reload = |listeners: &[(&str, SocketAddr)], result: &str, count: f64| {
+        blocking(|| lb.rewrite_config(&config(admin, "10s", listeners, &[("a", a)])));
         blocking(|| lb.signal("HUP"));
+        assert!(
+            blocking(|| eventually(Duration::from_secs(10), || reloads(result) == count)),
+            "{}",
+            lb.log()
+        );
     };
 
-    reload(config(
-        admin,
-        "10s",
-        &[("front", busy), ("side", second)],
-        &[("a", a)],
-    ));
-    assert!(
-        blocking(|| eventually(Duration::from_secs(10), || reloads("invalid") == 1.0)),
-        "{}",
-        lb.log()
-    );
+    reload(&[("front", busy), ("side", second)], "invalid", 1.0);
     assert!(
         lb.log()
             .contains(&format!("listeners.front.bind {busy}: cannot listen")),
@@ -686,17 +682,7 @@ async fn sighup_onto_a_busy_address_keeps_the_listener_where_it_was() {
     assert_eq!(greeted(second).await.expect("side still listens").1, "A");
 
     // A swap: each new address is held by the other listener until the reload.
-    reload(config(
-        admin,
-        "10s",
-        &[("front", second), ("side", first)],
-        &[("a", a)],
-    ));
-    assert!(
-        blocking(|| eventually(Duration::from_secs(10), || reloads("invalid") == 2.0)),
-        "{}",
-        lb.log()
-    );
+    reload(&[("front", second), ("side", first)], "invalid", 2.0);
     assert!(
         lb.log()
             .contains("free it in one reload, take it in the next"),
@@ -711,43 +697,13 @@ async fn sighup_onto_a_busy_address_keeps_the_listener_where_it_was() {
     let wildcard: SocketAddr = format!("0.0.0.0:{}", first.port())
         .parse()
         .expect("address");
-    reload(config(
-        admin,
-        "10s",
-        &[("front", wildcard), ("side", second)],
-        &[("a", a)],
-    ));
-    assert!(
-        blocking(|| eventually(Duration::from_secs(10), || reloads("ok") == 1.0)),
-        "{}",
-        lb.log()
-    );
-    reload(config(
-        admin,
-        "10s",
-        &[("front", first), ("side", second)],
-        &[("a", a)],
-    ));
-    assert!(
-        blocking(|| eventually(Duration::from_secs(10), || reloads("ok") == 2.0)),
-        "{}",
-        lb.log()
-    );
+    reload(&[("front", wildcard), ("side", second)], "ok", 1.0);
+    reload(&[("front", first), ("side", second)], "ok", 2.0);
     assert_eq!(greeted(first).await.expect("front listens").1, "A");
     assert_eq!(reloads("invalid"), 2.0);
 
     // A listener renamed on the same address: the removed one closes first.
-    reload(config(
-        admin,
-        "10s",
-        &[("front", first), ("renamed", second)],
-        &[("a", a)],
-    ));
-    assert!(
-        blocking(|| eventually(Duration::from_secs(10), || reloads("ok") == 3.0)),
-        "{}",
-        lb.log()
-    );
+    reload(&[("front", first), ("renamed", second)], "ok", 3.0);
     assert_eq!(greeted(second).await.expect("renamed listens").1, "A");
     assert_eq!(reloads("invalid"), 2.0, "{}", lb.log());
 }

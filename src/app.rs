@@ -52,7 +52,7 @@ pub fn run(args: RunArgs) -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    for w in loaded.warning_lines() {
+    for w in loaded.warning_lines(true) {
         tracing::warn!("{w}");
     }
     let threads = loaded
@@ -809,7 +809,7 @@ impl Server {
             }
             _ => None,
         };
-        for w in loaded.warning_lines() {
+        for w in loaded.warning_lines(true) {
             tracing::warn!("{w}");
         }
         let new = loaded.config;

@@ -120,7 +120,7 @@ fn check(file: &std::path::Path, syntax_only: bool) -> ExitCode {
     let open_files = rlimit::getrlimit(rlimit::Resource::NOFILE).map_or(1024, |(_, hard)| hard);
     match config::load(file, open_files) {
         Ok(loaded) => {
-            for w in loaded.warning_lines() {
+            for w in loaded.warning_lines(!syntax_only) {
                 eprintln!("warning: {w}");
             }
             // What `run` would refuse beyond the file itself (files it names that

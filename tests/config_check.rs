@@ -535,3 +535,25 @@ fn a_wildcard_peer_bind_on_another_port_than_its_peers_entry_warns() {
         );
     }
 }
+
+/// A role hook whose program cannot be run is a warning from `check`, as at start;
+/// `check --syntax-only` reads the file alone, so it does not look for the program.
+#[test]
+fn a_missing_hook_program_warns_except_with_syntax_only() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let file = tmp.path().join("hook.yaml");
+    std::fs::write(
+        &file,
+        "leader_election: { on_active: /nonexistent/notify active }\nlisteners:\n  a: { bind: 127.0.0.1:7001, pool: p }\npools:\n  p: { backends: [ { name: a, address: 127.0.0.1:8001 } ] }\n",
+    )
+    .expect("write");
+    let (code, _, stderr) = check(&file);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stderr.contains("leader_election.on_active: /nonexistent/notify cannot be run"),
+        "{stderr}"
+    );
+    let (code, _, stderr) = check_syntax(&file);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(!stderr.contains("on_active"), "{stderr}");
+}

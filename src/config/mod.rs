@@ -72,9 +72,16 @@ pub struct Loaded {
 }
 
 impl Loaded {
-    pub fn warning_lines(&self) -> Vec<String> {
+    /// The warnings, one line each; with `files`, also those about the files the
+    /// config names (hook programs), which `check --syntax-only` leaves out.
+    pub fn warning_lines(&self, files: bool) -> Vec<String> {
         let file = self.file.display().to_string();
-        self.warnings.iter().map(|w| w.render(&file)).collect()
+        let named = files.then(|| validate::hook_warnings(&self.config));
+        self.warnings
+            .iter()
+            .chain(named.iter().flatten())
+            .map(|w| w.render(&file))
+            .collect()
     }
 
     /// An error found after validation (a file the config names that does not load,

@@ -478,21 +478,37 @@ fn validate_leader_election(config: &Config, f: &mut Findings) {
                 format!("leader_election.{field}"),
                 "is empty: name a command (split on whitespace, no shell), or remove the key",
             );
-        } else if let Some(program) = command.as_deref().and_then(|c| c.split_whitespace().next())
-            && let Some(problem) = not_runnable(program)
-        {
-            // A warning, as keepalived's for a missing script: a hook never stops the
-            // election, and it may be installed after the config.
-            f.warn(
-                Place::Unknown,
-                format!("leader_election.{field}"),
-                format!("{program} {problem}: the hook will fail each time it runs"),
-            );
         }
     }
     if let Some(v) = &le.vip {
         validate_vip(config, le, v, f);
     }
+}
+
+/// The role hooks whose program cannot be run here: warnings, as keepalived's for a
+/// missing script (a hook never stops the election, and it may be installed after
+/// the config). Not part of [`validate`]: it looks at files the config names, which
+/// `check --syntax-only` does not.
+pub fn hook_warnings(config: &Config) -> Vec<Issue> {
+    let Some(le) = &config.leader_election else {
+        return Vec::new();
+    };
+    [
+        ("on_active", &le.on_active),
+        ("on_standby", &le.on_standby),
+        ("on_fault", &le.on_fault),
+    ]
+    .into_iter()
+    .filter_map(|(field, command)| {
+        let program = command.as_deref()?.split_whitespace().next()?;
+        let problem = not_runnable(program)?;
+        Some(Issue {
+            at: Place::Unknown,
+            path: format!("leader_election.{field}"),
+            message: format!("{program} {problem}: the hook will fail each time it runs"),
+        })
+    })
+    .collect()
 }
 
 /// Why `program` (a hook's first word) cannot be run, if it cannot: a path must be an

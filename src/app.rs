@@ -522,9 +522,9 @@ impl Server {
     }
 
     /// A listener that could not open its new address opens its previous one again,
-    /// with its previous settings (the running config's).
-    /// What it listens with now, if anything: the running config keeps that, so
-    /// readiness and the next reload see what is, not what failed.
+    /// with its previous settings (the running config's). Returns what it listens
+    /// with now, if anything: the running config keeps that, so readiness and the
+    /// next reload see what is, not what failed.
     async fn listen_as_before(
         &mut self,
         name: &str,

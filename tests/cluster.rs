@@ -934,8 +934,22 @@ async fn ctl_adds_promotes_and_removes_a_member_and_applies_config() {
     };
     let before = blocking(scrape);
     assert!(of_node_4(&before) > 0, "{before}");
-    let (code, out, err) = blocking(|| ctl(admin, &["member", "remove", "4"]));
+    // Through node 4 itself, which may never apply its own removal: the answer
+    // lists the members without it.
+    let (code, out, err) = blocking(|| {
+        ctl(
+            cluster.addrs[3].admin,
+            &["-o", "json", "member", "remove", "4"],
+        )
+    });
     assert_eq!(code, 0, "member remove: {out}{err}");
+    let answer: Value = serde_json::from_str(&out).expect("members as JSON");
+    assert!(
+        answer["members"]
+            .as_array()
+            .is_some_and(|m| m.len() == 3 && m.iter().all(|m| m["id"] != 4)),
+        "{answer}"
+    );
     // Removed again, through the leader or a follower: not found, as an unknown
     // backend is; promoting it too.
     let leader = blocking(|| leader_of(admin)).expect("a leader") as usize - 1;
@@ -1009,8 +1023,22 @@ async fn a_replica_added_at_the_wrong_address_says_where_it_listens() {
         "{}",
         fourth.log()
     );
-    let (code, out, err) = blocking(|| ctl(admin, &["member", "remove", "4"]));
+    // Through node 4 itself, which may never apply its own removal: the answer
+    // lists the members without it.
+    let (code, out, err) = blocking(|| {
+        ctl(
+            cluster.addrs[3].admin,
+            &["-o", "json", "member", "remove", "4"],
+        )
+    });
     assert_eq!(code, 0, "member remove: {out}{err}");
+    let answer: Value = serde_json::from_str(&out).expect("members as JSON");
+    assert!(
+        answer["members"]
+            .as_array()
+            .is_some_and(|m| m.len() == 3 && m.iter().all(|m| m["id"] != 4)),
+        "{answer}"
+    );
     let (code, out, err) = blocking(|| ctl(admin, &["member", "add", "4", &peer4]));
     assert_eq!(code, 0, "member add: {out}{err}");
     assert!(
@@ -1042,8 +1070,22 @@ async fn a_replica_removed_wiped_and_added_again_at_once_joins_and_stays() {
     // Its host dies; the operator removes it, wipes it and adds it again.
     fourth.signal("KILL");
     blocking(|| fourth.wait_exit(Duration::from_secs(5)));
-    let (code, out, err) = blocking(|| ctl(admin, &["member", "remove", "4"]));
+    // Through node 4 itself, which may never apply its own removal: the answer
+    // lists the members without it.
+    let (code, out, err) = blocking(|| {
+        ctl(
+            cluster.addrs[3].admin,
+            &["-o", "json", "member", "remove", "4"],
+        )
+    });
     assert_eq!(code, 0, "member remove: {out}{err}");
+    let answer: Value = serde_json::from_str(&out).expect("members as JSON");
+    assert!(
+        answer["members"]
+            .as_array()
+            .is_some_and(|m| m.len() == 3 && m.iter().all(|m| m["id"] != 4)),
+        "{answer}"
+    );
     let data = cluster.data[3].path();
     std::fs::remove_dir_all(data).expect("wipe");
     std::fs::create_dir(data).expect("data_dir");

@@ -598,12 +598,22 @@ pub async fn members(state: &State, node: &Node, req: Request<Incoming>, rest: &
         }
     }
     let accepted = matches!(op, Manage::AddMember { .. });
+    // A removal has committed when it answers, but this replica may not have
+    // applied it yet (the removed replica itself may never): it is not listed.
+    let removed = match op {
+        Manage::Remove { id } => Some(id),
+        _ => None,
+    };
     tracing::info!(?op, "admin membership change");
     match node.manage(op).await {
         Ok(_) if accepted => {
             json_reply(StatusCode::ACCEPTED, &json!({"members": member_list(node)}))
         }
-        Ok(_) => json_reply(StatusCode::OK, &json!({"members": member_list(node)})),
+        Ok(_) => {
+            let mut members = member_list(node);
+            members.retain(|m| removed.is_none_or(|id| m["id"] != id));
+            json_reply(StatusCode::OK, &json!({ "members": members }))
+        }
         Err(e) => written(state, Err(e), StatusCode::OK).await,
     }
 }

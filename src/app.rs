@@ -505,6 +505,13 @@ impl Server {
         Ok(())
     }
 
+    /// Listener `name` runs now on `addr` (a reload leaves it there).
+    fn listens_on(&self, name: &str, addr: SocketAddr) -> bool {
+        self.listeners
+            .get(name)
+            .is_some_and(|(bind, _)| *bind == addr)
+    }
+
     /// The running listeners whose sockets hold `addr` (the same port, and the same
     /// address or a wildcard on either side), which keep another socket off it.
     fn holders_of(&self, addr: SocketAddr) -> Vec<&str> {
@@ -816,9 +823,7 @@ impl Server {
         // Listener TLS first: a certificate that does not load rejects the whole reload.
         let mut updates = Vec::new();
         for (name, l) in &new.listeners {
-            if let Some((bind, _)) = self.listeners.get(name)
-                && *bind == l.bind.value.0
-            {
+            if self.listens_on(name, l.bind.value.0) {
                 match Settings::from_config(name, l) {
                     Ok(settings) => updates.push((name.clone(), settings)),
                     Err(e) => return reload_failed(&e),
@@ -833,11 +838,7 @@ impl Server {
         if self.accepts_now() {
             for (name, l) in &new.listeners {
                 let addr = l.bind.value.0;
-                if self
-                    .listeners
-                    .get(name)
-                    .is_some_and(|(bind, _)| *bind == addr)
-                {
+                if self.listens_on(name, addr) {
                     continue;
                 }
                 if let Err(e) = Settings::from_config(name, l) {
@@ -950,11 +951,7 @@ impl Server {
         let mut fell_back = Vec::new();
         if self.accepts_now() {
             for (name, l) in &new.listeners {
-                if self
-                    .listeners
-                    .get(name)
-                    .is_some_and(|(bind, _)| *bind == l.bind.value.0)
-                {
+                if self.listens_on(name, l.bind.value.0) {
                     continue;
                 }
                 let bound = opening.remove(name);

@@ -1074,6 +1074,52 @@ async fn a_replica_removed_wiped_and_added_again_at_once_joins_and_stays() {
     assert!(!again.log().contains("was removed"), "{}", again.log());
 }
 
+/// etcd's way to replace a dead member: remove it, add a new one at the same
+/// address. The leader's notices that the old one was removed reach the new
+/// process there, and must not stop it: a request names the node it is for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_member_at_a_removed_members_address_is_not_told_it_was_removed() {
+    raise_nofile();
+    let cluster = Cluster::new(4, backend_names(&["b1"]).await);
+    let (_replicas, _) = cluster.start_without_last();
+    let admin = cluster.addrs[0].admin;
+    let peer4 = cluster.addrs[3].peer.to_string();
+    let (code, out, err) = blocking(|| ctl(admin, &["member", "add", "4", &peer4, "--learner"]));
+    assert_eq!(code, 0, "member add: {out}{err}");
+    let mut fourth = Raftlb::spawn(&cluster.yaml(3, "existing"), cluster.addrs[3].admin);
+    blocking(|| fourth.wait_ready());
+    fourth.signal("KILL");
+    blocking(|| fourth.wait_exit(Duration::from_secs(5)));
+    let (code, out, err) = blocking(|| ctl(admin, &["member", "remove", "4"]));
+    assert_eq!(code, 0, "member remove: {out}{err}");
+    let (code, out, err) = blocking(|| ctl(admin, &["member", "add", "5", &peer4]));
+    assert_eq!(code, 0, "member add 5: {out}{err}");
+    let yaml = cluster
+        .yaml(3, "existing")
+        .replace("node_id: 4", "node_id: 5")
+        .replace("lb-4", "lb-5")
+        .replace(&format!("4: {peer4}"), &format!("5: {peer4}"));
+    std::fs::remove_dir_all(cluster.data[3].path()).expect("wipe");
+    std::fs::create_dir(cluster.data[3].path()).expect("data_dir");
+    let mut fifth = Raftlb::spawn(&yaml, cluster.addrs[3].admin);
+    blocking(|| fifth.wait_ready());
+    // The leader tells the old node 4 every 0.5-2.5 s for about 20 s.
+    let exit = blocking(|| fifth.wait_exit(Duration::from_secs(8)));
+    assert!(exit.is_none(), "node 5 stopped: {exit:?}\n{}", fifth.log());
+    assert!(!fifth.log().contains("was removed"), "{}", fifth.log());
+    assert!(
+        blocking(|| eventually(Duration::from_secs(10), || {
+            let (_, members) = json(admin, "GET", "/api/v1/members", "");
+            members["members"].as_array().is_some_and(|m| {
+                m.iter()
+                    .any(|m| m["id"] == 5 && m["voter"] == true && m["reachable"] == true)
+            })
+        })),
+        "node 5 is not a reachable voter: {}",
+        json(admin, "GET", "/api/v1/members", "").1
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_learner_added_before_a_leader_change_is_promoted_by_the_next_leader() {
     raise_nofile();

@@ -97,6 +97,11 @@ pub struct Envelope<T> {
     /// None until the cluster's first leader has committed it.
     pub uuid: Option<Uuid>,
     pub from: NodeId,
+    /// The node a request is meant for (absent from replies and from older builds):
+    /// a replica refuses a request for another node, such as one sent to a removed
+    /// member's address where a new member now listens.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<NodeId>,
     /// The sender's [`protocol`].
     #[serde(default = "first_protocol")]
     pub protocol: u32,
@@ -151,11 +156,12 @@ impl Identity {
         }
     }
 
-    fn wrap<T>(&self, body: T) -> Envelope<T> {
+    fn wrap<T>(&self, body: T, to: Option<NodeId>) -> Envelope<T> {
         Envelope {
             cluster_id: self.cluster_id.clone(),
             uuid: self.uuid(),
             from: self.node_id,
+            to,
             protocol: protocol(),
             body,
         }
@@ -179,15 +185,26 @@ impl Identity {
         }
     }
 
-    /// Why a request `e` that claims to come from this replica itself is refused.
-    fn refuse_own_id<T>(&self, e: &Envelope<T>) -> Option<String> {
-        (e.from == self.node_id).then(|| {
-            format!(
+    /// Why a request `e` is refused for who it claims to be from (this replica
+    /// itself) or to (another node).
+    fn refuse_addressing<T>(&self, e: &Envelope<T>) -> Option<String> {
+        if e.from == self.node_id {
+            return Some(format!(
                 "a request claims to come from node {id}, this replica's own node_id: \
                  two replicas share node_id {id}, or a peers entry points at this replica",
                 id = e.from
-            )
-        })
+            ));
+        }
+        match e.to {
+            Some(to) if to != self.node_id => Some(format!(
+                "node {from} sent a request for node {to} to this replica, node {me}: its \
+                 membership has node {to} at this address (a replica replaced at the same \
+                 address, or peers entries swapped)",
+                from = e.from,
+                me = self.node_id
+            )),
+            _ => None,
+        }
     }
 }
 
@@ -622,7 +639,7 @@ impl PeerClient {
     }
 
     async fn call_inner(&mut self, body: Request, timeout: Duration) -> Result<Reply, CallError> {
-        let bytes = serde_json::to_vec(&self.net.identity.wrap(body))
+        let bytes = serde_json::to_vec(&self.net.identity.wrap(body, Some(self.target)))
             .map_err(|e| CallError::Connect(format!("cannot encode the request: {e}")))?;
         let mut conn = match self.conn.take() {
             Some(conn) if !closed_while_idle(&conn) => conn,
@@ -777,7 +794,7 @@ async fn connection<H: Handler>(
                 tracing::warn!(%peer, "peer refused: {why}");
             }
             Reply::Error(format!("refused: {why}"))
-        } else if let Some(why) = net.identity.refuse_own_id(&request) {
+        } else if let Some(why) = net.identity.refuse_addressing(&request) {
             if net.logged.due(&why) {
                 tracing::error!(%peer, "peer refused: {why}");
             }
@@ -789,7 +806,7 @@ async fn connection<H: Handler>(
             slot = None;
             handler.handle(request.from, request.body).await
         };
-        let bytes = match serde_json::to_vec(&net.identity.wrap(reply)) {
+        let bytes = match serde_json::to_vec(&net.identity.wrap(reply, None)) {
             Ok(bytes) => bytes,
             Err(e) => {
                 tracing::error!(error = %e, "cannot encode a peer reply");
@@ -1135,6 +1152,7 @@ mod tests {
             cluster_id: "prod".into(),
             uuid: Some(ours),
             from: 2,
+            to: None,
             body: (),
         };
         assert!(me.refuse(&e).is_none());
@@ -1145,6 +1163,35 @@ mod tests {
         e.uuid = Some(ours);
         e.cluster_id = "test".into();
         assert!(me.refuse(&e).is_some());
+    }
+
+    #[test]
+    fn a_request_for_another_node_or_from_this_one_is_refused() {
+        let me = Identity::new("prod".into(), 6, None);
+        let request = |from, to| Envelope {
+            protocol: PROTOCOL,
+            cluster_id: "prod".into(),
+            uuid: None,
+            from,
+            to,
+            body: (),
+        };
+        assert!(me.refuse_addressing(&request(2, Some(6))).is_none());
+        assert!(
+            me.refuse_addressing(&request(2, None)).is_none(),
+            "an older build names no recipient"
+        );
+        let why = me.refuse_addressing(&request(2, Some(3))).expect("refused");
+        assert!(why.contains("for node 3"), "{why}");
+        assert!(me.refuse_addressing(&request(6, Some(6))).is_some());
+        // Replies name no recipient, and an older build's frame decodes without one.
+        let json = serde_json::to_string(&me.wrap((), None)).expect("encode");
+        assert!(!json.contains("\"to\""), "{json}");
+        let old: Envelope<()> = serde_json::from_str(
+            r#"{"cluster_id":"prod","uuid":null,"from":2,"protocol":1,"body":null}"#,
+        )
+        .expect("decode");
+        assert_eq!(old.to, None);
     }
 
     /// Answers every request that passes the envelope checks with `Ok`.

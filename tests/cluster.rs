@@ -1120,6 +1120,68 @@ async fn a_new_member_at_a_removed_members_address_is_not_told_it_was_removed() 
     );
 }
 
+/// Weight changes to backend b1 through `admin`, `n` of them, each committed.
+fn weight_writes(admin: SocketAddr, n: u32) {
+    for w in 0..n {
+        let body = format!(r#"{{"weight": {}}}"#, w % 50 + 1);
+        admin_ok(
+            admin,
+            "PATCH",
+            "/api/v1/pools/web/backends/b1",
+            &body,
+            "a weight",
+        );
+    }
+}
+
+/// The README's way to rebuild a voter that had said "joined" (remove, wipe, add
+/// again, start with `initial_state: existing`), with more than one append batch
+/// (openraft sends 300 entries at a time) before its removal and between its
+/// removal and its addition: catching up, it applies its old self's removal a
+/// batch before the entry that adds it back, and must not take it for its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_voter_added_again_replays_its_old_removal_while_catching_up_and_stays() {
+    raise_nofile();
+    let cluster = Cluster::new(3, backend_names(&["b1"]).await);
+    let (mut replicas, _) = cluster.start_all();
+    let admin = cluster.addrs[0].admin;
+    assert!(
+        blocking(|| eventually(Duration::from_secs(15), || replicas[2]
+            .log()
+            .contains("joined the cluster"))),
+        "node 3 never said it joined:\n{}",
+        replicas[2].log()
+    );
+    blocking(|| weight_writes(admin, 320));
+    let (code, out, err) = blocking(|| ctl(admin, &["member", "remove", "3"]));
+    assert_eq!(code, 0, "member remove: {out}{err}");
+    let stopped = blocking(|| replicas[2].wait_exit(Duration::from_secs(10)));
+    assert!(stopped.is_some(), "node 3 did not stop once removed");
+    blocking(|| weight_writes(admin, 320));
+    std::fs::remove_dir_all(cluster.data[2].path()).expect("wipe");
+    std::fs::create_dir(cluster.data[2].path()).expect("data_dir");
+    let peer3 = cluster.addrs[2].peer.to_string();
+    let (code, out, err) = blocking(|| ctl(admin, &["member", "add", "3", &peer3]));
+    assert_eq!(code, 0, "member add again: {out}{err}");
+    let mut again = Raftlb::spawn(&cluster.yaml(2, "existing"), cluster.addrs[2].admin);
+    blocking(|| again.wait_ready());
+    assert!(
+        blocking(|| eventually(Duration::from_secs(20), || {
+            let (_, members) = json(admin, "GET", "/api/v1/members", "");
+            members["members"].as_array().is_some_and(|m| {
+                m.iter()
+                    .any(|m| m["id"] == 3 && m["voter"] == true && m["reachable"] == true)
+            })
+        })),
+        "node 3 is not a reachable voter again: {}\n{}",
+        json(admin, "GET", "/api/v1/members", "").1,
+        again.log()
+    );
+    let exit = blocking(|| again.wait_exit(Duration::from_secs(3)));
+    assert!(exit.is_none(), "node 3 stopped: {exit:?}\n{}", again.log());
+    assert!(!again.log().contains("was removed"), "{}", again.log());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_learner_added_before_a_leader_change_is_promoted_by_the_next_leader() {
     raise_nofile();

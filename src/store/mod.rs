@@ -53,6 +53,11 @@ const REACHABLE_WITHIN: Duration = Duration::from_secs(3);
 /// its leader otherwise).
 const HELLO_AFTER: Duration = Duration::from_secs(1);
 
+/// A removal this replica applied is its own once no log entry has arrived for
+/// this long and no later entry adds it back: one added again under the same id
+/// replays its old self's removal while it catches up, a batch at a time.
+const REMOVAL_SETTLES: Duration = Duration::from_secs(2);
+
 /// How often a replica waiting to be added says it is still waiting.
 const WAITING_REMINDER: Duration = Duration::from_secs(10);
 
@@ -1074,6 +1079,8 @@ impl Node {
         let mut said_joined = false;
         let mut compared_seed = false;
         let mut was_member = false;
+        // A removal applied here, with when it was seen and the log's end then.
+        let mut removal_seen: Option<(std::time::Instant, Option<u64>)> = None;
         let mut initializing: Option<tokio::task::JoinHandle<()>> = None;
         let mut promoting: Option<(tokio::task::JoinHandle<()>, std::time::Instant)> = None;
         // Raising the cluster's version, or saying who this replica is.
@@ -1161,11 +1168,25 @@ impl Node {
                 self.compare_address(&me.addr);
                 self.compare_peers(state.membership.membership());
             }
-            if member {
-                was_member = true;
+            let in_log = raft
+                .membership_config
+                .membership()
+                .get_node(&self.id)
+                .is_some();
+            if member || in_log {
+                was_member |= member;
+                removal_seen = None;
             } else if was_member && state.state.joined.contains(&self.id) {
-                self.removed("its removal was committed").await;
-                return;
+                match removal_seen {
+                    Some((since, end))
+                        if end == raft.last_log_index && since.elapsed() >= REMOVAL_SETTLES =>
+                    {
+                        self.removed("its removal was committed").await;
+                        return;
+                    }
+                    Some((_, end)) if end == raft.last_log_index => {}
+                    _ => removal_seen = Some((std::time::Instant::now(), raft.last_log_index)),
+                }
             }
             if state.state.cluster_uuid.is_some() && !compared_seed {
                 compared_seed = true;

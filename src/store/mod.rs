@@ -1294,6 +1294,11 @@ impl Node {
             }
             // The old instance's last tasks may hold the file for a moment.
             let attempt = async {
+                let dir = self.data_dir.clone();
+                tokio::task::spawn_blocking(move || takes_writes(&dir))
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .map_err(|e| format!("data_dir has no room yet: {e}"))?;
                 let db = storage::open(&self.data_dir).map_err(|e| e.to_string())?;
                 storage::put_meta(&db, storage::PROBE, &std::process::id())
                     .map_err(|e| format!("data_dir is not writable yet: {e}"))?;
@@ -2005,6 +2010,25 @@ impl network::Handler for Node {
             }
         }
     }
+}
+
+/// Room the file system must have before a failed store is reopened.
+const REOPEN_ROOM: usize = 1 << 20;
+
+/// Whether `data_dir` has room again: a scratch file of [`REOPEN_ROOM`] bytes is
+/// written, synced and removed. A write into the store itself is no test: redb
+/// reuses pages its file already holds, so it succeeds on a full disk, and a store
+/// reopened on it fails again at the next growth (seen as a reopen every second,
+/// each letting a lease renew through).
+fn takes_writes(data_dir: &std::path::Path) -> io::Result<()> {
+    use std::io::Write as _;
+    let path = data_dir.join(".room-probe");
+    let written = std::fs::File::create(&path).and_then(|mut f| {
+        f.write_all(&vec![0u8; REOPEN_ROOM])?;
+        f.sync_all()
+    });
+    let _ = std::fs::remove_file(&path);
+    written
 }
 
 /// Tells a removed replica so, until it acknowledges (the leader stops replicating

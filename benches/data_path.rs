@@ -170,7 +170,7 @@ fn accept_path(c: &mut Criterion) {
         };
         let socket = raftlb::net::listen_proxied("127.0.0.1:0".parse().expect("addr"))
             .expect("listen");
-        let running = listener::spawn("a", socket, settings, shared).expect("spawn");
+        let running = listener::spawn("a", socket, settings, shared, Default::default()).expect("spawn");
         (running.bind, running)
     });
     let mut group = c.benchmark_group("accept");

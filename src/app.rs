@@ -264,6 +264,9 @@ struct Server {
     state: Arc<State>,
     shared: Shared,
     listeners: BTreeMap<String, (SocketAddr, Listener)>,
+    /// Each listener's open connections, by name, kept while it is closed or moves:
+    /// its connections carry on and still count against its max_connections.
+    open: BTreeMap<String, Arc<std::sync::atomic::AtomicU32>>,
     /// The gate the election opens while active (the listeners' gate unless
     /// standbys serve).
     lease_gate: Gate,
@@ -424,6 +427,7 @@ impl Server {
                 hard_stop,
             },
             listeners: BTreeMap::new(),
+            open: BTreeMap::new(),
             lease_gate,
             stop_admin,
         };
@@ -497,7 +501,8 @@ impl Server {
                 ))
             })?,
         };
-        let running = listener::spawn(name, socket, settings, self.shared.clone())
+        let open = self.open.entry(name.to_string()).or_default().clone();
+        let running = listener::spawn(name, socket, settings, self.shared.clone(), open)
             .map_err(|e| StartError::Runtime(format!("listeners.{name}: {e}")))?;
         tracing::info!(listener = name, bind = %running.bind, pool = %l.pool.value, "listening");
         self.listeners

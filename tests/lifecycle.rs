@@ -631,6 +631,47 @@ async fn sighup_with_an_invalid_file_keeps_the_running_config() {
     assert!(lb.child.try_wait().expect("try_wait").is_none());
 }
 
+/// max_connections counts a listener's connections across a reload that moves it:
+/// those through its old address carry on, and still count.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_moved_listener_counts_its_carried_connections_against_max_connections() {
+    raise_nofile();
+    let a = greeting_echo_backend("A").await;
+    let (admin, first, second) = (loopback(), loopback(), loopback());
+    let limited = |bind| {
+        config(admin, "10s", &[("front", bind)], &[("a", a)])
+            .replace("    pool: web\n", "    pool: web\n    max_connections: 2\n")
+    };
+    let lb = start(&limited(first), admin);
+    let (held1, _) = greeted(first).await.expect("first connection");
+    let (held2, _) = greeted(first).await.expect("second connection");
+    assert!(greeted(first).await.is_err(), "a third is over the limit");
+
+    blocking(|| lb.rewrite_config(&limited(second)));
+    blocking(|| lb.signal("HUP"));
+    let ok = || lb.metric("raftlb_config_reloads_total{result=\"ok\"}");
+    assert!(
+        blocking(|| eventually(Duration::from_secs(10), || ok() == 1.0)),
+        "{}",
+        lb.log()
+    );
+    assert!(
+        greeted(second).await.is_err(),
+        "two connections through the old address are open: a new one is over the limit"
+    );
+    drop(held1);
+    let mut admitted = false;
+    for _ in 0..50 {
+        if greeted(second).await.is_ok() {
+            admitted = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(admitted, "one old connection closed, a new one fits");
+    drop(held2);
+}
+
 /// A reload that moves a listener onto an address it cannot listen on (another
 /// program holds it) is refused whole: the listener keeps its address and the
 /// reload counts as invalid. Two listeners swapping ports are refused the same way,

@@ -111,12 +111,15 @@ impl Listener {
     }
 }
 
-/// Starts accepting on `socket` for the listener `name`.
+/// Starts accepting on `socket` for the listener `name`. `open` counts its open
+/// connections against max_connections: the count of the listener's earlier
+/// sockets (a reload that moved it, a standby spell), whose connections carry on.
 pub fn spawn(
     name: &str,
     socket: TcpListener,
     settings: Settings,
     shared: Shared,
+    open: Arc<AtomicU32>,
 ) -> io::Result<Listener> {
     let bind = socket.local_addr()?;
     let name: Arc<str> = name.into();
@@ -127,7 +130,7 @@ pub fn spawn(
             name: name.clone(),
             bind,
             settings: settings.clone(),
-            active: AtomicU32::new(0),
+            active: open,
             starved: Notify::new(),
             meters: MeterCache::default(),
             shared,
@@ -153,7 +156,7 @@ struct Ctx {
     bind: SocketAddr,
     settings: Arc<ArcSwap<Settings>>,
     /// Open connections, against max_connections (one count per connection).
-    active: AtomicU32,
+    active: Arc<AtomicU32>,
     /// Set by a connection that could not open its backend socket for lack of
     /// descriptors or memory: the accept loop backs off as if accept() had failed.
     starved: Notify,
@@ -771,7 +774,7 @@ mod tests {
             name: "l".into(),
             bind,
             settings: Arc::new(ArcSwap::from_pointee(settings.clone())),
-            active: AtomicU32::new(1),
+            active: Arc::new(AtomicU32::new(1)),
             starved: Notify::new(),
             meters: MeterCache::default(),
             shared: Shared {

@@ -215,6 +215,15 @@ async fn client_ca_requires_a_certificate_from_that_ca() {
         })
     };
 
+    // A client that closes before any handshake (a TCP check) is not logged.
+    drop(TcpStream::connect(listen).await.expect("connect"));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !lb.log().contains("client TLS handshake failed"),
+        "{}",
+        lb.log()
+    );
+
     let good = pki.client("kubelet");
     let ok = tls_echo(listen, pki.client_config(Some(&good), &[]), b"hi").await;
     assert_eq!(ok.map(|r| r.0), Ok(b"hi".to_vec()));
@@ -242,6 +251,14 @@ async fn client_ca_requires_a_certificate_from_that_ca() {
         1.0,
         "{}",
         tokio::task::block_in_place(|| lb.metrics())
+    );
+    // A refused handshake is logged at the default level, with the client's address.
+    let log = lb.log();
+    assert!(
+        log.lines().any(|l| l.contains("WARN")
+            && l.contains("client TLS handshake failed")
+            && l.contains("client=127.0.0.1")),
+        "{log}"
     );
 }
 

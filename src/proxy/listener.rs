@@ -364,8 +364,15 @@ impl Connection {
                     match Box::pin(self.terminate(client, pool, peer, local, server)).await {
                         Ok(Some(end)) => end,
                         Ok(None) => return,
+                        // A client that closed before a handshake (a TCP check, a
+                        // scanner) is not worth a line, as with HAProxy's dontlognull.
+                        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                            tracing::debug!(listener = %self.ctx.name, %peer, error = %e, "client closed before the TLS handshake");
+                            return;
+                        }
+                        // By client address, not port: repeats fold into one line.
                         Err(e) => {
-                            tracing::debug!(listener = %self.ctx.name, %peer, error = %e, "client TLS handshake failed");
+                            tracing::warn!(listener = %self.ctx.name, client = %peer.ip(), error = %e, "client TLS handshake failed");
                             return;
                         }
                     }

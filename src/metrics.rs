@@ -95,7 +95,7 @@ pub async fn upkeep(handle: PrometheusHandle) {
 fn describe() {
     describe_counter!(
         CONNECTIONS_TOTAL,
-        "Client connections by outcome: ok, connect_failed (one per failed backend attempt), no_backend, rejected (max_connections)."
+        "Client connections by outcome: ok, connect_failed (one per failed backend attempt), no_backend, rejected (max_connections reached, or no descriptor for the backend socket)."
     );
     describe_gauge!(ACTIVE_CONNECTIONS, "Proxied connections open now.");
     describe_counter!(

@@ -466,6 +466,21 @@ async fn a_restarted_replica_serves_its_last_config_without_a_quorum_and_a_wiped
         "the refusal names the fix:\n{}",
         wiped.log()
     );
+    // Nor with initial_state: existing: node 3 is a voter that joined.
+    wipe(cluster.data[2].path());
+    let mut existing = Raftlb::spawn(&cluster.yaml(2, "existing"), cluster.addrs[2].admin);
+    let exit = blocking(|| existing.wait_exit(Duration::from_secs(20)));
+    assert_eq!(
+        exit.and_then(|s| s.code()),
+        Some(2),
+        "a wiped voter must refuse to start with initial_state: existing too:\n{}",
+        existing.log()
+    );
+    assert!(
+        existing.log().contains("ctl member remove 3"),
+        "the refusal names the fix:\n{}",
+        existing.log()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -303,11 +303,9 @@ impl Node {
             lease_transfers: std::sync::Mutex::new(None),
             stop: CancellationToken::new(),
             lease_settings: std::sync::Mutex::new(lease),
-            // Unvetted: an empty replica bootstrapping, or a restored one, until
-            // its peers say it has not joined before.
-            vetted: std::sync::atomic::AtomicBool::new(
-                !(restored || empty && cluster.initial_state == InitialState::New),
-            ),
+            // Unvetted: an empty replica (bootstrapping or waiting to be added), or
+            // a restored one, until its peers say it has not joined before.
+            vetted: std::sync::atomic::AtomicBool::new(!(restored || empty)),
             advertised: cluster
                 .advertise
                 .as_ref()
@@ -332,6 +330,7 @@ impl Node {
                 "initial_state: existing: waiting to be added (raftlb ctl member add {id} ADDR), then catching up"
             );
             tokio::spawn(node.clone().remind_while_waiting(bind));
+            tokio::spawn(node.clone().vet_existing());
         }
         tokio::spawn(node.clone().housekeeping());
         tokio::spawn(node.clone().compare_settings());
@@ -777,6 +776,51 @@ impl Node {
                          it must not rejoin under the same id. Run `raftlb ctl member remove {id}`, \
                          wipe the data_dir, run `raftlb ctl member add {id} ADDR`, then start it \
                          with initial_state: existing",
+                        id = self.id
+                    )));
+                }
+                answered += 1;
+            }
+            if answered >= quorum || self.stop.is_cancelled() {
+                self.vet();
+                return;
+            }
+            tokio::time::sleep(self.election_timeout).await;
+        }
+    }
+
+    /// An empty replica started with `initial_state: existing`: it takes no vote and
+    /// no entry until a majority of its file's other peers answered without counting
+    /// it as a voter that joined. One they count so lost its data_dir: with an empty
+    /// log it could vote twice (SPEC "Cluster identity"); a member removed and added
+    /// again is a learner until it has caught up.
+    async fn vet_existing(self: Arc<Self>) {
+        let others: Vec<(NodeId, String)> = self
+            .peers
+            .iter()
+            .filter(|(id, _)| **id != self.id)
+            .map(|(id, addr)| (*id, addr.clone()))
+            .collect();
+        let quorum = others.len() / 2 + 1;
+        if others.is_empty() {
+            // No one to ask: the file names only this replica.
+            return self.vet();
+        }
+        loop {
+            let mut answered = 0;
+            for (peer, addr) in &others {
+                let Ok(Reply::Hello(hello)) =
+                    self.say_hello(*peer, addr, Duration::from_secs(1)).await
+                else {
+                    continue;
+                };
+                let voter = hello.voters.as_ref().is_some_and(|v| v.contains(&self.id));
+                if voter && hello.joined.contains(&self.id) {
+                    return self.die(config_error(format!(
+                        "node {id} is a voter that has joined this cluster, but its data_dir is empty \
+                         (wiped?): it must not rejoin under the same id with an empty log. Run \
+                         `raftlb ctl member remove {id}`, then `raftlb ctl member add {id} ADDR`, \
+                         then start it again with initial_state: existing",
                         id = self.id
                     )));
                 }
@@ -1927,6 +1971,13 @@ impl Node {
             empty,
             peers: self.peers.iter().map(|(k, v)| (*k, v.clone())).collect(),
             joined: applied.state.joined.iter().copied().collect(),
+            voters: Some(
+                self.metrics()
+                    .membership_config
+                    .membership()
+                    .voter_ids()
+                    .collect(),
+            ),
             heartbeat_ms: millis(self.heartbeat),
             election_timeout_ms: millis(self.election_timeout),
             lease: Some(self.lease_settings()),

@@ -217,6 +217,10 @@ pub struct HelloReply {
     pub peers: Vec<(NodeId, String)>,
     /// The nodes that committed "joined".
     pub joined: Vec<NodeId>,
+    /// The voters of its membership (absent from an older peer): a replica that
+    /// starts empty under an id both joined and a voter lost its data_dir.
+    #[serde(default)]
+    pub voters: Option<Vec<NodeId>>,
     /// Its election settings, compared at start (a warning when they differ).
     pub heartbeat_ms: u64,
     pub election_timeout_ms: u64,

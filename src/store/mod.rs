@@ -1988,7 +1988,7 @@ impl Node {
 impl network::Handler for Node {
     async fn handle(&self, from: NodeId, request: Request) -> Reply {
         match request {
-            Request::Hello => Reply::Hello(self.hello()),
+            Request::Hello => Reply::Hello(Box::new(self.hello())),
             Request::Append(_)
             | Request::Vote(_)
             | Request::PreVote(_)

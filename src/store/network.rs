@@ -306,7 +306,7 @@ pub enum WriteReply {
 #[derive(Debug, Serialize, Deserialize)]
 #[allow(clippy::large_enum_variant)]
 pub enum Reply {
-    Hello(HelloReply),
+    Hello(Box<HelloReply>),
     Append(AppendEntriesResponse<TypeConfig>),
     Vote(VoteResponse<TypeConfig>),
     Snapshot(SnapshotResponse<TypeConfig>),

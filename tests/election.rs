@@ -343,6 +343,43 @@ async fn an_active_paused_past_its_lease_never_accepts_after_it_resumes() {
     assert!(log.contains("stepped down"), "{log}");
 }
 
+/// SIGTERM on an active whose standbys were killed a moment before: its release
+/// cannot commit, and it does not then try to hand Raft leadership to voters it
+/// heard from a moment ago, since no quorum is left to elect one (that waited for
+/// a new lease holder and a new leader, over a second, before draining).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_without_a_quorum_does_not_try_to_hand_raft_leadership_over() {
+    let c = Cluster::new(3).await;
+    // A term short enough that the release gives up while the killed standbys still
+    // count as heard from (3 s).
+    let yaml = |i| {
+        c.yaml(i)
+            .replace("renew_deadline: 3000ms", "renew_deadline: 1500ms")
+    };
+    let mut replicas: Vec<Raftlb> = (0..3)
+        .map(|i| Raftlb::spawn(&yaml(i), c.addrs[i].admin))
+        .collect();
+    let active = blocking(|| c.one_active(&[], Duration::from_secs(20)));
+    assert!(eventually(Duration::from_secs(5), || raft_leader(
+        c.addrs[active].admin
+    ) == Some(
+        (active + 1) as u64
+    )));
+    for i in (0..3).filter(|i| *i != active) {
+        replicas[i].signal("KILL");
+        blocking(|| replicas[i].wait_exit(Duration::from_secs(5)));
+    }
+    replicas[active].signal("TERM");
+    let exit = blocking(|| replicas[active].wait_exit(Duration::from_secs(15)));
+    assert!(exit.is_some_and(|s| s.success()), "exit 0 after SIGTERM");
+    let log = replicas[active].log();
+    assert!(log.contains("release did not commit"), "{log}");
+    assert!(
+        !log.contains("transfer_leader") && !log.contains("hand Raft leadership"),
+        "{log}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_hands_the_lease_over_without_waiting_for_it_to_expire() {
     let c = Cluster::new(3).await;

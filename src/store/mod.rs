@@ -1539,9 +1539,13 @@ impl Node {
     /// the lease it just released, and hands leadership to that replica: the new
     /// active wants it anyway, and its takeover write is not caught by the move.
     pub async fn hand_off_leadership(&self, for_new_holder: Duration) {
-        // Nobody to hand it to (every other voter is down or stopping too): no wait.
+        // Nobody to hand it to (every other voter is down or stopping too), or no
+        // quorum to elect one (the lease's release did not commit either): no wait.
         let metrics = self.metrics();
-        if metrics.current_leader != Some(self.id) || self.other_voters_up(&metrics).is_empty() {
+        if metrics.current_leader != Some(self.id)
+            || self.other_voters_up(&metrics).is_empty()
+            || !self.quorum_reachable()
+        {
             return;
         }
         let mut applied = self.applied.clone();

@@ -751,15 +751,59 @@ impl Node {
     /// a second time into a cluster that went on without it: its log lacks entries
     /// the leader knows it had, and Raft would never catch it up.
     async fn vet_restored(self: Arc<Self>) {
-        let quorum = self.peers.len() / 2 + 1;
         // Its own log says it joined already (stopped before the marker was
         // cleared): it is past the restore.
         if self.applied.borrow().state.joined.contains(&self.id) {
             self.vet();
             return;
         }
+        // A quorum of the file's peers, itself included.
+        let needed = self.peers.len() / 2;
+        let id = self.id;
+        self.vet_by_peers(needed, |hello| {
+            hello.joined.contains(&id).then(|| {
+                format!(
+                    "node {id} has joined this cluster since it was restored, and this data_dir \
+                     was restored from the backup again: its log lacks what it had since, and \
+                     it must not rejoin under the same id. Run `raftlb ctl member remove {id}`, \
+                     wipe the data_dir, run `raftlb ctl member add {id} ADDR`, then start it \
+                     with initial_state: existing"
+                )
+            })
+        })
+        .await;
+    }
+
+    /// An empty replica started with `initial_state: existing`: it takes no vote and
+    /// no entry until a majority of its file's other peers answered without counting
+    /// it as a voter that joined. One they count so lost its data_dir: with an empty
+    /// log it could vote twice (SPEC "Cluster identity"); a member removed and added
+    /// again is a learner until it has caught up.
+    async fn vet_existing(self: Arc<Self>) {
+        let others = self.peers.keys().filter(|id| **id != self.id).count();
+        let id = self.id;
+        // No one to ask (the file names only this replica): nothing to wait for.
+        let needed = if others == 0 { 0 } else { others / 2 + 1 };
+        self.vet_by_peers(needed, |hello| {
+            let voter = hello.voters.as_ref().is_some_and(|v| v.contains(&id));
+            (voter && hello.joined.contains(&id)).then(|| {
+                format!(
+                    "node {id} is a voter that has joined this cluster, but its data_dir is empty \
+                     (wiped?): it must not rejoin under the same id with an empty log. Run \
+                     `raftlb ctl member remove {id}`, then `raftlb ctl member add {id} ADDR`, \
+                     then start it again with initial_state: existing"
+                )
+            })
+        })
+        .await;
+    }
+
+    /// Asks the file's other peers, every election timeout, until `needed` of them
+    /// have answered in one round; then this replica takes votes and entries. One
+    /// answer that `refusal` turns into a message stops it with that message.
+    async fn vet_by_peers(&self, needed: usize, refusal: impl Fn(&HelloReply) -> Option<String>) {
         loop {
-            let mut answered = 1;
+            let mut answered = 0;
             for (peer, addr) in &self.peers {
                 if *peer == self.id {
                     continue;
@@ -769,64 +813,12 @@ impl Node {
                 else {
                     continue;
                 };
-                if hello.joined.contains(&self.id) {
-                    return self.die(config_error(format!(
-                        "node {id} has joined this cluster since it was restored, and this data_dir \
-                         was restored from the backup again: its log lacks what it had since, and \
-                         it must not rejoin under the same id. Run `raftlb ctl member remove {id}`, \
-                         wipe the data_dir, run `raftlb ctl member add {id} ADDR`, then start it \
-                         with initial_state: existing",
-                        id = self.id
-                    )));
+                if let Some(why) = refusal(&hello) {
+                    return self.die(config_error(why));
                 }
                 answered += 1;
             }
-            if answered >= quorum || self.stop.is_cancelled() {
-                self.vet();
-                return;
-            }
-            tokio::time::sleep(self.election_timeout).await;
-        }
-    }
-
-    /// An empty replica started with `initial_state: existing`: it takes no vote and
-    /// no entry until a majority of its file's other peers answered without counting
-    /// it as a voter that joined. One they count so lost its data_dir: with an empty
-    /// log it could vote twice (SPEC "Cluster identity"); a member removed and added
-    /// again is a learner until it has caught up.
-    async fn vet_existing(self: Arc<Self>) {
-        let others: Vec<(NodeId, String)> = self
-            .peers
-            .iter()
-            .filter(|(id, _)| **id != self.id)
-            .map(|(id, addr)| (*id, addr.clone()))
-            .collect();
-        let quorum = others.len() / 2 + 1;
-        if others.is_empty() {
-            // No one to ask: the file names only this replica.
-            return self.vet();
-        }
-        loop {
-            let mut answered = 0;
-            for (peer, addr) in &others {
-                let Ok(Reply::Hello(hello)) =
-                    self.say_hello(*peer, addr, Duration::from_secs(1)).await
-                else {
-                    continue;
-                };
-                let voter = hello.voters.as_ref().is_some_and(|v| v.contains(&self.id));
-                if voter && hello.joined.contains(&self.id) {
-                    return self.die(config_error(format!(
-                        "node {id} is a voter that has joined this cluster, but its data_dir is empty \
-                         (wiped?): it must not rejoin under the same id with an empty log. Run \
-                         `raftlb ctl member remove {id}`, then `raftlb ctl member add {id} ADDR`, \
-                         then start it again with initial_state: existing",
-                        id = self.id
-                    )));
-                }
-                answered += 1;
-            }
-            if answered >= quorum || self.stop.is_cancelled() {
+            if answered >= needed || self.stop.is_cancelled() {
                 self.vet();
                 return;
             }

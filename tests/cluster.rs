@@ -1052,22 +1052,19 @@ async fn a_replica_added_at_the_wrong_address_says_where_it_listens() {
     );
 }
 
-/// The README's way to rebuild a replica (member remove, wipe, member add, start
-/// with `initial_state: existing`), done back to back: the leader still telling
-/// the old process it was removed (it was down, so it never said it heard) must
-/// not stop the new one.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_replica_removed_wiped_and_added_again_at_once_joins_and_stays() {
+/// A cluster of three with a fourth member added as a learner, whose host then
+/// died: killed, removed with `ctl member remove 4`, its data_dir wiped. The
+/// cluster, its running replicas, and node 4's peer address.
+async fn a_fourth_member_lost_and_removed() -> (Cluster, Vec<Raftlb>, String) {
     raise_nofile();
     let cluster = Cluster::new(4, backend_names(&["b1"]).await);
-    let (_replicas, _) = cluster.start_without_last();
+    let (replicas, _) = cluster.start_without_last();
     let admin = cluster.addrs[0].admin;
     let peer4 = cluster.addrs[3].peer.to_string();
     let (code, out, err) = blocking(|| ctl(admin, &["member", "add", "4", &peer4, "--learner"]));
     assert_eq!(code, 0, "member add: {out}{err}");
     let mut fourth = Raftlb::spawn(&cluster.yaml(3, "existing"), cluster.addrs[3].admin);
     blocking(|| fourth.wait_ready());
-    // Its host dies; the operator removes it, wipes it and adds it again.
     fourth.signal("KILL");
     blocking(|| fourth.wait_exit(Duration::from_secs(5)));
     let (code, out, err) = blocking(|| ctl(admin, &["member", "remove", "4"]));
@@ -1075,6 +1072,17 @@ async fn a_replica_removed_wiped_and_added_again_at_once_joins_and_stays() {
     let data = cluster.data[3].path();
     std::fs::remove_dir_all(data).expect("wipe");
     std::fs::create_dir(data).expect("data_dir");
+    (cluster, replicas, peer4)
+}
+
+/// The README's way to rebuild a replica (member remove, wipe, member add, start
+/// with `initial_state: existing`), done back to back: the leader still telling
+/// the old process it was removed (it was down, so it never said it heard) must
+/// not stop the new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_removed_wiped_and_added_again_at_once_joins_and_stays() {
+    let (cluster, _replicas, peer4) = a_fourth_member_lost_and_removed().await;
+    let admin = cluster.addrs[0].admin;
     let (code, out, err) = blocking(|| ctl(admin, &["member", "add", "4", &peer4, "--learner"]));
     assert_eq!(code, 0, "member add again: {out}{err}");
     let mut again = Raftlb::spawn(&cluster.yaml(3, "existing"), cluster.addrs[3].admin);
@@ -1094,19 +1102,8 @@ async fn a_replica_removed_wiped_and_added_again_at_once_joins_and_stays() {
 /// process there, and must not stop it: a request names the node it is for.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_member_at_a_removed_members_address_is_not_told_it_was_removed() {
-    raise_nofile();
-    let cluster = Cluster::new(4, backend_names(&["b1"]).await);
-    let (_replicas, _) = cluster.start_without_last();
+    let (cluster, _replicas, peer4) = a_fourth_member_lost_and_removed().await;
     let admin = cluster.addrs[0].admin;
-    let peer4 = cluster.addrs[3].peer.to_string();
-    let (code, out, err) = blocking(|| ctl(admin, &["member", "add", "4", &peer4, "--learner"]));
-    assert_eq!(code, 0, "member add: {out}{err}");
-    let mut fourth = Raftlb::spawn(&cluster.yaml(3, "existing"), cluster.addrs[3].admin);
-    blocking(|| fourth.wait_ready());
-    fourth.signal("KILL");
-    blocking(|| fourth.wait_exit(Duration::from_secs(5)));
-    let (code, out, err) = blocking(|| ctl(admin, &["member", "remove", "4"]));
-    assert_eq!(code, 0, "member remove: {out}{err}");
     let (code, out, err) = blocking(|| ctl(admin, &["member", "add", "5", &peer4]));
     assert_eq!(code, 0, "member add 5: {out}{err}");
     let yaml = cluster
@@ -1114,8 +1111,6 @@ async fn a_new_member_at_a_removed_members_address_is_not_told_it_was_removed() 
         .replace("node_id: 4", "node_id: 5")
         .replace("lb-4", "lb-5")
         .replace(&format!("4: {peer4}"), &format!("5: {peer4}"));
-    std::fs::remove_dir_all(cluster.data[3].path()).expect("wipe");
-    std::fs::create_dir(cluster.data[3].path()).expect("data_dir");
     let mut fifth = Raftlb::spawn(&yaml, cluster.addrs[3].admin);
     blocking(|| fifth.wait_ready());
     // The leader tells the old node 4 every 0.5-2.5 s for about 20 s.

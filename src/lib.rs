@@ -63,7 +63,15 @@ fn snapshot(cmd: cli::SnapshotCommand) -> ExitCode {
             cluster_id,
             initial_cluster,
         } => std::fs::read(&file)
-            .map_err(|e| BackupError::Io(format!("{}: {e}", file.display())))
+            .map_err(|e| {
+                // A file that is not there is the operator's input, as a corrupt one is.
+                let message = format!("{}: {e}", file.display());
+                if e.kind() == std::io::ErrorKind::NotFound {
+                    BackupError::Input(message)
+                } else {
+                    BackupError::Io(message)
+                }
+            })
             .and_then(|bytes| {
                 let members = backup::parse_initial_cluster(&initial_cluster)?;
                 backup::restore(&bytes, &data_dir, node_id, &cluster_id, &members).map_err(|e| {

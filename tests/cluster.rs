@@ -1382,7 +1382,11 @@ async fn snapshot_save_and_restore_into_a_new_cluster() {
     }
     let missing = scratch.path().join("missing.snap");
     let (code, _, err) = blocking(|| restore(&missing.to_string_lossy(), 0));
-    assert_eq!(code, 1, "an unreadable backup file: {err}");
+    assert_eq!(
+        code, 2,
+        "a backup file that is not there is a usage error: {err}"
+    );
+    assert!(err.contains("missing.snap"), "{err}");
     let (code, _, err) = blocking(|| restore(&offline_s, 0));
     assert_eq!(code, 2, "restoring over a used data_dir must fail");
     assert!(err.contains("holds a store already"), "{err}");

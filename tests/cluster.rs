@@ -1521,62 +1521,6 @@ async fn peers_speak_mutual_tls_and_refuse_a_stranger() {
     );
 }
 
-/// A small tmpfs, unmounted on drop.
-struct Tmpfs {
-    dir: tempfile::TempDir,
-}
-
-impl Tmpfs {
-    fn mount(size: &str) -> Option<Tmpfs> {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let ok = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(dir.path())
-            .status()
-            .is_ok_and(|s| s.success());
-        ok.then_some(Tmpfs { dir })
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg("-l")
-            .arg(self.dir.path())
-            .status();
-    }
-}
-
-/// Fills the file system holding `dir` until it refuses more.
-fn fill(dir: &Path) -> std::path::PathBuf {
-    use std::io::Write as _;
-    let path = dir.join("filler");
-    let mut f = std::fs::File::create(&path).expect("filler");
-    let chunk = vec![0xabu8; 64 << 10];
-    for _ in 0..100_000 {
-        if f.write_all(&chunk).and_then(|()| f.sync_all()).is_err() {
-            break;
-        }
-    }
-    path
-}
-
-/// A pools document with `n` backends of ~100 bytes each: log entries that make the
-/// store grow.
-fn big_pools(n: usize, backend: SocketAddr, weight: u32) -> String {
-    let backends: Vec<String> = (0..n)
-        .map(|i| {
-            format!(
-                r#"{{"name": "filler-backend-with-a-long-name-{i:04}", "address": "{backend}", "weight": {weight}}}"#
-            )
-        })
-        .collect();
-    format!(
-        r#"{{"pools": {{"web": {{"backends": [{}]}}}}}}"#,
-        backends.join(",")
-    )
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_fails_writes_and_the_store_is_rebuilt_in_process_once_space_returns() {
     raise_nofile();

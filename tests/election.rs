@@ -343,6 +343,83 @@ async fn an_active_paused_past_its_lease_never_accepts_after_it_resumes() {
     assert!(log.contains("stepped down"), "{log}");
 }
 
+/// SPEC "Persistence": a full disk never keeps an active replica active. Its store
+/// fails, so it cannot renew and steps down within renew_deadline; a standby takes
+/// the lease once it has expired; the store is not reopened while the disk is
+/// full, and once space returns the replica rejoins, as a standby, without a
+/// restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_active_whose_disk_fills_steps_down_and_rejoins_once_space_returns() {
+    let c = Cluster::new(3).await;
+    let mut disks = Vec::new();
+    for _ in 0..3 {
+        let Some(fs) = Tmpfs::mount("16m") else {
+            // Mounting needs root; CI runs as root.
+            eprintln!("skipped: cannot mount a tmpfs (not root?)");
+            return;
+        };
+        disks.push(fs);
+    }
+    let yaml = |i: usize| {
+        c.yaml(i).replace(
+            &c.data[i].path().display().to_string(),
+            &disks[i].dir.path().display().to_string(),
+        )
+    };
+    let replicas: Vec<Raftlb> = (0..3)
+        .map(|i| Raftlb::spawn(&yaml(i), c.addrs[i].admin))
+        .collect();
+    let active = blocking(|| c.one_active(&[], Duration::from_secs(20)));
+    let role = |i: usize| status(c.addrs[i].admin)["role"].clone();
+
+    // Its disk fills; writes through a standby grow every replica's store, and the
+    // active's fails (small renewals alone may fit in pages its file holds).
+    let filler = fill(disks[active].dir.path());
+    let standby = (0..3).find(|i| *i != active).expect("a standby");
+    let failed = || replicas[active].log().contains("the Raft store failed");
+    for weight in 1..=100 {
+        if failed() {
+            break;
+        }
+        let body = big_pools(100, c.backend, weight);
+        let _ =
+            blocking(|| http_request(c.addrs[standby].admin, "PUT", "/api/v1/config", &[], &body));
+    }
+    assert!(failed(), "{}", replicas[active].log());
+    assert!(
+        blocking(|| eventually(RENEW + SLACK, || role(active) != "active")),
+        "still active on a full disk:\n{}",
+        replicas[active].log()
+    );
+    let new = blocking(|| c.one_active(&[active], LEASE + RENEW + SLACK));
+    assert_ne!(new, active);
+    assert_eq!(c.accepting(&[0, 1, 2]).await, vec![new]);
+    // Still full: the store stays shut, the replica stays standby.
+    std::thread::sleep(RENEW);
+    let log = replicas[active].log();
+    assert!(!log.contains("store was reopened"), "{log}");
+    assert_ne!(role(active), "active");
+
+    std::fs::remove_file(&filler).expect("remove filler");
+    assert!(
+        blocking(|| eventually(Duration::from_secs(30), || replicas[active]
+            .log()
+            .contains("store was reopened"))),
+        "{}",
+        replicas[active].log()
+    );
+    assert!(
+        blocking(
+            || eventually(Duration::from_secs(10), || role(active) == "standby"
+                && status(c.addrs[active].admin)["lease"]["holder_id"].as_u64()
+                    == Some(new as u64 + 1))
+        ),
+        "{}",
+        status(c.addrs[active].admin)
+    );
+    assert_eq!(c.accepting(&[0, 1, 2]).await, vec![new]);
+}
+
 /// SIGTERM on an active whose standbys were killed a moment before: its release
 /// cannot commit, and it does not then try to hand Raft leadership to voters it
 /// heard from a moment ago, since no quorum is left to elect one (that waited for

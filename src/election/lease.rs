@@ -292,11 +292,18 @@ impl Elector {
         } else {
             now + self.settings.renew_deadline
         };
+        // A standby may have won an acquire it has not heard of yet: the release
+        // goes out either way (the state machine refuses it unless it holds).
+        let may_hold = self.role == Role::Active || self.in_flight.is_some();
         if self.role == Role::Active {
             self.step_down(Role::Standby, Cause::Releasing);
         }
-        // A transfer's sender does not race its successor for the lease.
-        self.hold_off_until = self.hold_off_until.max(now + self.settings.lease_duration);
+        // One that held the lease does not race its successor for it; a standby
+        // that held nothing (a reload releasing first, rule 8) takes a freed lease
+        // at once, as any standby does.
+        if may_hold {
+            self.hold_off_until = self.hold_off_until.max(now + self.settings.lease_duration);
+        }
         self.start_release(to, until, now);
     }
 
@@ -859,6 +866,35 @@ mod tests {
         // Stopped: it never takes the free lease again.
         e.on_applied(&freed, s(1.2));
         assert!(poll_all(&mut e, s(100.0)).is_empty());
+    }
+
+    #[test]
+    fn a_standby_that_released_nothing_takes_a_freed_lease_at_once() {
+        // A holds the lease; B, a standby, goes through a reload that releases
+        // first (rule 8) while holding nothing.
+        let (mut a, held) = active_at(s(0.0));
+        let mut b = Elector::new(me(2, "b"), settings(), held.clone(), s(0.5), 7);
+        assert!(poll_all(&mut b, s(0.5)).is_empty());
+        b.release(None, false, s(1.0));
+        assert_eq!(
+            poll_all(&mut b, s(1.0)),
+            vec![Action::Released],
+            "nothing held, nothing sent"
+        );
+        // A releases (SIGTERM): B acts on it as soon as it applies it.
+        a.release(None, true, s(2.0));
+        let (id, expect, op) = sent(&poll_all(&mut a, s(2.0))[1..]);
+        let (won, freed) = applied(&held, expect, op);
+        assert!(won);
+        a.on_result(id, CasResult::Won(freed.clone()), s(2.1));
+        b.on_applied(&freed, s(2.1));
+        let wake = b.next_wake().expect("an acquire");
+        assert!(
+            wake <= s(2.1) + RETRY,
+            "{wake:?}: sat out after releasing nothing"
+        );
+        let (_, _, op) = sent(&poll_all(&mut b, wake));
+        assert!(matches!(op, LeaseOp::Acquire { .. }), "{op:?}");
     }
 
     #[test]

@@ -924,6 +924,11 @@ impl Server {
                 tracing::info!(
                     "reload: leader_election.standby changed; releasing the lease first"
                 );
+                // Under `serve` the listeners do not follow the lease: they stop
+                // accepting before it is released (rule 5), not after.
+                if old.standby == Standby::Serve {
+                    self.stop_listeners().await;
+                }
                 election.release(None, false).await;
                 let serves = le.standby == Standby::Serve;
                 self.state.standby_serves.store(serves, Ordering::Relaxed);

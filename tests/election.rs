@@ -823,6 +823,34 @@ async fn a_reload_that_changes_standby_releases_the_lease_first() {
     let new = blocking(|| c.one_active(&[], RETRY + SLACK * 2));
     assert!(epoch(c.addrs[new].admin) > first);
     c.all_serve("standbys serve after the reload").await;
+
+    // And back: under `serve` the active's listeners do not follow the lease, so
+    // they stop accepting before the release, not after it.
+    c.standby = "close_listeners";
+    for i in all.iter().copied().filter(|i| *i != new).chain([new]) {
+        replicas[i].rewrite_config(&c.yaml(i));
+        replicas[i].signal("HUP");
+    }
+    let reloads = |i: usize| log(i).matches("reloaded the config").count();
+    assert!(
+        eventually(Duration::from_secs(5), || all
+            .iter()
+            .all(|i| reloads(*i) == 2)),
+        "not every replica reloaded"
+    );
+    let last = blocking(|| c.one_active(&[], RETRY + SLACK * 2));
+    assert_eq!(c.accepting(&all).await, vec![last]);
+    let text = log(new);
+    let reload = text
+        .rfind("leader_election.standby changed")
+        .unwrap_or_else(|| panic!("no second reload\n{text}"));
+    let after = &text[reload..];
+    let stopped = after.find("stopped accepting");
+    let released = after.find("released the lease");
+    assert!(
+        stopped.is_some() && released.is_some() && stopped < released,
+        "stop accepting, then release\n{after}"
+    );
 }
 
 /// Rule 8 for `enabled`: a SIGHUP that turns election off releases the lease first

@@ -228,7 +228,10 @@ fn read_token(config: &Config) -> Result<Option<Arc<String>>, String> {
 fn reload_failed(e: &str) {
     // One line per event: several errors are joined, not put on lines of their own.
     let e = e.trim().replace('\n', "; ");
-    tracing::error!("reload: {e}; keeping the running config");
+    tracing::error!(
+        command = "reload",
+        "reload: {e}; keeping the running config"
+    );
     metrics::counter!(m::CONFIG_RELOADS_TOTAL, "result" => "invalid").increment(1);
 }
 

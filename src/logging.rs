@@ -5,7 +5,8 @@
 //! 100 ms heartbeat) and dumps its whole state in INFO lines. A warning or error
 //! identical to one logged within [`FOLD_WINDOW`] (same target and fields) is
 //! counted instead of written; once the window is over, one line says how often
-//! it repeated. A change of state (a `to` field) is always written.
+//! it repeated. A change of state (a `to` field) is always written, and so is the
+//! answer to an operator's command (a `command` field: a refused reload).
 
 use std::collections::HashMap;
 use std::fmt::{self, Write as _};
@@ -148,10 +149,13 @@ impl Fold {
         let meta = event.metadata();
         // Level order: ERROR < WARN < INFO; INFO and below are never folded. Nor
         // is a change of state (an event with a `to` field: a backend going down,
-        // a replica stepping down): each one happened, at its own time.
+        // a replica stepping down): each one happened, at its own time. Nor the
+        // answer to a command (a `command` field): the operator who sent a SIGHUP
+        // looks for it now.
         if *meta.level() > Level::WARN
             || meta.target() == FOLD_TARGET
             || meta.fields().field("to").is_some()
+            || meta.fields().field("command").is_some()
         {
             return true;
         }
@@ -252,15 +256,26 @@ mod tests {
             for _ in 0..2 {
                 tracing::warn!(backend = "b3", to = "down", "backend is down: HTTP 500");
             }
+            for _ in 0..2 {
+                tracing::error!(command = "reload", "reload: the file is invalid");
+            }
             for i in 0..5 {
                 tracing::info!(i, "info lines are never folded");
                 tracing::info!("info lines are never folded");
             }
-            assert_eq!(out.lines().len(), 14, "{:#?}", out.lines());
+            assert_eq!(out.lines().len(), 16, "{:#?}", out.lines());
             fold.flush(Duration::ZERO);
         });
         let lines = out.lines();
-        assert_eq!(lines.len(), 15, "{lines:#?}");
+        assert_eq!(lines.len(), 17, "{lines:#?}");
+        assert_eq!(
+            lines
+                .iter()
+                .filter(|l| l.contains("the file is invalid"))
+                .count(),
+            2,
+            "the answer to a command is never folded: {lines:#?}"
+        );
         assert_eq!(
             lines
                 .iter()
@@ -269,7 +284,7 @@ mod tests {
             2,
             "a change of state is never folded: {lines:#?}"
         );
-        let count = &lines[14];
+        let count = &lines[16];
         assert!(
             count.contains("repeated 49 more times")
                 && count.contains("failed to send a heartbeat")

@@ -483,6 +483,12 @@ impl Server {
         self.state.standby_serves.load(Ordering::Relaxed) || self.state.role() == Role::Active
     }
 
+    /// Whether this replica accepts once `new` is applied, whatever its role: it
+    /// does now, or `new` has every replica serve (`standby: serve`, election off).
+    fn accepts_after(&self, new: &Config) -> bool {
+        self.accepts_now() || elected(new).is_none_or(|le| le.standby == Standby::Serve)
+    }
+
     /// Opens listener `name` on its address (on `bound`, when the caller listened on
     /// it already), closing the one of that name that runs now, if any.
     async fn start_listener(
@@ -843,7 +849,7 @@ impl Server {
         // address its own running socket holds (0.0.0.0:443 to 10.0.0.1:443) opens
         // after that socket closes, below.
         let mut opening = BTreeMap::new();
-        if self.accepts_now() {
+        if self.accepts_after(&new) {
             for (name, l) in &new.listeners {
                 let addr = l.bind.value.0;
                 if self.listens_on(name, addr) {

@@ -853,6 +853,37 @@ async fn a_reload_that_changes_standby_releases_the_lease_first() {
     );
 }
 
+/// A standby's reload to `standby: serve` checks the listener addresses it will
+/// open, as the active's does: one that cannot be opened refuses the whole reload,
+/// and the standby keeps its mode (it was applied, and counted ok).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_reloaded_to_serve_onto_a_busy_address_refuses_the_reload() {
+    let mut c = Cluster::new(3).await;
+    let (replicas, active) = blocking(|| c.start_all());
+    let standby = (0..3).find(|i| *i != active).expect("a standby");
+    let holder = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let busy = holder.local_addr().expect("address");
+    c.standby = "serve";
+    let yaml = c.yaml(standby).replace(
+        "listeners:\n",
+        &format!("listeners:\n  extra: {{ bind: {busy}, pool: web }}\n"),
+    );
+    replicas[standby].rewrite_config(&yaml);
+    replicas[standby].signal("HUP");
+    let invalid = || replicas[standby].metric("raftlb_config_reloads_total{result=\"invalid\"}");
+    assert!(
+        eventually(Duration::from_secs(5), || invalid() == 1.0),
+        "{}",
+        replicas[standby].log()
+    );
+    let log = replicas[standby].log();
+    assert!(log.contains(&format!("{busy}: cannot listen")), "{log}");
+    assert!(!log.contains("standby changed"), "nothing applied\n{log}");
+    assert_eq!(role(c.addrs[standby].admin), "standby");
+    assert_eq!(c.accepting(&[0, 1, 2]).await, vec![active]);
+    drop(holder);
+}
+
 /// Rule 8 for `enabled`: a SIGHUP that turns election off releases the lease first
 /// and then every replica serves; turning it on again elects one active, and only
 /// it accepts (`close_listeners`), with a new epoch.

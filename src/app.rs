@@ -989,6 +989,9 @@ impl Server {
         for section in restart_only_changes(&self.config, &new) {
             tracing::warn!("reload: {section} changed; it takes effect at the next restart");
         }
+        for line in cluster_changes(&self.config, &new) {
+            tracing::warn!("reload: {line}");
+        }
         self.state.set_listener_pools(&new);
         // Committed pools are checked against this replica's listeners again.
         self.state.listeners_changed.notify_one();
@@ -1016,14 +1019,60 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
         ),
         ("runtime.worker_threads", threads(old) != threads(new)),
         ("node.name", old.node.name != new.node.name),
-        (
-            "the cluster section",
-            !crate::config::same(&old.cluster, &new.cluster),
-        ),
     ]
     .into_iter()
     .filter_map(|(what, changed)| changed.then_some(what))
     .collect()
+}
+
+/// What a reload says about a changed `cluster` section, which applies only at the
+/// next start: per key, since some keys there never take effect as edited.
+fn cluster_changes(old: &Config, new: &Config) -> Vec<String> {
+    use crate::config::same;
+    let (Some(o), Some(n)) = (&old.cluster, &new.cluster) else {
+        return (!same(&old.cluster, &new.cluster))
+            .then(|| {
+                "the cluster section was added or removed; it takes effect at the next restart"
+                    .to_string()
+            })
+            .into_iter()
+            .collect();
+    };
+    let mut lines = Vec::new();
+    let identity = [
+        ("cluster_id", same(&o.cluster_id, &n.cluster_id)),
+        ("node_id", same(&o.node_id, &n.node_id)),
+        ("data_dir", o.data_dir == n.data_dir),
+    ];
+    for (key, unchanged) in identity {
+        if !unchanged {
+            lines.push(format!(
+                "cluster.{key} changed; it takes effect at the next restart, which then \
+                 refuses to start (data_dir records the cluster and node it belongs to): to \
+                 move a replica, use raftlb ctl member remove and member add"
+            ));
+        }
+    }
+    if !same(&o.peers, &n.peers) {
+        lines.push(
+            "cluster.peers changed; peers are read only to bootstrap a new cluster (and \
+             as addresses to ask at start): the membership is what the replicas dial, \
+             changed with raftlb ctl member add and member remove"
+                .to_string(),
+        );
+    }
+    // The rest (bind, advertise, tls, timing, initial_state) at the next restart.
+    let mut rest = o.clone();
+    rest.cluster_id = n.cluster_id.clone();
+    rest.node_id = n.node_id.clone();
+    rest.data_dir = n.data_dir.clone();
+    rest.peers = n.peers.clone();
+    if !same(&rest, n) {
+        lines.push(
+            "other cluster settings changed; they take effect at the next restart".to_string(),
+        );
+    }
+    lines
 }
 
 /// Cluster mode: applies every committed config to the proxy's pools, without

@@ -2237,3 +2237,41 @@ async fn backend_writes_take_if_match() {
         assert_eq!(r.status, code, "{query}: {r:?}");
     }
 }
+
+/// A reload names each changed key of the cluster section, which applies only at
+/// the next start: those that make that start refuse its data_dir, peers (read
+/// only to bootstrap), and the rest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_says_what_each_changed_cluster_key_will_do() {
+    raise_nofile();
+    let cluster = Cluster::new(1, backend_names(&["b1"]).await);
+    let mut node = Raftlb::spawn(&cluster.yaml(0, "new"), cluster.addrs[0].admin);
+    blocking(|| node.wait_ready());
+    let peer = cluster.addrs[0].peer;
+    let edited = cluster
+        .yaml(0, "new")
+        .replace("cluster_id: test", "cluster_id: other")
+        .replace(
+            &format!("1: {peer}"),
+            &format!("1: {peer}, 2: 127.0.0.1:1, 3: 127.0.0.1:2"),
+        )
+        .replace("heartbeat_interval: 100ms", "heartbeat_interval: 150ms");
+    node.rewrite_config(&edited);
+    node.signal("HUP");
+    for said in [
+        "reload: cluster.cluster_id changed; it takes effect at the next restart, which then refuses to start",
+        "reload: cluster.peers changed; peers are read only to bootstrap a new cluster",
+        "reload: other cluster settings changed; they take effect at the next restart",
+    ] {
+        assert!(
+            blocking(|| eventually(Duration::from_secs(10), || node.log().contains(said))),
+            "{said:?} not logged:\n{}",
+            node.log()
+        );
+    }
+    assert!(
+        !node.log().contains("cluster.node_id changed"),
+        "{}",
+        node.log()
+    );
+}

@@ -293,6 +293,7 @@ fn lease_settings(config: &Config) -> crate::store::LeaseSettings {
         lease_duration_ms: ms(&le.lease_duration.value),
         renew_deadline_ms: ms(&le.renew_deadline.value),
         retry_period_ms: ms(&le.retry_period.value),
+        standby_serves: Some(le.standby == Standby::Serve),
     })
 }
 

@@ -793,12 +793,22 @@ async fn a_reload_that_changes_standby_releases_the_lease_first() {
         "close_listeners: only the active accepts"
     );
     let first = epoch(c.addrs[active].admin);
+    let log = |i: usize| replicas[i].log();
     c.standby = "serve";
-    for i in standbys.iter().copied().chain([active]) {
+    // The first replica reloaded differs from its peers, and says so.
+    let (head, rest) = (standbys[0], &standbys[1..]);
+    replicas[head].rewrite_config(&c.yaml(head));
+    replicas[head].signal("HUP");
+    assert!(
+        eventually(Duration::from_secs(5), || log(head)
+            .contains("leader_election.standby is close_listeners on node")),
+        "{}",
+        log(head)
+    );
+    for i in rest.iter().copied().chain([active]) {
         replicas[i].rewrite_config(&c.yaml(i));
         replicas[i].signal("HUP");
     }
-    let log = |i: usize| replicas[i].log();
     assert!(
         eventually(Duration::from_secs(5), || log(active)
             .contains("reloaded the config")),

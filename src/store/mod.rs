@@ -1017,18 +1017,37 @@ impl Node {
                             if theirs.enabled { "on" } else { "off" },
                             if lease.enabled { "on" } else { "off" },
                         ),
-                        Some(theirs) if theirs != lease => tracing::warn!(
-                            peer,
-                            peer_lease_duration_ms = theirs.lease_duration_ms,
-                            peer_renew_deadline_ms = theirs.renew_deadline_ms,
-                            peer_retry_period_ms = theirs.retry_period_ms,
-                            lease_duration_ms = lease.lease_duration_ms,
-                            renew_deadline_ms = lease.renew_deadline_ms,
-                            retry_period_ms = lease.retry_period_ms,
-                            "leader_election timing differs between replicas: a standby waits \
-                             out the longer lease, so a failover takes as long as the longest; \
-                             set the same values everywhere (a reload changes them in place)"
-                        ),
+                        Some(theirs) if theirs.enabled => {
+                            if theirs.timing() != lease.timing() {
+                                tracing::warn!(
+                                    peer,
+                                    peer_lease_duration_ms = theirs.lease_duration_ms,
+                                    peer_renew_deadline_ms = theirs.renew_deadline_ms,
+                                    peer_retry_period_ms = theirs.retry_period_ms,
+                                    lease_duration_ms = lease.lease_duration_ms,
+                                    renew_deadline_ms = lease.renew_deadline_ms,
+                                    retry_period_ms = lease.retry_period_ms,
+                                    "leader_election timing differs between replicas: a standby waits \
+                                     out the longer lease, so a failover takes as long as the longest; \
+                                     set the same values everywhere (a reload changes them in place)"
+                                );
+                            }
+                            let mode =
+                                |serves: bool| if serves { "serve" } else { "close_listeners" };
+                            if let (Some(theirs), Some(ours)) =
+                                (theirs.standby_serves, lease.standby_serves)
+                                && theirs != ours
+                            {
+                                tracing::warn!(
+                                    peer,
+                                    "leader_election.standby is {} on node {peer} and {} here: a \
+                                     standby with serve accepts beside the active; set the same \
+                                     everywhere",
+                                    mode(theirs),
+                                    mode(ours),
+                                );
+                            }
+                        }
                         _ => {}
                     }
                     if (h.heartbeat_ms, h.election_timeout_ms) != ours {

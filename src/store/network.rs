@@ -237,6 +237,20 @@ pub struct LeaseSettings {
     pub lease_duration_ms: u64,
     pub renew_deadline_ms: u64,
     pub retry_period_ms: u64,
+    /// `standby: serve` (absent from an older peer).
+    #[serde(default)]
+    pub standby_serves: Option<bool>,
+}
+
+impl LeaseSettings {
+    /// The lease's timing, compared between replicas.
+    pub fn timing(&self) -> (u64, u64, u64) {
+        (
+            self.lease_duration_ms,
+            self.renew_deadline_ms,
+            self.retry_period_ms,
+        )
+    }
 }
 
 /// Membership changes, forwarded to the leader like writes.

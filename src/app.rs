@@ -910,6 +910,15 @@ impl Server {
             }
             _ => {}
         }
+        // Under `serve` the listeners do not follow the lease: leaving it, they stop
+        // accepting before any release below (rule 5), not after.
+        let leaving_serve = matches!(
+            (elected(&self.config), elected(&new)),
+            (Some(old), Some(le)) if old.standby == Standby::Serve && le.standby != Standby::Serve
+        );
+        if leaving_serve && self.state.election().is_some() {
+            self.stop_listeners().await;
+        }
         if let (Some(election), Some(old), Some(le)) =
             (self.state.election(), elected(&self.config), elected(&new))
         {
@@ -934,11 +943,6 @@ impl Server {
                 tracing::info!(
                     "reload: leader_election.standby changed; releasing the lease first"
                 );
-                // Under `serve` the listeners do not follow the lease: they stop
-                // accepting before it is released (rule 5), not after.
-                if old.standby == Standby::Serve {
-                    self.stop_listeners().await;
-                }
                 election.release(None, false).await;
                 let serves = le.standby == Standby::Serve;
                 self.state.standby_serves.store(serves, Ordering::Relaxed);

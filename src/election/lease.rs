@@ -292,9 +292,11 @@ impl Elector {
         } else {
             now + self.settings.renew_deadline
         };
-        // A standby may have won an acquire it has not heard of yet: the release
-        // goes out either way (the state machine refuses it unless it holds).
-        let may_hold = self.role == Role::Active || self.in_flight.is_some();
+        // A standby may hold the lease without being active: an acquire in flight
+        // (its outcome is awaited, and a win released), or one that won after it
+        // gave up waiting for the answer (the record says so).
+        let may_hold =
+            self.role == Role::Active || self.in_flight.is_some() || self.holds(&self.record);
         if self.role == Role::Active {
             self.step_down(Role::Standby, Cause::Releasing);
         }
@@ -307,10 +309,14 @@ impl Elector {
         self.start_release(to, until, now);
     }
 
-    /// Sends the release at once; a renew or acquire in flight is abandoned (its
-    /// result still teaches the record).
+    /// Sends the release at once; a renew in flight is abandoned (its result still
+    /// teaches the record). An acquire in flight is waited for: if it won, the
+    /// release gives back what it took, instead of leaving a record that names
+    /// this replica while no one renews it.
     fn start_release(&mut self, to: Option<NodeId>, until: Time, now: Time) {
-        self.in_flight = None;
+        if self.in_flight.is_some_and(|f| f.kind != Kind::Acquire) {
+            self.in_flight = None;
+        }
         self.next_attempt = now;
         self.releasing = Some(Releasing { to, until });
     }
@@ -349,8 +355,9 @@ impl Elector {
                 cause: Cause::FaultOver,
             });
         }
+        let acquiring = self.in_flight.is_some_and(|f| f.kind == Kind::Acquire);
         if let Some(r) = self.releasing
-            && (!self.holds(&self.record) || now >= r.until)
+            && ((!self.holds(&self.record) && !acquiring) || now >= r.until)
         {
             self.releasing = None;
             self.in_flight = None;
@@ -895,6 +902,38 @@ mod tests {
         );
         let (_, _, op) = sent(&poll_all(&mut b, wake));
         assert!(matches!(op, LeaseOp::Acquire { .. }), "{op:?}");
+    }
+
+    #[test]
+    fn a_release_during_an_acquire_waits_for_it_and_gives_back_a_win() {
+        // B sends an acquire on a free lease; a reload releases before it is answered.
+        let free = Lease::default();
+        let mut b = Elector::new(me(2, "b"), settings(), free.clone(), s(0.0), 7);
+        let (id, expect, op) = sent(&poll_all(&mut b, s(0.0)));
+        assert!(matches!(op, LeaseOp::Acquire { .. }));
+        b.release(None, false, s(0.05));
+        assert!(
+            poll_all(&mut b, s(0.05)).is_empty(),
+            "waits for the acquire's answer"
+        );
+        // It won: not active (releasing), and the release gives it back.
+        let (won, taken) = applied(&free, expect, op);
+        assert!(won);
+        b.on_result(id, CasResult::Won(taken.clone()), s(0.1));
+        let actions = poll_all(&mut b, s(0.1));
+        assert!(
+            !actions
+                .iter()
+                .any(|a| matches!(a, Action::BecomeActive { .. })),
+            "{actions:?}"
+        );
+        let (id, expect, op) = sent(&actions);
+        assert!(matches!(op, LeaseOp::Release { .. }));
+        let (won, freed) = applied(&taken, expect, op);
+        assert!(won, "the win is given back");
+        b.on_result(id, CasResult::Won(freed.clone()), s(0.2));
+        assert_eq!(poll_all(&mut b, s(0.2)), vec![Action::Released]);
+        assert_eq!(freed.holder, None);
     }
 
     #[test]

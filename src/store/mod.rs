@@ -53,9 +53,11 @@ const REACHABLE_WITHIN: Duration = Duration::from_secs(3);
 /// its leader otherwise).
 const HELLO_AFTER: Duration = Duration::from_secs(1);
 
-/// A removal this replica applied is its own once no log entry has arrived for
-/// this long and no later entry adds it back: one added again under the same id
-/// replays its old self's removal while it catches up, a batch at a time.
+/// A removal this replica applied is its own once, for this long (or four election
+/// timeouts, if longer), no log entry has arrived, no leader has sent it anything
+/// and no later entry adds it back: one added again under the same id replays its
+/// old self's removal while it catches up, a batch at a time, and the leader keeps
+/// replicating to a member (a removed one hears nothing more).
 const REMOVAL_SETTLES: Duration = Duration::from_secs(2);
 
 /// How often a replica waiting to be added says it is still waiting.
@@ -1232,9 +1234,18 @@ impl Node {
                 was_member |= member;
                 removal_seen = None;
             } else if was_member && state.state.joined.contains(&self.id) {
+                let settles = REMOVAL_SETTLES.max(self.election_timeout * 4);
+                let leader_heard = self
+                    .leader_contact
+                    .lock()
+                    .ok()
+                    .and_then(|at| *at)
+                    .is_some_and(|at| at.elapsed() < settles);
                 match removal_seen {
                     Some((since, end))
-                        if end == raft.last_log_index && since.elapsed() >= REMOVAL_SETTLES =>
+                        if end == raft.last_log_index
+                            && since.elapsed() >= settles
+                            && !leader_heard =>
                     {
                         self.removed("its removal was committed").await;
                         return;

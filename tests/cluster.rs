@@ -2275,3 +2275,35 @@ async fn a_reload_says_what_each_changed_cluster_key_will_do() {
         node.log()
     );
 }
+
+/// A cluster grown one replica at a time, every file listing the final peers: the
+/// second replica, started before the third exists, is vetted by the voters there
+/// are (node 1), not held back waiting for a majority of its file's peers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_grown_one_replica_at_a_time_lets_each_join() {
+    raise_nofile();
+    let cluster = Cluster::new(3, backend_names(&["b1"]).await);
+    let all = Addrs::peers(&cluster.addrs);
+    let alone = format!("1: {}", cluster.addrs[0].peer);
+    let yaml = cluster.yaml(0, "new").replace(&all, &alone);
+    let mut first = Raftlb::spawn(&yaml, cluster.addrs[0].admin);
+    blocking(|| first.wait_ready());
+    let admin = cluster.addrs[0].admin;
+    let peer2 = cluster.addrs[1].peer.to_string();
+    let (code, out, err) = blocking(|| ctl(admin, &["member", "add", "2", &peer2]));
+    assert_eq!(code, 0, "member add 2: {out}{err}");
+    let mut second = Raftlb::spawn(&cluster.yaml(1, "existing"), cluster.addrs[1].admin);
+    blocking(|| second.wait_ready());
+    assert!(
+        blocking(|| eventually(Duration::from_secs(20), || {
+            let (_, members) = json(admin, "GET", "/api/v1/members", "");
+            members["members"].as_array().is_some_and(|m| {
+                m.iter()
+                    .any(|m| m["id"] == 2 && m["voter"] == true && m["reachable"] == true)
+            })
+        })),
+        "node 2 did not become a voter: {}\n{}",
+        json(admin, "GET", "/api/v1/members", "").1,
+        second.log()
+    );
+}

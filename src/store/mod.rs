@@ -777,27 +777,73 @@ impl Node {
     }
 
     /// An empty replica started with `initial_state: existing`: it takes no vote and
-    /// no entry until a majority of its file's other peers answered without counting
-    /// it as a voter that joined. One they count so lost its data_dir: with an empty
-    /// log it could vote twice (SPEC "Cluster identity"); a member removed and added
-    /// again is a learner until it has caught up.
+    /// no entry until a majority of the cluster's other voters (as the answers of
+    /// its file's peers report them) answered without counting it as a voter that
+    /// joined. If a majority count it so, it lost its data_dir: with an empty log it
+    /// could vote twice (SPEC "Cluster identity"), so it refuses to start. A member
+    /// removed and added again is a learner until it has caught up; one peer that
+    /// missed a removal does not decide alone.
     async fn vet_existing(self: Arc<Self>) {
-        let others = self.peers.keys().filter(|id| **id != self.id).count();
         let id = self.id;
-        // No one to ask (the file names only this replica): nothing to wait for.
-        let needed = if others == 0 { 0 } else { others / 2 + 1 };
-        self.vet_by_peers(needed, |hello| {
-            let voter = hello.voters.as_ref().is_some_and(|v| v.contains(&id));
-            (voter && hello.joined.contains(&id)).then(|| {
-                format!(
+        let mut logged_wait = false;
+        loop {
+            let mut answers: Vec<(NodeId, Box<HelloReply>)> = Vec::new();
+            for (peer, addr) in &self.peers {
+                if *peer == id {
+                    continue;
+                }
+                if let Ok(Reply::Hello(hello)) =
+                    self.say_hello(*peer, addr, Duration::from_secs(1)).await
+                {
+                    answers.push((*peer, hello));
+                }
+            }
+            let voters: BTreeSet<NodeId> = answers
+                .iter()
+                .flat_map(|(_, h)| h.voters.iter().flatten().copied())
+                .filter(|v| *v != id)
+                .collect();
+            let quorum = voters.len() / 2 + 1;
+            let (joined, not): (Vec<_>, Vec<_>) = answers
+                .iter()
+                .filter(|(peer, _)| voters.contains(peer))
+                .partition(|(_, h)| {
+                    h.voters.as_ref().is_some_and(|v| v.contains(&id)) && h.joined.contains(&id)
+                });
+            if joined.len() >= quorum {
+                return self.die(config_error(format!(
                     "node {id} is a voter that has joined this cluster, but its data_dir is empty \
                      (wiped?): it must not rejoin under the same id with an empty log. Run \
                      `raftlb ctl member remove {id}`, then `raftlb ctl member add {id} ADDR`, \
                      then start it again with initial_state: existing"
-                )
-            })
-        })
-        .await;
+                )));
+            }
+            // No peer in the file, or only builds that do not say who votes: nothing
+            // to check against (as before they said it).
+            let unchecked = answers.iter().all(|(_, h)| h.voters.is_none())
+                && (!answers.is_empty() || self.peers.keys().all(|p| *p == id));
+            if not.len() >= quorum || unchecked || self.stop.is_cancelled() {
+                if unchecked {
+                    tracing::info!(
+                        "initial_state: existing with an empty data_dir: no peer says who votes, \
+                         so whether this node_id voted before cannot be checked"
+                    );
+                }
+                self.vet();
+                return;
+            }
+            if !logged_wait {
+                logged_wait = true;
+                let heard: Vec<NodeId> = answers.iter().map(|(p, _)| *p).collect();
+                tracing::info!(
+                    answered = ?heard,
+                    voters = ?voters,
+                    "initial_state: existing with an empty data_dir: waiting for a majority of \
+                     the cluster's voters to answer that this node_id has not voted before"
+                );
+            }
+            tokio::time::sleep(self.election_timeout).await;
+        }
     }
 
     /// Asks the file's other peers, every election timeout, until `needed` of them

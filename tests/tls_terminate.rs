@@ -260,6 +260,47 @@ async fn client_ca_requires_a_certificate_from_that_ca() {
             && l.contains("client=127.0.0.1")),
         "{log}"
     );
+    // So is a client that hangs up after its ClientHello, without an alert.
+    let hello = client_hello(pki.client_config(Some(&good), &[])).await;
+    let mut s = TcpStream::connect(listen).await.expect("connect");
+    s.write_all(&hello).await.expect("ClientHello");
+    // Reads the server's flight (a close with it unread would be a reset), then FIN.
+    let mut flight = vec![0u8; 16 << 10];
+    let _ = tokio::time::timeout(Duration::from_millis(500), s.read(&mut flight)).await;
+    s.shutdown().await.expect("FIN");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    drop(s);
+    assert!(
+        eventually(Duration::from_secs(5), || lb
+            .log()
+            .contains("closed during the handshake")),
+        "{}",
+        lb.log()
+    );
+}
+
+/// The first bytes a TLS client with `config` sends: its ClientHello.
+async fn client_hello(config: Arc<ClientConfig>) -> Vec<u8> {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        if let Ok(tcp) = TcpStream::connect(addr).await {
+            let name = ServerName::try_from("localhost").expect("name");
+            let _ = tokio::time::timeout(
+                Duration::from_secs(2),
+                TlsConnector::from(config).connect(name, tcp),
+            )
+            .await;
+        }
+    });
+    let (mut tcp, _) = listener.accept().await.expect("accept");
+    let mut hello = vec![0u8; 16 << 10];
+    let n = tokio::time::timeout(Duration::from_secs(5), tcp.read(&mut hello))
+        .await
+        .expect("a ClientHello in time")
+        .expect("read");
+    hello.truncate(n);
+    hello
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -364,7 +364,7 @@ impl Connection {
                     match Box::pin(self.terminate(client, pool, peer, local, server)).await {
                         Ok(Some(end)) => end,
                         Ok(None) => return,
-                        // A client that closed before a handshake (a TCP check, a
+                        // A client that closed before its ClientHello (a TCP check, a
                         // scanner) is not worth a line, as with HAProxy's dontlognull.
                         Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
                             tracing::debug!(listener = %self.ctx.name, %peer, error = %e, "client closed before the TLS handshake");
@@ -431,6 +431,15 @@ impl Connection {
                     .map_err(|_| {
                         io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out")
                     })?
+                    // After its ClientHello a client that hangs up (say, it distrusts
+                    // this certificate and sends no alert) is worth a line: not EOF.
+                    .map_err(|e| match e.kind() {
+                        io::ErrorKind::UnexpectedEof => io::Error::new(
+                            io::ErrorKind::ConnectionAborted,
+                            format!("the client closed during the handshake: {e}"),
+                        ),
+                        _ => e,
+                    })
             }
         };
         if pool.backend_tls.is_none() {

@@ -229,7 +229,7 @@ fn reload_failed(e: &str) {
     // One line per event: several errors are joined, not put on lines of their own.
     let e = e.trim().replace('\n', "; ");
     tracing::error!(
-        command = "reload",
+        reload = "refused",
         "reload: {e}; keeping the running config"
     );
     metrics::counter!(m::CONFIG_RELOADS_TOTAL, "result" => "invalid").increment(1);
@@ -553,7 +553,10 @@ impl Server {
         e: &StartError,
     ) -> Option<config::schema::Listener> {
         let Some(previous) = self.config.listeners.get(name).cloned() else {
-            tracing::error!("reload: {e}; the listener is new, so it does not listen");
+            tracing::error!(
+                reload = "partly",
+                "reload: {e}; the listener is new, so it does not listen"
+            );
             return None;
         };
         match self.start_listener(name, &previous, None).await {
@@ -935,7 +938,10 @@ impl Server {
                         election.release(None, false).await;
                         election.set_vip(vip);
                     }
-                    Err(e) => tracing::error!("reload: leader_election.vip: {e}; keeping the VIP"),
+                    Err(e) => tracing::error!(
+                        reload = "partly",
+                        "reload: leader_election.vip: {e}; keeping the VIP"
+                    ),
                 }
             }
             // Rule 8: a change of what the role owns releases the lease first.
@@ -992,10 +998,13 @@ impl Server {
             };
         }
         for section in restart_only_changes(&self.config, &new) {
-            tracing::warn!("reload: {section} changed; it takes effect at the next restart");
+            tracing::warn!(
+                reload = "ok",
+                "reload: {section} changed; it takes effect at the next restart"
+            );
         }
         for line in cluster_changes(&self.config, &new) {
-            tracing::warn!("reload: {line}");
+            tracing::warn!(reload = "ok", "reload: {line}");
         }
         self.state.set_listener_pools(&new);
         // Committed pools are checked against this replica's listeners again.
@@ -1044,18 +1053,25 @@ fn cluster_changes(old: &Config, new: &Config) -> Vec<String> {
             .collect();
     };
     let mut lines = Vec::new();
-    let identity = [
-        ("cluster_id", same(&o.cluster_id, &n.cluster_id)),
-        ("node_id", same(&o.node_id, &n.node_id)),
-        ("data_dir", o.data_dir == n.data_dir),
-    ];
-    for (key, unchanged) in identity {
-        if !unchanged {
-            lines.push(format!(
-                "cluster.{key} changed; it takes effect at the next restart, which then \
-                 refuses to start (data_dir records the cluster and node it belongs to): to \
-                 move a replica, use raftlb ctl member remove and member add"
-            ));
+    if o.data_dir != n.data_dir {
+        lines.push(format!(
+            "cluster.data_dir changed; the next start opens {} instead (this one is left as \
+             it is)",
+            n.data_dir.display()
+        ));
+    } else {
+        let identity = [
+            ("cluster_id", same(&o.cluster_id, &n.cluster_id)),
+            ("node_id", same(&o.node_id, &n.node_id)),
+        ];
+        for (key, unchanged) in identity {
+            if !unchanged {
+                lines.push(format!(
+                    "cluster.{key} changed; it takes effect at the next restart, which then \
+                     refuses to start (data_dir records the cluster and node it belongs to): \
+                     to move a replica, use raftlb ctl member remove and member add"
+                ));
+            }
         }
     }
     if !same(&o.peers, &n.peers) {

@@ -6,7 +6,7 @@
 //! identical to one logged within [`FOLD_WINDOW`] (same target and fields) is
 //! counted instead of written; once the window is over, one line says how often
 //! it repeated. A change of state (a `to` field) is always written, and so is the
-//! answer to an operator's command (a `command` field: a refused reload).
+//! answer to a reload (a `reload` field).
 
 use std::collections::HashMap;
 use std::fmt::{self, Write as _};
@@ -150,12 +150,12 @@ impl Fold {
         // Level order: ERROR < WARN < INFO; INFO and below are never folded. Nor
         // is a change of state (an event with a `to` field: a backend going down,
         // a replica stepping down): each one happened, at its own time. Nor the
-        // answer to a command (a `command` field): the operator who sent a SIGHUP
+        // answer to a reload (a `reload` field): the operator who sent the SIGHUP
         // looks for it now.
         if *meta.level() > Level::WARN
             || meta.target() == FOLD_TARGET
             || meta.fields().field("to").is_some()
-            || meta.fields().field("command").is_some()
+            || meta.fields().field("reload").is_some()
         {
             return true;
         }
@@ -257,7 +257,7 @@ mod tests {
                 tracing::warn!(backend = "b3", to = "down", "backend is down: HTTP 500");
             }
             for _ in 0..2 {
-                tracing::error!(command = "reload", "reload: the file is invalid");
+                tracing::error!(reload = "refused", "reload: the file is invalid");
             }
             for i in 0..5 {
                 tracing::info!(i, "info lines are never folded");
@@ -274,7 +274,7 @@ mod tests {
                 .filter(|l| l.contains("the file is invalid"))
                 .count(),
             2,
-            "the answer to a command is never folded: {lines:#?}"
+            "the answer to a reload is never folded: {lines:#?}"
         );
         assert_eq!(
             lines

@@ -1610,10 +1610,11 @@ impl Node {
         // Nobody to hand it to (every other voter is down or stopping too), or no
         // quorum to elect one (the lease's release did not commit either): no wait.
         let metrics = self.metrics();
-        if metrics.current_leader != Some(self.id)
-            || self.other_voters_up(&metrics).is_empty()
-            || !self.quorum_reachable()
-        {
+        if metrics.current_leader != Some(self.id) || self.other_voters_up(&metrics).is_empty() {
+            return;
+        }
+        if !self.quorum_reachable() {
+            tracing::info!("no quorum: Raft leadership is not handed over");
             return;
         }
         let mut applied = self.applied.clone();

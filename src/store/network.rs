@@ -813,8 +813,14 @@ async fn connection<H: Handler>(
             }
             Reply::Error(format!("refused: {why}"))
         } else if let Some(why) = net.identity.refuse_addressing(&request) {
+            // Two replicas with one node_id is a misconfiguration; a request for a
+            // node no longer here is expected after a replacement at its address.
             if net.logged.due(&why) {
-                tracing::error!(%peer, "peer refused: {why}");
+                if request.from == net.identity.node_id {
+                    tracing::error!(%peer, "peer refused: {why}");
+                } else {
+                    tracing::warn!(%peer, "peer refused: {why}");
+                }
             }
             Reply::Error(format!("refused: {why}"))
         } else {

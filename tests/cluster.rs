@@ -1118,16 +1118,22 @@ async fn a_new_member_at_a_removed_members_address_is_not_told_it_was_removed() 
     assert!(exit.is_none(), "node 5 stopped: {exit:?}\n{}", fifth.log());
     assert!(!fifth.log().contains("was removed"), "{}", fifth.log());
     assert!(
-        blocking(|| eventually(Duration::from_secs(10), || {
-            let (_, members) = json(admin, "GET", "/api/v1/members", "");
-            members["members"].as_array().is_some_and(|m| {
-                m.iter()
-                    .any(|m| m["id"] == 5 && m["voter"] == true && m["reachable"] == true)
-            })
-        })),
+        blocking(|| becomes_reachable_voter(admin, 5, Duration::from_secs(10))),
         "node 5 is not a reachable voter: {}",
         json(admin, "GET", "/api/v1/members", "").1
     );
+}
+
+/// Whether the members list through `admin` shows node `id` as a reachable voter
+/// within `limit`.
+fn becomes_reachable_voter(admin: SocketAddr, id: u64, limit: Duration) -> bool {
+    eventually(limit, || {
+        let (_, members) = json(admin, "GET", "/api/v1/members", "");
+        members["members"].as_array().is_some_and(|m| {
+            m.iter()
+                .any(|m| m["id"] == id && m["voter"] == true && m["reachable"] == true)
+        })
+    })
 }
 
 /// Weight changes to backend b1 through `admin`, `n` of them, each committed.
@@ -1176,13 +1182,7 @@ async fn a_voter_added_again_replays_its_old_removal_while_catching_up_and_stays
     let mut again = Raftlb::spawn(&cluster.yaml(2, "existing"), cluster.addrs[2].admin);
     blocking(|| again.wait_ready());
     assert!(
-        blocking(|| eventually(Duration::from_secs(20), || {
-            let (_, members) = json(admin, "GET", "/api/v1/members", "");
-            members["members"].as_array().is_some_and(|m| {
-                m.iter()
-                    .any(|m| m["id"] == 3 && m["voter"] == true && m["reachable"] == true)
-            })
-        })),
+        blocking(|| becomes_reachable_voter(admin, 3, Duration::from_secs(20))),
         "node 3 is not a reachable voter again: {}\n{}",
         json(admin, "GET", "/api/v1/members", "").1,
         again.log()
@@ -2295,13 +2295,7 @@ async fn a_cluster_grown_one_replica_at_a_time_lets_each_join() {
     let mut second = Raftlb::spawn(&cluster.yaml(1, "existing"), cluster.addrs[1].admin);
     blocking(|| second.wait_ready());
     assert!(
-        blocking(|| eventually(Duration::from_secs(20), || {
-            let (_, members) = json(admin, "GET", "/api/v1/members", "");
-            members["members"].as_array().is_some_and(|m| {
-                m.iter()
-                    .any(|m| m["id"] == 2 && m["voter"] == true && m["reachable"] == true)
-            })
-        })),
+        blocking(|| becomes_reachable_voter(admin, 2, Duration::from_secs(20))),
         "node 2 did not become a voter: {}\n{}",
         json(admin, "GET", "/api/v1/members", "").1,
         second.log()

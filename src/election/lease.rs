@@ -300,11 +300,16 @@ impl Elector {
         if self.role == Role::Active {
             self.step_down(Role::Standby, Cause::Releasing);
         }
-        // One that held the lease does not race its successor for it; a standby
+        // One that held the lease does not race its successor for it: it sits out
+        // a lease_duration from the end of its term, since a release that cannot
+        // be sent in time (a VIP that will not go) leaves the standbys waiting the
+        // lease out from when they saw its last renew, which may be late. A standby
         // that held nothing (a reload releasing first, rule 8) takes a freed lease
         // at once, as any standby does.
         if may_hold {
-            self.hold_off_until = self.hold_off_until.max(now + self.settings.lease_duration);
+            self.hold_off_until = self
+                .hold_off_until
+                .max(until.max(now) + self.settings.lease_duration);
         }
         self.start_release(to, until, now);
     }
@@ -934,6 +939,38 @@ mod tests {
         b.on_result(id, CasResult::Won(freed.clone()), s(0.2));
         assert_eq!(poll_all(&mut b, s(0.2)), vec![Action::Released]);
         assert_eq!(freed.holder, None);
+    }
+
+    #[test]
+    fn a_release_that_cannot_be_sent_in_time_keeps_the_sender_out_past_its_term() {
+        // Active from 0, its term runs to RENEW. Released at once, the release is
+        // never answered (here: never sent in time), so the record still names it,
+        // and a standby that saw its last renew late waits until up to its term's
+        // end plus a lease: the sender must not come back before that.
+        let (mut e, _) = active_at(s(0.0));
+        e.release(None, false, s(0.1));
+        let mut acquired_at = None;
+        let mut t = s(0.1);
+        while t < RENEW + LEASE + s(1.0) && acquired_at.is_none() {
+            let acquires = poll_all(&mut e, t).iter().any(|a| {
+                matches!(
+                    a,
+                    Action::Send {
+                        op: LeaseOp::Acquire { .. },
+                        ..
+                    }
+                )
+            });
+            if acquires {
+                acquired_at = Some(t);
+            }
+            t += s(0.05);
+        }
+        let at = acquired_at.expect("it campaigns again in the end");
+        assert!(
+            at >= RENEW + LEASE,
+            "back at {at:?}, before its term's end plus a lease"
+        );
     }
 
     #[test]

@@ -297,6 +297,12 @@ fn lease_settings(config: &Config) -> crate::store::LeaseSettings {
     })
 }
 
+/// Whether every replica accepts under `config`, whatever its role: election off,
+/// or `standby: serve`.
+fn every_replica_serves(config: &Config) -> bool {
+    elected(config).is_none_or(|le| le.standby == Standby::Serve)
+}
+
 /// `leader_election` when it is in force: cluster mode and `enabled`.
 fn elected(config: &Config) -> Option<&config::schema::LeaderElection> {
     config
@@ -381,7 +387,7 @@ impl Server {
             }
             _ => None,
         };
-        let standby_serves = le.is_none_or(|le| le.standby == Standby::Serve);
+        let standby_serves = every_replica_serves(&loaded.config);
         let lease_gate = gate.clone();
         let gate = if standby_serves { Gate::always() } else { gate };
         let state = Arc::new(State {
@@ -487,7 +493,7 @@ impl Server {
     /// Whether this replica accepts once `new` is applied, whatever its role: it
     /// does now, or `new` has every replica serve (`standby: serve`, election off).
     fn accepts_after(&self, new: &Config) -> bool {
-        self.accepts_now() || elected(new).is_none_or(|le| le.standby == Standby::Serve)
+        self.accepts_now() || every_replica_serves(new)
     }
 
     /// Opens listener `name` on its address (on `bound`, when the caller listened on

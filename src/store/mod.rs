@@ -447,11 +447,7 @@ impl Node {
                 metrics.state == ServerState::Leader && self.quorum_reachable()
             }
             Some(_) => {
-                self.leader_contact
-                    .lock()
-                    .ok()
-                    .and_then(|at| *at)
-                    .is_some_and(|at| at.elapsed() < self.election_timeout * 2)
+                self.leader_heard_within(self.election_timeout * 2)
                     && self.heard_majority_of(metrics)
             }
         }
@@ -466,6 +462,15 @@ impl Node {
         metrics: &openraft::RaftMetrics<types::TypeConfig>,
     ) -> Option<NodeId> {
         metrics.current_leader.filter(|_| self.has_leader(metrics))
+    }
+
+    /// Whether a leader's append reached this replica within `limit`.
+    fn leader_heard_within(&self, limit: Duration) -> bool {
+        self.leader_contact
+            .lock()
+            .ok()
+            .and_then(|at| *at)
+            .is_some_and(|at| at.elapsed() < limit)
     }
 
     /// Whether each member answered recently on the peer channel: the leader hears
@@ -595,12 +600,7 @@ impl Node {
             // replica must also have heard from a majority itself.
             _ => {
                 metrics.current_leader.is_some()
-                    && self
-                        .leader_contact
-                        .lock()
-                        .ok()
-                        .and_then(|at| *at)
-                        .is_some_and(|at| at.elapsed() < fresh)
+                    && self.leader_heard_within(fresh)
                     && self.heard_majority_of(&metrics)
             }
         }
@@ -762,18 +762,23 @@ impl Node {
         // A quorum of the file's peers, itself included.
         let needed = self.peers.len() / 2;
         let id = self.id;
-        self.vet_by_peers(needed, |hello| {
-            hello.joined.contains(&id).then(|| {
-                format!(
+        loop {
+            let answers = self.file_peer_hellos().await;
+            if answers.iter().any(|(_, h)| h.joined.contains(&id)) {
+                return self.die(config_error(format!(
                     "node {id} has joined this cluster since it was restored, and this data_dir \
                      was restored from the backup again: its log lacks what it had since, and \
                      it must not rejoin under the same id. Run `raftlb ctl member remove {id}`, \
                      wipe the data_dir, run `raftlb ctl member add {id} ADDR`, then start it \
                      with initial_state: existing"
-                )
-            })
-        })
-        .await;
+                )));
+            }
+            if answers.len() >= needed || self.stop.is_cancelled() {
+                self.vet();
+                return;
+            }
+            tokio::time::sleep(self.election_timeout).await;
+        }
     }
 
     /// An empty replica started with `initial_state: existing`: it takes no vote and
@@ -787,17 +792,7 @@ impl Node {
         let id = self.id;
         let mut logged_wait = false;
         loop {
-            let mut answers: Vec<(NodeId, Box<HelloReply>)> = Vec::new();
-            for (peer, addr) in &self.peers {
-                if *peer == id {
-                    continue;
-                }
-                if let Ok(Reply::Hello(hello)) =
-                    self.say_hello(*peer, addr, Duration::from_secs(1)).await
-                {
-                    answers.push((*peer, hello));
-                }
-            }
+            let answers = self.file_peer_hellos().await;
             let voters: BTreeSet<NodeId> = answers
                 .iter()
                 .flat_map(|(_, h)| h.voters.iter().flatten().copied())
@@ -846,32 +841,21 @@ impl Node {
         }
     }
 
-    /// Asks the file's other peers, every election timeout, until `needed` of them
-    /// have answered in one round; then this replica takes votes and entries. One
-    /// answer that `refusal` turns into a message stops it with that message.
-    async fn vet_by_peers(&self, needed: usize, refusal: impl Fn(&HelloReply) -> Option<String>) {
-        loop {
-            let mut answered = 0;
-            for (peer, addr) in &self.peers {
-                if *peer == self.id {
-                    continue;
-                }
-                let Ok(Reply::Hello(hello)) =
-                    self.say_hello(*peer, addr, Duration::from_secs(1)).await
-                else {
-                    continue;
-                };
-                if let Some(why) = refusal(&hello) {
-                    return self.die(config_error(why));
-                }
-                answered += 1;
+    /// One round of hellos to the file's other peers, a second each: those that
+    /// answered, with their answers.
+    async fn file_peer_hellos(&self) -> Vec<(NodeId, Box<HelloReply>)> {
+        let mut answers = Vec::new();
+        for (peer, addr) in &self.peers {
+            if *peer == self.id {
+                continue;
             }
-            if answered >= needed || self.stop.is_cancelled() {
-                self.vet();
-                return;
+            if let Ok(Reply::Hello(hello)) =
+                self.say_hello(*peer, addr, Duration::from_secs(1)).await
+            {
+                answers.push((*peer, hello));
             }
-            tokio::time::sleep(self.election_timeout).await;
         }
+        answers
     }
 
     /// A formed store among peers of which a majority answer as another cluster with
@@ -1281,12 +1265,7 @@ impl Node {
                 removal_seen = None;
             } else if was_member && state.state.joined.contains(&self.id) {
                 let settles = REMOVAL_SETTLES.max(self.election_timeout * 4);
-                let leader_heard = self
-                    .leader_contact
-                    .lock()
-                    .ok()
-                    .and_then(|at| *at)
-                    .is_some_and(|at| at.elapsed() < settles);
+                let leader_heard = self.leader_heard_within(settles);
                 match removal_seen {
                     Some((since, end))
                         if end == raft.last_log_index

@@ -452,35 +452,23 @@ async fn a_restarted_replica_serves_its_last_config_without_a_quorum_and_a_wiped
     // Node 3's data_dir is wiped: the cluster says it joined, so it must not start empty.
     let mut first = cluster.spawn(0);
     blocking(|| first.wait_ready());
-    wipe(cluster.data[2].path());
-    let mut wiped = cluster.spawn(2);
-    let exit = blocking(|| wiped.wait_exit(Duration::from_secs(20)));
-    assert_eq!(
-        exit.and_then(|s| s.code()),
-        Some(2),
-        "a wiped replica must refuse to start:\n{}",
-        wiped.log()
-    );
-    assert!(
-        wiped.log().contains("ctl member remove 3"),
-        "the refusal names the fix:\n{}",
-        wiped.log()
-    );
     // Nor with initial_state: existing: node 3 is a voter that joined.
-    wipe(cluster.data[2].path());
-    let mut existing = Raftlb::spawn(&cluster.yaml(2, "existing"), cluster.addrs[2].admin);
-    let exit = blocking(|| existing.wait_exit(Duration::from_secs(20)));
-    assert_eq!(
-        exit.and_then(|s| s.code()),
-        Some(2),
-        "a wiped voter must refuse to start with initial_state: existing too:\n{}",
-        existing.log()
-    );
-    assert!(
-        existing.log().contains("ctl member remove 3"),
-        "the refusal names the fix:\n{}",
-        existing.log()
-    );
+    for initial_state in ["new", "existing"] {
+        wipe(cluster.data[2].path());
+        let mut wiped = Raftlb::spawn(&cluster.yaml(2, initial_state), cluster.addrs[2].admin);
+        let exit = blocking(|| wiped.wait_exit(Duration::from_secs(20)));
+        assert_eq!(
+            exit.and_then(|s| s.code()),
+            Some(2),
+            "a wiped replica must refuse to start (initial_state: {initial_state}):\n{}",
+            wiped.log()
+        );
+        assert!(
+            wiped.log().contains("ctl member remove 3"),
+            "the refusal names the fix:\n{}",
+            wiped.log()
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

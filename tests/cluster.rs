@@ -449,10 +449,10 @@ async fn a_restarted_replica_serves_its_last_config_without_a_quorum_and_a_wiped
         Some(true)
     );
 
-    // Node 3's data_dir is wiped: the cluster says it joined, so it must not start empty.
+    // Node 3's data_dir is wiped: the cluster says it joined, so it must not start
+    // empty, as new or as existing (it is a voter that joined).
     let mut first = cluster.spawn(0);
     blocking(|| first.wait_ready());
-    // Nor with initial_state: existing: node 3 is a voter that joined.
     for initial_state in ["new", "existing"] {
         wipe(cluster.data[2].path());
         let mut wiped = Raftlb::spawn(&cluster.yaml(2, initial_state), cluster.addrs[2].admin);

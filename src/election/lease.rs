@@ -1180,17 +1180,32 @@ mod tests {
 
     #[test]
     fn an_acquire_won_too_late_does_not_make_it_active() {
-        let mut e = Elector::new(me(1, "a"), settings(), Lease::default(), s(0.0), 1);
-        let (id, expect, op) = sent(&poll_all(&mut e, s(0.0)));
-        let (_, lease) = applied(&Lease::default(), expect, op);
-        // A stale result for an attempt that was given up: ignored except the record.
-        let _ = poll_all(&mut e, s(2.5));
+        // An acquire sent at 0 s: its term would end at the renew deadline, 10 s.
+        let sent_at_zero = || {
+            let mut e = Elector::new(me(1, "a"), settings(), Lease::default(), s(0.0), 1);
+            let (id, expect, op) = sent(&poll_all(&mut e, s(0.0)));
+            let (_, lease) = applied(&Lease::default(), expect, op);
+            (e, id, lease)
+        };
+        // A win that comes back after that is no term at all.
+        let (mut e, id, lease) = sent_at_zero();
         e.on_result(id, CasResult::Won(lease), s(11.0));
         assert!(
             !poll_all(&mut e, s(11.0))
                 .iter()
                 .any(|a| matches!(a, Action::BecomeActive { .. }))
         );
+        assert_eq!(e.role(), Role::Standby);
+        // The same win just inside the deadline is a term that ends at 10 s.
+        let (mut e, id, lease) = sent_at_zero();
+        e.on_result(id, CasResult::Won(lease), s(9.9));
+        assert!(
+            poll_all(&mut e, s(9.9)).contains(&Action::BecomeActive {
+                epoch: 1,
+                deadline: s(10.0)
+            })
+        );
+        assert_eq!(e.role(), Role::Active);
     }
 
     #[test]

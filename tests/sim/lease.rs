@@ -1159,17 +1159,31 @@ fn a_lease_handed_to_a_replica_that_dies_is_taken_by_another_a_lease_later() {
             assert!(sim.now() < Duration::from_secs(20), "never handed over");
             sim.idle(Duration::from_millis(1)).await;
         }
+        let handed = sim.now();
         sim.crash(successor).await;
         let crashed = sim.now();
         sim.idle(BOUND).await;
         let end = sim.now();
         let log = std::mem::take(&mut record(&sim.recorder).log);
         let intervals = record(&sim.recorder).finish(end, &sim.router().fault_log().pauses);
-        let taken = intervals.iter().any(|i| i.start > crashed);
+        let first = intervals
+            .iter()
+            .filter(|i| i.start >= handed)
+            .min_by_key(|i| i.start);
+        let Some(first) = first else {
+            panic!(
+                "nobody took the lease within {BOUND:?} of the successor's death\n{}",
+                around(&log, &intervals, crashed)
+            );
+        };
+        // Nobody but the successor may take a lease handed to it before it has run
+        // out: the others count a whole lease from the hand-over they saw (no sooner
+        // than it was applied), on clocks up to DRIFT fast.
+        let earliest = handed + Duration::from_millis(LEASE_MS).mul_f64(1.0 - DRIFT);
         assert!(
-            taken,
-            "nobody took the lease within {BOUND:?} of the successor's death\n{}",
-            around(&log, &intervals, crashed)
+            first.node != successor && first.start >= earliest,
+            "{first:?} took the lease handed over at {handed:?} before {earliest:?}\n{}",
+            around(&log, &intervals, handed)
         );
         for p in sim.processes.values() {
             p.driver.abort();

@@ -1199,12 +1199,10 @@ mod tests {
         // The same win just inside the deadline is a term that ends at 10 s.
         let (mut e, id, lease) = sent_at_zero();
         e.on_result(id, CasResult::Won(lease), s(9.9));
-        assert!(
-            poll_all(&mut e, s(9.9)).contains(&Action::BecomeActive {
-                epoch: 1,
-                deadline: s(10.0)
-            })
-        );
+        assert!(poll_all(&mut e, s(9.9)).contains(&Action::BecomeActive {
+            epoch: 1,
+            deadline: s(10.0)
+        }));
         assert_eq!(e.role(), Role::Active);
     }
 

@@ -625,9 +625,10 @@ mod tests {
     }
 
     /// Sends 8 MiB through a pump whose writer nobody reads until the pump keeps
-    /// bytes back (`kept` > 0, called after every poll); then the sink reads
-    /// everything, which must arrive in order, and the pump must end holding no
-    /// buffer and no pipe. Returns the most the pump kept while the writer was full.
+    /// bytes back (`kept` > 0, called after every poll), and polls it for 200 ms
+    /// more; then the sink reads everything, which must arrive in order, and the
+    /// pump must end holding no buffer and no pipe. Returns the most the pump kept
+    /// at any poll.
     async fn through_a_full_writer(kept: &mut dyn FnMut(&Pump<'_>) -> usize) -> usize {
         const TOTAL: usize = 8 * 1024 * 1024;
         let (mut source, mut a) = pair().await;
@@ -666,6 +667,20 @@ mod tests {
         )
         .await
         .expect("the writer never filled up");
+        // Polled on for 200 ms with the sink still unread, what it keeps is sampled
+        // at every poll (the kernel's buffers may grow meanwhile and take the rest).
+        for _ in 0..20 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            let done = poll_fn(|cx| {
+                let done = pump.poll_pump(&mut a, &mut b, false, &activity, cx);
+                most = most.max(kept(&pump));
+                Poll::Ready(done.is_ready())
+            })
+            .await;
+            if done {
+                break;
+            }
+        }
 
         // Now the sink reads: everything arrives, and the pump ends holding nothing.
         let reader = tokio::spawn(async move {
@@ -676,7 +691,7 @@ mod tests {
             Duration::from_secs(30),
             poll_fn(|cx| {
                 let done = pump.poll_pump(&mut a, &mut b, false, &activity, cx);
-                kept(&pump);
+                most = most.max(kept(&pump));
                 done
             }),
         )

@@ -1085,12 +1085,19 @@ async fn a_second_sigterm_takes_a_running_hook_and_what_it_started() {
     c.election_extra = format!("  on_standby: {}\n", hook.display());
     let (mut replicas, _) = blocking(|| c.start_all());
     replicas[0].signal("TERM");
+    // The shell creates the file before it writes the number into it.
+    let written = || {
+        std::fs::read_to_string(&pid)
+            .ok()
+            .filter(|p| p.ends_with('\n') && p.trim().parse::<u32>().is_ok())
+    };
     assert!(
-        blocking(|| eventually(Duration::from_secs(10), || pid.exists())),
+        blocking(|| eventually(Duration::from_secs(10), || written().is_some())),
         "the on_standby hook did not start\n{}",
         replicas[0].log()
     );
-    let sleeper = std::fs::read_to_string(&pid).expect("pid");
+    let sleeper = written().expect("pid");
+    assert!(running(&sleeper), "the hook's child {sleeper} is not running");
     replicas[0].signal("TERM");
     let exit = blocking(|| replicas[0].wait_exit(Duration::from_secs(5)));
     assert!(

@@ -515,9 +515,13 @@ pub fn data_dirs(n: usize) -> Vec<tempfile::TempDir> {
         .collect()
 }
 
-/// Whether process `pid` runs (a zombie has finished).
+/// Whether process `pid` runs (a zombie has finished); `pid` must be a number.
 pub fn running(pid: &str) -> bool {
-    std::fs::read_to_string(format!("/proc/{}/stat", pid.trim()))
+    let pid: u32 = pid
+        .trim()
+        .parse()
+        .unwrap_or_else(|e| panic!("process id {pid:?}: {e}"));
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .ok()
         .and_then(|stat| {
             let state = stat

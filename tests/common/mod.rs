@@ -541,14 +541,21 @@ pub struct Tmpfs {
 }
 
 impl Tmpfs {
-    pub fn mount(size: &str) -> Option<Tmpfs> {
+    /// Mounting needs root, as CI runs: a test that needs a small disk fails rather
+    /// than skips without it.
+    pub fn mount(size: &str) -> Tmpfs {
         let dir = tempfile::tempdir().expect("tempdir");
-        let ok = std::process::Command::new("mount")
+        let out = std::process::Command::new("mount")
             .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
             .arg(dir.path())
-            .status()
-            .is_ok_and(|s| s.success());
-        ok.then_some(Tmpfs { dir })
+            .output()
+            .unwrap_or_else(|e| panic!("mount: {e}"));
+        assert!(
+            out.status.success(),
+            "cannot mount a {size} tmpfs (the full-disk tests need root): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Tmpfs { dir }
     }
 }
 

@@ -1460,53 +1460,61 @@ async fn peers_speak_mutual_tls_and_refuse_a_stranger() {
             == Some(true))));
     }
 
-    // A stranger with a certificate from another CA, and one without TLS at all.
-    let other = pki::Pki::new(certs.path(), "other");
-    let stranger = other.peer("stranger");
-    let config = pki.client_config(Some(&stranger), &[]);
+    // A peer's hello over TLS: the same frame from a member's certificate, from a
+    // stranger's (another CA), and without TLS at all. Only the first is answered.
     let target = cluster.addrs[0].peer;
-    let tcp = tokio::net::TcpStream::connect(target)
-        .await
-        .expect("connect");
-    let name = tokio_rustls::rustls::pki_types::ServerName::try_from("127.0.0.1").expect("name");
-    let refused = async {
-        let mut tls = tokio_rustls::TlsConnector::from(config)
-            .connect(name, tcp)
-            .await?;
-        // TLS 1.3: the server's verdict on the client certificate comes with the
-        // first read.
-        tls.write_all(&[0, 0, 0, 2, b'{', b'}']).await?;
-        let mut buf = [0u8; 1];
-        match tls.read(&mut buf).await? {
-            0 => Err(std::io::Error::other("closed")),
-            _ => Ok(()),
+    let hello = br#"{"cluster_id":"test","uuid":null,"from":9,"body":"Hello"}"#;
+    let mut frame = (hello.len() as u32).to_be_bytes().to_vec();
+    frame.extend_from_slice(hello);
+    let answered = |bytes: &[u8]| bytes.windows(7).any(|w| w == b"\"Hello\"");
+    let over_tls = |client: &pki::CertFiles| {
+        let config = pki.client_config(Some(client), &[]);
+        let frame = frame.clone();
+        async move {
+            let tcp = tokio::net::TcpStream::connect(target).await?;
+            let name = tokio_rustls::rustls::pki_types::ServerName::try_from("127.0.0.1")
+                .map_err(std::io::Error::other)?;
+            let mut tls = tokio_rustls::TlsConnector::from(config)
+                .connect(name, tcp)
+                .await?;
+            // TLS 1.3: the server's verdict on the client certificate comes with the
+            // first read.
+            tls.write_all(&frame).await?;
+            let mut len = [0u8; 4];
+            tls.read_exact(&mut len).await?;
+            let mut reply = vec![0u8; u32::from_be_bytes(len) as usize];
+            tls.read_exact(&mut reply).await?;
+            Ok::<_, std::io::Error>(reply)
         }
     };
-    let outcome = tokio::time::timeout(Duration::from_secs(5), refused).await;
+    let member = pki.peer("member");
+    let reply = tokio::time::timeout(Duration::from_secs(5), over_tls(&member)).await;
     assert!(
-        matches!(outcome, Ok(Err(_))),
-        "a certificate from another CA must be refused: {outcome:?}"
+        matches!(&reply, Ok(Ok(r)) if answered(r)),
+        "a member's hello over mutual TLS is answered: {reply:?}"
+    );
+    let node1 = &replicas[0];
+    let refusals = || node1.log().matches("TLS handshake failed").count();
+    let before = refusals();
+    let other = pki::Pki::new(certs.path(), "other");
+    let stranger = other.peer("stranger");
+    let outcome = tokio::time::timeout(Duration::from_secs(5), over_tls(&stranger)).await;
+    assert!(
+        matches!(&outcome, Ok(Err(e)) if e.to_string().contains("alert")),
+        "a certificate from another CA must be refused with a TLS alert: {outcome:?}"
+    );
+    assert!(
+        blocking(|| eventually(Duration::from_secs(5), || refusals() > before)),
+        "the stranger's refusal is logged:\n{}",
+        node1.log()
     );
     let mut plain = tokio::net::TcpStream::connect(target)
         .await
         .expect("connect");
-    let hello = br#"{"cluster_id":"test","uuid":null,"from":9,"body":"Hello"}"#;
-    let _ = plain.write_all(&(hello.len() as u32).to_be_bytes()).await;
-    let _ = plain.write_all(hello).await;
+    let _ = plain.write_all(&frame).await;
     let mut sink = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(12), plain.read_to_end(&mut sink)).await;
-    assert!(
-        !sink.windows(7).any(|w| w == b"\"Hello\""),
-        "a plain-TCP peer got an answer"
-    );
-    let node1 = &replicas[0];
-    assert!(
-        blocking(|| eventually(Duration::from_secs(5), || node1
-            .log()
-            .contains("TLS handshake failed"))),
-        "the refusal is logged:\n{}",
-        node1.log()
-    );
+    assert!(!answered(&sink), "a plain-TCP peer got an answer");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

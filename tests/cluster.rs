@@ -365,26 +365,30 @@ async fn a_leader_restarted_alone_names_no_leader() {
     }
     let mut alone = cluster.spawn(leader);
     blocking(|| alone.wait_ready());
-    // A few election timeouts for whatever it would claim.
-    std::thread::sleep(Duration::from_secs(1));
-    let cluster_status = status(cluster.addrs[leader].admin)["cluster"].clone();
-    assert_eq!(
-        cluster_status["quorum_reachable"], false,
-        "{cluster_status}"
-    );
-    assert_eq!(
-        cluster_status["leader_id"],
-        Value::Null,
-        "alone, it names a leader: {cluster_status}\n{}",
-        alone.log()
-    );
-    let roles: Vec<&str> = cluster_status["members"]
-        .as_array()
-        .expect("members")
-        .iter()
-        .filter_map(|m| m["role"].as_str())
-        .collect();
-    assert!(!roles.contains(&"leader"), "{roles:?}");
+    // Sampled over 4 s, two of its longest election timeouts (1-2 s here), for
+    // whatever it would claim.
+    let until = Instant::now() + Duration::from_secs(4);
+    while Instant::now() < until {
+        let cluster_status = status(cluster.addrs[leader].admin)["cluster"].clone();
+        assert_eq!(
+            cluster_status["quorum_reachable"], false,
+            "{cluster_status}"
+        );
+        assert_eq!(
+            cluster_status["leader_id"],
+            Value::Null,
+            "alone, it names a leader: {cluster_status}\n{}",
+            alone.log()
+        );
+        let roles: Vec<&str> = cluster_status["members"]
+            .as_array()
+            .expect("members")
+            .iter()
+            .filter_map(|m| m["role"].as_str())
+            .collect();
+        assert!(!roles.contains(&"leader"), "{roles:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -273,12 +273,20 @@ async fn cluster_demo(
         .find(|r| r.id != active)
         .ok_or("no standby")?;
     let path = format!("/api/v1/pools/web/backends/{drained}/drain");
+    let leader = leader_of(standby.admin).await;
     let (code, body) = http(standby.admin, "POST", &path).await?;
     if code != 200 {
         return Err(format!("POST {path}: {code} {body}"));
     }
+    let committed = match leader {
+        Some(l) if l != standby.id => {
+            format!("it forwarded the write to the Raft leader, replica {l}")
+        }
+        Some(_) => "it is the Raft leader itself and committed the write".to_string(),
+        None => "it knew no Raft leader when asked, and the write still went through".to_string(),
+    };
     println!(
-        "\n  POST {path} on replica {} (a standby): {code}; it forwarded the write to the Raft leader",
+        "\n  POST {path} on replica {} (a standby): {code}; {committed}",
         standby.id
     );
     // The replica answers once it applied the write itself: its status has the version.

@@ -41,7 +41,6 @@ fn the_demo_runs_both_parts() {
         "restarted backend-2 on",
         "status page http://",
         "cluster initialised",
-        "forwarded the write to the Raft leader",
         "SIGKILL to replica",
         "committed by the two survivors",
         "SIGTERM to replica",
@@ -49,6 +48,22 @@ fn the_demo_runs_both_parts() {
     ] {
         assert!(out.contains(expected), "missing {expected:?} in:\n{out}");
     }
+    // The drain went to a standby that is a Raft follower, which forwarded it.
+    let posted = out
+        .lines()
+        .find(|l| l.contains("(a standby): 200"))
+        .unwrap_or_else(|| panic!("no drain line in:\n{out}"));
+    let on = number_after(posted, "on replica ");
+    let to = number_after(posted, "forwarded the write to the Raft leader, replica ");
+    assert!(on.is_some() && to.is_some() && on != to, "{posted}");
+    // A SIGTERM hands the lease over: the next replica is active well inside the
+    // demo's 2 s lease (a standby that waited it out would take 2 s or more).
+    let handed = out
+        .lines()
+        .find(|l| l.contains("ms after SIGTERM (no lease to wait out)"))
+        .unwrap_or_else(|| panic!("no SIGTERM takeover line in:\n{out}"));
+    let took = number_after(handed, "took over ").unwrap_or(u64::MAX);
+    assert!(took < 2000, "{handed}");
     // backend-2 turned unready, was ejected, then exited: no request failed.
     let failed = out
         .lines()
@@ -88,4 +103,11 @@ fn the_demo_runs_both_parts() {
     // Exactly one replica accepts; the standbys refuse.
     let serving = drained.iter().filter(|l| !l.contains("refused")).count();
     assert_eq!(serving, 1, "{out}");
+}
+
+/// The number that follows `prefix` in `line`.
+fn number_after(line: &str, prefix: &str) -> Option<u64> {
+    let rest = &line[line.find(prefix)? + prefix.len()..];
+    let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+    digits.parse().ok()
 }

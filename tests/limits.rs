@@ -75,7 +75,7 @@ async fn out_of_descriptors_backs_off_and_recovers() {
     );
 
     drop(held);
-    // Connections queued in the backlog meanwhile are served once descriptors return.
+    // Once descriptors return, new connections are served again.
     let mut ok = false;
     for _ in 0..50 {
         tokio::time::sleep(Duration::from_millis(200)).await;

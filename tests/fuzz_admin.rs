@@ -36,12 +36,39 @@ struct Req {
     body: Vec<u8>,
 }
 
-/// Sends `req` with hyper over a new connection: the status, or None when the
-/// request could not be built (an invalid method or header the client refuses).
-fn send(addr: SocketAddr, req: &Req, auth: Option<&str>) -> Result<Option<u16>, String> {
-    let Ok(method) = hyper::Method::from_bytes(req.method.as_bytes()) else {
-        return Ok(None);
+/// An answer: the status and body, or None when the server closed the connection
+/// without one (hyper does that for some malformed requests).
+type Answer = Option<(u16, String)>;
+
+/// Sends `req` with hyper over a new connection; a request hyper's client will not
+/// build (an invalid method, header or path) goes as raw bytes instead.
+fn send(addr: SocketAddr, req: &Req, auth: Option<&str>) -> Result<Answer, String> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    let exchange = async {
+        match build(addr, req, auth) {
+            Some(request) => send_built(addr, request).await,
+            None => send_raw(addr, req, auth).await,
+        }
     };
+    runtime.block_on(async {
+        tokio::time::timeout(Duration::from_secs(20), exchange)
+            .await
+            .map_err(|_| TIMED_OUT.to_string())?
+    })
+}
+
+const TIMED_OUT: &str = "no response within 20 s";
+
+/// The admin API's body limit (src/admin/mod.rs).
+const MAX_BODY: usize = 1 << 20;
+
+type Body = http_body_util::Full<bytes::Bytes>;
+
+fn build(addr: SocketAddr, req: &Req, auth: Option<&str>) -> Option<hyper::Request<Body>> {
+    let method = hyper::Method::from_bytes(req.method.as_bytes()).ok()?;
     let mut builder = hyper::Request::builder()
         .method(method)
         .uri(&req.path)
@@ -50,45 +77,71 @@ fn send(addr: SocketAddr, req: &Req, auth: Option<&str>) -> Result<Option<u16>, 
         builder = builder.header(hyper::header::AUTHORIZATION, format!("Bearer {token}"));
     }
     for (k, v) in &req.headers {
-        let (Ok(name), Ok(value)) = (
-            hyper::header::HeaderName::from_bytes(k.as_bytes()),
-            hyper::header::HeaderValue::from_bytes(v),
-        ) else {
-            return Ok(None);
-        };
+        let name = hyper::header::HeaderName::from_bytes(k.as_bytes()).ok()?;
+        let value = hyper::header::HeaderValue::from_bytes(v).ok()?;
         builder = builder.header(name, value);
     }
-    let Ok(request) = builder.body(http_body_util::Full::new(bytes::Bytes::from(
-        req.body.clone(),
-    ))) else {
-        return Ok(None);
-    };
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| e.to_string())?;
-    runtime.block_on(async {
-        let exchange = async {
-            let stream = tokio::net::TcpStream::connect(addr)
-                .await
-                .map_err(|e| format!("connect: {e}"))?;
-            let (mut sender, conn) =
-                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-                    .await
-                    .map_err(|e| format!("handshake: {e}"))?;
-            tokio::spawn(conn);
-            let response = sender
-                .send_request(request)
-                .await
-                .map_err(|e| format!("no response: {e}"))?;
-            let status = response.status().as_u16();
-            let _ = http_body_util::BodyExt::collect(response.into_body()).await;
-            Ok(Some(status))
-        };
-        tokio::time::timeout(Duration::from_secs(20), exchange)
+    builder
+        .body(Body::new(bytes::Bytes::from(req.body.clone())))
+        .ok()
+}
+
+async fn send_built(addr: SocketAddr, request: hyper::Request<Body>) -> Result<Answer, String> {
+    let stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
             .await
-            .map_err(|_| "no response within 20 s".to_string())?
-    })
+            .map_err(|e| format!("handshake: {e}"))?;
+    tokio::spawn(conn);
+    let response = sender
+        .send_request(request)
+        .await
+        .map_err(|e| format!("no response: {e}"))?;
+    let status = response.status().as_u16();
+    let body = http_body_util::BodyExt::collect(response.into_body())
+        .await
+        .map(|b| String::from_utf8_lossy(&b.to_bytes()).into_owned())
+        .unwrap_or_default();
+    Ok(Some((status, body)))
+}
+
+/// The request's bytes as generated, then a half-close (so a server waiting for more
+/// sees the end); the answer's status line and what follows, as far as it came.
+async fn send_raw(addr: SocketAddr, req: &Req, auth: Option<&str>) -> Result<Answer, String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut bytes =
+        format!("{} {} HTTP/1.1\r\nHost: {addr}\r\n", req.method, req.path).into_bytes();
+    if let Some(token) = auth {
+        bytes.extend_from_slice(format!("Authorization: Bearer {token}\r\n").as_bytes());
+    }
+    for (k, v) in &req.headers {
+        bytes.extend_from_slice(k.as_bytes());
+        bytes.extend_from_slice(b": ");
+        bytes.extend_from_slice(v);
+        bytes.extend_from_slice(b"\r\n");
+    }
+    bytes.extend_from_slice(format!("Content-Length: {}\r\n\r\n", req.body.len()).as_bytes());
+    bytes.extend_from_slice(&req.body);
+    let mut stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    // The server may answer and close before it has read everything.
+    let _ = stream.write_all(&bytes).await;
+    let _ = stream.shutdown().await;
+    let mut got = Vec::new();
+    let _ = stream.read_to_end(&mut got).await;
+    let text = String::from_utf8_lossy(&got).into_owned();
+    if text.is_empty() {
+        return Ok(None);
+    }
+    let status = text
+        .strip_prefix("HTTP/1.1 ")
+        .and_then(|rest| rest.get(..3))
+        .and_then(|code| code.parse().ok())
+        .ok_or_else(|| format!("not an HTTP answer: {text:?}"))?;
+    Ok(Some((status, text)))
 }
 
 /// What a refused request must not change: config_version and, per backend, the
@@ -98,11 +151,11 @@ fn replicated(addr: SocketAddr, auth: Option<&str>) -> Value {
         .map(|t| vec![("Authorization", format!("Bearer {t}"))])
         .unwrap_or_default();
     let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let read = |path: &str| {
-        http_request(addr, "GET", path, &headers, "")
-            .ok()
-            .and_then(|(_, body)| serde_json::from_str::<Value>(&body).ok())
-            .unwrap_or(Value::Null)
+    // Reads that fail would compare equal before and after: they must not.
+    let read = |path: &str| match http_request(addr, "GET", path, &headers, "") {
+        Ok((200, body)) => serde_json::from_str::<Value>(&body)
+            .unwrap_or_else(|e| panic!("GET {path}: {e}: {body}")),
+        other => panic!("GET {path}: {other:?}"),
     };
     let backends = read("/api/v1/backends");
     let pools: Vec<Value> = backends["pools"]
@@ -126,10 +179,16 @@ fn replicated(addr: SocketAddr, auth: Option<&str>) -> Value {
                 .collect()
         })
         .unwrap_or_default();
-    serde_json::json!({
-        "config_version": read("/api/v1/status")["config_version"],
-        "pools": pools,
-    })
+    let version = read("/api/v1/status")["config_version"].clone();
+    assert!(version.is_u64(), "config_version {version}");
+    assert!(
+        pools.iter().any(|p| p["name"] == "web"
+            && p["backends"]
+                .as_array()
+                .is_some_and(|bs| bs.iter().any(|b| b[0] == "b1"))),
+        "pool web with b1 in {backends}"
+    );
+    serde_json::json!({ "config_version": version, "pools": pools })
 }
 
 fn method() -> impl Strategy<Value = String> {
@@ -163,6 +222,7 @@ fn path() -> impl Strategy<Value = String> {
         Just("/api/v1/raft/move-leader"),
         Just("/api/v1/pools/web/backends/b1/drain"),
         Just("/api/v1/pools/web/backends/b1/undrain"),
+        Just("/api/v1/pools/web/backends/b1"),
         Just("/api/v1/pools/web/backends/b1/weight"),
         Just("/api/v1/pools/web/backends/nope/drain"),
         Just("/api/v1/pools/"),
@@ -306,9 +366,8 @@ fn check(
             lb.log()
         )));
     }
-    let Some(status) = status else {
-        return Ok(());
-    };
+    // No answer at all (a malformed request closed) counts as a refusal.
+    let status = status.map_or(400, |(status, _)| status);
     prop_assert!(
         (200..300).contains(&status) || (400..500).contains(&status) || status == 503,
         "{status} for {req:?}"
@@ -332,6 +391,12 @@ fn fixed_cases() -> Vec<Req> {
         method: "PUT".into(),
         path: "/api/v1/config".into(),
         headers: vec![("content-type".into(), content_type.as_bytes().to_vec())],
+        body,
+    };
+    let patch = |body: Vec<u8>| Req {
+        method: "PATCH".into(),
+        path: "/api/v1/pools/web/backends/b1".into(),
+        headers: vec![("content-type".into(), b"application/json".to_vec())],
         body,
     };
     let mut laughs = String::from(
@@ -364,12 +429,11 @@ fn fixed_cases() -> Vec<Req> {
             "application/json",
             format!("{{\"pools\": {}}}", "[".repeat(900_000)).into_bytes(),
         ),
-        Req {
-            method: "POST".into(),
-            path: "/api/v1/pools/web/backends/b1/weight".into(),
-            headers: vec![("content-type".into(), b"application/json".to_vec())],
-            body: vec![b' '; 10 << 20],
-        },
+        patch(vec![b' '; 10 << 20]),
+        patch(b"{\"weight\": 4294967296}".to_vec()),
+        patch(b"{\"weight\": \"heavy\"}".to_vec()),
+        patch(b"{\"weight\": 0}".to_vec()),
+        patch(b"{\"weight\": 257}".to_vec()),
         Req {
             method: "POST".into(),
             path: "/api/v1/members".into(),
@@ -403,21 +467,36 @@ fn fuzz(addr: SocketAddr, auth: Option<&str>, lb: &mut Raftlb) {
         );
         let before = replicated(addr, auth);
         match send(addr, &req, auth) {
-            Ok(Some(status)) => {
+            Ok(Some((status, text))) => {
                 println!("fixed case {what}: {status}");
                 assert!(
                     (400..500).contains(&status) || status == 503,
-                    "{what}: {status}"
+                    "{what}: {status} {text}"
                 );
+                // A weight the API refuses says why.
+                if req.method == "PATCH" && req.body.len() < 100 {
+                    assert!(
+                        status == 400 && (text.contains("weight") || text.contains("u32")),
+                        "{what}: {status} {text}"
+                    );
+                }
             }
-            Ok(None) => panic!("{what}: not sent"),
-            // The server may answer 413 and close before reading a 10 MB body.
-            Err(e) => println!("fixed case {what}: {e}"),
+            Ok(None) => panic!("{what}: closed without an answer"),
+            // Only a body over the limit may be cut short: 413, then a close before
+            // the server has read it all. Never a hang.
+            Err(e) => assert!(
+                req.body.len() > MAX_BODY && e != TIMED_OUT,
+                "fixed case {what}: {e}"
+            ),
         }
         assert!(
             lb.child.try_wait().ok().flatten().is_none(),
             "{what}: raftlb exited:\n{}",
             lb.log()
+        );
+        assert!(
+            http_get(addr, "/healthz").is_ok_and(|(c, _)| c == 200),
+            "{what}: /healthz does not answer after it"
         );
         assert_eq!(before, replicated(addr, auth), "{what} changed the state");
     }

@@ -161,6 +161,8 @@ async fn no_token_key_or_peer_ca_in_logs_status_dumps_metrics_or_snapshots() {
                 "/metrics",
             ] {
                 let r = http_response(a.admin, "GET", path, &headers, "").expect("read");
+                // An error page searched instead of the real output would prove nothing.
+                assert_eq!(r.status, 200, "GET {path} on {}: {}", a.admin, r.body);
                 outputs.push((
                     format!("{} {path}", a.admin),
                     format!("{:?} {}", r.headers, r.body),
@@ -174,6 +176,13 @@ async fn no_token_key_or_peer_ca_in_logs_status_dumps_metrics_or_snapshots() {
             outputs.push((format!("raftlb check replica {i}"), format!("{out}{err}")));
         }
     });
+    let key_der = {
+        use tokio_rustls::rustls::pki_types::{PrivateKeyDer, pem::PemObject};
+        let key = PrivateKeyDer::from_pem_file(&peer.key).expect("peer key");
+        // 32 bytes from inside the key material.
+        let der = key.secret_der();
+        der[der.len() / 2..der.len() / 2 + 32].to_vec()
+    };
     for (i, r) in replicas.iter().enumerate() {
         outputs.push((format!("log of replica {i}"), r.log()));
         for entry in std::fs::read_dir(cluster.data[i].path())
@@ -181,6 +190,12 @@ async fn no_token_key_or_peer_ca_in_logs_status_dumps_metrics_or_snapshots() {
             .flatten()
         {
             if let Ok(bytes) = std::fs::read(entry.path()) {
+                // The store is binary: the key's DER bytes, not only its PEM text.
+                assert!(
+                    !bytes.windows(key_der.len()).any(|w| w == key_der),
+                    "the peer private key's DER bytes show in {}",
+                    entry.path().display()
+                );
                 outputs.push((
                     format!("{}", entry.path().display()),
                     String::from_utf8_lossy(&bytes).into_owned(),

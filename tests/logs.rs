@@ -136,6 +136,7 @@ fn a_dead_peer_is_logged_once_per_window_and_openraft_is_quiet() {
     running.iter_mut().for_each(Raftlb::wait_ready);
     // About 30 heartbeats to the dead peer from the leader.
     std::thread::sleep(Duration::from_secs(3));
+    let mut heartbeats = 0;
     for r in &running {
         let log = r.log();
         let dead = peers[2].to_string();
@@ -145,6 +146,10 @@ fn a_dead_peer_is_logged_once_per_window_and_openraft_is_quiet() {
             .collect();
         // Unfolded, the leader alone writes one heartbeat warning per 100 ms (about 30
         // here) besides the replication ones; folded, each distinct line once.
+        heartbeats += about_dead
+            .iter()
+            .filter(|l| l.contains("failed to send a heartbeat"))
+            .count();
         assert!(
             about_dead.len() <= 12,
             "{} warnings about the dead peer in 3 s:\n{}",
@@ -166,4 +171,11 @@ fn a_dead_peer_is_logged_once_per_window_and_openraft_is_quiet() {
             openraft_info.join("\n")
         );
     }
+    // The leader did warn about the dead peer, and its heartbeat warning, sent every
+    // 100 ms, was written once (folded), not 30 times (twice if leadership moved).
+    assert!(
+        (1..=2).contains(&heartbeats),
+        "{heartbeats} heartbeat warnings about the dead peer in 3 s:\n{}",
+        running.iter().map(Raftlb::log).collect::<String>()
+    );
 }

@@ -299,10 +299,18 @@ fn cli_exit_codes() {
     let (code, _, stderr) = raftlb_cmd(&["check", "--config", "/nonexistent/raftlb.yaml"]);
     assert_eq!(code, 2);
     assert!(stderr.contains("/nonexistent/raftlb.yaml"), "{stderr}");
-    let (code, _, _) = raftlb_cmd(&["frobnicate"]);
+    let (code, _, stderr) = raftlb_cmd(&["frobnicate"]);
     assert_eq!(code, 2, "unknown subcommand is a usage error");
-    let (code, _, _) = raftlb_cmd(&["run", "--no-such-flag"]);
+    assert!(
+        stderr.contains("unrecognized subcommand 'frobnicate'"),
+        "{stderr}"
+    );
+    let (code, _, stderr) = raftlb_cmd(&["run", "--no-such-flag"]);
     assert_eq!(code, 2, "unknown flag is a usage error");
+    assert!(
+        stderr.contains("unexpected argument '--no-such-flag'"),
+        "{stderr}"
+    );
 }
 
 #[test]

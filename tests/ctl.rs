@@ -101,6 +101,10 @@ async fn ctl_reads_and_changes_backends_through_the_admin_api() {
     assert_eq!(v["drained"], false, "{out}");
     let (code, out, err) = ctl(&["backend", "drain", "web", "b?"]);
     assert_eq!(code, 2, "{out}{err}");
+    assert!(
+        err.contains("'b?'") && err.contains("not a pool or backend name"),
+        "{err}"
+    );
     let (code, out, _) = ctl(&["-o", "json", "backends"]);
     assert_eq!(code, 0);
     let v: serde_json::Value = serde_json::from_str(&out).expect("-o json prints JSON");
@@ -115,6 +119,13 @@ async fn ctl_reads_and_changes_backends_through_the_admin_api() {
     );
     let (code, _, err) = ctl(&["backend", "weight", "web", "a", "0"]);
     assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("400") && err.contains("weight 0 is out of range: use 1 to 256"),
+        "{err}"
+    );
+    let (_, out, _) = ctl(&["-o", "json", "backends"]);
+    let v: serde_json::Value = serde_json::from_str(&out).expect("-o json prints JSON");
+    assert_eq!(v["pools"][0]["backends"][0]["weight"], 7, "unchanged: {v}");
     // Cluster-only commands say so on a standalone replica, every one of them.
     for args in [
         &["member", "add", "2", "127.0.0.1:7402"][..],
@@ -155,8 +166,9 @@ async fn ctl_reads_and_changes_backends_through_the_admin_api() {
         err.contains("cannot reach http://127.0.0.1:1: connection refused: is raftlb running? set --server or RAFTLB_SERVER"),
         "{err}"
     );
-    let (code, _, _) = blocking(|| raftlb_cmd(&["ctl", "--server", "not a url", "status"]));
-    assert_eq!(code, 2);
+    let (code, _, err) = blocking(|| raftlb_cmd(&["ctl", "--server", "not a url", "status"]));
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--server \"not a url\": not a URL"), "{err}");
     // A path would be dropped from every request: refused, not ignored.
     let with_path = format!("{server}/api");
     let (code, _, err) =

@@ -601,13 +601,24 @@ mod tests {
             }),
             Outcome::Applied { config_version: 1 }
         );
-        assert!(matches!(
-            s.apply(Command::Init {
+        // Every refusal leaves the whole state as it was.
+        let refused = |s: &mut Replicated, command: Command, want: u16| {
+            let before = serde_json::to_value(&*s).expect("state as JSON");
+            let outcome = s.apply(command);
+            assert!(
+                matches!(outcome, Outcome::Refused { status, .. } if status == want),
+                "{outcome:?}"
+            );
+            assert_eq!(serde_json::to_value(&*s).expect("state as JSON"), before);
+        };
+        refused(
+            &mut s,
+            Command::Init {
                 uuid: Uuid::new_v4(),
-                pools: BTreeMap::new()
-            }),
-            Outcome::Refused { status: 409, .. }
-        ));
+                pools: BTreeMap::new(),
+            },
+            409,
+        );
         assert_eq!(s.cluster_uuid, Some(uuid));
         let drain = Command::SetDrained {
             pool: "web".into(),
@@ -620,18 +631,12 @@ mod tests {
             pools: BTreeMap::new(),
             if_version: Some(1),
         };
-        assert!(matches!(
-            s.apply(stale),
-            Outcome::Refused { status: 412, .. }
-        ));
-        assert_eq!(s.pools.len(), 1);
-        assert!(matches!(
-            s.apply(Command::RemoveBackend {
-                pool: "web".into(),
-                backend: "zz".into()
-            }),
-            Outcome::Refused { status: 404, .. }
-        ));
+        refused(&mut s, stale, 412);
+        let missing = Command::RemoveBackend {
+            pool: "web".into(),
+            backend: "zz".into(),
+        };
+        refused(&mut s, missing, 404);
         assert_eq!(s.config_version, 2);
     }
 

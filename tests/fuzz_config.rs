@@ -50,12 +50,23 @@ fn seeds() -> Vec<(PathBuf, String)> {
     out
 }
 
-/// Parses `text` on a thread of its own: the verdict, or an error if it took over 10 s.
-fn parse_bounded(text: String) -> Result<Result<(), Vec<String>>, TestCaseError> {
+/// Parses `text` on a thread of its own: the verdict (for a config, whether it round
+/// trips), or an error if it took over 10 s.
+type Verdict = Result<Result<(), String>, Vec<String>>;
+
+fn parse_bounded(text: String) -> Result<Verdict, TestCaseError> {
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
+        // A config it accepts prints as YAML that parses back to the same config.
         let verdict = raftlb::config::parse(&text, LABEL, 20_000)
-            .map(|_| ())
+            .map(|config| {
+                let printed = raftlb::config::to_yaml(&config);
+                match raftlb::config::parse(&printed, LABEL, 20_000) {
+                    Ok(again) if raftlb::config::same(&config, &again) => Ok(()),
+                    Ok(_) => Err(format!("printed, it parses to another config:\n{printed}")),
+                    Err(e) => Err(format!("printed, it is refused: {e}\n{printed}")),
+                }
+            })
             .map_err(|e| {
                 e.to_string()
                     .lines()
@@ -76,15 +87,22 @@ fn parse_bounded(text: String) -> Result<Result<(), Vec<String>>, TestCaseError>
 /// A config, or errors that all name file, line and column.
 fn check(text: String) -> Result<(), TestCaseError> {
     let verdict = parse_bounded(text.clone())?;
+    if let Ok(Err(why)) = &verdict {
+        return Err(TestCaseError::fail(format!("{why}\ninput:\n{text}")));
+    }
     if let Err(lines) = verdict {
         prop_assert!(!lines.is_empty(), "an error without a message");
+        // The place is inside the input (or just past its end).
+        let last_line = text.lines().count() as u64 + 1;
         for line in &lines {
             let rest = line.strip_prefix(&format!("{LABEL}:"));
             let placed = rest.is_some_and(|r| {
                 let mut parts = r.splitn(3, ':');
                 let line_no = parts.next().and_then(|n| n.parse::<u64>().ok());
                 let col = parts.next().and_then(|n| n.parse::<u64>().ok());
-                line_no.is_some() && col.is_some() && parts.next().is_some_and(|m| m.len() > 1)
+                line_no.is_some_and(|n| (1..=last_line).contains(&n))
+                    && col.is_some()
+                    && parts.next().is_some_and(|m| m.len() > 1)
             });
             prop_assert!(
                 placed,
@@ -297,7 +315,7 @@ fn alias_bombs_and_deep_nesting_end_in_a_placed_error() {
                 println!("{what}: {:?}: {}", started.elapsed(), lines.join(" / "));
                 check(text).unwrap_or_else(|e| panic!("{what}: {e}"));
             }
-            Ok(Ok(())) => panic!("{what}: accepted"),
+            Ok(Ok(_)) => panic!("{what}: accepted"),
             Err(e) => panic!("{what}: {e}"),
         }
     }

@@ -519,18 +519,18 @@ pub fn hostname() -> String {
         .unwrap_or_else(|| "raftlb".to_string())
 }
 
-/// The effective config as YAML, as `raftlb check` prints it.
-/// Any serializable value as YAML.
 /// Whether two parts of a config say the same (the spans of the YAML they came
 /// from do not count): a change to what is there already changes nothing.
 pub fn same<T: serde::Serialize>(a: &T, b: &T) -> bool {
     matches!((serde_json::to_value(a), serde_json::to_value(b)), (Ok(a), Ok(b)) if a == b)
 }
 
+/// Any serializable value as YAML.
 pub fn to_yaml_value<T: serde::Serialize>(value: &T) -> Result<String, String> {
     serde_saphyr::to_string(value).map_err(|e| e.to_string())
 }
 
+/// The effective config as YAML, as `raftlb check` prints it.
 pub fn to_yaml(config: &Config) -> String {
     serde_saphyr::to_string(config).unwrap_or_else(|e| format!("# cannot print the config: {e}\n"))
 }

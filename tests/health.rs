@@ -982,12 +982,25 @@ async fn a_probe_refused_for_want_of_a_client_certificate_says_why() {
     let lab = lab();
     let files = lab.pki.server("apiserver", &["kubernetes"]);
     let mtls = Apiserver::start("m", lab.pki.server_config(&files, true, &[])).await;
+    // The same certificate without client authentication: the probe's own TLS
+    // settings are right, so only the missing client certificate can fail it.
+    let open = Apiserver::start("o", lab.pki.server_config(&files, false, &[])).await;
     let (admin, listen) = (loopback(), loopback());
     let check = https_check(&lab.pki, "200ms", "150ms", 1, 1);
-    let yaml = Raftlb::standalone_yaml(admin, listen, &check, "", &[("m", mtls.addr)]);
+    let yaml = Raftlb::standalone_yaml(
+        admin,
+        listen,
+        &check,
+        "",
+        &[("m", mtls.addr), ("o", open.addr)],
+    );
     let lb = blocking(|| Raftlb::start(&yaml, admin));
     blocking(|| wait_health(&lb, "web", "m", "down", WAIT));
+    blocking(|| wait_health(&lb, "web", "o", "up", WAIT));
     let detail = blocking(|| backend_json(&lb, "web", "m"));
     let error = error_of(&detail).to_lowercase();
-    assert!(error.contains("certificate"), "{detail}");
+    assert!(
+        error.starts_with("http: ") && error.contains("alert: certificaterequired"),
+        "{detail}"
+    );
 }

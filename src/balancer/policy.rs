@@ -348,10 +348,13 @@ mod tests {
             .map(|&c| SourceHash.pick(&b, c, &[]).expect("up"))
             .collect();
         assert_eq!(before, again);
+        assert!(before.contains(&2), "backend 2 had clients: {before:?}");
         b[2].drained = true;
         for (c, was) in clients.iter().zip(&before) {
             let now = SourceHash.pick(&b, *c, &[]).expect("up");
-            if *was != 2 {
+            if *was == 2 {
+                assert_ne!(now, 2, "a client of the drained backend stayed on it");
+            } else {
                 assert_eq!(now, *was, "a client of a remaining backend moved");
             }
         }
